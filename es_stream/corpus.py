@@ -1,0 +1,367 @@
+"""`Corpus`: the index of a sharded corpus and the stable global sample ids it defines.
+
+A sample's id is ``shard offset + position in shard`` where shards are taken in the order they
+were given (a sorted directory listing, or the brace pattern's expansion). The id of a sample
+never changes while its shard does not, whichever worker, rank or restart reads it, so anything
+learned about a sample can be keyed by it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._atomic import atomic_write
+from ._version import __version__
+from .errors import ShardError, StaleIndexError
+from .tarscan import ShardLayout, scan_tar
+
+_META_KEY = b"es_stream.corpus"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: its path or URL, sample count, and the size and mtime it had when indexed
+    (-1 when unknown, for streamed URLs)."""
+
+    name: str
+    num_samples: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class TarTable:
+    """Byte layout of every sample of a WebDataset corpus, as flat arrays indexed by sample id.
+
+    ``member_ptr[i]:member_ptr[i+1]`` are sample i's files; member offsets are relative to the
+    sample's offset, so one read of ``lengths[i]`` bytes at ``offsets[i]`` holds all of them.
+    """
+
+    keys: pa.Array
+    offsets: np.ndarray
+    lengths: np.ndarray
+    member_ptr: np.ndarray
+    member_suffix: np.ndarray
+    member_offset: np.ndarray
+    member_size: np.ndarray
+    suffixes: list[str]
+
+
+@dataclass(frozen=True)
+class MDSInfo:
+    """Where an MDS corpus lives: streaming's ``local`` cache directory, optional ``remote`` and
+    ``split``, and the parsed ``index.json`` the shard readers are built from."""
+
+    local: str
+    remote: str | None
+    split: str | None
+    index: dict[str, Any]
+
+
+def is_local_url(url: str) -> bool:
+    """True for a plain path or a file:// URL, which es-stream reads by seeking."""
+    return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def expand_urls(urls: str | os.PathLike | Sequence[str]) -> list[str]:
+    """A brace pattern, a directory of ``.tar`` files, or a list of paths/URLs -> shard list."""
+    if isinstance(urls, (str, os.PathLike)):
+        text = os.fspath(urls)
+        if os.path.isdir(text):
+            found = sorted(glob.glob(os.path.join(text, "*.tar")))
+            if not found:
+                raise ShardError(text, "directory holds no .tar shards")
+            return found
+        from braceexpand import braceexpand  # a webdataset dependency
+
+        return list(braceexpand(text))
+    return [os.fspath(u) for u in urls]
+
+
+class Corpus:
+    """An indexed sharded corpus: shard list, per-sample layout and stable ids.
+
+    Build one with :meth:`from_webdataset` or :meth:`from_mds`, save it with :meth:`save`
+    (Parquet, one row per sample) and load it back with :meth:`load`.
+    """
+
+    def __init__(self, format: str, shards: Sequence[ShardInfo], *, tar: TarTable | None = None,
+                 mds: MDSInfo | None = None) -> None:
+        if format not in ("wds", "mds"):
+            raise ValueError(f"format must be 'wds' or 'mds', got {format!r}")
+        self.format = format
+        self.shards: list[ShardInfo] = list(shards)
+        counts = np.array([s.num_samples for s in self.shards], dtype=np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.tar = tar
+        self.mds = mds
+        if self.num_samples == 0:
+            names = ", ".join(s.name for s in self.shards[:3]) or "no shards"
+            raise ShardError(names, "the corpus has no samples; check the paths or pattern")
+
+    # ----------------------------------------------------------------- ids
+    @property
+    def num_samples(self) -> int:
+        return int(self.shard_starts[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def shard_counts(self) -> np.ndarray:
+        return np.diff(self.shard_starts)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __repr__(self) -> str:
+        return (f"Corpus(format={self.format!r}, shards={self.num_shards}, "
+                f"samples={self.num_samples}, fingerprint={self.fingerprint!r})")
+
+    def check_ids(self, ids: Any, argument: str = "ids") -> np.ndarray:
+        """Return ``ids`` as an int64 array, raising if any lies outside [0, num_samples)."""
+        arr = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"{argument} must be integer sample ids, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64, copy=False)
+        bad = (arr < 0) | (arr >= self.num_samples)
+        if bad.any():
+            raise IndexError(f"{argument}: sample id {int(arr[bad][0])} is outside "
+                             f"[0, {self.num_samples}) for this corpus ({int(bad.sum())} bad ids)")
+        return arr
+
+    def locate(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised id -> (shard index, position in shard)."""
+        arr = self.check_ids(ids)
+        shard = np.searchsorted(self.shard_starts, arr, side="right") - 1
+        return shard, arr - self.shard_starts[shard]
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of the shards' base names, sizes and sample counts: equal for the same
+        corpus wherever its directory lives, different as soon as any shard changes."""
+        rows = [[os.path.basename(s.name.rstrip("/")), s.size, s.num_samples] for s in self.shards]
+        digest = hashlib.sha256(json.dumps([self.format, rows]).encode()).hexdigest()
+        return digest[:16]
+
+    # ------------------------------------------------------------ builders
+    @classmethod
+    def from_webdataset(cls, urls: str | os.PathLike | Sequence[str]) -> "Corpus":
+        """Index WebDataset tar shards: a brace pattern, a list of paths/URLs, or a directory.
+
+        Local shards are scanned header by header, seeking past payloads; ``pipe:`` commands and
+        other URLs webdataset's ``gopen`` opens are streamed once, reading headers as they pass.
+        """
+        layouts: list[ShardLayout] = []
+        shards: list[ShardInfo] = []
+        for url in expand_urls(urls):
+            if is_local_url(url):
+                path = _local_path(url)
+                try:
+                    st = os.stat(path)
+                    with open(path, "rb") as f:
+                        layout = scan_tar(f, url, seekable=True)
+                except FileNotFoundError as exc:
+                    raise ShardError(url, "no such shard file; check the path or pattern") from exc
+                shards.append(ShardInfo(url, len(layout), st.st_size, st.st_mtime_ns))
+            else:
+                from webdataset import gopen
+
+                try:
+                    stream = gopen(url, "rb")
+                except Exception as exc:  # gopen raises many kinds; name the URL whatever it was
+                    raise ShardError(url, f"cannot open ({exc})") from exc
+                try:
+                    layout = scan_tar(stream, url, seekable=False)
+                finally:
+                    try:
+                        stream.close()
+                    except Exception as exc:  # a pipe: command that failed reports it on close
+                        raise ShardError(url, f"stream failed: {exc}") from exc
+                shards.append(ShardInfo(url, len(layout), layout.size, -1))
+            layouts.append(layout)
+        return cls("wds", shards, tar=_tar_table(layouts))
+
+    @classmethod
+    def from_mds(cls, local_dir: str | os.PathLike, remote: str | None = None,
+                 split: str | None = None) -> "Corpus":
+        """Index an MDS dataset written by ``streaming.MDSWriter`` from its ``index.json``.
+
+        With ``remote``, ``index.json`` (and later each shard, when first read) is fetched into
+        ``local_dir`` by mosaicml-streaming's own ``Stream``, as a ``StreamingDataset`` would.
+        """
+        from .sources.mds import load_mds_index
+
+        local = os.fspath(local_dir)
+        index = load_mds_index(local, remote, split)
+        shards = []
+        for info in index["shards"]:
+            raw = info["raw_data"]
+            path = os.path.join(local, split or "", raw["basename"])
+            mtime = os.stat(path).st_mtime_ns if os.path.exists(path) else -1
+            shards.append(ShardInfo(raw["basename"], int(info["samples"]), int(raw["bytes"]), mtime))
+        return cls("mds", shards, mds=MDSInfo(local, remote, split, index))
+
+    # ---------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index as Parquet, one row per sample (atomically)."""
+        n = self.num_samples
+        shard, position = self.locate(np.arange(n, dtype=np.int64))
+        columns: dict[str, pa.Array] = {
+            "id": pa.array(np.arange(n, dtype=np.int64)),
+            "shard": pa.array(shard.astype(np.int32)),
+            "position": pa.array(position.astype(np.int64)),
+        }
+        if self.tar is not None:
+            t = self.tar
+            ptr = pa.array(t.member_ptr.astype(np.int32))
+            suffix = pa.DictionaryArray.from_arrays(pa.array(t.member_suffix), pa.array(t.suffixes))
+            columns.update({
+                "key": t.keys,
+                "offset": pa.array(t.offsets),
+                "length": pa.array(t.lengths),
+                "member_suffix": pa.ListArray.from_arrays(ptr, suffix),
+                "member_offset": pa.ListArray.from_arrays(ptr, pa.array(t.member_offset)),
+                "member_size": pa.ListArray.from_arrays(ptr, pa.array(t.member_size)),
+            })
+        meta = {"es_stream_version": __version__, "format": self.format,
+                "fingerprint": self.fingerprint, "shards": [asdict(s) for s in self.shards]}
+        if self.mds is not None:
+            meta["mds"] = asdict(self.mds)
+        table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(meta)})
+        with atomic_write(path) as tmp:
+            pq.write_table(table, tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, check: bool = True) -> "Corpus":
+        """Read an index written by :meth:`save` (or ``es-stream index``).
+
+        With ``check`` (the default) every local shard is compared with what was indexed; a
+        shard whose size or mtime changed, or an MDS shard whose count changed in
+        ``index.json``, raises :class:`StaleIndexError` naming it — a cached index is never
+        silently reused for different data.
+        """
+        path = os.fspath(path)
+        try:
+            table = pq.read_table(path)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{path}: no corpus index here; create it with "
+                                    "`es-stream index SHARDS -o {path}`") from exc
+        raw = (table.schema.metadata or {}).get(_META_KEY)
+        if raw is None:
+            raise ValueError(f"{path}: not an es-stream corpus index (no {_META_KEY.decode()} "
+                             "metadata); create it with `es-stream index`")
+        meta = json.loads(raw)
+        shards = [ShardInfo(**s) for s in meta["shards"]]
+        tar = mds = None
+        if meta["format"] == "wds":
+            tar = _tar_table_from_parquet(table)
+        else:
+            m = meta["mds"]
+            mds = MDSInfo(m["local"], m["remote"], m["split"], m["index"])
+        corpus = cls(meta["format"], shards, tar=tar, mds=mds)
+        if check:
+            corpus.check_fresh(path)
+        return corpus
+
+    def check_fresh(self, index_path: str = "the index") -> None:
+        """Raise :class:`StaleIndexError` if a local shard differs from when it was indexed."""
+        advice = f"re-index the corpus (es-stream index ... -o {index_path})"
+        for shard in self.shards:
+            if shard.mtime_ns < 0:
+                continue  # streamed URL, or an MDS shard not fetched yet: nothing to compare
+            path = self.local_path(shard)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError as exc:
+                raise ShardError(path, f"shard listed in {index_path} is missing") from exc
+            if st.st_size != shard.size or st.st_mtime_ns != shard.mtime_ns:
+                raise StaleIndexError(
+                    f"{path}: shard changed since it was indexed (size {shard.size} -> "
+                    f"{st.st_size}, mtime {shard.mtime_ns} -> {st.st_mtime_ns}); {advice}")
+        if self.mds is not None:
+            index_json = os.path.join(self.mds.local, self.mds.split or "", "index.json")
+            if os.path.exists(index_json):
+                with open(index_json) as f:
+                    now = json.load(f)["shards"]
+                old = self.mds.index["shards"]
+                for i, info in enumerate(old):
+                    if i >= len(now) or now[i]["samples"] != info["samples"] or \
+                            now[i]["raw_data"]["basename"] != info["raw_data"]["basename"]:
+                        raise StaleIndexError(f"{index_json}: shard {info['raw_data']['basename']} "
+                                              f"changed since it was indexed; {advice}")
+                if len(now) != len(old):
+                    raise StaleIndexError(f"{index_json}: now lists {len(now)} shards, the index "
+                                          f"has {len(old)}; {advice}")
+
+    def local_path(self, shard: ShardInfo | int) -> str:
+        """Filesystem path of a local shard (for MDS: inside the local cache directory)."""
+        info = self.shards[shard] if isinstance(shard, int) else shard
+        if self.mds is not None:
+            return os.path.join(self.mds.local, self.mds.split or "", info.name)
+        return _local_path(info.name)
+
+
+def _tar_table(layouts: Iterable[ShardLayout]) -> TarTable:
+    keys: list[str] = []
+    offsets: list[int] = []
+    lengths: list[int] = []
+    counts: list[int] = []
+    suffix_codes: dict[str, int] = {}
+    m_suffix: list[int] = []
+    m_offset: list[int] = []
+    m_size: list[int] = []
+    for layout in layouts:
+        keys += layout.keys
+        offsets += layout.offsets
+        lengths += layout.lengths
+        for members in layout.members:
+            counts.append(len(members))
+            for suffix, off, size in members:
+                m_suffix.append(suffix_codes.setdefault(suffix, len(suffix_codes)))
+                m_offset.append(off)
+                m_size.append(size)
+    return TarTable(
+        keys=pa.array(keys, pa.string()),
+        offsets=np.array(offsets, dtype=np.int64),
+        lengths=np.array(lengths, dtype=np.int64),
+        member_ptr=np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64),
+        member_suffix=np.array(m_suffix, dtype=np.int32),
+        member_offset=np.array(m_offset, dtype=np.int64),
+        member_size=np.array(m_size, dtype=np.int64),
+        suffixes=list(suffix_codes),
+    )
+
+
+def _tar_table_from_parquet(table: pa.Table) -> TarTable:
+    suffix_lists = table.column("member_suffix").combine_chunks()
+    suffix = suffix_lists.flatten()
+    if isinstance(suffix, pa.DictionaryArray):
+        codes, vocab = suffix.indices, suffix.dictionary
+    else:
+        enc = suffix.dictionary_encode()
+        codes, vocab = enc.indices, enc.dictionary
+    return TarTable(
+        keys=table.column("key").combine_chunks(),
+        offsets=table.column("offset").to_numpy(),
+        lengths=table.column("length").to_numpy(),
+        member_ptr=suffix_lists.offsets.to_numpy().astype(np.int64),
+        member_suffix=codes.to_numpy(zero_copy_only=False).astype(np.int32),
+        member_offset=table.column("member_offset").combine_chunks().flatten().to_numpy(),
+        member_size=table.column("member_size").combine_chunks().flatten().to_numpy(),
+        suffixes=vocab.to_pylist(),
+    )

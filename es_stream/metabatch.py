@@ -1,0 +1,50 @@
+"""`MetaBatch`: what `ESDataset` yields — B samples, their stable ids, and the epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        mapped = [_map_tensors(v, fn) for v in obj]
+        return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)
+    return obj
+
+
+@dataclass
+class MetaBatch:
+    """A meta-batch of samples with their global ids.
+
+    Attributes:
+        ids: int64 tensor [B] of global sample ids (see :class:`es_stream.Corpus`).
+        data: the collated samples (by default a dict of tensors and lists, webdataset-style).
+        epoch: the epoch this meta-batch belongs to.
+        lost_ids: ids that were meant for this meta-batch but lost to a corrupt shard under
+            ``on_error="skip"`` (empty otherwise). Sum their lengths to count losses when
+            iterating through DataLoader workers.
+    """
+
+    ids: torch.Tensor
+    data: Any
+    epoch: int
+    lost_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    def pin_memory(self) -> "MetaBatch":
+        """Called by ``DataLoader(pin_memory=True)``: pins every tensor."""
+        return replace(self, ids=self.ids.pin_memory(), data=_map_tensors(self.data, torch.Tensor.pin_memory))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MetaBatch":
+        """Move ids and every tensor in ``data`` to ``device``."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(self, ids=move(self.ids), data=_map_tensors(self.data, move))

@@ -1,0 +1,150 @@
+"""The epoch plan: which sample ids each rank and DataLoader worker reads, in which order.
+
+Pure numpy functions of (seed, epoch, world size, rank, number of workers), testable alone.
+
+The shuffle, in three steps:
+
+1. **Shard order.** Shards are permuted by ``(seed, epoch)``; the epoch's *sequence* is every
+   sample, shard after shard in that order, each shard in stored order.
+2. **Block shuffle** (seekable sources only). The sequence is cut into blocks of
+   ``block_size`` positions and each block is permuted with its own generator
+   ``(seed, epoch, block)``, like mosaicml-streaming's block shuffles: samples mix across the
+   few shards a block spans, and reads stay within those shards. Streamed sources (``pipe:``,
+   URLs) cannot seek, so they keep the within-shard order (write shards pre-shuffled, as is usual
+   for WebDataset).
+3. **Partition.** Rank r takes a contiguous range of the shuffled sequence and cuts it into
+   meta-batches; its meta-batches are split into contiguous runs, one per DataLoader worker.
+   The DataLoader hands out worker results round-robin, so a rank's meta-batch order depends on
+   the number of workers, but it is always the same for the same arguments.
+
+**Equal ranks.** DDP hangs when ranks take different numbers of steps, so every rank gets the same
+number M of meta-batches: ``M = ceil(n / (W * B))``; ranks get ``M - 1`` full meta-batches and a
+tail of ``ceil`` or ``floor`` of ``(n - W (M-1) B) / W`` samples (shorter than B, at most one per
+rank). In the rare case where fewer than W samples are left for the tails, the ranks without a
+tail sample split their last meta-batch in two halves instead. Nothing is duplicated or dropped.
+With ``drop_last`` every rank gets ``floor(n / (W * B))`` full meta-batches and the rest of the
+sequence (a different set each epoch) is left out of this epoch and counted in ``dropped``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Order in which the epoch visits shards."""
+    if not shuffle:
+        return np.arange(num_shards, dtype=np.int64)
+    return np.random.default_rng([seed, epoch, 0]).permutation(num_shards).astype(np.int64)
+
+
+def rank_batch_sizes(num_samples: int, world_size: int, meta_batch_size: int,
+                     drop_last: bool) -> tuple[list[np.ndarray], int]:
+    """Sizes of every rank's meta-batches (equal counts on all ranks) and the number of samples
+    left out (non-zero only with ``drop_last``)."""
+    n, w, b = num_samples, world_size, meta_batch_size
+    if drop_last:
+        m = n // (w * b)
+        if m == 0:
+            raise ValueError(f"drop_last=True: {n} samples cannot fill one meta-batch of "
+                             f"{b} on each of {w} ranks; lower meta_batch_size or set drop_last=False")
+        return [np.full(m, b, dtype=np.int64) for _ in range(w)], n - m * w * b
+    if n < w:
+        raise ValueError(f"{n} samples cannot be spread over {w} ranks without duplicates; "
+                         "use fewer ranks or a larger corpus")
+    m = -(-n // (w * b))
+    left = n - w * (m - 1) * b  # 1 .. w*b samples for the ranks' tails
+    sizes = []
+    for r in range(w):
+        tail = left // w + (r < left % w)
+        if tail > 0:
+            sizes.append(np.array([b] * (m - 1) + [tail], dtype=np.int64))
+        elif b >= 2:  # split the last full meta-batch so this rank also takes m steps
+            sizes.append(np.array([b] * (m - 2) + [b - b // 2, b // 2], dtype=np.int64))
+        else:
+            raise ValueError(f"meta_batch_size=1: {n} samples cannot give {w} ranks equal step "
+                             "counts; set drop_last=True or use a larger meta_batch_size")
+    return sizes, 0
+
+
+def worker_batch_range(num_batches: int, num_workers: int, worker: int) -> tuple[int, int]:
+    """Contiguous run ``[first, stop)`` of a rank's meta-batches read by one worker."""
+    return num_batches * worker // num_workers, num_batches * (worker + 1) // num_workers
+
+
+def block_shuffled_positions(start: int, stop: int, total: int, block_size: int, seed: int,
+                             epoch: int) -> np.ndarray:
+    """Positions ``[start, stop)`` of the block-shuffled sequence ``0 .. total-1``.
+
+    Only the blocks overlapping the range are generated, so a worker never materialises the
+    whole epoch.
+    """
+    if stop <= start:
+        return np.empty(0, dtype=np.int64)
+    parts = []
+    for block in range(start // block_size, (stop - 1) // block_size + 1):
+        lo = block * block_size
+        hi = min(lo + block_size, total)
+        perm = np.random.default_rng([seed, epoch, 1, block]).permutation(hi - lo) + lo
+        parts.append(perm[max(start, lo) - lo:min(stop, hi) - lo])
+    return np.concatenate(parts).astype(np.int64)
+
+
+def sequence_ids(positions: np.ndarray, order: np.ndarray, shard_counts: np.ndarray,
+                 shard_starts: np.ndarray) -> np.ndarray:
+    """Map positions of the epoch sequence (shards in ``order``) to global sample ids."""
+    counts = shard_counts[order]
+    cum = np.concatenate([[0], np.cumsum(counts)])
+    k = np.searchsorted(cum, positions, side="right") - 1
+    return shard_starts[order[k]] + (positions - cum[k])
+
+
+class EpochPlan:
+    """One rank's meta-batches for one epoch.
+
+    ``num_batches`` is equal on every rank; :meth:`worker_batches` yields the id arrays a given
+    DataLoader worker reads, in order.
+    """
+
+    def __init__(self, shard_counts: np.ndarray, *, meta_batch_size: int, seed: int, epoch: int,
+                 world_size: int = 1, rank: int = 0, shuffle: bool = True, seekable: bool = True,
+                 block_size: int = 1 << 18, drop_last: bool = False) -> None:
+        if meta_batch_size < 1:
+            raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.shard_counts = np.asarray(shard_counts, dtype=np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_counts)]).astype(np.int64)
+        self.num_samples = int(self.shard_starts[-1])
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.block_size = block_size if (shuffle and seekable) else 0
+        self.order = shard_order(len(self.shard_counts), seed, epoch, shuffle)
+        all_sizes, self.dropped = rank_batch_sizes(self.num_samples, world_size, meta_batch_size,
+                                                   drop_last)
+        self.batch_sizes = all_sizes[rank]
+        self.rank_start = int(sum(int(s.sum()) for s in all_sizes[:rank]))
+        self.bounds = np.concatenate([[0], np.cumsum(self.batch_sizes)]).astype(np.int64)
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_sizes)
+
+    def ids(self, first_batch: int, stop_batch: int) -> np.ndarray:
+        """Sample ids of meta-batches ``[first_batch, stop_batch)`` of this rank, concatenated."""
+        start = self.rank_start + int(self.bounds[first_batch])
+        stop = self.rank_start + int(self.bounds[stop_batch])
+        if self.block_size:
+            positions = block_shuffled_positions(start, stop, self.num_samples, self.block_size,
+                                                 self.seed, self.epoch)
+        else:
+            positions = np.arange(start, stop, dtype=np.int64)
+        return sequence_ids(positions, self.order, self.shard_counts, self.shard_starts)
+
+    def worker_batches(self, num_workers: int = 1, worker: int = 0) -> list[np.ndarray]:
+        """The meta-batches (id arrays) one DataLoader worker reads, in order."""
+        first, stop = worker_batch_range(self.num_batches, num_workers, worker)
+        ids = self.ids(first, stop)
+        cuts = self.bounds[first:stop + 1] - self.bounds[first]
+        return [ids[cuts[i]:cuts[i + 1]] for i in range(stop - first)]
