@@ -278,9 +278,9 @@ class Corpus:
             corpus.check_fresh(path)
         return corpus
 
-    def check_fresh(self, index_path: str = "the index") -> None:
+    def check_fresh(self, index_path: str | None = None) -> None:
         """Raise :class:`StaleIndexError` if a local shard differs from when it was indexed."""
-        advice = f"re-index the corpus (es-stream index ... -o {index_path})"
+        advice = "re-index the corpus" + (f" (es-stream index ... -o {index_path})" if index_path else "")
         for shard in self.shards:
             if shard.mtime_ns < 0:
                 continue  # streamed URL, or an MDS shard not fetched yet: nothing to compare
@@ -288,7 +288,7 @@ class Corpus:
             try:
                 st = os.stat(path)
             except FileNotFoundError as exc:
-                raise ShardError(path, f"shard listed in {index_path} is missing") from exc
+                raise ShardError(path, f"shard listed in {index_path or 'the index'} is missing") from exc
             if st.st_size != shard.size or st.st_mtime_ns != shard.mtime_ns:
                 raise StaleIndexError(
                     f"{path}: shard changed since it was indexed (size {shard.size} -> "

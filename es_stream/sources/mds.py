@@ -29,13 +29,26 @@ def _streaming():
     return Stream, World, reader_from_json
 
 
+def make_stream(local: str, remote: str | None, split: str | None):
+    """A streaming ``Stream`` with the defaults ``StreamingDataset`` would apply."""
+    Stream, _, _ = _streaming()
+    stream = Stream(remote=remote, local=local, split=split)
+    stream.apply_default({"split": split, "download_retry": 2, "download_timeout": 60,
+                          "validate_hash": None, "keep_zip": False})
+    return stream
+
+
 def load_mds_index(local: str, remote: str | None, split: str | None) -> dict[str, Any]:
     """Return the parsed ``index.json`` of an MDS dataset, fetching it from ``remote`` first
     when given (the way ``StreamingDataset`` does)."""
-    Stream, World, _ = _streaming()
+    _, World, _ = _streaming()
     filename = os.path.join(local, split or "", "index.json")
     if remote is not None and not os.path.exists(filename):
-        Stream(remote=remote, local=local, split=split).get_shards(World.detect(), False)
+        try:
+            make_stream(local, remote, split).get_shards(World.detect(), False)
+        except Exception as exc:
+            raise ShardError(os.path.join(remote, split or "", "index.json"),
+                             f"cannot fetch index.json ({exc})") from exc
     if not os.path.exists(filename):
         where = f" (remote {remote!r})" if remote else ""
         raise ShardError(filename, f"no index.json{where}: not an MDS dataset written by "
@@ -57,10 +70,10 @@ class MDSShardReader:
     """
 
     def __init__(self, corpus) -> None:
-        Stream, _, reader_from_json = _streaming()
+        _, _, reader_from_json = _streaming()
         info = corpus.mds
         self.corpus = corpus
-        self.stream = Stream(remote=info.remote, local=info.local, split=info.split)
+        self.stream = make_stream(info.local, info.remote, info.split)
         self.readers = [reader_from_json(info.local, info.split, s) for s in info.index["shards"]]
         self.open_shards: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
 

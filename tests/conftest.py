@@ -1,0 +1,71 @@
+"""Shared fixtures: real shards written with webdataset.ShardWriter and streaming.MDSWriter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+# Uneven shard sizes on purpose: ids must not assume equal shards.
+SHARD_SIZES = (7, 13, 1, 20, 9)
+
+
+def payload(i: int) -> bytes:
+    """Deterministic, sample-specific payload so tests can check bytes, not just counts."""
+    return np.random.default_rng(i).integers(0, 256, 64 + i % 50, dtype=np.uint8).tobytes()
+
+
+def write_wds(directory: Path, sizes=SHARD_SIZES, start: int = 0) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths, i = [], start
+    for s, size in enumerate(sizes):
+        path = str(directory / f"train-{s:06d}.tar")
+        with wds.TarWriter(path) as w:
+            for _ in range(size):
+                w.write({"__key__": f"sample{i:06d}", "bin": payload(i), "cls": i % 10})
+                i += 1
+        paths.append(path)
+    return paths
+
+
+def write_mds(directory: Path, n: int = 50, size_limit: int = 1 << 10) -> Path:
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(directory), columns={"bin": "bytes", "cls": "int", "idx": "int"},
+                   size_limit=size_limit) as w:
+        for i in range(n):
+            w.write({"bin": payload(i), "cls": i % 10, "idx": i})
+    return directory
+
+
+@pytest.fixture
+def wds_dir(tmp_path: Path) -> Path:
+    write_wds(tmp_path / "wds")
+    return tmp_path / "wds"
+
+
+@pytest.fixture
+def mds_dir(tmp_path: Path) -> Path:
+    return write_mds(tmp_path / "mds")
+
+
+@pytest.fixture(autouse=True)
+def _clean_streaming_shm():
+    # StreamingDataset leaves shared memory behind between tests in one process.
+    yield
+    try:
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+    except Exception:
+        pass
+
+
+def all_sizes_total() -> int:
+    return sum(SHARD_SIZES)
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
