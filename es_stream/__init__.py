@@ -10,8 +10,13 @@ from .dataset import ESDataset, loader
 from .errors import ESStreamError, MissingExtraError, ShardError, StaleIndexError
 from .metabatch import MetaBatch
 from .plan import EpochPlan
+from .selector import (ESSelector, LossSelector, SelectiveBackpropSelector, Selector, TopKSelector,
+                       UniformSelector)
+from .store import ScoreStore
 
 __all__ = [
-    "Corpus", "ESDataset", "EpochPlan", "ESStreamError", "MetaBatch", "MissingExtraError",
-    "ShardError", "ShardInfo", "StaleIndexError", "__version__", "loader",
+    "Corpus", "ESDataset", "ESSelector", "EpochPlan", "ESStreamError", "LossSelector",
+    "MetaBatch", "MissingExtraError", "ScoreStore", "SelectiveBackpropSelector", "Selector",
+    "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
+    "__version__", "loader",
 ]

@@ -1,0 +1,68 @@
+"""ScoreStore: in-memory and memory-mapped backings behave the same; saves are atomic."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from es_stream import ScoreStore
+
+
+@pytest.fixture(params=["memory", "memmap"])
+def store(request, tmp_path):
+    return ScoreStore(1000) if request.param == "memory" else ScoreStore.open(tmp_path / "s.npy", 1000)
+
+
+def test_initialised_to_one_over_n(store):
+    assert torch.allclose(store.gather(torch.tensor([0, 5, 999])), torch.full((3,), 1e-3))
+
+
+def test_gather_scatter_round_trip(store):
+    ids = torch.tensor([3, 700, 12])
+    store.scatter(ids, torch.tensor([0.5, 2.0, 0.25]))
+    assert store.gather(torch.tensor([12, 3, 700, 4])).tolist() == [0.25, 0.5, 2.0, pytest.approx(1e-3)]
+
+
+def test_out_of_range_ids_are_refused(store):
+    with pytest.raises(IndexError, match="sample id 1000 is outside \\[0, 1000\\)"):
+        store.gather(torch.tensor([1, 1000]))
+    with pytest.raises(TypeError, match="integer"):
+        store.gather(torch.tensor([1.0]))
+
+
+def test_save_load_and_reopen(store, tmp_path):
+    store.scatter(torch.tensor([1, 2]), torch.tensor([7.0, 8.0]))
+    store.save(tmp_path / "saved.npy")
+    loaded = ScoreStore.load(tmp_path / "saved.npy")
+    assert loaded.gather(torch.tensor([1, 2, 3])).tolist() == [7.0, 8.0, pytest.approx(1e-3)]
+    reopened = ScoreStore.open(tmp_path / "saved.npy", 1000)
+    assert reopened.gather(torch.tensor([2])).tolist() == [8.0]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_memmap_is_created_sparse_and_rejects_another_corpus(tmp_path):
+    store = ScoreStore.open(tmp_path / "big.npy", 50_000_000)  # 200 MB logical
+    assert os.stat(tmp_path / "big.npy").st_blocks * 512 < 1_000_000  # nothing written up front
+    store.scatter(torch.tensor([49_999_999]), torch.tensor([3.0]))
+    store.flush()
+    assert np.load(tmp_path / "big.npy", mmap_mode="r")[49_999_999] == 3.0
+    with pytest.raises(ValueError, match="big.npy: holds float32 \\(50000000,\\).*another corpus"):
+        ScoreStore.open(tmp_path / "big.npy", 10)
+
+
+def test_state_dict_is_a_snapshot(store):
+    state = store.state_dict()
+    store.scatter(torch.tensor([0]), torch.tensor([9.0]))
+    assert state["scores"][0] == pytest.approx(1e-3)
+    store.load_state_dict(state)
+    assert store.gather(torch.tensor([0])).item() == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="state is for 1000 samples, this store has 5"):
+        ScoreStore(5).load_state_dict(state)
+
+
+def test_bad_size():
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        ScoreStore(0)
