@@ -215,9 +215,9 @@ class ESSelector(Selector):
         if ids.device.type == "cpu" and ids.numel() != torch.unique(ids).numel():
             raise ValueError("ids: a meta-batch repeats a sample id; each id may appear once")
         l = losses.detach().float()
-        s = self.store.gather(ids).to(l.device, non_blocking=True)
+        s = self.store.gather(ids, checked=True).to(l.device, non_blocking=True)
         w = self.beta1 * s + (1.0 - self.beta1) * l
-        self.store.scatter(ids, self.beta2 * s + (1.0 - self.beta2) * l)
+        self.store.scatter(ids, self.beta2 * s + (1.0 - self.beta2) * l, checked=True)
         if l.device.type != "cpu":  # remember, without syncing, whether any loss was bad
             bad = (~torch.isfinite(l)).any()
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad

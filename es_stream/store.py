@@ -84,19 +84,22 @@ class ScoreStore:
                 raise IndexError(f"{argument}: sample id {bad} is outside [0, {self.num_samples}) "
                                  "of the score store; ids come from a different corpus?")
 
-    def gather(self, ids: Any) -> torch.Tensor:
-        """Scores of ``ids`` (on the store's device; CPU for a memory-mapped store)."""
+    def gather(self, ids: Any, *, checked: bool = False) -> torch.Tensor:
+        """Scores of ``ids`` (on the store's device; CPU for a memory-mapped store).
+        ``checked=True`` skips the range check for callers that already made it."""
         ids = _as_index(ids)
-        self.check_ids(ids)
+        if not checked:
+            self.check_ids(ids)
         if self.scores is not None:
             return self.scores[ids.to(self.scores.device, non_blocking=True)]
         values = self._memmap[ids.numpy()]
         return torch.from_numpy(_decode(values, self.initial))
 
-    def scatter(self, ids: Any, values: torch.Tensor) -> None:
-        """Set the scores of ``ids`` to ``values``."""
+    def scatter(self, ids: Any, values: torch.Tensor, *, checked: bool = False) -> None:
+        """Set the scores of ``ids`` to ``values`` (``checked`` as in :meth:`gather`)."""
         ids = _as_index(ids)
-        self.check_ids(ids)
+        if not checked:
+            self.check_ids(ids)
         if self.scores is not None:
             self.scores[ids.to(self.scores.device, non_blocking=True)] = values.to(
                 self.scores.device, torch.float32, non_blocking=True)
