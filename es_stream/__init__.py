@@ -7,15 +7,18 @@ meta-batch stream), :class:`MetaBatch`, and :func:`loader`.
 from ._version import __version__
 from .corpus import Corpus, ShardInfo
 from .dataset import ESDataset, loader
-from .errors import ESStreamError, MissingExtraError, ShardError, StaleIndexError
+from .errors import ESStreamError, ManifestError, MissingExtraError, ShardError, StaleIndexError
 from .metabatch import MetaBatch
 from .plan import EpochPlan
+from .policy import ESWPPolicy, InfoBatchPolicy
+from .pruner import Pruner
 from .selector import (ESSelector, LossSelector, SelectiveBackpropSelector, Selector, TopKSelector,
                        UniformSelector)
 from .store import ScoreStore
 
 __all__ = [
-    "Corpus", "ESDataset", "ESSelector", "EpochPlan", "ESStreamError", "LossSelector",
+    "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
+    "InfoBatchPolicy", "LossSelector", "ManifestError", "Pruner",
     "MetaBatch", "MissingExtraError", "ScoreStore", "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
     "__version__", "loader",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from .corpus import Corpus, is_local_url
 from .distributed import rank_and_world_size, worker_and_count
 from .errors import ShardError
+from .manifest import SUCCESS, EpochKeep, epoch_dir, read_epoch
 from .metabatch import MetaBatch
 from .plan import EpochPlan
 from .sources import open_reader
@@ -52,6 +54,12 @@ class ESDataset(IterableDataset):
             the next meta-batch as ``MetaBatch.lost_ids`` and, in-process, add to
             :attr:`samples_lost`.
         block_size: positions per shuffle block (see :mod:`es_stream.plan`).
+        manifests: a pruning manifest directory (written by :class:`es_stream.Pruner` or
+            ``es-stream prune``). Epoch e reads ``manifests/epoch=e`` when it starts; pruned
+            samples are left out of the plan, so they are never read nor decoded (streamed
+            ``pipe:`` shards still pass their bytes by, undecoded). An epoch with no directory
+            keeps everything (logged once). Loss weights from the manifest (InfoBatch) arrive
+            as ``MetaBatch.weights``.
         rank, world_size: override what is read from ``torch.distributed`` or the environment
             (``RANK``/``WORLD_SIZE``) when the dataset is created.
     """
@@ -59,7 +67,8 @@ class ESDataset(IterableDataset):
     def __init__(self, corpus: Corpus, meta_batch_size: int, decode: Callable[[dict], Any] | None = None,
                  collate: Callable[[list], Any] | None = None, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, on_error: str = "raise", *, block_size: int = 1 << 18,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 manifests: str | os.PathLike | None = None, rank: int | None = None,
+                 world_size: int | None = None) -> None:
         super().__init__()
         if not isinstance(corpus, Corpus):
             raise TypeError(f"corpus must be an es_stream.Corpus, got {type(corpus).__name__}")
@@ -83,6 +92,9 @@ class ESDataset(IterableDataset):
         self.seekable = corpus.format == "mds" or all(is_local_url(s.name) for s in corpus.shards)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.samples_lost = 0
+        self.manifests = None if manifests is None else os.fspath(manifests)
+        self._keep_cache: tuple[tuple[int, int], EpochKeep | None] | None = None
+        self._logged_unpruned: set[int] = set()
         self.plan(0)  # validate the partition now, not in a worker
 
     @property
@@ -95,13 +107,28 @@ class ESDataset(IterableDataset):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self._epoch.fill_(epoch)
 
+    def epoch_keep(self, epoch: int) -> EpochKeep | None:
+        """The manifest decision for ``epoch``, or None when nothing is pruned (cached)."""
+        if self.manifests is None:
+            return None
+        success = os.path.join(epoch_dir(self.manifests, epoch), SUCCESS)
+        key = (epoch, os.stat(success).st_mtime_ns if os.path.exists(success) else -1)
+        if self._keep_cache is None or self._keep_cache[0] != key:
+            keep = read_epoch(self.manifests, epoch, self.corpus.fingerprint, self.corpus.shard_counts)
+            if keep is None and epoch not in self._logged_unpruned:
+                self._logged_unpruned.add(epoch)
+                log.info("epoch %d: no manifest in %s, keeping every sample", epoch, self.manifests)
+            self._keep_cache = (key, keep)
+        return self._keep_cache[1]
+
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """This rank's :class:`EpochPlan` for ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        keep = self.epoch_keep(epoch)
         return EpochPlan(self.corpus.shard_counts, meta_batch_size=self.meta_batch_size,
-                         seed=self.seed, epoch=self.epoch if epoch is None else epoch,
-                         world_size=self.world_size, rank=self.rank, shuffle=self.shuffle,
-                         seekable=self.seekable, block_size=self.block_size,
-                         drop_last=self.drop_last)
+                         seed=self.seed, epoch=epoch, world_size=self.world_size, rank=self.rank,
+                         shuffle=self.shuffle, seekable=self.seekable, block_size=self.block_size,
+                         drop_last=self.drop_last, kept_ids=None if keep is None else keep.kept_ids)
 
     def __len__(self) -> int:
         """Meta-batches this rank yields per epoch (equal on every rank)."""
@@ -116,6 +143,8 @@ class ESDataset(IterableDataset):
         epoch = self.epoch
         worker, num_workers = worker_and_count()
         batches = self.plan(epoch).worker_batches(num_workers, worker)
+        keep = self.epoch_keep(epoch)
+        weights = None if keep is None else keep.weights
         reader = open_reader(self.corpus)
         failed_shards: set[int] = set()
         pending_lost: list[int] = []
@@ -143,8 +172,11 @@ class ESDataset(IterableDataset):
                 lost = torch.tensor(pending_lost, dtype=torch.int64)
                 self.samples_lost += len(pending_lost)
                 pending_lost = []
-                yield MetaBatch(ids=torch.from_numpy(np.asarray(kept, dtype=np.int64)),
-                                data=self.collate(samples), epoch=epoch, lost_ids=lost)
+                kept_ids = np.asarray(kept, dtype=np.int64)
+                yield MetaBatch(ids=torch.from_numpy(kept_ids), data=self.collate(samples),
+                                epoch=epoch, lost_ids=lost,
+                                weights=None if weights is None else torch.from_numpy(
+                                    weights[np.searchsorted(keep.kept_ids, kept_ids)]))
             if pending_lost:
                 self.samples_lost += len(pending_lost)
                 warnings.warn(f"epoch {epoch}: {len(pending_lost)} samples lost to corrupt shards "

@@ -22,6 +22,10 @@ class StaleIndexError(ESStreamError):
     """A cached corpus index no longer matches the shards on disk."""
 
 
+class ManifestError(ESStreamError, ValueError):
+    """A pruning manifest is unfinished, from another corpus, or missing a shard."""
+
+
 class MissingExtraError(ImportError):
     """An optional dependency is needed; the message names the pip extra that installs it."""
 

@@ -30,21 +30,27 @@ class MetaBatch:
         lost_ids: ids that were meant for this meta-batch but lost to a corrupt shard under
             ``on_error="skip"`` (empty otherwise). Sum their lengths to count losses when
             iterating through DataLoader workers.
+        weights: per-sample loss weights from a pruning manifest (InfoBatch's 1/(1-r) for
+            kept low-score samples, 1 otherwise), or None when the epoch has none.
     """
 
     ids: torch.Tensor
     data: Any
     epoch: int
     lost_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.ids.numel())
 
     def pin_memory(self) -> "MetaBatch":
         """Called by ``DataLoader(pin_memory=True)``: pins every tensor."""
-        return replace(self, ids=self.ids.pin_memory(), data=_map_tensors(self.data, torch.Tensor.pin_memory))
+        pin = torch.Tensor.pin_memory
+        return replace(self, ids=pin(self.ids), data=_map_tensors(self.data, pin),
+                       weights=None if self.weights is None else pin(self.weights))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MetaBatch":
         """Move ids and every tensor in ``data`` to ``device``."""
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, ids=move(self.ids), data=_map_tensors(self.data, move))
+        return replace(self, ids=move(self.ids), data=_map_tensors(self.data, move),
+                       weights=None if self.weights is None else move(self.weights))

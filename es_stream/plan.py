@@ -103,19 +103,29 @@ class EpochPlan:
     """One rank's meta-batches for one epoch.
 
     ``num_batches`` is equal on every rank; :meth:`worker_batches` yields the id arrays a given
-    DataLoader worker reads, in order.
+    DataLoader worker reads, in order. With ``kept_ids`` (sorted global ids, e.g. from a pruning
+    manifest) the epoch is planned over those samples only, with the same shuffle and partition
+    rules; pruned samples are never part of any worker's plan.
     """
 
     def __init__(self, shard_counts: np.ndarray, *, meta_batch_size: int, seed: int, epoch: int,
                  world_size: int = 1, rank: int = 0, shuffle: bool = True, seekable: bool = True,
-                 block_size: int = 1 << 18, drop_last: bool = False) -> None:
+                 block_size: int = 1 << 18, drop_last: bool = False,
+                 kept_ids: np.ndarray | None = None) -> None:
         if meta_batch_size < 1:
             raise ValueError(f"meta_batch_size must be >= 1, got {meta_batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.shard_counts = np.asarray(shard_counts, dtype=np.int64)
+        counts = np.asarray(shard_counts, dtype=np.int64)
+        self.kept_ids = None
+        if kept_ids is not None:
+            corpus_starts = np.concatenate([[0], np.cumsum(counts)])
+            self.kept_ids = np.asarray(kept_ids, dtype=np.int64)
+            shard_of = np.searchsorted(corpus_starts, self.kept_ids, side="right") - 1
+            counts = np.bincount(shard_of, minlength=len(counts)).astype(np.int64)
+        self.shard_counts = counts
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_counts)]).astype(np.int64)
         self.num_samples = int(self.shard_starts[-1])
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
@@ -140,7 +150,8 @@ class EpochPlan:
                                                  self.seed, self.epoch)
         else:
             positions = np.arange(start, stop, dtype=np.int64)
-        return sequence_ids(positions, self.order, self.shard_counts, self.shard_starts)
+        ids = sequence_ids(positions, self.order, self.shard_counts, self.shard_starts)
+        return ids if self.kept_ids is None else self.kept_ids[ids]
 
     def worker_batches(self, num_workers: int = 1, worker: int = 0) -> list[np.ndarray]:
         """The meta-batches (id arrays) one DataLoader worker reads, in order."""

@@ -107,6 +107,12 @@ class ScoreStore:
             v = values.detach().to("cpu", torch.float32).numpy()
             self._memmap[ids.numpy()] = np.maximum(v, _TINY)
 
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Scores of ids ``start .. stop-1`` as float32 numpy (for whole-store passes in chunks)."""
+        if self.scores is not None:
+            return self.scores[start:stop].detach().cpu().numpy()
+        return _decode(self._memmap[start:stop], self.initial)
+
     def to_numpy(self) -> np.ndarray:
         """All scores as a float32 numpy array (copies from the device)."""
         if self.scores is not None:

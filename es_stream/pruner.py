@@ -1,0 +1,91 @@
+"""`Pruner`: at each epoch end, turn the score store into the next epoch's shard manifests."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ._version import __version__
+from .corpus import Corpus
+from .manifest import clear_success, mark_success, shard_file, write_shard
+from .policy import CHUNK, Policy
+from .store import ScoreStore
+
+
+class Pruner:
+    """Writes ``policy``'s decision for epoch ``e + 1`` when epoch ``e`` ends.
+
+    Under ``torch.distributed`` only rank 0 writes, and every rank waits at a barrier until the
+    manifests are complete, so all ranks read the same decision. (The ranks' scores must agree
+    first; merging them is the trainer's job until the multi-rank store lands.)
+
+    Args:
+        corpus: the corpus the scores index.
+        store: the :class:`ScoreStore` (e.g. ``selector.store``).
+        policy: an :class:`ESWPPolicy` or :class:`InfoBatchPolicy`.
+        out_dir: the manifest directory (``ESDataset(..., manifests=out_dir)`` reads it).
+        decay: optional pull of pruned samples' scores toward the corpus mean score
+            (``s <- (1 - decay) s + decay * mean``); 0 (default) leaves them as they were.
+    """
+
+    def __init__(self, corpus: Corpus, store: ScoreStore, policy: Policy,
+                 out_dir: str | os.PathLike, decay: float = 0.0) -> None:
+        if store.num_samples != corpus.num_samples:
+            raise ValueError(f"store holds {store.num_samples} scores, corpus has "
+                             f"{corpus.num_samples} samples: a store of another corpus?")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self.corpus, self.store, self.policy = corpus, store, policy
+        self.out_dir = os.fspath(out_dir)
+        self.decay = decay
+
+    def on_epoch_end(self, epoch: int, total_epochs: int) -> str:
+        """Write the manifests for epoch ``epoch + 1``; returns their directory."""
+        target = epoch + 1
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_rank() == 0:
+                self.write(target, total_epochs)
+            dist.barrier()
+        else:
+            self.write(target, total_epochs)
+        return os.path.join(self.out_dir, f"epoch={target:05d}")
+
+    def write(self, epoch: int, total_epochs: int) -> None:
+        """Decide epoch ``epoch`` from the current scores and write its manifests.
+
+        Works chunk by chunk (see :mod:`es_stream.policy`): a shard's file is written as soon as
+        the chunks covering it are decided, so memory stays bounded for any corpus size.
+        """
+        store, n = self.store, self.store.num_samples
+        read = store.read_range
+        meta = {"corpus_fingerprint": self.corpus.fingerprint, "epoch": str(epoch),
+                "es_stream_version": __version__, **self.policy.describe()}
+        mean = None
+        if self.decay > 0:
+            mean = sum(float(read(a, min(a + CHUNK, n)).astype(np.float64).sum())
+                       for a in range(0, n, CHUNK)) / n
+        clear_success(self.out_dir, epoch)
+        starts = self.corpus.shard_starts
+        shard, buf_start = 0, 0
+        buf_keep, buf_weight = np.empty(0, bool), np.empty(0, np.float32)
+        for d in self.policy.decide(read, n, epoch, total_epochs):
+            buf_keep = np.concatenate([buf_keep, d.keep])
+            buf_weight = np.concatenate([buf_weight, d.weight])
+            end = buf_start + len(buf_keep)
+            while shard < self.corpus.num_shards and starts[shard + 1] <= end:
+                a, b = int(starts[shard]), int(starts[shard + 1])
+                keep = buf_keep[a - buf_start:b - buf_start]
+                scores = read(a, b)
+                write_shard(shard_file(self.out_dir, epoch, shard), a, keep, scores,
+                            buf_weight[a - buf_start:b - buf_start],
+                            {**meta, "shard": self.corpus.shards[shard].name})
+                if mean is not None and not keep.all():
+                    ids = torch.from_numpy(a + np.flatnonzero(~keep))
+                    store.scatter(ids, (1 - self.decay) * store.gather(ids) + self.decay * mean)
+                shard += 1
+            done = int(starts[shard]) - buf_start
+            buf_keep, buf_weight, buf_start = buf_keep[done:], buf_weight[done:], buf_start + done
+        mark_success(self.out_dir, epoch)
