@@ -23,6 +23,118 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    from .manifest import list_epochs
+
+    epochs = list_epochs(args.manifests)
+    if not epochs:
+        raise ValueError(f"{args.manifests}: no finished epoch directories (epoch=EEEEE/_SUCCESS)")
+    table = pads.dataset(args.manifests, partitioning="hive", format="parquet").to_table(
+        columns=["epoch", "keep", "score"])
+    epoch_col = table.column("epoch").to_numpy()
+    keep = table.column("keep").to_numpy(zero_copy_only=False)
+    score = table.column("score").to_numpy()
+    files = pads.dataset(args.manifests, partitioning="hive", format="parquet").files
+    per_shard: dict[int, list[float]] = {}
+    print(f"{'epoch':>5} {'samples':>10} {'kept':>10} {'kept %':>7}  per-shard kept % min/median/max")
+    for e in epochs:
+        rows = epoch_col == e
+        shard_fracs = []
+        for f in files:
+            if f"epoch={e:05d}" in f:
+                t = pads.dataset(f, format="parquet").to_table(columns=["keep"])
+                shard_fracs.append(float(np.mean(t.column("keep").to_numpy(zero_copy_only=False))))
+        per_shard[e] = shard_fracs
+        k = keep[rows]
+        print(f"{e:>5} {int(rows.sum()):>10} {int(k.sum()):>10} {100 * k.mean():>6.1f}%  "
+              f"{100 * min(shard_fracs):.1f} / {100 * float(np.median(shard_fracs)):.1f} / "
+              f"{100 * max(shard_fracs):.1f}")
+    last = epoch_col == epochs[-1]
+    q = np.quantile(score[last], [0, 0.1, 0.5, 0.9, 1])
+    print(f"scores (epoch {epochs[-1]}): min {q[0]:.4g}  p10 {q[1]:.4g}  median {q[2]:.4g}  "
+          f"p90 {q[3]:.4g}  max {q[4]:.4g}")
+    if args.plot:
+        _plot_manifests(args.plot, epochs, keep, epoch_col, score, per_shard)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _plot_manifests(path, epochs, keep, epoch_col, score, per_shard) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib") from exc
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(epochs, [keep[epoch_col == e].mean() for e in epochs], marker="o")
+    axes[0].set(title="kept fraction per epoch", xlabel="epoch", ylabel="kept", ylim=(0, 1.05))
+    for e in epochs:
+        axes[1].plot(per_shard[e], marker=".", label=f"epoch {e}")
+    axes[1].set(title="kept fraction per shard", xlabel="shard", ylabel="kept", ylim=(0, 1.05))
+    axes[1].legend(fontsize="small")
+    last = epoch_col == epochs[-1]
+    bins = np.histogram_bin_edges(score[last], bins=50)
+    axes[2].hist(score[last & keep], bins=bins, alpha=0.7, label="kept")
+    axes[2].hist(score[last & ~keep], bins=bins, alpha=0.7, label="pruned")
+    axes[2].set(title=f"score distribution, epoch {epochs[-1]}", xlabel="score", ylabel="samples")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .corpus import Corpus
+    from .policy import ESWPPolicy, InfoBatchPolicy
+    from .pruner import Pruner
+    from .store import ScoreStore
+
+    corpus = Corpus.load(args.corpus)
+    store = ScoreStore.open(args.scores, corpus.num_samples) if os.path.exists(args.scores) else None
+    if store is None:
+        raise FileNotFoundError(f"{args.scores}: no score store (a .npy saved by ScoreStore.save)")
+    # offline: the decision applies now, so no burn-in and no annealing tail
+    policy = (ESWPPolicy(ratio=args.ratio, anneal=0.0, burn_in_epochs=0, seed=args.seed)
+              if args.policy == "es" else InfoBatchPolicy(ratio=args.ratio, anneal=0.0, seed=args.seed))
+    start = time.perf_counter()
+    Pruner(corpus, store, policy, args.out).write(args.epoch, args.epoch + 1)
+    from .manifest import read_epoch
+
+    kept = read_epoch(args.out, args.epoch, corpus.fingerprint, corpus.shard_counts)
+    print(f"epoch {args.epoch}: kept {len(kept.kept_ids)} of {corpus.num_samples} samples "
+          f"({100 * kept.kept_fraction:.1f}%), policy {args.policy} ratio {args.ratio}, "
+          f"in {time.perf_counter() - start:.2f}s -> {args.out}/epoch={args.epoch:05d}")
+    return 0
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .compact import compact
+    from .corpus import Corpus
+    from .manifest import read_epoch
+
+    corpus = Corpus.load(args.corpus)
+    manifest = os.path.normpath(args.manifest)
+    name = os.path.basename(manifest)
+    if not name.startswith("epoch="):
+        raise ValueError(f"{args.manifest}: expected an epoch directory, DIR/epoch=EEEEE")
+    kept = read_epoch(os.path.dirname(manifest), int(name.split("=", 1)[1]), corpus.fingerprint,
+                      corpus.shard_counts)
+    if kept is None:
+        raise FileNotFoundError(f"{args.manifest}: no such manifest directory")
+    mapping = compact(corpus, kept.kept_ids, args.out, args.format, progress=tqdm)
+    print(f"wrote {len(kept.kept_ids)} of {corpus.num_samples} samples to {args.out} "
+          f"({args.format or corpus.format}); id mapping: {mapping}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="es-stream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +148,35 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shard format (auto: MDS when the directory has index.json)")
     index.add_argument("--remote", default=None, help="MDS remote to fetch index.json/shards from")
     index.set_defaults(func=_cmd_index)
+
+    inspect = sub.add_parser("inspect", help="summarise pruning manifests",
+                             description="Kept fraction per epoch and per shard, and the score "
+                             "distribution, of a manifest directory.")
+    inspect.add_argument("manifests", help="manifest directory (holding epoch=EEEEE/)")
+    inspect.add_argument("--plot", default=None, help="also write a PNG with the three views")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    prune = sub.add_parser("prune", help="write manifests from saved scores, offline",
+                           description="Decide which samples to keep from a saved score store "
+                           "and write one epoch's shard manifests.")
+    prune.add_argument("--scores", required=True, help="score store (.npy from ScoreStore.save)")
+    prune.add_argument("--corpus", required=True, help="corpus index (Parquet)")
+    prune.add_argument("--policy", choices=["es", "infobatch"], default="es")
+    prune.add_argument("--ratio", type=float, required=True, help="fraction to prune, in [0, 1)")
+    prune.add_argument("--out", required=True, help="manifest directory")
+    prune.add_argument("--epoch", type=int, default=0, help="epoch the manifests are for")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.set_defaults(func=_cmd_prune)
+
+    comp = sub.add_parser("compact", help="rewrite a corpus with only the kept samples",
+                          description="Copy the samples a manifest keeps into new shards "
+                          "(payloads byte-identical) and write mapping.parquet (old_id, new_id).")
+    comp.add_argument("--corpus", required=True, help="corpus index (Parquet)")
+    comp.add_argument("--manifest", required=True, help="an epoch directory: DIR/epoch=EEEEE")
+    comp.add_argument("--out", required=True, help="directory for the new shards")
+    comp.add_argument("--format", choices=["wds", "mds"], default=None,
+                      help="output format (default: the corpus's own)")
+    comp.set_defaults(func=_cmd_compact)
     return parser
 
 
@@ -43,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError) as exc:  # our errors name the file or argument: show them plainly
+    except (OSError, ValueError, ImportError) as exc:  # our errors name the file or argument: show them plainly
         print(f"es-stream {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -43,3 +43,153 @@ def test_index_error_names_the_file(tmp_path):
 def test_help():
     result = run("index", "--help")
     assert result.returncode == 0 and "Parquet" in result.stdout
+
+
+# --- prune / inspect / compact ---------------------------------------------------------------
+
+import tarfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow.dataset as pads  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from es_stream import ScoreStore  # noqa: E402
+from conftest import payload  # noqa: E402
+
+
+def indexed_with_scores(shards: Path, tmp_path: Path) -> tuple[Corpus, Path, Path]:
+    """Index ``shards`` with the CLI and save a store of random scores beside it."""
+    index = tmp_path / "corpus.parquet"
+    assert run("index", str(shards), "-o", str(index)).returncode == 0
+    corpus = Corpus.load(index)
+    store = ScoreStore(corpus.num_samples)
+    scores = np.random.default_rng(1).random(corpus.num_samples).astype(np.float32) + 0.01
+    store.scatter(torch.arange(corpus.num_samples), torch.from_numpy(scores))
+    store.save(tmp_path / "scores.npy")
+    return corpus, index, tmp_path / "scores.npy"
+
+
+def kept_ids(manifests: Path, epoch: int) -> np.ndarray:
+    t = pads.dataset(str(manifests / f"epoch={epoch:05d}"), format="parquet").to_table()
+    return np.sort(np.asarray(t.column("id"))[np.asarray(t.column("keep"))])
+
+
+@pytest.mark.parametrize("policy", ["es", "infobatch"])
+def test_prune_offline_then_inspect_with_plot(wds_dir, tmp_path, policy):
+    corpus, index, scores = indexed_with_scores(wds_dir, tmp_path)
+    out = tmp_path / "manifests"
+    result = run("prune", "--scores", str(scores), "--corpus", str(index), "--policy", policy,
+                 "--ratio", "0.4", "--out", str(out), "--epoch", "2")
+    assert result.returncode == 0, result.stderr
+    kept = kept_ids(out, 2)
+    if policy == "es":
+        assert len(kept) == int(np.ceil(0.6 * corpus.num_samples))
+    else:  # InfoBatch drops 40% of the below-mean samples only
+        # InfoBatch drops each below-mean sample with probability 0.4 and nothing above the mean
+        s = ScoreStore.load(scores).to_numpy()
+        dropped = np.setdiff1d(np.arange(corpus.num_samples), kept)
+        assert len(dropped) > 0 and (s[dropped] < s.mean()).all()
+    assert f"kept {len(kept)} of {corpus.num_samples}" in result.stdout
+    assert (out / "epoch=00002" / "_SUCCESS").exists()
+
+    result = run("inspect", str(out), "--plot", str(tmp_path / "m.png"))
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["2"])
+    assert row.split()[1:3] == [str(corpus.num_samples), str(len(kept))]
+    assert "scores (epoch 2)" in result.stdout
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_refuses_a_store_of_another_corpus(wds_dir, tmp_path):
+    _, index, _ = indexed_with_scores(wds_dir, tmp_path)
+    ScoreStore(7).save(tmp_path / "small.npy")
+    result = run("prune", "--scores", str(tmp_path / "small.npy"), "--corpus", str(index),
+                 "--ratio", "0.5", "--out", str(tmp_path / "m"))
+    assert result.returncode == 2 and "small.npy" in result.stderr
+    result = run("prune", "--scores", str(tmp_path / "none.npy"), "--corpus", str(index),
+                 "--ratio", "0.5", "--out", str(tmp_path / "m"))
+    assert result.returncode == 2 and "none.npy" in result.stderr
+
+
+def test_inspect_empty_directory_is_an_error(tmp_path):
+    result = run("inspect", str(tmp_path))
+    assert result.returncode == 2 and "no finished epoch" in result.stderr
+
+
+def tar_members(directory: Path) -> list[tuple[str, bytes]]:
+    """Every (member name, payload) of every tar in ``directory``, in shard order."""
+    members = []
+    for path in sorted(directory.glob("*.tar")):
+        with tarfile.open(path) as tf:
+            members += [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+    return members
+
+
+def test_compact_wds_keeps_exactly_the_kept_samples_byte_identical(wds_dir, tmp_path):
+    corpus, index, scores = indexed_with_scores(wds_dir, tmp_path)
+    assert run("prune", "--scores", str(scores), "--corpus", str(index), "--ratio", "0.5",
+               "--out", str(tmp_path / "m")).returncode == 0
+    kept = kept_ids(tmp_path / "m", 0)
+    result = run("compact", "--corpus", str(index), "--manifest", str(tmp_path / "m" / "epoch=00000"),
+                 "--out", str(tmp_path / "new"))
+    assert result.returncode == 0, result.stderr
+    new = Corpus.from_webdataset(str(tmp_path / "new"))
+    assert new.num_samples == len(kept)
+    old = dict(tar_members(wds_dir))
+    got = tar_members(tmp_path / "new")
+    assert [name for name, _ in got] == [f"sample{i:06d}.{s}" for i in kept for s in ("bin", "cls")]
+    assert all(data == old[name] for name, data in got)
+    assert [data for name, data in got if name.endswith(".bin")] == [payload(i) for i in kept]
+    mapping = pq.read_table(tmp_path / "new" / "mapping.parquet")
+    assert mapping.column("old_id").to_pylist() == kept.tolist()
+    assert mapping.column("new_id").to_pylist() == list(range(len(kept)))
+
+
+@pytest.mark.parametrize("source", ["mds", "wds"])
+def test_compact_to_mds(source, wds_dir, mds_dir, tmp_path):
+    from es_stream.sources import open_reader
+
+    corpus, index, scores = indexed_with_scores(mds_dir if source == "mds" else wds_dir, tmp_path)
+    assert run("prune", "--scores", str(scores), "--corpus", str(index), "--ratio", "0.3",
+               "--out", str(tmp_path / "m")).returncode == 0
+    kept = kept_ids(tmp_path / "m", 0)
+    result = run("compact", "--corpus", str(index), "--manifest", str(tmp_path / "m" / "epoch=00000"),
+                 "--out", str(tmp_path / "new"), "--format", "mds")
+    assert result.returncode == 0, result.stderr
+    new = Corpus.from_mds(str(tmp_path / "new"))
+    assert new.num_samples == len(kept)
+    reader = open_reader(new)
+    try:
+        shards, positions = new.locate(np.arange(new.num_samples))
+        got = [reader.read(int(s), int(p), i) for i, (s, p) in enumerate(zip(shards, positions))]
+    finally:
+        reader.close()
+    assert [s["bin"] for s in got] == [payload(i) for i in kept]
+    if source == "mds":
+        assert [s["idx"] for s in got] == kept.tolist()
+    else:
+        assert [s["__key__"] for s in got] == [f"sample{i:06d}" for i in kept]
+
+
+def test_compact_mds_to_wds_is_refused(mds_dir, tmp_path):
+    _, index, scores = indexed_with_scores(mds_dir, tmp_path)
+    assert run("prune", "--scores", str(scores), "--corpus", str(index), "--ratio", "0.3",
+               "--out", str(tmp_path / "m")).returncode == 0
+    result = run("compact", "--corpus", str(index), "--manifest", str(tmp_path / "m" / "epoch=00000"),
+                 "--out", str(tmp_path / "new"), "--format", "wds")
+    assert result.returncode == 2 and "--format mds" in result.stderr
+
+
+def test_compact_needs_an_epoch_directory(wds_dir, tmp_path):
+    _, index, _ = indexed_with_scores(wds_dir, tmp_path)
+    result = run("compact", "--corpus", str(index), "--manifest", str(tmp_path),
+                 "--out", str(tmp_path / "new"))
+    assert result.returncode == 2 and "epoch=EEEEE" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["inspect", "prune", "compact"])
+def test_help_for_each_command(command):
+    result = run(command, "--help")
+    assert result.returncode == 0 and "usage: es-stream " + command in result.stdout
