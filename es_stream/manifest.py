@@ -118,18 +118,32 @@ def read_epoch(out_dir: str | os.PathLike, epoch: int, fingerprint: str,
             raise ManifestError(f"{path}: manifest of corpus {meta.get('corpus_fingerprint')!r}, "
                                 f"this corpus is {fingerprint!r}; point manifests= at this "
                                 "corpus's manifest directory")
-        table = pf.read(columns=["keep", "weight"])
+        unit = _all_ones(pf, "weight")  # the footer's statistics say so: skip the column
+        table = pf.read(columns=["keep"] if unit else ["keep", "weight"])
         if table.num_rows != count:
             raise ManifestError(f"{path}: {table.num_rows} rows, shard {shard} has {count} samples")
         keep = table.column("keep").to_numpy(zero_copy_only=False)
         idx = np.flatnonzero(keep)
         kept.append(idx + first)
-        w = table.column("weight").to_numpy(zero_copy_only=False)[idx]
+        w = (np.ones(len(idx), np.float32) if unit
+             else table.column("weight").to_numpy(zero_copy_only=False)[idx])
         any_weight = any_weight or bool((w != 1).any())
         weights.append(w)
         first += count
     return EpochKeep(epoch, np.concatenate(kept).astype(np.int64),
                      np.concatenate(weights).astype(np.float32) if any_weight else None, first)
+
+
+def _all_ones(pf: pq.ParquetFile, column: str) -> bool:
+    """Whether every row group's statistics give ``column`` min == max == 1 (ESWP's weights)."""
+    md = pf.metadata
+    try:
+        j = pf.schema_arrow.get_field_index(column)
+        stats = [md.row_group(i).column(j).statistics for i in range(md.num_row_groups)]
+    except (KeyError, IndexError):
+        return False
+    return md.num_row_groups > 0 and all(
+        st is not None and st.has_min_max and st.min == 1 and st.max == 1 for st in stats)
 
 
 def list_epochs(out_dir: str | os.PathLike) -> list[int]:

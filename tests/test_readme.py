@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow.dataset as pads
 import torch
 import webdataset as wds
 
@@ -22,16 +23,22 @@ def readme_block(name: str) -> str:
     return match.group(1)
 
 
-def test_plain_loop_example_trains(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
+def write_clusters(directory: Path, n: int = 1024, seed: int = 0) -> np.ndarray:
+    """``n`` samples around 10 class centres ("npy": float[40], "cls": int) as tar shards,
+    indexed to ``directory/corpus.parquet``, as the README examples expect; returns the centres."""
+    rng = np.random.default_rng(seed)
     centers = rng.normal(size=(10, 40)).astype(np.float32)
-    with wds.ShardWriter(str(tmp_path / "train-%06d.tar"), maxcount=300, verbose=0) as w:
-        for i in range(1024):
-            label = i % 10
+    with wds.ShardWriter(str(directory / "train-%06d.tar"), maxcount=300, verbose=0) as w:
+        for i in range(n):
             buf = io.BytesIO()
-            np.save(buf, centers[label] + 0.3 * rng.normal(size=40).astype(np.float32))
-            w.write({"__key__": f"{i:06d}", "npy": buf.getvalue(), "cls": label})
-    Corpus.from_webdataset(str(tmp_path)).save(tmp_path / "corpus.parquet")
+            np.save(buf, centers[i % 10] + 0.3 * rng.normal(size=40).astype(np.float32))
+            w.write({"__key__": f"{i:06d}", "npy": buf.getvalue(), "cls": i % 10})
+    Corpus.from_webdataset(str(directory)).save(directory / "corpus.parquet")
+    return centers
+
+
+def test_plain_loop_example_trains(tmp_path, monkeypatch):
+    centers = write_clusters(tmp_path)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(readme_block("plain-loop"), "README.md", "exec"), scope)
@@ -40,3 +47,18 @@ def test_plain_loop_example_trains(tmp_path, monkeypatch):
     assert not torch.allclose(selector.store.gather(torch.arange(1024)), torch.full((1024,), 1 / 1024))
     x = torch.from_numpy(centers)
     assert (model(x).argmax(1) == torch.arange(10)).float().mean() >= 0.8  # it learned
+
+
+def test_eswp_example_prunes_the_middle_epochs(tmp_path, monkeypatch):
+    write_clusters(tmp_path, seed=1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_block("eswp-loop"), "README.md", "exec"), scope)
+    # epoch 0 is burn-in, epoch 3 the annealing tail: epochs 1 and 2 train on ceil(0.7 n) samples
+    kept = int(np.ceil(0.7 * 1024))
+    assert scope["selector"].step == 2 * (1024 // 128) + 2 * (kept // 128)
+    assert sorted(p.name for p in (tmp_path / "manifests").iterdir()) == [
+        "epoch=00001", "epoch=00002", "epoch=00003", "epoch=00004"]
+    t = pads.dataset(str(tmp_path / "manifests"), partitioning="hive").to_table()
+    keep, epoch = t.column("keep").to_numpy(zero_copy_only=False), t.column("epoch").to_numpy()
+    assert {e: int(keep[epoch == e].sum()) for e in (1, 2, 3, 4)} == {1: kept, 2: kept, 3: 1024, 4: 1024}
