@@ -66,3 +66,44 @@ def test_state_dict_is_a_snapshot(store):
 def test_bad_size():
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         ScoreStore(0)
+
+
+def test_memmap_buffer_reaches_the_file_sorted_and_gathers_see_it_before(tmp_path, monkeypatch):
+    monkeypatch.setattr("es_stream.store.CHUNK", 64)  # several ranges per pass
+    store = ScoreStore.open(tmp_path / "s.npy", 1000, buffer_size=50)
+    rng = np.random.default_rng(1)
+    truth = np.full(1000, 1e-3, np.float32)
+    for _ in range(30):  # 30 x 20 updates: the buffer fills and is applied several times
+        ids = rng.choice(1000, 20, replace=False)
+        values = rng.random(20).astype(np.float32) + 0.5
+        store.scatter(torch.from_numpy(ids), torch.from_numpy(values))
+        truth[ids] = values
+        q = rng.integers(0, 1000, 100)
+        assert store.gather(torch.from_numpy(q)).numpy().tolist() == truth[q].tolist()
+    assert len(store._buffer) < 50
+    store.flush()
+    assert np.load(tmp_path / "s.npy")[truth != np.float32(1e-3)].tolist() == \
+        truth[truth != np.float32(1e-3)].tolist()
+    assert store.to_numpy().tolist() == truth.tolist()
+
+
+def test_chunked_save_and_restore_between_backings(tmp_path, monkeypatch):
+    monkeypatch.setattr("es_stream.store.CHUNK", 128)
+    src = ScoreStore.open(tmp_path / "a.npy", 1000, buffer_size=10)
+    values = torch.rand(1000) + 0.1
+    src.scatter(torch.arange(1000), values)
+    src.save(tmp_path / "saved.npy")
+    for dst in (ScoreStore(1000), ScoreStore.open(tmp_path / "b.npy", 1000)):
+        dst.scatter(torch.tensor([5]), torch.tensor([9.0]))  # pending work is replaced too
+        dst.restore(tmp_path / "saved.npy")
+        assert torch.equal(dst.gather(torch.arange(1000)), values)
+    with pytest.raises(ValueError, match="saved.npy: holds float32 \\(1000,\\).*another corpus"):
+        ScoreStore(10).restore(tmp_path / "saved.npy")
+
+
+def test_truncated_memmap_file_is_refused_with_the_fix(tmp_path):
+    ScoreStore.open(tmp_path / "s.npy", 1000).flush()
+    with open(tmp_path / "s.npy", "rb+") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match="s.npy: 1000 bytes, expected 4128.*truncated"):
+        ScoreStore.open(tmp_path / "s.npy", 1000)
