@@ -5,8 +5,10 @@ meta-batch stream), :class:`MetaBatch`, and :func:`loader`.
 """
 
 from ._version import __version__
+from .checkpoint import Checkpointer
 from .corpus import Corpus, ShardInfo
 from .dataset import ESDataset, loader
+from .feedback import FeedbackChannel
 from .errors import ESStreamError, ManifestError, MissingExtraError, ShardError, StaleIndexError
 from .metabatch import MetaBatch
 from .plan import EpochPlan
@@ -17,8 +19,8 @@ from .selector import (ESSelector, LossSelector, SelectiveBackpropSelector, Sele
 from .store import ScoreStore
 
 __all__ = [
-    "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
-    "InfoBatchPolicy", "LossSelector", "ManifestError", "Pruner",
+    "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
+    "FeedbackChannel", "InfoBatchPolicy", "LossSelector", "ManifestError", "Pruner",
     "MetaBatch", "MissingExtraError", "ScoreStore", "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
     "__version__", "loader",

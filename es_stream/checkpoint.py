@@ -1,0 +1,194 @@
+"""`Checkpointer`: training state and score store saved together, so that a run killed at any
+moment (SIGKILL, OOM killer, preemption) resumes from the last complete checkpoint.
+
+Layout::
+
+    directory/step-SSSSSSSSSSSS/scores.npy   the score store (ScoreStore.save), if one is given
+    directory/step-SSSSSSSSSSSS/state.pt     torch.save of the state dict
+    directory/latest                         one line: the name of the committed step directory
+
+Why ``latest`` is the commit point: a checkpoint is two files (scores and state) written one
+after the other, and no file system replaces two files at once. Each file is written atomically
+(a temporary file, fsynced, renamed over the target), and only when both are complete — and the
+new directory's entry is durable — is ``latest`` atomically replaced to name the new step
+directory. Readers (:meth:`Checkpointer.latest`, :meth:`Checkpointer.load`) look only at what
+``latest`` names, so they see the previous checkpoint or the new one, never a mix.
+
+What survives a SIGKILL at any moment of :meth:`Checkpointer.save`: the checkpoint ``latest``
+named before the call, whole (its files are never written again). Before ``latest`` is replaced
+the new checkpoint does not exist for readers; after, it is whole. What a kill can leave behind —
+temporary files, a half-written ``step-*`` directory newer than ``latest``, a directory half-way
+through deletion (renamed to ``.trash-*`` first, so it never looks like a checkpoint) — is
+ignored by readers and removed by the next :meth:`Checkpointer.save`. (Power loss as well: every
+file and directory entry is fsynced before ``latest`` names it.)
+
+One writer per directory (rank 0 under ``torch.distributed``); steps must increase, so a
+committed checkpoint is never rewritten in place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._atomic import atomic_write
+from .store import ScoreStore
+
+LATEST = "latest"
+SCORES = "scores.npy"
+STATE = "state.pt"
+_STEP_DIR = re.compile(r"step-(\d{12})")
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:012d}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves ``(step, state, store)`` checkpoints under ``directory``, keeping the ``keep``
+    newest; see the module docstring for the layout and what survives a crash.
+
+    ``state`` is any ``torch.save``-able dict: e.g. ``{"model": model.state_dict(), "optim":
+    optim.state_dict(), "selector": selector.state_dict()}``. The score store is given
+    separately and saved beside it chunk by chunk, so a memory-mapped store of any size is
+    never copied into memory.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 2) -> None:
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
+        self.directory = os.fspath(directory)
+        self.keep = keep
+
+    # ------------------------------------------------------------- reading
+    def _committed(self) -> tuple[int, str] | None:
+        """(step, name) that ``latest`` names, None if there is no ``latest``."""
+        path = os.path.join(self.directory, LATEST)
+        try:
+            with open(path) as f:
+                name = f.read().strip()
+        except FileNotFoundError:
+            return None
+        m = _STEP_DIR.fullmatch(name)
+        if m is None:
+            raise ValueError(f"{path}: expected the name of a step directory "
+                             f"(step-<12 digits>), got {name[:80]!r}; the file was not written "
+                             "by Checkpointer — delete it to start over")
+        if not os.path.isdir(os.path.join(self.directory, name)):
+            raise FileNotFoundError(
+                f"{path}: names {name}, which does not exist in {self.directory}; the checkpoint "
+                f"directory was removed or moved — put {name} back, or delete {path} to start "
+                "training from scratch (older step-* directories, if any, can be named in it)")
+        return int(m.group(1)), name
+
+    def latest(self) -> str | None:
+        """The committed step directory, or None when there is no checkpoint yet."""
+        committed = self._committed()
+        return None if committed is None else os.path.join(self.directory, committed[1])
+
+    def load(self, store: ScoreStore | None = None, map_location: Any = "cpu",
+             weights_only: bool = False) -> tuple[int, dict] | None:
+        """Read the committed checkpoint: returns ``(step, state)``, None when there is none.
+
+        With ``store``, its scores are replaced by the checkpoint's (chunk by chunk). The state
+        is unpickled with ``weights_only=False`` by default (files this class wrote); pass
+        ``weights_only=True`` for checkpoints from elsewhere (tensors, primitives, dicts only).
+        """
+        committed = self._committed()
+        if committed is None:
+            return None
+        step, name = committed
+        step_dir = os.path.join(self.directory, name)
+        state_path = os.path.join(step_dir, STATE)
+        if not os.path.exists(state_path):
+            raise FileNotFoundError(f"{state_path}: missing from the committed checkpoint; the "
+                                    "directory was modified after it was saved")
+        state = torch.load(state_path, map_location=map_location, weights_only=weights_only)
+        if store is not None:
+            scores = os.path.join(step_dir, SCORES)
+            if not os.path.exists(scores):
+                raise FileNotFoundError(f"{scores}: this checkpoint holds no scores (saved "
+                                        "without a store); load it without store=")
+            saved = np.load(scores, mmap_mode="r")
+            if saved.shape != (store.num_samples,):
+                raise ValueError(f"{scores}: holds {saved.shape[0] if saved.ndim == 1 else saved.shape} "
+                                 f"scores, the store has {store.num_samples}: a checkpoint of "
+                                 "another corpus?")
+            del saved
+            store.restore(scores)
+        return step, state
+
+    # ------------------------------------------------------------- writing
+    def save(self, step: int, state: dict, store: ScoreStore | None = None) -> str:
+        """Write checkpoint ``step``, commit it by replacing ``latest``, then drop checkpoints
+        beyond the ``keep`` newest. Returns the new step directory."""
+        if not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        step = int(step)
+        os.makedirs(self.directory, exist_ok=True)
+        committed = self._committed()
+        if committed is not None and step <= committed[0]:
+            raise ValueError(f"step {step}: {os.path.join(self.directory, LATEST)} already "
+                             f"commits step {committed[0]}; steps must increase (a committed "
+                             "checkpoint is never rewritten) — use another directory to start over")
+        self._clean(committed[0] if committed is not None else None)
+        name = _step_name(step)
+        step_dir = os.path.join(self.directory, name)
+        os.makedirs(step_dir)
+        if store is not None:
+            store.save(os.path.join(step_dir, SCORES))
+        with atomic_write(os.path.join(step_dir, STATE)) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+        _fsync_dir(self.directory)  # the step directory's entry, before latest names it
+        with atomic_write(os.path.join(self.directory, LATEST)) as tmp:
+            with open(tmp, "w") as f:
+                f.write(name + "\n")
+        self._prune()
+        return step_dir
+
+    def _steps(self) -> list[tuple[int, str]]:
+        out = []
+        for entry in os.listdir(self.directory):
+            m = _STEP_DIR.fullmatch(entry)
+            if m is not None and os.path.isdir(os.path.join(self.directory, entry)):
+                out.append((int(m.group(1)), entry))
+        return sorted(out)
+
+    def _remove(self, name: str) -> None:
+        # renamed first, so a kill half-way through the deletion never leaves a partial step-*
+        trash = os.path.join(self.directory, f".trash-{name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(os.path.join(self.directory, name), trash)
+        shutil.rmtree(trash)
+
+    def _clean(self, committed: int | None) -> None:
+        """Remove what earlier interrupted saves left: step directories newer than the committed
+        one (never named by ``latest``), directories half-deleted, temporary files."""
+        for step, name in self._steps():
+            if committed is None or step > committed:
+                self._remove(name)
+        for entry in os.listdir(self.directory):
+            path = os.path.join(self.directory, entry)
+            if entry.startswith(".trash-step-"):
+                shutil.rmtree(path, ignore_errors=True)
+            elif entry.startswith(f".{LATEST}.") and entry.endswith(".tmp"):
+                os.unlink(path)
+
+    def _prune(self) -> None:
+        steps = self._steps()
+        for _, name in steps[:max(0, len(steps) - self.keep)]:
+            self._remove(name)

@@ -1,0 +1,135 @@
+"""Checkpointer: round trip with a selector and a memory-mapped store, keep-N pruning, leftovers
+of interrupted saves ignored then cleaned, and the errors. (Kills of real processes: test_crash.)"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from es_stream import Checkpointer, ESSelector, ScoreStore
+
+N, B, b = 64, 16, 4
+
+
+def train(selector: ESSelector, steps: int, seed: int) -> list[list[int]]:
+    """A few selection steps with deterministic ids and losses; returns what was selected."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _ in range(steps):
+        ids = torch.from_numpy(rng.permutation(N)[:B])
+        losses = torch.from_numpy(rng.random(B).astype(np.float32))
+        chosen.append(ids[selector.select(ids, losses)].tolist())
+    return chosen
+
+
+def test_round_trip_selector_and_memmap_store(tmp_path):
+    store = ScoreStore.open(tmp_path / "live.npy", N)
+    sel = ESSelector(N, b, store=store, seed=3)
+    train(sel, 5, seed=0)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    assert ckpt.latest() is None and ckpt.load() is None
+    path = ckpt.save(5, {"selector": sel.state_dict(), "epoch": 1}, store)
+    assert path == str(tmp_path / "ckpt" / "step-000000000005") == ckpt.latest()
+    assert sorted(os.listdir(path)) == ["scores.npy", "state.pt"]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step-000000000005\n"
+    saved_scores = store.to_numpy().copy()
+    expected_next = train(sel, 3, seed=1)  # the run goes on after the checkpoint
+    store.flush()  # (updates wait in the store's write buffer until a flush)
+
+    # a fresh process: the live file has moved on, the checkpoint restores step 5 exactly
+    store2 = ScoreStore.open(tmp_path / "live.npy", N)
+    assert not np.array_equal(store2.to_numpy(), saved_scores)
+    sel2 = ESSelector(N, b, store=store2, seed=99)
+    step, state = Checkpointer(tmp_path / "ckpt").load(store2)
+    assert step == 5 and state["epoch"] == 1
+    np.testing.assert_array_equal(store2.to_numpy(), saved_scores)
+    sel2.load_state_dict(state["selector"])
+    assert sel2.step == 5
+    assert train(sel2, 3, seed=1) == expected_next
+    np.testing.assert_array_equal(store2.to_numpy(), store.to_numpy())
+
+
+def test_in_memory_store_and_no_store(tmp_path):
+    store = ScoreStore(N)
+    store.scatter(torch.arange(N), torch.linspace(0.5, 2.0, N))
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(0, {"x": torch.arange(3)}, store)
+    other = ScoreStore(N)
+    step, state = ckpt.load(other, weights_only=True)
+    assert step == 0 and torch.equal(state["x"], torch.arange(3))
+    np.testing.assert_array_equal(other.to_numpy(), store.to_numpy())
+    ckpt.save(1, {"x": 1})  # no store: no scores.npy
+    assert os.listdir(ckpt.latest()) == ["state.pt"]
+    assert ckpt.load() == (1, {"x": 1})
+
+
+def test_keep_two_newest(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    for step in (10, 20, 30, 40):
+        ckpt.save(step, {"step": step})
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-000000000030", "step-000000000040"]
+    assert ckpt.load() == (40, {"step": 40})
+    one = Checkpointer(tmp_path / "one", keep=1)
+    one.save(1, {})
+    one.save(2, {})
+    assert sorted(os.listdir(tmp_path / "one")) == ["latest", "step-000000000002"]
+    with pytest.raises(ValueError, match="keep must be an integer >= 1"):
+        Checkpointer(tmp_path, keep=0)
+
+
+def test_leftovers_ignored_then_cleaned(tmp_path):
+    store = ScoreStore(N)
+    store.scatter(torch.arange(N), torch.full((N,), 0.25))
+    ckpt = Checkpointer(tmp_path, keep=2)
+    ckpt.save(1, {"step": 1}, store)
+    ckpt.save(2, {"step": 2}, store)
+    # what kills at various moments leave behind
+    half = tmp_path / "step-000000000003"  # newer than latest: never committed
+    half.mkdir()
+    (half / "scores.npy").write_bytes(b"\x93NUMPY garbage")
+    (half / ".state.pt.abc.tmp").write_bytes(b"half")
+    (tmp_path / ".latest.xyz.tmp").write_text("step-000000000003\n")
+    trash = tmp_path / ".trash-step-000000000000"
+    trash.mkdir()
+    (trash / "state.pt").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("mine")  # not ours: left alone
+    # readers see the committed checkpoint only
+    assert ckpt.latest() == str(tmp_path / "step-000000000002")
+    other = ScoreStore(N)
+    assert ckpt.load(other) == (2, {"step": 2})
+    np.testing.assert_array_equal(other.to_numpy(), store.to_numpy())
+    # the next save (here: step 3 again, as a resumed run would) cleans up
+    ckpt.save(3, {"step": 3}, store)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "notes.txt", "step-000000000002",
+                                            "step-000000000003"]
+    assert sorted(os.listdir(tmp_path / "step-000000000003")) == ["scores.npy", "state.pt"]
+    assert ckpt.load(other) == (3, {"step": 3})
+
+
+def test_errors_name_the_file(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(7, {"a": 1})
+    latest = str(tmp_path / "latest")
+    with pytest.raises(ValueError, match="steps must increase"):
+        ckpt.save(7, {"a": 2})
+    # the checkpoint has no scores, or scores of another size
+    with pytest.raises(FileNotFoundError, match=r"step-000000000007/scores.npy: this checkpoint "
+                                                r"holds no scores"):
+        ckpt.load(ScoreStore(N))
+    ckpt.save(8, {}, ScoreStore(N))
+    with pytest.raises(ValueError, match=r"scores.npy: holds 64 scores, the store has 65"):
+        ckpt.load(ScoreStore(N + 1))
+    # latest names a directory that is gone: readers and writers refuse, saying what to do
+    os.rename(tmp_path / "step-000000000008", tmp_path / "moved")
+    for call in (ckpt.latest, ckpt.load, lambda: ckpt.save(9, {})):
+        with pytest.raises(FileNotFoundError, match=rf"{latest}: names step-000000000008, which "
+                                                    r"does not exist.*delete .*latest to start"):
+            call()
+    (tmp_path / "latest").write_text("../elsewhere\n")
+    with pytest.raises(ValueError, match=rf"{latest}: expected the name of a step directory"):
+        ckpt.load()
+    with pytest.raises(ValueError, match="step must be a non-negative integer"):
+        ckpt.save(-1, {})
