@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .feedback import FeedbackChannel
 from .store import ScoreStore
 
 
@@ -166,6 +167,16 @@ class ESSelector(Selector):
         num_samples: n, corpus size (ids are in [0, n)).
         batch_size: b.
         store: a :class:`ScoreStore` to use (default: a new one on ``device``, CPU if None).
+        feedback: how a host store meets losses on another device. ``"auto"`` (default): through
+            a :class:`FeedbackChannel` (pinned staging, non-blocking copies, commits on CUDA
+            events) when the losses' device differs from the store's, directly otherwise;
+            ``"sync"``: always directly (blocking copies); ``"async"``: always through a channel
+            (also on CPU, where it gives the same results as ``"sync"``).
+        max_pending: uncommitted updates a channel may hold (see :class:`FeedbackChannel`).
+
+    A store that fits on the GPU is best kept there (``device="cuda"``): no host traffic at all.
+    For a host store (e.g. memory-mapped, 1e9 samples) call :meth:`prefetch` with the ids as
+    soon as the loader yields a meta-batch, so its scores travel while the forward runs.
 
     ``select`` makes no host-device synchronisation when losses and store are on the GPU: ids
     are range-checked on the CPU, where the loader delivers them; non-finite losses on CUDA
@@ -177,7 +188,8 @@ class ESSelector(Selector):
                  burn_in: float = 0.0, anneal: float = 0.0, total_steps: int | None = None,
                  floor: float = 1e-8, uniform_mix: float = 0.0, reweight: bool = False,
                  seed: int = 0, store: ScoreStore | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, feedback: str = "auto",
+                 max_pending: int = 16) -> None:
         super().__init__(batch_size, seed)
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= beta <= 1.0:
@@ -192,6 +204,8 @@ class ESSelector(Selector):
                              f"got {total_steps!r}")
         if not floor > 0:
             raise ValueError(f"floor must be > 0, got {floor}")
+        if feedback not in ("auto", "sync", "async"):
+            raise ValueError(f"feedback must be 'auto', 'sync' or 'async', got {feedback!r}")
         if store is not None and store.num_samples != num_samples:
             raise ValueError(f"store holds {store.num_samples} scores but num_samples={num_samples}")
         self.num_samples = num_samples
@@ -199,7 +213,34 @@ class ESSelector(Selector):
         self.burn_in, self.anneal, self.total_steps = burn_in, anneal, total_steps
         self.floor, self.uniform_mix, self.reweight = floor, uniform_mix, reweight
         self.store = store if store is not None else ScoreStore(num_samples, device=device)
+        self.feedback, self.max_pending = feedback, max_pending
+        self._channels: dict[torch.device, FeedbackChannel] = {}
         self._nonfinite: torch.Tensor | None = None
+
+    def channel(self, device: torch.device | str) -> FeedbackChannel | None:
+        """The feedback channel that serves losses on ``device`` (None: direct access)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        direct = self.feedback == "sync" or (
+            self.feedback == "auto" and device == self.store.device) or self.store.device.type != "cpu"
+        if direct:
+            return None
+        if device not in self._channels:
+            self._channels[device] = FeedbackChannel(self.store, device, self.max_pending)
+        return self._channels[device]
+
+    def prefetch(self, ids: torch.Tensor, device: torch.device | str) -> None:
+        """Start moving the scores of the next meta-batch's (host) ``ids`` to ``device``, where
+        its losses will be; a no-op when no channel is needed."""
+        channel = self.channel(device)
+        if channel is not None:
+            channel.prefetch(torch.as_tensor(ids))
+
+    def flush(self) -> None:
+        """Commit every in-flight score update to the store (waits for the device)."""
+        for channel in self._channels.values():
+            channel.flush()
 
     def is_uniform_step(self, step: int | None = None) -> bool:
         """Whether ``step`` (default: the next one) falls in burn-in or annealing."""
@@ -215,9 +256,17 @@ class ESSelector(Selector):
         if ids.device.type == "cpu" and ids.numel() != torch.unique(ids).numel():
             raise ValueError("ids: a meta-batch repeats a sample id; each id may appear once")
         l = losses.detach().float()
-        s = self.store.gather(ids, checked=True).to(l.device, non_blocking=True)
+        channel = self.channel(l.device)
+        if channel is None:
+            s = self.store.gather(ids, checked=True).to(l.device, non_blocking=True)
+        else:
+            s = channel.fetch(ids)
         w = self.beta1 * s + (1.0 - self.beta1) * l
-        self.store.scatter(ids, self.beta2 * s + (1.0 - self.beta2) * l, checked=True)
+        new_scores = self.beta2 * s + (1.0 - self.beta2) * l
+        if channel is None:
+            self.store.scatter(ids, new_scores, checked=True)
+        else:
+            channel.commit(ids, new_scores)
         if l.device.type != "cpu":  # remember, without syncing, whether any loss was bad
             bad = (~torch.isfinite(l)).any()
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
@@ -249,11 +298,20 @@ class ESSelector(Selector):
                 raise ValueError("losses: a non-finite loss reached ESSelector.select on the GPU "
                                  "since the last check; fix the loss (NaN usually means divergence)")
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, with_store: bool = True) -> dict[str, Any]:
+        """Step, generators and (``with_store``) a copy of the scores. For a large store pass
+        ``with_store=False`` and save the store beside the checkpoint
+        (:class:`es_stream.Checkpointer` does both)."""
+        self.flush()
         state = super().state_dict()
-        state["store"] = self.store.state_dict()
+        if with_store:
+            state["store"] = self.store.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore step and generators, and the scores when the state holds them."""
         super().load_state_dict(state)
-        self.store.load_state_dict(state["store"])
+        for channel in self._channels.values():
+            channel.flush()
+        if "store" in state:
+            self.store.load_state_dict(state["store"])
