@@ -8,7 +8,6 @@ from ._version import __version__
 from .checkpoint import Checkpointer
 from .corpus import Corpus, ShardInfo
 from .dataset import ESDataset, loader
-from .feedback import FeedbackChannel
 from .errors import ESStreamError, ManifestError, MissingExtraError, ShardError, StaleIndexError
 from .metabatch import MetaBatch
 from .plan import EpochPlan
@@ -20,7 +19,7 @@ from .store import ScoreStore
 
 __all__ = [
     "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
-    "FeedbackChannel", "InfoBatchPolicy", "LossSelector", "ManifestError", "Pruner",
+    "InfoBatchPolicy", "LossSelector", "ManifestError", "Pruner",
     "MetaBatch", "MissingExtraError", "ScoreStore", "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
     "__version__", "loader",
