@@ -8,6 +8,7 @@ from ._version import __version__
 from .checkpoint import Checkpointer
 from .corpus import Corpus, ShardInfo
 from .dataset import ESDataset, loader
+from .feedback import FeedbackChannel
 from .errors import ESStreamError, ManifestError, MissingExtraError, ShardError, StaleIndexError
 from .metabatch import MetaBatch
 from .plan import EpochPlan
@@ -19,7 +20,7 @@ from .store import ScoreStore
 
 __all__ = [
     "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
-    "InfoBatchPolicy", "LossSelector", "ManifestError", "Pruner",
+    "FeedbackChannel", "InfoBatchPolicy", "LossSelector", "ManifestError", "Pruner",
     "MetaBatch", "MissingExtraError", "ScoreStore", "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
     "__version__", "loader",
