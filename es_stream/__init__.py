@@ -8,6 +8,7 @@ from ._version import __version__
 from .checkpoint import Checkpointer
 from .corpus import Corpus, ShardInfo
 from .dataset import ESDataset, loader
+from .distributed import merge_rank_scores
 from .feedback import FeedbackChannel
 from .errors import ESStreamError, ManifestError, MissingExtraError, ShardError, StaleIndexError
 from .metabatch import MetaBatch
@@ -23,5 +24,5 @@ __all__ = [
     "FeedbackChannel", "InfoBatchPolicy", "LossSelector", "ManifestError", "Pruner",
     "MetaBatch", "MissingExtraError", "ScoreStore", "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
-    "__version__", "loader",
+    "__version__", "loader", "merge_rank_scores",
 ]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from ._version import __version__
 from .corpus import Corpus
-from .manifest import clear_success, mark_success, shard_file, write_shard
+from .distributed import merge_rank_scores
+from .manifest import clear_success, mark_success, read_epoch, shard_file, write_shard
 from .policy import CHUNK, Policy
 from .store import ScoreStore
 
@@ -18,9 +18,10 @@ from .store import ScoreStore
 class Pruner:
     """Writes ``policy``'s decision for epoch ``e + 1`` when epoch ``e`` ends.
 
-    Under ``torch.distributed`` only rank 0 writes, and every rank waits at a barrier until the
-    manifests are complete, so all ranks read the same decision. (The ranks' scores must agree
-    first; merging them is the trainer's job until the multi-rank store lands.)
+    Under ``torch.distributed`` every rank calls :meth:`on_epoch_end`: the ranks first merge
+    the scores each updated this epoch (:func:`es_stream.merge_rank_scores`), so all hold the
+    same store; then rank 0 alone decides and writes, and every rank waits at a barrier until
+    the manifests are complete, so all ranks read the same decision.
 
     Args:
         corpus: the corpus the scores index.
@@ -28,7 +29,8 @@ class Pruner:
         policy: an :class:`ESWPPolicy` or :class:`InfoBatchPolicy`.
         out_dir: the manifest directory (``ESDataset(..., manifests=out_dir)`` reads it).
         decay: optional pull of pruned samples' scores toward the corpus mean score
-            (``s <- (1 - decay) s + decay * mean``); 0 (default) leaves them as they were.
+            (``s <- (1 - decay) s + decay * mean``, applied once the manifests are written, the
+            manifests recording the scores before it); 0 (default) leaves them as they were.
     """
 
     def __init__(self, corpus: Corpus, store: ScoreStore, policy: Policy,
@@ -45,13 +47,36 @@ class Pruner:
     def on_epoch_end(self, epoch: int, total_epochs: int) -> str:
         """Write the manifests for epoch ``epoch + 1``; returns their directory."""
         target = epoch + 1
-        if dist.is_available() and dist.is_initialized():
-            if dist.get_rank() == 0:
-                self.write(target, total_epochs)
-            dist.barrier()
-        else:
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            merge_rank_scores(self.store)
+        mean = self._mean() if self.decay > 0 else 0.0  # of the scores the decision sees
+        if not distributed or dist.get_rank() == 0:
             self.write(target, total_epochs)
+        if distributed:
+            dist.barrier()
+        if self.decay > 0:  # every rank, from the written decision, so stores stay equal
+            self._decay_pruned(target, mean)
         return os.path.join(self.out_dir, f"epoch={target:05d}")
+
+    def _mean(self) -> float:
+        n, read = self.store.num_samples, self.store.read_range
+        return sum(float(read(a, min(a + CHUNK, n)).astype(np.float64).sum())
+                   for a in range(0, n, CHUNK)) / n
+
+    def _decay_pruned(self, epoch: int, mean: float) -> None:
+        keep = read_epoch(self.out_dir, epoch, self.corpus.fingerprint, self.corpus.shard_counts)
+        if keep is None:
+            return
+        n, kept = self.store.num_samples, keep.kept_ids
+        for a in range(0, n, CHUNK):
+            b = min(a + CHUNK, n)
+            pruned = np.ones(b - a, dtype=bool)
+            pruned[kept[np.searchsorted(kept, a):np.searchsorted(kept, b)] - a] = False
+            if pruned.any():
+                values = self.store.read_range(a, b)
+                values[pruned] = (1 - self.decay) * values[pruned] + self.decay * mean
+                self.store.write_range(a, values)
 
     def write(self, epoch: int, total_epochs: int) -> None:
         """Decide epoch ``epoch`` from the current scores and write its manifests.
@@ -59,14 +84,9 @@ class Pruner:
         Works chunk by chunk (see :mod:`es_stream.policy`): a shard's file is written as soon as
         the chunks covering it are decided, so memory stays bounded for any corpus size.
         """
-        store, n = self.store, self.store.num_samples
-        read = store.read_range
+        n, read = self.store.num_samples, self.store.read_range
         meta = {"corpus_fingerprint": self.corpus.fingerprint, "epoch": str(epoch),
                 "es_stream_version": __version__, **self.policy.describe()}
-        mean = None
-        if self.decay > 0:
-            mean = sum(float(read(a, min(a + CHUNK, n)).astype(np.float64).sum())
-                       for a in range(0, n, CHUNK)) / n
         clear_success(self.out_dir, epoch)
         starts = self.corpus.shard_starts
         shard, buf_start = 0, 0
@@ -82,9 +102,6 @@ class Pruner:
                 write_shard(shard_file(self.out_dir, epoch, shard), a, keep, scores,
                             buf_weight[a - buf_start:b - buf_start],
                             {**meta, "shard": self.corpus.shards[shard].name})
-                if mean is not None and not keep.all():
-                    ids = torch.from_numpy(a + np.flatnonzero(~keep))
-                    store.scatter(ids, (1 - self.decay) * store.gather(ids) + self.decay * mean)
                 shard += 1
             done = int(starts[shard]) - buf_start
             buf_keep, buf_weight, buf_start = buf_keep[done:], buf_weight[done:], buf_start + done

@@ -211,8 +211,9 @@ class ScoreStore:
                 self._file.release(start, stop)
 
     # ------------------------------------------------------- whole-store access
-    def _sync(self) -> None:
-        """Commit in-flight updates (feedback channels, then the write buffer)."""
+    def sync(self) -> None:
+        """Commit in-flight updates (feedback channels, then the write buffer) without forcing
+        them to disk (:meth:`flush` does that too)."""
         for writer in self._writers:
             writer.flush()
         if self._buffer is not None and len(self._buffer):
@@ -220,7 +221,7 @@ class ScoreStore:
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """Scores of ids ``start .. stop-1`` as float32 numpy (for whole-store passes in chunks)."""
-        self._sync()
+        self.sync()
         if self.scores is not None:
             return self.scores[start:stop].detach().cpu().numpy()
         values = _decode(self._file.array[start:stop], self.initial)
@@ -229,7 +230,7 @@ class ScoreStore:
 
     def write_range(self, start: int, values: np.ndarray) -> None:
         """Set the scores of ids ``start .. start+len(values)-1`` (whole-store passes)."""
-        self._sync()
+        self.sync()
         stop = start + len(values)
         if self.scores is not None:
             self.scores[start:stop] = torch.from_numpy(np.ascontiguousarray(values, np.float32)).to(
@@ -245,7 +246,7 @@ class ScoreStore:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write all scores as a float32 ``.npy`` file, atomically, a chunk at a time."""
-        self._sync()
+        self.sync()
         with atomic_write(path) as tmp:
             with open(tmp, "wb") as f:
                 np.lib.format.write_array_header_1_0(
@@ -262,13 +263,13 @@ class ScoreStore:
         if saved.dtype != np.float32 or saved.shape != (self.num_samples,):
             raise ValueError(f"{path}: holds {saved.dtype} {saved.shape}, expected float32 "
                              f"({self.num_samples},): scores of another corpus")
-        self._sync()
+        self.sync()
         for a in range(0, self.num_samples, CHUNK):
             self.write_range(a, _decode(saved[a:a + CHUNK], self.initial))
 
     def flush(self) -> None:
         """Commit in-flight updates; make a memory-mapped store's writes durable."""
-        self._sync()
+        self.sync()
         if self._file is not None:
             self._file.flush()
 
@@ -300,7 +301,7 @@ class ScoreStore:
             raise ValueError(f"state is for {state['num_samples']} samples, this store has "
                              f"{self.num_samples}")
         scores = state["scores"].to(torch.float32).numpy()
-        self._sync()
+        self.sync()
         if self._buffer is not None:
             self._buffer.drain()
         for a in range(0, self.num_samples, CHUNK):

@@ -73,3 +73,47 @@ def test_two_ranks_pruned_epoch_kept_exactly_once(wds_dir, tmp_path):
     per_rank = [r["epochs"][1] for r in records]
     assert len(per_rank[0]) == len(per_rank[1])
     assert sorted(i for batches in per_rank for b in batches for i in b) == kept
+
+
+@pytest.mark.parametrize("backing", ["memory", "memmap"])
+def test_two_ranks_eswp_stores_agree_and_kept_samples_train_once(wds_dir, tmp_path, backing):
+    """2 gloo ranks x 2 DataLoader workers x 3 epochs of ESWP: after every epoch end both ranks
+    hold identical scores (equal to a serial replay of the ES rule), each epoch trains every kept
+    sample exactly once across ranks, and only rank 0 writes the manifests."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from _dist_eswp import losses_of
+
+    from es_stream import ESDataset
+
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    corpus.save(tmp_path / "corpus.parquet")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    extra = ["--memmap"] if backing == "memmap" else []
+    procs = [subprocess.Popen([sys.executable, str(HERE / "_dist_eswp.py"),
+                               str(tmp_path / "corpus.parquet"), "6", "3", "2", "3", str(tmp_path)]
+                              + extra, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=240) == 0, "a rank failed or hung"
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["writes"] for r in records] == [3, 0]  # decisions made and written by rank 0 only
+
+    n = corpus.num_samples
+    reference = torch.full((n,), 1.0 / n, dtype=torch.float32)
+    reader = ESDataset(corpus, 6, manifests=tmp_path / "manifests")
+    for epoch in range(3):
+        keep = reader.epoch_keep(epoch)
+        kept = np.arange(n) if keep is None else keep.kept_ids
+        if epoch > 0:
+            assert len(kept) == int(np.ceil(0.6 * n))  # pruned at ratio 0.4
+        trained = records[0]["trained"][epoch] + records[1]["trained"][epoch]
+        assert sorted(trained) == kept.tolist()  # every kept sample once, none pruned
+        ids = torch.from_numpy(kept)
+        reference[ids] = 0.8 * reference[ids] + (1.0 - 0.8) * losses_of(ids, epoch)
+        stores = [np.load(tmp_path / f"rank{r}-epoch{epoch}.npy") for r in range(2)]
+        assert stores[0].tobytes() == stores[1].tobytes(), f"ranks disagree after epoch {epoch}"
+        assert stores[0].tobytes() == reference.numpy().tobytes()

@@ -168,3 +168,25 @@ def test_store_of_another_corpus_is_refused(pruned, tmp_path):
     corpus, out = pruned
     with pytest.raises(ValueError, match="store holds 3 scores, corpus has 50"):
         Pruner(corpus, ScoreStore(3), ESWPPolicy(), out)
+
+
+@pytest.mark.parametrize("backing", ["memory", "memmap"])
+def test_decay_pulls_only_pruned_scores_toward_the_mean(wds_dir, tmp_path, backing, monkeypatch):
+    monkeypatch.setattr("es_stream.pruner.CHUNK", 16)  # several chunks over 50 samples
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    store = scored_store(corpus, seed=4)
+    if backing == "memmap":
+        mapped = ScoreStore.open(tmp_path / "s.npy", corpus.num_samples)
+        mapped.write_range(0, store.to_numpy())
+        store = mapped
+    before = store.to_numpy().astype(np.float64)
+    Pruner(corpus, store, ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0), tmp_path / "m",
+           decay=0.25).on_epoch_end(0, 4)
+    kept = ESDataset(corpus, 4, manifests=tmp_path / "m").epoch_keep(1).kept_ids
+    pruned = np.setdiff1d(np.arange(corpus.num_samples), kept)
+    after = store.to_numpy()
+    np.testing.assert_array_equal(after[kept], before[kept].astype(np.float32))
+    np.testing.assert_allclose(after[pruned], 0.75 * before[pruned] + 0.25 * before.mean(), rtol=1e-6)
+    # the manifests record the scores the decision saw, before the decay
+    table = pads.dataset(str(tmp_path / "m"), partitioning="hive").to_table()
+    np.testing.assert_array_equal(np.sort(table["score"].to_numpy()), np.sort(before.astype(np.float32)))
