@@ -62,9 +62,9 @@ class Checkpointer:
     newest; see the module docstring for the layout and what survives a crash.
 
     ``state`` is any ``torch.save``-able dict: e.g. ``{"model": model.state_dict(), "optim":
-    optim.state_dict(), "selector": selector.state_dict()}``. The score store is given
-    separately and saved beside it chunk by chunk, so a memory-mapped store of any size is
-    never copied into memory.
+    optim.state_dict(), "selector": selector.state_dict(with_store=False)}``. The score store
+    is given separately and saved beside it chunk by chunk, so a memory-mapped store of any size
+    is never copied into memory; :meth:`load` restores it the same way.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2) -> None:
@@ -122,12 +122,11 @@ class Checkpointer:
             if not os.path.exists(scores):
                 raise FileNotFoundError(f"{scores}: this checkpoint holds no scores (saved "
                                         "without a store); load it without store=")
-            saved = np.load(scores, mmap_mode="r")
-            if saved.shape != (store.num_samples,):
-                raise ValueError(f"{scores}: holds {saved.shape[0] if saved.ndim == 1 else saved.shape} "
-                                 f"scores, the store has {store.num_samples}: a checkpoint of "
-                                 "another corpus?")
-            del saved
+            shape = np.load(scores, mmap_mode="r").shape
+            if shape != (store.num_samples,):
+                held = shape[0] if len(shape) == 1 else shape
+                raise ValueError(f"{scores}: holds {held} scores, the store has "
+                                 f"{store.num_samples}: a checkpoint of another corpus?")
             store.restore(scores)
         return step, state
 
@@ -143,7 +142,8 @@ class Checkpointer:
         if committed is not None and step <= committed[0]:
             raise ValueError(f"step {step}: {os.path.join(self.directory, LATEST)} already "
                              f"commits step {committed[0]}; steps must increase (a committed "
-                             "checkpoint is never rewritten) — use another directory to start over")
+                             "checkpoint is never rewritten) — use another directory to start "
+                             "over")
         self._clean(committed[0] if committed is not None else None)
         name = _step_name(step)
         step_dir = os.path.join(self.directory, name)
