@@ -68,11 +68,17 @@ def mark_success(out_dir: str | os.PathLike, epoch: int) -> None:
 
 
 def clear_success(out_dir: str | os.PathLike, epoch: int) -> None:
-    """Un-publish an epoch before rewriting it, so readers never mix old and new files."""
+    """Un-publish an epoch before rewriting it, so readers never mix old and new files; also
+    remove temporary files a killed writer left there (``.<name>.<random>.tmp``)."""
+    directory = epoch_dir(out_dir, epoch)
     try:
-        os.unlink(os.path.join(epoch_dir(out_dir, epoch), SUCCESS))
+        os.unlink(os.path.join(directory, SUCCESS))
     except FileNotFoundError:
         pass
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(directory, name))
 
 
 @dataclass
