@@ -190,3 +190,13 @@ def test_decay_pulls_only_pruned_scores_toward_the_mean(wds_dir, tmp_path, backi
     # the manifests record the scores the decision saw, before the decay
     table = pads.dataset(str(tmp_path / "m"), partitioning="hive").to_table()
     np.testing.assert_array_equal(np.sort(table["score"].to_numpy()), np.sort(before.astype(np.float32)))
+
+
+def test_rewriting_removes_a_killed_writers_temporary_files(pruned):
+    corpus, out = pruned
+    leftover = out / "epoch=00001" / ".shard=00002.parquet.x1y2.tmp"
+    leftover.write_bytes(b"half a parquet file")
+    Pruner(corpus, ScoreStore(corpus.num_samples), ESWPPolicy(ratio=0.2, burn_in_epochs=0, anneal=0.0),
+           out).on_epoch_end(0, 4)
+    assert not leftover.exists()
+    assert (out / "epoch=00001" / "_SUCCESS").exists()
