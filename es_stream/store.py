@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from typing import Any, Protocol
 
 import numpy as np
@@ -88,8 +89,10 @@ class ScoreStore:
     * memory-mapped, ``ScoreStore.open(path, n)``: a ``.npy`` file created sparse, for corpora
       whose scores do not fit in memory (1e9 samples: a 4 GB file). Updates go to an in-memory
       :class:`~es_stream.writebuffer.WriteBuffer` of ``buffer_size`` entries (12 bytes each)
-      and reach the file sorted, in one pass, when it fills or at :meth:`flush`; gathers see
-      them at once. After each pass the process's mapping of the file is released
+      and reach the file sorted, in one pass, when it fills, at :meth:`sync`/:meth:`flush`,
+      or when the store is closed or the interpreter exits; gathers see them at once. (The
+      live file is working state: a killed process loses the buffered updates, so resume from
+      a checkpoint's copy, :class:`es_stream.Checkpointer`.) After each pass the process's mapping of the file is released
       (``MADV_DONTNEED``), so its resident set stays bounded (see ``tools/bench_store.py``).
 
     Ids must be unique within one :meth:`scatter` call (a meta-batch never repeats an id).
@@ -119,6 +122,9 @@ class ScoreStore:
         else:
             self._file = _MappedScores(_path, self.num_samples)
             self._buffer = WriteBuffer(buffer_size)
+            # buffered updates reach the file when the store is collected or the interpreter
+            # exits normally; a killed process loses them (checkpoints are the durable state)
+            weakref.finalize(self, _apply_buffer, self._file, self._buffer, self.num_samples)
 
     @classmethod
     def open(cls, path: str | os.PathLike, num_samples: int, buffer_size: int = 1 << 23) -> "ScoreStore":
@@ -199,16 +205,7 @@ class ScoreStore:
             self._apply_buffer()
 
     def _apply_buffer(self) -> None:
-        """Write the buffered updates to the file in id order, a range at a time, releasing each
-        range's pages once written."""
-        ids, values = self._buffer.drain()
-        array = self._file.array
-        for start in range(0, self.num_samples, CHUNK * 4):
-            stop = min(start + CHUNK * 4, self.num_samples)
-            lo, hi = np.searchsorted(ids, [start, stop])
-            if hi > lo:
-                array[ids[lo:hi]] = values[lo:hi]
-                self._file.release(start, stop)
+        _apply_buffer(self._file, self._buffer, self.num_samples)
 
     # ------------------------------------------------------- whole-store access
     def sync(self) -> None:
@@ -306,6 +303,21 @@ class ScoreStore:
             self._buffer.drain()
         for a in range(0, self.num_samples, CHUNK):
             self.write_range(a, scores[a:a + CHUNK])
+
+
+def _apply_buffer(file: _MappedScores, buffer: WriteBuffer, num_samples: int) -> None:
+    """Write the buffered updates to the file in id order, a range at a time, releasing each
+    range's pages once written. (A function, not a method, so a finaliser can call it without
+    keeping the store alive.)"""
+    if not len(buffer):
+        return
+    ids, values = buffer.drain()
+    for start in range(0, num_samples, CHUNK * 4):
+        stop = min(start + CHUNK * 4, num_samples)
+        lo, hi = np.searchsorted(ids, [start, stop])
+        if hi > lo:
+            file.array[ids[lo:hi]] = values[lo:hi]
+            file.release(start, stop)
 
 
 def _decode(values: np.ndarray, initial: float) -> np.ndarray:

@@ -107,3 +107,15 @@ def test_truncated_memmap_file_is_refused_with_the_fix(tmp_path):
         f.truncate(1000)
     with pytest.raises(ValueError, match="s.npy: 1000 bytes, expected 4128.*truncated"):
         ScoreStore.open(tmp_path / "s.npy", 1000)
+
+
+def test_buffered_updates_reach_the_file_when_the_process_exits(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import torch; from es_stream import ScoreStore; "
+              f"s = ScoreStore.open({str(tmp_path / 's.npy')!r}, 100); "
+              "s.scatter(torch.tensor([7, 3]), torch.tensor([0.5, 0.25]))")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    saved = np.load(tmp_path / "s.npy")
+    assert saved[[7, 3]].tolist() == [0.5, 0.25]
