@@ -299,19 +299,23 @@ class ESSelector(Selector):
                                  "since the last check; fix the loss (NaN usually means divergence)")
 
     def state_dict(self, with_store: bool = True) -> dict[str, Any]:
-        """Step, generators and (``with_store``) a copy of the scores. For a large store pass
-        ``with_store=False`` and save the store beside the checkpoint
-        (:class:`es_stream.Checkpointer` does both)."""
+        """Step, generators, the ids updated since the last rank merge and (``with_store``) a
+        copy of the scores. For a large store pass ``with_store=False`` and save the store
+        beside the checkpoint (:class:`es_stream.Checkpointer` does both)."""
         self.flush()
         state = super().state_dict()
+        state["updated_ids"] = self.store.update_log_state()
         if with_store:
             state["store"] = self.store.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore step and generators, and the scores when the state holds them."""
+        """Restore step and generators, the update log, and the scores when the state holds
+        them."""
         super().load_state_dict(state)
         for channel in self._channels.values():
             channel.flush()
         if "store" in state:
             self.store.load_state_dict(state["store"])
+        if "updated_ids" in state:
+            self.store.load_update_log_state(state["updated_ids"])

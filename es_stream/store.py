@@ -278,6 +278,19 @@ class ScoreStore:
             self._update_log = []
         self._update_log.append(ids.clone())
 
+    def update_log_state(self) -> torch.Tensor | None:
+        """The ids updated since the last merge (None when not logging), for checkpoints: a run
+        resumed mid-epoch must still share what it updated before the checkpoint."""
+        if self._update_log is None:
+            return None
+        ids = torch.from_numpy(self.take_update_log())
+        self._update_log = [ids]
+        return ids.clone()
+
+    def load_update_log_state(self, ids: torch.Tensor | None) -> None:
+        """Replace the update log by a checkpoint's (see :meth:`update_log_state`)."""
+        self._update_log = None if ids is None else [torch.as_tensor(ids, dtype=torch.int64)]
+
     def take_update_log(self) -> np.ndarray:
         """Sorted unique ids updated since the last call (logged under multi-rank training)."""
         log = self._update_log or []
