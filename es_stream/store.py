@@ -325,8 +325,8 @@ def _apply_buffer(file: _MappedScores, buffer: WriteBuffer, num_samples: int) ->
     if not len(buffer):
         return
     ids, values = buffer.drain()
-    for start in range(0, num_samples, CHUNK * 4):
-        stop = min(start + CHUNK * 4, num_samples)
+    for start in range(0, num_samples, CHUNK):
+        stop = min(start + CHUNK, num_samples)
         lo, hi = np.searchsorted(ids, [start, stop])
         if hi > lo:
             file.array[ids[lo:hi]] = values[lo:hi]

@@ -8,6 +8,8 @@ keeps the file's dirty pages in step with the buffer's size.
 The buffer is a small log-structured merge: each :meth:`add` becomes a sorted segment, and
 neighbouring segments of similar size are merged, so there are O(log capacity) segments and a
 lookup is one ``searchsorted`` per segment. Newer values win over older ones for the same id.
+A one-hash Bloom filter of 8 bits per entry of capacity (``id mod m``) sends only the ids that
+may be buffered (at most ~12% of the others when full) to those lookups.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class WriteBuffer:
         self.capacity = capacity
         self.segments: list[tuple[np.ndarray, np.ndarray]] = []
         self.size = 0  # entries held (an id updated twice may count twice until merged)
+        self._mask = (1 << max(6, (8 * capacity - 1).bit_length())) - 1  # filter bits - 1
+        self._filter = np.zeros((self._mask + 1) // 8, dtype=np.uint8)
 
     def __len__(self) -> int:
         return self.size
@@ -54,6 +58,8 @@ class WriteBuffer:
         segment = (np.asarray(ids, dtype=np.int64)[order], np.asarray(values, np.float32)[order])
         self.segments.append(segment)
         self.size += len(order)
+        h = segment[0] & self._mask
+        np.bitwise_or.at(self._filter, h >> 3, (1 << (h & 7)).astype(np.uint8))
         # merge while the newest segment is at least half its older neighbour (amortised
         # O(log capacity) merges per entry, and O(log capacity) segments to look up)
         while len(self.segments) > 1 and 2 * len(self.segments[-1][0]) >= len(self.segments[-2][0]):
@@ -65,14 +71,19 @@ class WriteBuffer:
 
     def overlay(self, ids: np.ndarray, values: np.ndarray) -> None:
         """Replace, in place, ``values[i]`` by the buffered value of ``ids[i]`` where there is one."""
+        if not self.segments:
+            return
+        h = ids & self._mask
+        maybe = np.flatnonzero((self._filter[h >> 3] >> (h & 7).astype(np.uint8)) & 1)
+        if not len(maybe):
+            return
+        query = ids[maybe]
         for seg_ids, seg_values in self.segments:  # oldest first, so newer segments win
-            if not len(seg_ids):
-                continue
-            pos = np.searchsorted(seg_ids, ids)
+            pos = np.searchsorted(seg_ids, query)
             np.minimum(pos, len(seg_ids) - 1, out=pos)
-            hit = seg_ids[pos] == ids
+            hit = seg_ids[pos] == query
             if hit.any():
-                values[hit] = seg_values[pos[hit]]
+                values[maybe[hit]] = seg_values[pos[hit]]
 
     def drain(self) -> tuple[np.ndarray, np.ndarray]:
         """All pending updates as sorted unique ``(ids, values)``, newest value per id; empties
@@ -83,4 +94,5 @@ class WriteBuffer:
         for segment in self.segments[1:]:
             merged = _merge(merged, segment)
         self.segments, self.size = [], 0
+        self._filter.fill(0)
         return merged

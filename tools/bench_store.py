@@ -8,7 +8,8 @@ its own): the memory-mapped store (``ScoreStore.open``) and, side by side, the i
 (each timed), the rate in ids/s, resident memory after the loop (``RssAnon``: private memory;
 ``RssFile``: file pages mapped by the process, reclaimable page cache), the peak (``VmHWM``) —
 each as the increase over the process before the store existed —
-a chunked ``save``, and ESWP's chunked decision (``ESWPPolicy.decide``, ratio 0.3) over the store.
+a chunked ``save``, and ESWP's chunked decision (``ESWPPolicy.decide``, ratio 0.3) over the
+memory-mapped store.
 Goals (issue 5): creation in seconds, >= 1M ids/s gather and scatter, bounded memory at 1e9.
 
 Part 2: the feedback channel per training step: one step of the pipeline's 1D CNN (no-grad
@@ -117,7 +118,7 @@ def part1(args: argparse.Namespace) -> None:
             for backing in ("memmap", "memory"):
                 cmd = [sys.executable, __file__, "--child", str(n), backing, directory,
                        "--ids", str(args.ids), "--batch", str(args.batch)]
-                if args.no_decide:
+                if args.no_decide or backing == "memory":  # the same computation: timed once
                     cmd.append("--no-decide")
                 r = json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                               text=True).stdout.strip().splitlines()[-1])
