@@ -18,6 +18,17 @@ import numpy as np
 from ..errors import MissingExtraError, ShardError
 
 
+def __getattr__(name: str) -> Any:
+    # ESStreamingDataset subclasses streaming.StreamingDataset, so it lives in its own module and
+    # is imported on first use: reading MDS through ESDataset must not need more than it does.
+    if name == "ESStreamingDataset":
+        _streaming()  # a missing extra raises MissingExtraError naming it
+        from .streaming_dataset import ESStreamingDataset
+
+        return ESStreamingDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _streaming():
     try:
         import streaming  # noqa: F401
