@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import warnings
 from typing import Any, Callable, Iterator
@@ -16,7 +17,7 @@ from .distributed import rank_and_world_size, worker_and_count
 from .errors import ShardError
 from .manifest import SUCCESS, EpochKeep, epoch_dir, read_epoch
 from .metabatch import MetaBatch
-from .plan import EpochPlan
+from .plan import EpochPlan, worker_resume
 from .sources import open_reader
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,16 @@ class ESDataset(IterableDataset):
     shuffle and how ranks are equalised). The order is a pure function of
     ``(seed, epoch, world size, rank, workers)``; call :meth:`set_epoch` before each epoch, as
     with ``DistributedSampler`` — the epoch lives in shared memory, so persistent workers see it.
+
+    **Mid-epoch resume** (like mosaicml-streaming's ``state_dict(num_samples)``): the trainer
+    checkpoints ``state_dict(k)``, k the meta-batches of the current epoch it consumed (equal on
+    every rank in lockstep DDP, so rank 0's state serves all ranks), and after a restart calls
+    :meth:`load_state_dict` on a dataset built with the same corpus and arguments. The next
+    iteration of that epoch yields exactly what the uninterrupted one yielded after its first k
+    meta-batches, same order, ids and data; the k are neither read nor decoded. It needs the same
+    number of DataLoader workers (checked in the workers; see :func:`es_stream.plan.worker_resume`).
+    A meta-batch lost whole to a corrupt shard under ``on_error="skip"`` is not yielded, so it
+    shifts the count.
 
     Args:
         corpus: an indexed :class:`Corpus`.
@@ -91,6 +102,10 @@ class ESDataset(IterableDataset):
         self.block_size = block_size
         self.seekable = corpus.format == "mds" or all(is_local_url(s.name) for s in corpus.shards)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        # resume point [epoch (-1: none), meta-batches consumed, workers they came from], and the
+        # worker count of the last iteration started (0: none yet); shared like the epoch
+        self._resume = torch.tensor([-1, 0, 0], dtype=torch.int64).share_memory_()
+        self._loader_workers = torch.zeros((), dtype=torch.int64).share_memory_()
         self.samples_lost = 0
         self.manifests = None if manifests is None else os.fspath(manifests)
         self._keep_cache: tuple[tuple[int, int], EpochKeep | None] | None = None
@@ -102,10 +117,84 @@ class ESDataset(IterableDataset):
         return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration yields."""
+        """Select the epoch the next iteration yields. An epoch other than a loaded resume point's
+        clears that point: it applies to the resumed epoch only."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch != int(self._resume[0]):
+            self._resume.copy_(torch.tensor([-1, 0, 0]))
         self._epoch.fill_(epoch)
+
+    def _resume_fields(self) -> dict[str, tuple[Any, str]]:
+        """State fields an exact resume needs unchanged, with what to do when one differs."""
+        rebuild = "build the ESDataset with {}={!r}, as when the state was taken"
+        return {
+            "corpus_fingerprint": (self.corpus.fingerprint, "the shards changed; resume only over "
+                                   "the corpus the state was taken on ({}={!r})"),
+            "world_size": (self.world_size, "exact resume needs the same ranks: run with {}={!r}"),
+            "seed": (self.seed, rebuild), "meta_batch_size": (self.meta_batch_size, rebuild),
+            "shuffle": (self.shuffle, rebuild), "drop_last": (self.drop_last, rebuild),
+            "block_size": (self.block_size, rebuild)}
+
+    def state_dict(self, num_batches: int) -> dict[str, Any]:
+        """Where this rank stands: ``num_batches`` meta-batches of the current epoch consumed,
+        counted from the epoch's start (those consumed before a resume included).
+
+        Works before any iteration (``num_batches=0``) and at the epoch's end
+        (``num_batches == len(self)``: the resumed epoch yields nothing, and the trainer goes on
+        with ``set_epoch(epoch + 1)``). ``num_workers`` is the worker count of the last loader
+        that iterated this dataset (1 also stands for main-process iteration).
+        """
+        total = len(self)
+        num_batches = operator.index(num_batches)
+        if not 0 <= num_batches <= total:
+            raise ValueError(f"num_batches={num_batches} is outside [0, {total}]: pass the meta-batches "
+                             f"of the current epoch ({self.epoch}) consumed so far")
+        workers = int(self._loader_workers)
+        if num_batches and not workers:
+            raise ValueError(f"state_dict(num_batches={num_batches}): this dataset was never iterated "
+                             "nor loaded from a state, so which DataLoader workers yielded those "
+                             "meta-batches is unknown; take the state from the dataset you iterate")
+        state = {name: mine for name, (mine, _) in self._resume_fields().items()}
+        return {"epoch": self.epoch, "batches": num_batches, "epoch_batches": total,
+                "num_workers": workers, **state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: set its epoch and a resume point in shared memory, so
+        workers already started see it too. The next iteration of that epoch (each one, until
+        :meth:`set_epoch` selects another epoch) skips the consumed meta-batches in each worker.
+        Raises ``ValueError`` naming the field when the state does not fit this dataset."""
+        fields = self._resume_fields()
+        missing = sorted({"epoch", "batches", "epoch_batches", "num_workers", *fields} - set(state))
+        if missing:
+            raise ValueError(f"not an ESDataset state: missing {missing}; pass what "
+                             "ESDataset.state_dict returned")
+        for name, (mine, fix) in fields.items():
+            if state[name] != mine:
+                raise ValueError(f"cannot resume: the state has {name}={state[name]!r}, this dataset "
+                                 f"{name}={mine!r}; " + fix.format(name, state[name]))
+        epoch, batches, workers = int(state["epoch"]), int(state["batches"]), int(state["num_workers"])
+        total = self.plan(epoch).num_batches
+        if state["epoch_batches"] != total or not 0 <= batches <= total:
+            raise ValueError(f"cannot resume: epoch {epoch} had {state['epoch_batches']} meta-batches "
+                             f"when the state was taken (batches={batches}) and has {total} now; "
+                             "was its pruning manifest rewritten?")
+        self.set_epoch(epoch)
+        self._resume.copy_(torch.tensor([epoch, batches, max(workers, 1)]))
+        if batches:
+            self._loader_workers.fill_(max(workers, 1))
+
+    def _worker_run(self, epoch: int, num_batches: int, worker: int, num_workers: int) -> tuple[int, int]:
+        """(run, skip) this worker reads: its own run from the start unless resuming ``epoch``."""
+        resume_epoch, consumed, taken_with = self._resume.tolist()
+        if resume_epoch != epoch or consumed == 0:
+            return worker, 0
+        if taken_with != num_workers:
+            raise ValueError(f"cannot resume epoch {epoch}: the state was taken with num_workers="
+                             f"{taken_with if taken_with > 1 else '0 or 1'} and this DataLoader has "
+                             f"num_workers={num_workers if num_workers > 1 else '0 or 1'}; resume with "
+                             "the same number of workers (the meta-batch order depends on it)")
+        return worker_resume(num_batches, num_workers, consumed, worker)
 
     def epoch_keep(self, epoch: int) -> EpochKeep | None:
         """The manifest decision for ``epoch``, or None when nothing is pruned (cached)."""
@@ -142,7 +231,10 @@ class ESDataset(IterableDataset):
     def __iter__(self) -> Iterator[MetaBatch]:
         epoch = self.epoch
         worker, num_workers = worker_and_count()
-        batches = self.plan(epoch).worker_batches(num_workers, worker)
+        plan = self.plan(epoch)
+        run, skip = self._worker_run(epoch, plan.num_batches, worker, num_workers)
+        self._loader_workers.fill_(num_workers)
+        batches = plan.worker_batches(num_workers, run, skip)
         keep = self.epoch_keep(epoch)
         weights = None if keep is None else keep.weights
         reader = open_reader(self.corpus)

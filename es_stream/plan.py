@@ -24,6 +24,16 @@ rank). In the rare case where fewer than W samples are left for the tails, the r
 tail sample split their last meta-batch in two halves instead. Nothing is duplicated or dropped.
 With ``drop_last`` every rank gets ``floor(n / (W * B))`` full meta-batches and the rest of the
 sequence (a different set each epoch) is left out of this epoch and counted in ``dropped``.
+
+**Resume.** A ``DataLoader`` (in-order, the default) hands out an ``IterableDataset``'s items
+round robin over workers ``0 .. W-1``, a worker leaving the rotation once it is exhausted, and
+starts every iteration at worker 0 (:func:`loader_order`). So after a rank consumed ``k``
+meta-batches of an epoch, :func:`worker_skips` says how many of its own run each worker had
+delivered. The rest of the epoch is the same round robin over the remaining runs, but starting at
+the worker of meta-batch ``k``, which is not worker 0 in general: a resumed iteration therefore
+rotates the runs, DataLoader worker ``p`` reading the run of worker ``(next + p) % W`` without its
+consumed meta-batches (:func:`worker_resume`), and the loader yields exactly meta-batches
+``k ..`` of the uninterrupted order.
 """
 
 from __future__ import annotations
@@ -70,6 +80,61 @@ def rank_batch_sizes(num_samples: int, world_size: int, meta_batch_size: int,
 def worker_batch_range(num_batches: int, num_workers: int, worker: int) -> tuple[int, int]:
     """Contiguous run ``[first, stop)`` of a rank's meta-batches read by one worker."""
     return num_batches * worker // num_workers, num_batches * (worker + 1) // num_workers
+
+
+def loader_order(counts, start: int = 0) -> np.ndarray:
+    """Worker of each item, in the order an in-order ``DataLoader`` yields them when worker ``w``
+    yields ``counts[w]`` items: round robin over workers ``start, start+1, .. (mod W)``, a worker
+    leaving the rotation once it is exhausted. The DataLoader itself always starts at 0."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 1 or (counts < 0).any():
+        raise ValueError(f"counts must be a 1-d array of non-negative item counts, got {counts!r}")
+    if not 0 <= start < max(len(counts), 1):
+        raise ValueError(f"start must be a worker in [0, {len(counts)}), got {start}")
+    workers = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    rounds = np.arange(len(workers), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return workers[np.lexsort(((workers - start) % max(len(counts), 1), rounds))]
+
+
+def _check_resume_args(num_batches: int, num_workers: int, consumed: int) -> None:
+    if num_batches < 0:
+        raise ValueError(f"num_batches must be >= 0, got {num_batches}")
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1 (1 for main-process iteration), got {num_workers}")
+    if not 0 <= consumed <= num_batches:
+        raise ValueError(f"consumed={consumed} meta-batches is outside [0, num_batches={num_batches}] "
+                         "of this epoch; count only meta-batches of the current epoch")
+
+
+def rank_loader_order(num_batches: int, num_workers: int) -> np.ndarray:
+    """Worker of each of a rank's ``num_batches`` meta-batches, in the order the DataLoader yields
+    them (worker ``w`` reads :func:`worker_batch_range`)."""
+    _check_resume_args(num_batches, num_workers, 0)
+    counts = [stop - first for first, stop in
+              (worker_batch_range(num_batches, num_workers, w) for w in range(num_workers))]
+    return loader_order(counts)
+
+
+def worker_skips(num_batches: int, num_workers: int, consumed: int) -> np.ndarray:
+    """How many meta-batches of its own run each of ``num_workers`` workers had delivered when the
+    DataLoader had yielded the first ``consumed`` of a rank's ``num_batches``."""
+    _check_resume_args(num_batches, num_workers, consumed)
+    return np.bincount(rank_loader_order(num_batches, num_workers)[:consumed],
+                       minlength=num_workers).astype(np.int64)
+
+
+def worker_resume(num_batches: int, num_workers: int, consumed: int, worker: int) -> tuple[int, int]:
+    """``(run, skip)`` for DataLoader ``worker`` of an iteration resumed after ``consumed``
+    meta-batches: read worker ``run``'s :func:`worker_batch_range` without its first ``skip``
+    meta-batches. ``run`` rotates the workers so that the DataLoader, which starts at worker 0,
+    continues the uninterrupted order (see the module docstring)."""
+    _check_resume_args(num_batches, num_workers, consumed)
+    if not 0 <= worker < num_workers:
+        raise ValueError(f"worker {worker} is outside num_workers {num_workers}")
+    order = rank_loader_order(num_batches, num_workers)
+    start = int(order[consumed]) if consumed < num_batches else 0
+    run = (start + worker) % num_workers
+    return run, int(np.count_nonzero(order[:consumed] == run))
 
 
 def block_shuffled_positions(start: int, stop: int, total: int, block_size: int, seed: int,
@@ -153,9 +218,13 @@ class EpochPlan:
         ids = sequence_ids(positions, self.order, self.shard_counts, self.shard_starts)
         return ids if self.kept_ids is None else self.kept_ids[ids]
 
-    def worker_batches(self, num_workers: int = 1, worker: int = 0) -> list[np.ndarray]:
-        """The meta-batches (id arrays) one DataLoader worker reads, in order."""
+    def worker_batches(self, num_workers: int = 1, worker: int = 0, skip: int = 0) -> list[np.ndarray]:
+        """The meta-batches (id arrays) one DataLoader worker reads, in order, without the first
+        ``skip`` of its run (their ids are not even computed)."""
         first, stop = worker_batch_range(self.num_batches, num_workers, worker)
+        if not 0 <= skip <= stop - first:
+            raise ValueError(f"skip={skip} is outside [0, {stop - first}] meta-batches of worker {worker}")
+        first += skip
         ids = self.ids(first, stop)
         cuts = self.bounds[first:stop + 1] - self.bounds[first]
         return [ids[cuts[i]:cuts[i + 1]] for i in range(stop - first)]
