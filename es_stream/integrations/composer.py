@@ -188,6 +188,10 @@ class EvolvedSampling(Algorithm):
     beside it and holds only its path; the newest ``keep_snapshots`` are kept, so keep at least
     as many as Composer keeps checkpoints (``save_num_checkpoints_to_keep``).
 
+    **Several ranks.** Composer saves rank 0's algorithm state, so a multi-rank resume gives
+    every rank rank 0's generator and scores: consistent across ranks (scores are merged at
+    epoch ends), but exact only for single-rank runs.
+
     **Burn-in and annealing** are fractions of ``max_duration`` in its own unit (as Composer's
     ``SelectiveBackprop`` ``start``/``end``): while Composer's elapsed duration is below
     ``burn_in`` or at least ``1 - anneal``, selection is uniform; scores update throughout.
