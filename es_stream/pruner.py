@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch.distributed as dist
@@ -43,6 +44,24 @@ class Pruner:
         self.corpus, self.store, self.policy = corpus, store, policy
         self.out_dir = os.fspath(out_dir)
         self.decay = decay
+
+    def state_dict(self) -> dict[str, Any]:
+        """What decides the manifests. A pruner keeps no other state: each epoch's decision is
+        a pure function of the scores, the policy's seed and the epoch, so a resumed run
+        rewrites exactly what an uninterrupted one wrote — provided it prunes the same way,
+        which :meth:`load_state_dict` checks."""
+        return {"corpus_fingerprint": self.corpus.fingerprint, "decay": self.decay,
+                "anneal": repr(self.policy.anneal),
+                "burn_in_epochs": str(self.policy.burn_in_epochs), **self.policy.describe()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse to resume with another corpus, policy, ratio, seed, schedule or decay."""
+        mine = self.state_dict()
+        for key in sorted(set(mine) | set(state)):
+            if state.get(key) != mine.get(key):
+                raise ValueError(f"cannot resume: the checkpoint's pruner has {key}="
+                                 f"{state.get(key)!r}, this one {key}={mine.get(key)!r}; build the "
+                                 "Pruner as in the run that wrote the checkpoint")
 
     def on_epoch_end(self, epoch: int, total_epochs: int) -> str:
         """Write the manifests for epoch ``epoch + 1``; returns their directory."""

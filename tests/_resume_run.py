@@ -43,6 +43,7 @@ def main() -> None:
         opt.load_state_dict(state["opt"])
         selector.load_state_dict(state["selector"])
         dataset.load_state_dict(state["dataset"])
+        pruner.load_state_dict(state["pruner"])
         start_epoch, batches = state["dataset"]["epoch"], state["dataset"]["batches"]
 
     log = open(os.path.join(out, log_name), "a")
@@ -66,7 +67,8 @@ def main() -> None:
             if step % EVERY == 0:
                 checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
                                         "selector": selector.state_dict(with_store=False),
-                                        "dataset": dataset.state_dict(batches)}, store)
+                                        "dataset": dataset.state_dict(batches),
+                                        "pruner": pruner.state_dict()}, store)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         pruner.on_epoch_end(epoch, EPOCHS)

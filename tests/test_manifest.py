@@ -200,3 +200,18 @@ def test_rewriting_removes_a_killed_writers_temporary_files(pruned):
            out).on_epoch_end(0, 4)
     assert not leftover.exists()
     assert (out / "epoch=00001" / "_SUCCESS").exists()
+
+
+def test_pruner_state_round_trips_and_refuses_another_policy(pruned, tmp_path):
+    corpus, out = pruned
+    policy = ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0)
+    state = Pruner(corpus, ScoreStore(corpus.num_samples), policy, out).state_dict()
+    Pruner(corpus, ScoreStore(corpus.num_samples), ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
+           out).load_state_dict(state)  # the same pruner: accepted
+    other = Pruner(corpus, ScoreStore(corpus.num_samples),
+                   ESWPPolicy(ratio=0.3, burn_in_epochs=0, anneal=0.0), out)
+    with pytest.raises(ValueError, match="checkpoint's pruner has ratio='0.5', this one ratio='0.3'"):
+        other.load_state_dict(state)
+    decayed = Pruner(corpus, ScoreStore(corpus.num_samples), policy, out, decay=0.1)
+    with pytest.raises(ValueError, match="decay=0.0.*decay=0.1"):
+        decayed.load_state_dict(state)
