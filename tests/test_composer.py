@@ -312,6 +312,60 @@ def test_loss_shape_is_checked(tmp_path: Path, data: Path):
     trainer.close()
 
 
+class TinyLM(ComposerModel):
+    """A causal LM whose loss, like a Hugging Face model's, is one mean over the batch's tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16)
+
+    def forward(self, batch):
+        return {"logits": self.head(self.embed(batch["input_ids"]))}
+
+    def loss(self, outputs, batch):
+        logits = outputs["logits"][:, :-1]
+        return F.cross_entropy(logits.reshape(-1, 16), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+
+def test_language_model_selects_by_mean_token_loss(tmp_path: Path):
+    from streaming import MDSWriter
+
+    rng = np.random.default_rng(0)
+    with MDSWriter(out=str(tmp_path / "tokens"), columns={"input_ids": "ndarray:int64:12"},
+                   size_limit=1500) as w:
+        for _ in range(128):
+            w.write({"input_ids": rng.integers(0, 16, 12)})
+
+    def collate(samples):
+        batch = torch.utils.data.default_collate(samples)
+        labels = batch["input_ids"].clone()
+        labels[:, :4] = -100  # a prompt the loss ignores
+        return {**batch, "labels": labels}
+
+    def fit(algorithm):
+        dataset = ESStreamingDataset(local=tmp_path / "tokens", batch_size=32)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=32, collate_fn=collate)
+        model = TinyLM()
+        trainer = Trainer(model=model, train_dataloader=loader, max_duration="1ep",
+                          optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+                          algorithms=[algorithm], device="cpu", device_train_microbatch_size=8,
+                          progress_bar=False, log_to_console=False)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        return trainer
+
+    with pytest.raises(TypeError, match="causal_lm_sample_loss"):
+        fit(EvolvedSampling(batch_size=8))  # its loss has no reduction='none'
+    algorithm = EvolvedSampling(batch_size=8, loss_fn=causal_lm_sample_loss)
+    trainer = fit(algorithm)
+    assert algorithm.selector.step == 4 and int(trainer.state.timestamp.sample) == 128
+    assert len(algorithm.last_ids) == 8
+
+
 def test_causal_lm_sample_loss_is_the_mean_over_target_tokens():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
