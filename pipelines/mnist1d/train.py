@@ -87,7 +87,8 @@ def train(method: str, corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tenso
           b: int = 64, B: int = 128, lr: float = 3e-3, seed: int = 0, workers: int = 2,
           progress: bool = True, es_options: dict[str, Any] | None = None,
           eswp_ratio: float = 0.3, infobatch_ratio: float = 0.5, prune_anneal: float = 0.125,
-          prune_burn_in_epochs: int = 1, run_dir: str | None = None) -> dict[str, Any]:
+          prune_burn_in_epochs: int = 1, run_dir: str | None = None,
+          budget_epochs: float | None = None) -> dict[str, Any]:
     """Train one model with ``method`` for ``epochs`` epochs and report time, counts, accuracy.
 
     Adam with a cosine learning-rate schedule over the run's progress in epochs (epoch plus the
@@ -100,6 +101,9 @@ def train(method: str, corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tenso
     unpruned first epochs of ``eswp``. With ``run_dir``, the run's manifests are kept in
     ``run_dir/manifests`` (replaced, not merged) and its final scores in ``run_dir/scores.npy``
     (for ``es-stream inspect/prune``); without it they go to a temporary directory.
+    ``budget_epochs`` (for budget-matched controls) cuts the run to that many epochs, a fraction
+    allowed (at most ``epochs``; the last epoch stops part-way): the cosine schedule then spans
+    ``budget_epochs`` instead of ``epochs``, so the cut run still ends at lr 0.
 
     Returns a dict: ``method, seed, wall_clock_s, samples_forwarded`` (samples of the stream
     passed through the model, once per epoch: fewer for the pruning methods),
@@ -113,6 +117,9 @@ def train(method: str, corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tenso
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not 1 <= b <= B:
         raise ValueError(f"need 1 <= b <= B, got b={b}, B={B}")
+    horizon = float(epochs if budget_epochs is None else budget_epochs)
+    if not 0 < horizon <= epochs:
+        raise ValueError(f"budget_epochs must be in (0, epochs={epochs}], got {budget_epochs}")
     torch.manual_seed(seed)
     model = CNN1D(length=test_x.shape[-1])
     with tempfile.TemporaryDirectory(prefix=f"es-stream-{method}-") as tmp:
@@ -139,16 +146,18 @@ def train(method: str, corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tenso
         forwarded = backpropagated = steps = 0
         elapsed = 0.0
         curve: list[tuple[float, float]] = []
-        bar = tqdm(total=epochs, desc=f"{method} seed {seed}", unit="epoch", disable=not progress,
+        bar = tqdm(total=math.ceil(horizon), desc=f"{method} seed {seed}", unit="epoch", disable=not progress,
                    dynamic_ncols=True, leave=False, mininterval=1.0)
         try:
-            for epoch in range(epochs):
+            for epoch in range(math.ceil(horizon)):
                 start = time.perf_counter()
                 ds.set_epoch(epoch)
                 per_epoch = len(ds)
+                # a budget ending inside this epoch: the meta-batches to take from it
+                stop = math.ceil((horizon - epoch) * per_epoch) if epoch + 1 > horizon else None
                 for i, mb in enumerate(dl):
                     for group in opt.param_groups:
-                        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch + i / per_epoch) / epochs))
+                        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * (epoch + i / per_epoch) / horizon))
                     x, y = mb.data
                     forwarded += len(y)
                     if selector is not None and len(y) > b:
@@ -168,6 +177,8 @@ def train(method: str, corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tenso
                     opt.step()
                     backpropagated += len(y)
                     steps += 1
+                    if stop is not None and i + 1 >= stop:
+                        break
                 if pruner is not None and epoch + 1 < epochs:  # no decision for after the run
                     pruner.on_epoch_end(epoch, epochs)
                 elapsed += time.perf_counter() - start

@@ -1,0 +1,159 @@
+"""tools/bench_train.py on a tiny MNIST-1D configuration: real shards, real training, 2 seeds,
+the budget-matched control, the table/JSON fields, and resuming an interrupted run."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mnist1d")
+pytest.importorskip("matplotlib")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+
+import bench_train  # noqa: E402
+
+TRAIN, EPOCHS, b, B = 640, 3, 16, 32
+METHODS = ["uniform", "uniform_B", "es", "eswp", "random", "budget_es"]
+
+
+def argv(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--workload", "mnist1d", "--m1d-train", str(TRAIN), "--m1d-test", "200",
+            "--m1d-epochs", str(EPOCHS), "--m1d-b", str(b), "--m1d-B", str(B), "--seeds", "0,1",
+            "--methods", ",".join(METHODS), "--out", str(tmp_path / "evidence"),
+            "--data-dir", str(tmp_path / "data"), "--no-progress", *extra]
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_bench_mnist1d_two_seeds_budget_control_and_resume(tmp_path: Path, capsys) -> None:
+    res = bench_train.main(argv(tmp_path))
+    out = tmp_path / "evidence"
+    assert res["ran"] == len(METHODS) * 2 and res["skipped"] == 0
+    runs = [json.loads(x) for x in lines(out / "runs.jsonl")]
+    assert len(runs) == len(METHODS) * 2 and len({r["key"] for r in runs}) == len(runs)
+    by = {(r["method"], r["seed"]): r["result"] for r in runs}
+
+    # counts follow from the method: uniform trains everything in batches of b, uniform_B in
+    # batches of B, the selecting methods forward everything and back-propagate b of each B
+    for seed in (0, 1):
+        assert by["uniform", seed]["samples_backpropagated"] == EPOCHS * TRAIN
+        assert by["uniform", seed]["steps"] == EPOCHS * TRAIN // b
+        assert by["uniform_B", seed]["steps"] == EPOCHS * TRAIN // B
+        for m in ("es", "random"):
+            assert by[m, seed]["samples_forwarded"] == EPOCHS * TRAIN
+            assert by[m, seed]["samples_backpropagated"] == EPOCHS * TRAIN // 2
+        assert by["eswp", seed]["samples_forwarded"] < EPOCHS * TRAIN  # epoch 1 pruned 30%
+
+    # the budget-matched control: cut to ES's mean wall-clock over uniform's, in epochs
+    entry = json.loads((out / "summary.json").read_text())["mnist1d-noise0"]
+    cut = entry["budget_cuts"]["budget_es"]
+    mean = lambda m, k: sum(by[m, s][k] for s in (0, 1)) / 2  # noqa: E731
+    raw = EPOCHS * mean("es", "wall_clock_s") / mean("uniform", "wall_clock_s")
+    assert cut["epochs"] == round(min(raw, EPOCHS), 3) and 0 < cut["epochs"] <= EPOCHS
+    per_epoch = TRAIN // b
+    full = math.floor(cut["epochs"])
+    steps = full * per_epoch + (math.ceil((cut["epochs"] - full) * per_epoch) if cut["epochs"] > full else 0)
+    for seed in (0, 1):
+        r = by["budget_es", seed]
+        assert r["epochs"] == cut["epochs"] and r["steps"] == steps
+        assert r["samples_backpropagated"] == steps * b
+        assert len(r["curve"]) == math.ceil(cut["epochs"])
+
+    # the summary: every field, ratios to uniform, target = uniform's mean final - tolerance
+    s = entry["summary"]
+    u_final = mean("uniform", "final")
+    assert s["higher_is_better"] and s["quality"] == "test_acc"
+    assert s["target"] == pytest.approx(u_final - 0.005)
+    assert list(s["methods"]) == METHODS
+    for m, row in s["methods"].items():
+        assert row["seeds"] == [0, 1]
+        for k in ("wall_clock_s", "samples_forwarded", "samples_backpropagated", "final", "best"):
+            assert set(row[k]) == {"mean", "std"}
+            assert row["ratio_to_uniform"][k] == pytest.approx(row[k]["mean"] / s["methods"]["uniform"][k]["mean"])
+        assert row["best"]["mean"] >= row["final"]["mean"]
+        ttt = row["time_to_target_s"]
+        assert ttt["of"] == 2 and ttt["reached"] == sum(t is not None for t in ttt["per_seed"])
+        for seed, t in zip((0, 1), ttt["per_seed"]):
+            reach = [p[0] for p in by[m, seed]["curve"] if p[1] >= s["target"]]
+            assert t == (reach[0] if reach else None)
+        assert isinstance(row["lossless"], bool)
+    assert s["methods"]["uniform"]["ratio_to_uniform"]["wall_clock_s"] == 1.0
+    assert s["methods"]["es"]["ratio_to_uniform"]["samples_backpropagated"] == pytest.approx(0.5)
+
+    table = (out / "tables.md").read_text()
+    assert "| method | seeds | train s | × unif |" in table and "budget_es: " in table
+    for label in ("uniform (b)", "uniform (B)", "| es |", "| eswp |", "random (b of B)",
+                  "uniform, ES's budget"):
+        assert label in table
+    assert "target = uniform's mean final test_acc minus 0.005" in table
+    png = out / "mnist1d-noise0.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in table
+    assert "estimated" in capsys.readouterr().out
+
+    # a second invocation finds every run done and trains nothing
+    before = (out / "runs.jsonl").read_text()
+    res = bench_train.main(argv(tmp_path))
+    assert res["ran"] == 0 and res["skipped"] == len(METHODS) * 2
+    assert (out / "runs.jsonl").read_text() == before
+
+    # an invocation killed after seed 0's runs, mid-way through writing the next line: the rerun
+    # does exactly what is missing (seed 1; then the budget runs, again only if their cut, which
+    # now uses the new seed-1 timings, moved), keeps seed 0's records, ignores the torn line
+    kept = lines(out / "runs.jsonl")[:5]
+    assert [json.loads(x)["seed"] for x in kept] == [0] * 5
+    (out / "runs.jsonl").write_text("\n".join(kept) + "\n" + kept[0][:40])
+    res = bench_train.main(argv(tmp_path))
+    new_cut = res["experiments"]["mnist1d-noise0"]["budget_cuts"]["budget_es"]["epochs"]
+    budget_runs = 0 if new_cut == cut["epochs"] else 2
+    assert res["ran"] == 5 + budget_runs and res["skipped"] == 5 + 2 - budget_runs
+    after = lines(out / "runs.jsonl")
+    assert after[:5] == kept and len(after) == 5 + 1 + 5 + budget_runs
+    done = [json.loads(x) for x in after[6:]]
+    assert [(r["method"], r["seed"]) for r in done] == [(m, 1) for m in METHODS[:5]] + [
+        ("budget_es", 0), ("budget_es", 1)][:budget_runs]
+
+    # killed after the last measured run, before the budget runs: only those two run, with the
+    # cut the finished runs give
+    measured = [x for x in after if x != kept[0][:40] and json.loads(x)["method"] != "budget_es"]
+    assert len(measured) == 10
+    (out / "runs.jsonl").write_text("\n".join(measured) + "\n")
+    res = bench_train.main(argv(tmp_path))
+    assert res["ran"] == 2 and res["skipped"] == 10
+    assert res["experiments"]["mnist1d-noise0"]["budget_cuts"]["budget_es"]["epochs"] == new_cut
+
+
+def test_dry_run_prints_the_plan_and_an_estimate(tmp_path: Path, capsys) -> None:
+    res = bench_train.main(argv(tmp_path, "--all", "--dry-run", "--grid-seeds", "0"))
+    printed = capsys.readouterr().out
+    assert res["ran"] == 0 and not (tmp_path / "evidence" / "runs.jsonl").exists()
+    # all = mnist1d at noise 0, 0.2, 0.4 + textlm + ratio {2, 4} + prune {0.2, 0.3, 0.5} + betas 4x4
+    names = ["mnist1d-noise0", "textlm", "mnist1d-noise0.2", "mnist1d-noise0.4", "ratio-2",
+             "ratio-4", "prune-0.2", "prune-0.3", "prune-0.5"]
+    for name in names:
+        assert f"  {name}: " in printed
+    assert printed.count("  betas-") == 16
+    assert res["estimate"]["runs"] > 0 and res["estimate"]["seconds"] > 0
+    assert "estimated" in printed
+
+
+def test_time_to_target_and_run_keys() -> None:
+    curve = [[1.0, 3.0], [2.0, 2.5], [3.0, 2.4]]
+    assert bench_train.time_to_target(curve, 2.5, higher=False) == 2.0
+    assert bench_train.time_to_target(curve, 2.0, higher=False) is None
+    assert bench_train.time_to_target(curve, 2.9, higher=True) == 1.0
+    # settings a method does not use leave its run key alone: the grids reuse the main runs
+    cfg = {"b": 16, "B": 32, "beta1": 0.2, "beta2": 0.8, "eswp_ratio": 0.3, "epochs": 3}
+    other = {**cfg, "B": 64, "beta1": 0.5, "eswp_ratio": 0.5}
+    key = lambda m, c, budget=None: bench_train.run_key(  # noqa: E731
+        "mnist1d", m, 0, bench_train.run_config(c, m, budget))
+    assert key("uniform", cfg) == key("uniform", other)
+    assert key("es", cfg) != key("es", other) and key("eswp", cfg) != key("eswp", {**cfg, "eswp_ratio": 0.5})
+    assert key("budget_es", cfg, 2.5) != key("budget_es", cfg, 2.4)
