@@ -41,8 +41,11 @@ excluded), samples forwarded (read and passed through the model, scoring forward
 back-propagated, final and best quality (MNIST-1D: test accuracy, higher is better; textlm:
 held-out bits per byte, lower is better), and time-to-target: the training wall-clock at the
 first evaluation whose quality reaches ``target = uniform's mean final quality - tolerance``
-(``+ tolerance`` for bits per byte; ``--tolerance-acc`` 0.005, ``--tolerance-bpb`` 0.01), with how
-many seeds reached it. Each also as a ratio to uniform's mean. "lossless" marks a mean final
+(``+ tolerance`` for bits per byte; ``--tolerance-acc`` 0.002, ``--tolerance-bpb`` 0.01), with how
+many seeds reached it (summary.json also has the time to uniform's mean final quality itself,
+tolerance 0). Each also as a ratio to uniform's mean. The MNIST-1D tolerance is small because
+uniform's accuracy curve is flat near its end: at 0.005 uniform itself reached the target half-way
+through its run (measured, 40k samples, 10 epochs), which measures early progress, not the end. "lossless" marks a mean final
 quality no worse than uniform's mean minus one standard deviation of uniform's seeds.
 
 **Outputs** (``--out``, default ``docs/evidence/``): ``runs.jsonl`` (one JSON line per finished
@@ -91,12 +94,15 @@ LABELS = {"uniform": "uniform (b)", "uniform_B": "uniform (B)", "budget_es": "un
           "budget_eswp": "uniform, ESWP's budget", "selective_backprop": "selective backprop",
           "random": "random (b of B)"}
 
-#: Measured costs on the 2-core development machine (1 torch thread, 0 workers), used only for
-#: the up-front estimate: seconds of one uniform run per (sample x epoch), evaluation and loader
-#: included, and seconds to build a workload's data once. Rescaled from runs.jsonl when possible.
+#: Measured costs on the 2-core development machine (1 torch thread, 0 workers, load average ~2
+#: from other jobs), used only for the up-front estimate: seconds of one uniform run per
+#: (sample x epoch), evaluation and loader included, and seconds to build a workload's data once.
+#: mnist1d: 40k samples x 10 epochs, 32.6 s training + 3.5 s evaluation; build 20 s per noise
+#: level. textlm (defaults): 8192 sequences x 4 epochs, 99.0 s training + 9.8 s evaluation; build
+#: 24 s. Rescaled by the uniform runs in runs.jsonl when there are any.
 COSTS = {
-    "mnist1d": {"uniform_s_per_sample_epoch": 1.2e-4, "build_s": 30.0},
-    "textlm": {"uniform_s_per_sample_epoch": 4.6e-3, "build_s": 30.0},
+    "mnist1d": {"uniform_s_per_sample_epoch": 9.0e-5, "build_s": 20.0},
+    "textlm": {"uniform_s_per_sample_epoch": 3.3e-3, "build_s": 25.0},
 }
 #: Relative cost of a method's run against uniform's, for the estimate only.
 COST_FACTOR = {"uniform": 1.0, "uniform_B": 0.8, "es": 0.9, "eswp": 0.75, "loss": 0.9,
@@ -137,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=str(ROOT / "out" / "bench_data"), help="data cache")
     g.add_argument("--threads", type=int, default=1, help="torch threads")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    g.add_argument("--tolerance-acc", type=float, default=0.005,
+    g.add_argument("--tolerance-acc", type=float, default=0.002,
                    help="MNIST-1D target = uniform's mean final accuracy minus this")
     g.add_argument("--tolerance-bpb", type=float, default=0.01,
                    help="textlm target = uniform's mean final bits/byte plus this")
@@ -533,6 +539,9 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], tolerance: float) 
         reached = [t for t in ttt if t is not None]
         row["time_to_target_s"] = {"per_seed": ttt, "reached": len(reached), "of": len(rs),
                                    "mean": statistics.fmean(reached) if reached else None}
+        exact = [time_to_target(r["curve"], u_final["mean"], higher) for r in rs]
+        row["time_to_uniform_mean_final_s"] = {
+            "per_seed": exact, "reached": sum(t is not None for t in exact), "of": len(rs)}
         worse = (u_final["mean"] - row["final"]["mean"]) if higher else (row["final"]["mean"] - u_final["mean"])
         row["lossless"] = worse <= u_final["std"]
         row["final_minus_uniform"] = row["final"]["mean"] - u_final["mean"]
@@ -810,7 +819,9 @@ def plot_heatmap(entries: dict[str, dict[str, Any]], path: Path) -> bool:
 # ----------------------------------------------------------------------------- estimate
 def estimate(exps: list[Experiment], store: Store, data_root: Path) -> dict[str, Any]:
     """Seconds still to spend: every run not in ``store`` priced from ``COSTS`` (rescaled by the
-    uniform runs already measured on this machine), plus building data not yet cached."""
+    uniform runs already measured on this machine), each counted once however many experiments
+    share it, plus building data not yet cached. Returns the total and the part of each
+    experiment (a shared run counts for the first experiment that needs it)."""
     scale: dict[str, float] = {}
     for workload in WORKLOADS:
         seen = [r for r in store.records.values()
@@ -818,12 +829,23 @@ def estimate(exps: list[Experiment], store: Store, data_root: Path) -> dict[str,
         if seen:
             per = [r["run_s"] / (_samples(workload, r["config"]) * r["config"]["epochs"]) for r in seen]
             scale[workload] = statistics.median(per) / COSTS[workload]["uniform_s_per_sample_epoch"]
+    counted: set[str] = set()
     todo, seconds, builds = 0, 0.0, set()
+    parts: dict[str, dict[str, float]] = {}
     for exp in exps:
+        part = parts.setdefault(exp.name, {"runs": 0, "seconds": 0.0})
         for method in exp.methods:
             cfg = run_config(exp.config, method, None)
             for seed in exp.seeds:
-                if method not in BUDGET and run_key(exp.workload, method, seed, cfg) in store.records:
+                key = run_key(exp.workload, method, seed, cfg)
+                if method in BUDGET:  # its cut is not known yet: the runs it is cut from are
+                    key = run_key(exp.workload, method, seed, {"cut from": sorted(
+                        run_key(exp.workload, m, s, run_config(exp.config, m))
+                        for m in ("uniform", BUDGET[method]) for s in exp.seeds)})
+                if key in counted:
+                    continue
+                counted.add(key)
+                if method not in BUDGET and key in store.records:
                     continue
                 if method in BUDGET and all(
                         run_key(exp.workload, m, s, run_config(exp.config, m)) in store.records
@@ -834,19 +856,24 @@ def estimate(exps: list[Experiment], store: Store, data_root: Path) -> dict[str,
                     if run_key(exp.workload, method, seed,
                                run_config(exp.config, method, cut["epochs"])) in store.records:
                         continue
-                todo += 1
                 per = COSTS[exp.workload]["uniform_s_per_sample_epoch"] * scale.get(exp.workload, 1.0)
                 # a selecting method's epoch: a no-grad forward of every sample (~1/3 of a
                 # training step) plus training on b/B of them; COST_FACTOR is for B = 2b
                 rescale = ((0.35 + exp.config["b"] / exp.config["B"]) / 0.85
                            if method in SELECTING else 1.0)
-                seconds += (per * _samples(exp.workload, exp.config) * exp.config["epochs"]
-                            * COST_FACTOR[method] * rescale)
-                builds.add(_data_id(exp))
-    for workload, ident in builds:
-        if not _data_cached(data_root, workload, ident):
-            seconds += COSTS[workload]["build_s"]
-    return {"runs": todo, "seconds": seconds}
+                cost = (per * _samples(exp.workload, exp.config) * exp.config["epochs"]
+                        * COST_FACTOR[method] * rescale)
+                todo += 1
+                seconds += cost
+                part["runs"] += 1
+                part["seconds"] += cost
+                ident = _data_id(exp)
+                if ident not in builds:
+                    builds.add(ident)
+                    if not _data_cached(data_root, *ident):
+                        seconds += COSTS[exp.workload]["build_s"]
+                        part["seconds"] += COSTS[exp.workload]["build_s"]
+    return {"runs": todo, "seconds": seconds, "experiments": parts}
 
 
 def _samples(workload: str, cfg: dict[str, Any]) -> float:
@@ -885,10 +912,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     est = estimate(exps, store, Path(args.data_dir))
     print(f"bench_train: {len(exps)} experiment(s), {est['runs']} run(s) to do "
           f"({len(store.records)} finished run(s) in {store.path}); estimated "
-          f"{est['seconds'] / 60:.0f} min on a quiet 2-core machine", flush=True)
+          f"{est['seconds'] / 60:.0f} min of wall time (costs measured on the 2-core development "
+          f"machine; see COSTS)", flush=True)
     if args.dry_run:
         for exp in exps:
-            print(f"  {exp.name}: {', '.join(exp.methods)} x seeds {exp.seeds}")
+            part = est["experiments"][exp.name]
+            print(f"  {exp.name}: {', '.join(exp.methods)} x seeds {exp.seeds}: "
+                  f"{part['runs']} run(s) to do, ~{part['seconds'] / 60:.1f} min")
         return {"experiments": {}, "ran": 0, "skipped": 0, "estimate": est, "out": str(out)}
 
     def log(msg: str) -> None:

@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embed", type=int, default=d["embed"], help="GRU byte embedding size")
     g.add_argument("--layers", type=int, default=d["layers"], help="layers")
     g.add_argument("--epochs", type=int, default=d["epochs"], help="epochs (the same for every method)")
-    g.add_argument("--b", type=int, default=d["b"], help="sequences back-propagated per step")
-    g.add_argument("--B", type=int, default=d["B"], help="meta-batch size for the selection methods")
+    g.add_argument("--b", type=int, default=d["b"], metavar="b",
+                   help="sequences back-propagated per step")
+    g.add_argument("--B", type=int, default=d["B"], metavar="B",
+                   help="meta-batch size for the selection methods")
     g.add_argument("--lr", type=float, default=d["lr"], help="Adam peak learning rate (cosine decay)")
     g.add_argument("--evals-per-epoch", type=int, default=d["evals_per_epoch"],
                    help="held-out evaluations per epoch (timer paused)")
