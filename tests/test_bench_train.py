@@ -105,25 +105,25 @@ def test_bench_mnist1d_two_seeds_budget_control_and_resume(tmp_path: Path, capsy
     assert res["ran"] == 0 and res["skipped"] == len(METHODS) * 2
     assert (out / "runs.jsonl").read_text() == before
 
-    # an invocation killed after seed 0's runs, mid-way through writing the next line: the rerun
-    # does exactly what is missing (seed 1; then the budget runs, again only if their cut, which
-    # now uses the new seed-1 timings, moved), keeps seed 0's records, ignores the torn line
+    # an invocation killed after seed 0's measured runs, mid-way through writing the next line:
+    # the rerun does exactly what is missing (seed 1, then both budget runs, cut with the new
+    # seed-1 timings), keeps seed 0's records as they were, and ignores the torn line
     kept = lines(out / "runs.jsonl")[:5]
     assert [json.loads(x)["seed"] for x in kept] == [0] * 5
     (out / "runs.jsonl").write_text("\n".join(kept) + "\n" + kept[0][:40])
     res = bench_train.main(argv(tmp_path))
+    assert res["ran"] == 7 and res["skipped"] == 5
     new_cut = res["experiments"]["mnist1d-noise0"]["budget_cuts"]["budget_es"]["epochs"]
-    budget_runs = 0 if new_cut == cut["epochs"] else 2
-    assert res["ran"] == 5 + budget_runs and res["skipped"] == 5 + 2 - budget_runs
     after = lines(out / "runs.jsonl")
-    assert after[:5] == kept and len(after) == 5 + 1 + 5 + budget_runs
+    assert after[:5] == kept and after[5] == kept[0][:40] and len(after) == 5 + 1 + 7
     done = [json.loads(x) for x in after[6:]]
     assert [(r["method"], r["seed"]) for r in done] == [(m, 1) for m in METHODS[:5]] + [
-        ("budget_es", 0), ("budget_es", 1)][:budget_runs]
+        ("budget_es", 0), ("budget_es", 1)]
+    assert all(r["config"]["budget_epochs"] == new_cut for r in done[5:])
 
     # killed after the last measured run, before the budget runs: only those two run, with the
     # cut the finished runs give
-    measured = [x for x in after if x != kept[0][:40] and json.loads(x)["method"] != "budget_es"]
+    measured = [x for x in after if x != after[5] and json.loads(x)["method"] != "budget_es"]
     assert len(measured) == 10
     (out / "runs.jsonl").write_text("\n".join(measured) + "\n")
     res = bench_train.main(argv(tmp_path))
