@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,22 +27,7 @@ from es_stream import (ESSelector, LossSelector, SelectiveBackpropSelector,  # n
                        TopKSelector, UniformSelector)
 from pipelines.mnist1d.train import CNN1D  # noqa: E402
 
-
-def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+from _timing import median_ms  # noqa: E402  (tools/_timing.py)
 
 
 def main(argv: list[str] | None = None) -> None:

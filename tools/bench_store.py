@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `pipelines`
 
 from es_stream import ESSelector, ESWPPolicy, ScoreStore  # noqa: E402
+
+from _timing import median_ms  # noqa: E402  (tools/_timing.py)
 
 
 def memory() -> dict[str, float]:
@@ -128,23 +129,6 @@ def part1(args: argparse.Namespace) -> None:
                       f"{r['rss_file_mib']:>11.0f} {r['save_s']:>7.2f} {r['decide_s']:>9.1f} "
                       f"{r['peak_mib']:>8.0f}", flush=True)
     print()
-
-
-def median_ms(fn, repeats: int, device: torch.device) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def part2(args: argparse.Namespace) -> None:

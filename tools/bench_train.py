@@ -83,6 +83,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pipelines` is not an installed package
     sys.path.insert(0, str(ROOT))
 
+from pipelines.common import (ES_OPTIONS, add_selection_args, parse_methods,  # noqa: E402
+                              torch_threads)
+from pipelines.common import floats as _floats  # noqa: E402
+from pipelines.common import ints as _ints  # noqa: E402
+from pipelines.report import stats as _stats  # noqa: E402
+
 WORKLOADS = ("mnist1d", "textlm")
 GRIDS = ("betas", "ratio", "prune")
 METHODS = ("uniform", "uniform_B", "es", "eswp", "loss", "selective_backprop", "infobatch",
@@ -111,14 +117,6 @@ COST_FACTOR = {"uniform": 1.0, "uniform_B": 0.8, "es": 0.9, "eswp": 0.75, "loss"
 
 
 # ----------------------------------------------------------------------------- configuration
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in str(text).split(",") if v.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in str(text).split(",") if v.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.textlm.__main__ import DEFAULTS as TEXT
 
@@ -149,17 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="textlm target = uniform's mean final bits/byte plus this")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     g = p.add_argument_group("selection and pruning (both workloads)")
-    g.add_argument("--beta1", type=float, default=0.2, help="ES weight EMA coefficient")
-    g.add_argument("--beta2", type=float, default=0.8, help="ES score EMA coefficient")
-    g.add_argument("--burn-in", type=float, default=0.0, help="ES: fraction of steps uniform first")
-    g.add_argument("--anneal", type=float, default=0.0, help="ES: fraction of steps uniform last")
-    g.add_argument("--eswp-ratio", type=float, default=0.3, help="ESWP: fraction pruned per epoch")
-    g.add_argument("--infobatch-ratio", type=float, default=0.5,
-                   help="InfoBatch: fraction of below-mean samples pruned")
-    g.add_argument("--prune-anneal", type=float, default=0.125,
-                   help="ESWP/InfoBatch: fraction of final epochs left unpruned")
-    g.add_argument("--prune-burn-in-epochs", type=int, default=1,
-                   help="ESWP: first epochs left unpruned")
+    add_selection_args(g, help={
+        "eswp_ratio": "ESWP: fraction pruned per epoch",
+        "infobatch_ratio": "InfoBatch: fraction of below-mean samples pruned",
+        "prune_anneal": "ESWP/InfoBatch: fraction of final epochs left unpruned",
+        "prune_burn_in_epochs": "ESWP: first epochs left unpruned"})
     g = p.add_argument_group("mnist1d workload")
     g.add_argument("--noise", default="0", help="comma-separated label-noise fractions")
     g.add_argument("--m1d-train", type=int, default=40000, help="train samples")
@@ -203,10 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown or not args.methods:
-        parser.error(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
+    args.methods = parse_methods(parser, args.methods, METHODS)
     for m, base in BUDGET.items():
         if m in args.methods and not {"uniform", base} <= set(args.methods):
             parser.error(f"{m} is cut to {base}'s wall-clock: --methods needs uniform and {base}")
@@ -378,19 +367,14 @@ class Data:
         return self.cache[key]
 
     def textlm(self, cfg: dict[str, Any]):
-        from pipelines.textlm.data import MB, build
+        from pipelines.textlm.__main__ import build_data
         from pipelines.textlm.train import eval_subset
 
         fields = ("source", "min_mb", "max_mb", "seq_len", "shard_sequences", "heldout_fraction",
                   "data_seed", "train_mb", "eval_sequences")
         key = json.dumps(["textlm"] + [cfg[f] for f in fields])
         if key not in self.cache:
-            data = build(self.root / "textlm", source=cfg["source"],
-                         min_bytes=int(cfg["min_mb"] * MB),
-                         max_bytes=None if cfg["max_mb"] is None else int(cfg["max_mb"] * MB),
-                         seq_len=cfg["seq_len"], heldout_fraction=cfg["heldout_fraction"],
-                         seed=cfg["data_seed"], shard_sequences=cfg["shard_sequences"],
-                         train_bytes=int(cfg["train_mb"] * MB) if cfg["train_mb"] else None)
+            data = build_data(argparse.Namespace(**cfg), self.root / "textlm")
             self.cache[key] = (data, eval_subset(data.heldout, cfg["eval_sequences"] or None))
         return self.cache[key]
 
@@ -398,22 +382,18 @@ class Data:
 def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, Any],
               progress: bool) -> dict[str, Any]:
     """Train one (method, seed) and return its normalised result."""
-    import torch
-
     base = "uniform" if method in ("uniform_B",) + tuple(BUDGET) else method
     b = cfg["B"] if method == "uniform_B" else cfg["b"]
     budget = cfg.get("budget_epochs")
     epochs = cfg["epochs"] if budget is None else math.ceil(budget)
-    es_options = {k: cfg[k] for k in ("beta1", "beta2", "burn_in", "anneal") if k in cfg}
+    es_options = {k: cfg[k] for k in ES_OPTIONS if k in cfg}
     common = dict(b=b, B=cfg.get("B", b), lr=cfg["lr"], seed=seed, workers=cfg["workers"],
                   progress=progress, es_options=es_options,
                   eswp_ratio=cfg.get("eswp_ratio", 0.3),
                   infobatch_ratio=cfg.get("infobatch_ratio", 0.5),
                   prune_anneal=cfg.get("prune_anneal", 0.125),
                   prune_burn_in_epochs=cfg.get("prune_burn_in_epochs", 1), budget_epochs=budget)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, cfg["threads"]))
-    try:
+    with torch_threads(cfg["threads"]):
         if workload == "mnist1d":
             from pipelines.mnist1d.train import train
 
@@ -430,8 +410,6 @@ def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, 
                       layers=cfg["layers"], device=cfg["device"], **common)
             n = d.corpus.num_samples
             quality, higher, final, best = "heldout_bpb", False, r["final_bpb"], r["best_bpb"]
-    finally:
-        torch.set_num_threads(threads)
     return {"wall_clock_s": r["wall_clock_s"], "samples_forwarded": r["samples_forwarded"],
             "samples_backpropagated": r["samples_backpropagated"], "steps": r["steps"],
             "epochs": epochs if budget is None else budget, "train_samples": n, "quality": quality,
@@ -505,11 +483,6 @@ def experiment_records(exp: Experiment, store: Store, cuts: dict[str, Any]) -> l
 
 
 # ----------------------------------------------------------------------------- summaries
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def time_to_target(curve: list[list[float]], target: float, higher: bool) -> float | None:
     """Training wall-clock of the first evaluation at or beyond ``target`` (None: never)."""
     for t, q in curve:

@@ -19,12 +19,14 @@ Presets set defaults; flags given explicitly override them:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..common import (add_selection_args, check_batch, ints, parse_methods, selection_kwargs,
+                      torch_threads)
+from ..report import fmt, plot_curves, runs_table, stats, write_results
 from .train import METHODS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -52,17 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", type=int, default=64, help="samples back-propagated per step")
     p.add_argument("--B", type=int, default=128, help="meta-batch size for the selection methods")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam peak learning rate (cosine decay)")
-    p.add_argument("--beta1", type=float, default=0.2, help="ES weight EMA coefficient")
-    p.add_argument("--beta2", type=float, default=0.8, help="ES score EMA coefficient")
-    p.add_argument("--burn-in", type=float, default=0.0, help="ES: fraction of steps uniform first")
-    p.add_argument("--anneal", type=float, default=0.0, help="ES: fraction of steps uniform last")
-    p.add_argument("--eswp-ratio", type=float, default=0.3, help="eswp: fraction pruned per epoch")
-    p.add_argument("--infobatch-ratio", type=float, default=0.5,
-                   help="infobatch: fraction of below-mean-loss samples pruned per epoch")
-    p.add_argument("--prune-anneal", type=float, default=0.125,
-                   help="eswp/infobatch: fraction of final epochs left unpruned")
-    p.add_argument("--prune-burn-in-epochs", type=int, default=1,
-                   help="eswp: first epochs left unpruned (scores need one pass first)")
+    add_selection_args(p)
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--format", choices=("wds", "mds"), default="wds", help="shard format")
     p.add_argument("--workers", type=int, default=2,
@@ -80,23 +72,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if preset.preset:
         parser.set_defaults(**PRESETS[preset.preset])
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown or not args.methods:
-        parser.error(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
-    args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    args.methods = parse_methods(parser, args.methods, METHODS)
+    args.seeds = ints(args.seeds)
     if args.epochs < 1 or args.train < 1 or args.test < 1:
         parser.error("--epochs, --train and --test must be >= 1")
-    if not 1 <= args.b <= args.B:
-        parser.error(f"need 1 <= b <= B, got b={args.b}, B={args.B}")
+    check_batch(parser, args)
     return args
-
-
-def _fmt(values: list[float], digits: int) -> str:
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -110,9 +91,7 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
         row: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
         for key in ("wall_clock_s", "samples_forwarded", "samples_backpropagated", "final_acc",
                     "best_acc"):
-            vals = [float(r[key]) for r in rs]
-            row[key] = {"mean": statistics.fmean(vals),
-                        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+            row[key] = stats([float(r[key]) for r in rs])
         if target is not None:
             row["time_to_uniform_final_acc_s"] = [
                 next((t for t, a in r["curve"] if a >= target), None) for r in rs]
@@ -122,58 +101,23 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
 
 def table(runs: list[dict[str, Any]], methods: list[str], summary: dict[str, Any]) -> str:
     """The printed results table, one row per method (mean ± std over seeds)."""
+    def reached_cell(m: str, rs: list[dict[str, Any]]) -> str:
+        reached = [t for t in summary[m]["time_to_uniform_final_acc_s"] if t is not None]
+        return (fmt(reached, 1) + (f" ({len(reached)}/{len(rs)})" if len(rs) > 1 else "")
+                if reached else "never")
+
     has_target = any("time_to_uniform_final_acc_s" in s for s in summary.values())
-    head = ["method", "seeds", "train s", "backprop", "forwarded", "final acc", "best acc"]
-    if has_target:
-        head.append("s to uniform acc")
-    rows = [head]
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        row = [m, ",".join(str(r["seed"]) for r in rs),
-               _fmt([r["wall_clock_s"] for r in rs], 1),
-               _fmt([r["samples_backpropagated"] for r in rs], 0),
-               _fmt([r["samples_forwarded"] for r in rs], 0),
-               _fmt([r["final_acc"] for r in rs], 4), _fmt([r["best_acc"] for r in rs], 4)]
-        if has_target:
-            reached = [t for t in summary[m]["time_to_uniform_final_acc_s"] if t is not None]
-            row.append(_fmt(reached, 1) + (f" ({len(reached)}/{len(rs)})" if len(rs) > 1 else "")
-                       if reached else "never")
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return runs_table(runs, methods, "acc", ("s to uniform acc", reached_cell) if has_target else None)
 
 
 def plot(runs: list[dict[str, Any]], methods: list[str], path: Path, title: str) -> None:
     """Test accuracy against training wall-clock, one colour per method, one line per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, m in enumerate(methods):
-        color = f"C{i}"
-        for j, r in enumerate(rs for rs in runs if rs["method"] == m):
-            t, a = zip(*r["curve"]) if r["curve"] else ((), ())
-            ax.plot(t, a, marker="o", ms=3, color=color, alpha=0.9 if j == 0 else 0.5,
-                    label=m if j == 0 else None)
-    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_curves(runs, methods, path, title, "test accuracy")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the pipeline with command-line ``argv`` (default ``sys.argv[1:]``); return the
     results (config, runs, summary, table, paths) also written to ``OUT/results.json``."""
-    import torch
-
     from .data import build
     from .train import train
 
@@ -181,31 +125,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, args.threads))
-    try:
+    with torch_threads(args.threads):
         t0 = time.perf_counter()
         data = build(out / "data", args.train, args.test, args.noise, args.data_seed, args.format)
         data_s = time.perf_counter() - t0
         print(f"corpus: {data.corpus} in {data.directory} ({data_s:.1f} s); "
               f"{int(data.noisy.sum())} noisy labels; test {len(data.test_y)}", flush=True)
-        es_options = {"beta1": args.beta1, "beta2": args.beta2, "burn_in": args.burn_in,
-                      "anneal": args.anneal}
         runs = []
         for method in args.methods:
             for seed in args.seeds:
                 r = train(method, data.corpus, data.test_x, data.test_y, args.epochs, b=args.b,
                           B=args.B, lr=args.lr, seed=seed, workers=args.workers,
-                          progress=not args.no_progress, es_options=es_options,
-                          eswp_ratio=args.eswp_ratio, infobatch_ratio=args.infobatch_ratio,
-                          prune_anneal=args.prune_anneal,
-                          prune_burn_in_epochs=args.prune_burn_in_epochs,
+                          progress=not args.no_progress, **selection_kwargs(args),
                           run_dir=str(out / "runs" / f"{method}-seed{seed}"))
                 print(f"{method:>18} seed {seed}: {r['wall_clock_s']:.1f} s, final acc "
                       f"{r['final_acc']:.4f}, best {r['best_acc']:.4f}", flush=True)
                 runs.append(r)
-    finally:
-        torch.set_num_threads(threads)
 
     summary = summarize(runs, args.methods)
     text = table(runs, args.methods, summary)
@@ -215,10 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = {"config": vars(args), "data_dir": str(data.directory), "data_s": data_s,
                "noisy_labels": int(data.noisy.sum()), "runs": runs, "summary": summary,
                "table": text, "plot": str(png), "total_s": time.perf_counter() - started}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print()
-    print(text)
-    print(f"\nplot: {png}\nresults: {out / 'results.json'}\ntotal: {results['total_s']:.1f} s")
+    write_results(out, results)
     return results
 
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import es_stream
-from es_stream import (Corpus, ESDataset, ESSelector, ESWPPolicy, InfoBatchPolicy, LossSelector,
-                       Pruner, ScoreStore, SelectiveBackpropSelector, Selector, TopKSelector,
-                       UniformSelector)
+from es_stream import (Corpus, ESDataset, ESSelector, LossSelector, SelectiveBackpropSelector,
+                       Selector, TopKSelector, UniformSelector)
 
+from ..common import make_pruner, save_scores
 from .data import SEQ_LEN, Collate, DecodeWDS
 
 METHODS = ("uniform", "es", "eswp", "infobatch", "loss", "selective_backprop", "topk", "random")
@@ -133,14 +133,9 @@ def train(method: str, corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tenso
         dl = es_stream.loader(ds, num_workers=workers)
         # ES's burn-in/anneal fractions count steps of unpruned epochs (an upper bound for eswp)
         selector = make_selector(method, corpus, b, seed, epochs * len(ds), **(es_options or {}))
-        pruner = None
-        if method == "eswp":
-            pruner = Pruner(corpus, selector.store, ESWPPolicy(
-                eswp_ratio, anneal=prune_anneal, burn_in_epochs=prune_burn_in_epochs, seed=seed),
-                manifests)
-        elif method == "infobatch":
-            pruner = Pruner(corpus, ScoreStore(corpus.num_samples),
-                            InfoBatchPolicy(infobatch_ratio, anneal=prune_anneal, seed=seed), manifests)
+        pruner = make_pruner(method, corpus, selector, manifests, eswp_ratio=eswp_ratio,
+                             infobatch_ratio=infobatch_ratio, prune_anneal=prune_anneal,
+                             prune_burn_in_epochs=prune_burn_in_epochs, seed=seed)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
 
         forwarded = backpropagated = steps = 0
@@ -189,10 +184,7 @@ def train(method: str, corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tenso
         finally:
             bar.close()
             del dl  # stop persistent workers before the manifest directory goes
-        store = pruner.store if pruner is not None else getattr(selector, "store", None)
-        if run_dir is not None and store is not None:
-            os.makedirs(run_dir, exist_ok=True)
-            store.save(os.path.join(run_dir, "scores.npy"))
+        save_scores(run_dir, pruner, selector)
     return {"method": method, "seed": seed, "wall_clock_s": elapsed,
             "samples_forwarded": forwarded, "samples_backpropagated": backpropagated,
             "steps": steps, "final_acc": curve[-1][1] if curve else float("nan"),

@@ -21,13 +21,14 @@ about two minutes (see ``tools/bench_train.py``, which runs the multi-seed compa
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..common import (add_selection_args, check_batch, ints, parse_methods, selection_kwargs,
+                      torch_threads)
 from ..mnist1d.train import METHODS
+from ..report import plot_curves, runs_table, write_results
 from .train import ARCHS
 
 #: defaults shared with tools/bench_train.py (the ``textlm`` workload)
@@ -80,17 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d["lr"], help="Adam peak learning rate (cosine decay)")
     g.add_argument("--evals-per-epoch", type=int, default=d["evals_per_epoch"],
                    help="held-out evaluations per epoch (timer paused)")
-    g.add_argument("--beta1", type=float, default=0.2, help="ES weight EMA coefficient")
-    g.add_argument("--beta2", type=float, default=0.8, help="ES score EMA coefficient")
-    g.add_argument("--burn-in", type=float, default=0.0, help="ES: fraction of steps uniform first")
-    g.add_argument("--anneal", type=float, default=0.0, help="ES: fraction of steps uniform last")
-    g.add_argument("--eswp-ratio", type=float, default=0.3, help="eswp: fraction pruned per epoch")
-    g.add_argument("--infobatch-ratio", type=float, default=0.5,
-                   help="infobatch: fraction of below-mean-loss samples pruned per epoch")
-    g.add_argument("--prune-anneal", type=float, default=0.125,
-                   help="eswp/infobatch: fraction of final epochs left unpruned")
-    g.add_argument("--prune-burn-in-epochs", type=int, default=1,
-                   help="eswp: first epochs left unpruned (scores need one pass first)")
+    add_selection_args(g)
     g = p.add_argument_group("run")
     g.add_argument("--seeds", default="0", help="comma-separated training seeds")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers")
@@ -104,63 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown or not args.methods:
-        parser.error(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
-    args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    args.methods = parse_methods(parser, args.methods, METHODS)
+    args.seeds = ints(args.seeds)
     if args.epochs < 1 or args.seq_len < 2 or args.eval_sequences < 0 or args.train_mb < 0:
         parser.error("need --epochs >= 1, --seq-len >= 2, --eval-sequences >= 0, --train-mb >= 0")
-    if not 1 <= args.b <= args.B:
-        parser.error(f"need 1 <= b <= B, got b={args.b}, B={args.B}")
+    check_batch(parser, args)
     return args
-
-
-def _fmt(values: list[float], digits: int) -> str:
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(runs: list[dict[str, Any]], methods: list[str]) -> str:
     """One row per method (mean ± std over seeds); bits per byte: lower is better."""
-    head = ["method", "seeds", "train s", "backprop", "forwarded", "final bpb", "best bpb"]
-    rows = [head]
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        rows.append([m, ",".join(str(r["seed"]) for r in rs),
-                     _fmt([r["wall_clock_s"] for r in rs], 1),
-                     _fmt([r["samples_backpropagated"] for r in rs], 0),
-                     _fmt([r["samples_forwarded"] for r in rs], 0),
-                     _fmt([r["final_bpb"] for r in rs], 4), _fmt([r["best_bpb"] for r in rs], 4)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return runs_table(runs, methods, "bpb")
 
 
 def plot(runs: list[dict[str, Any]], methods: list[str], path: Path, title: str) -> None:
     """Held-out bits per byte against training wall-clock, one colour per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, m in enumerate(methods):
-        for j, r in enumerate(rs for rs in runs if rs["method"] == m):
-            t, q = zip(*r["curve"]) if r["curve"] else ((), ())
-            ax.plot(t, q, marker="o", ms=3, color=f"C{i}", alpha=0.9 if j == 0 else 0.5,
-                    label=m if j == 0 else None)
-    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
-    ax.set_ylabel("held-out bits per byte (lower is better)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_curves(runs, methods, path, title, "held-out bits per byte (lower is better)")
 
 
 def build_data(args: argparse.Namespace, root: Path, log: Any = print):
@@ -177,17 +127,13 @@ def build_data(args: argparse.Namespace, root: Path, log: Any = print):
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the pipeline with command-line ``argv`` (default ``sys.argv[1:]``); return the
     results (config, corpus, runs, table, paths), also written to ``OUT/results.json``."""
-    import torch
-
     from .train import eval_subset, train
 
     args = parse_args(argv)
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, args.threads))
-    try:
+    with torch_threads(args.threads):
         t0 = time.perf_counter()
         data = build_data(args, out / "data")
         data_s = time.perf_counter() - t0
@@ -198,17 +144,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"train shards = {data.corpus.num_samples} sequences of {args.seq_len} B "
               f"({data.train_bytes / 2**20:.2f} MiB); held-out: {m['heldout_files']} files, "
               f"{len(data.heldout)} sequences, {len(heldout)} evaluated ({data_s:.1f} s)", flush=True)
-        es_options = {"beta1": args.beta1, "beta2": args.beta2, "burn_in": args.burn_in,
-                      "anneal": args.anneal}
         runs = []
         for method in args.methods:
             for seed in args.seeds:
                 r = train(method, data.corpus, heldout, args.epochs, b=args.b, B=args.B,
                           lr=args.lr, seed=seed, workers=args.workers,
-                          progress=not args.no_progress, es_options=es_options,
-                          eswp_ratio=args.eswp_ratio, infobatch_ratio=args.infobatch_ratio,
-                          prune_anneal=args.prune_anneal,
-                          prune_burn_in_epochs=args.prune_burn_in_epochs,
+                          progress=not args.no_progress, **selection_kwargs(args),
                           run_dir=str(out / "runs" / f"{method}-seed{seed}"),
                           evals_per_epoch=args.evals_per_epoch, arch=args.arch,
                           hidden=args.hidden, embed=args.embed, layers=args.layers,
@@ -217,8 +158,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       f"{r['final_bpb']:.4f}, best {r['best_bpb']:.4f} ({r['params']} params)",
                       flush=True)
                 runs.append(r)
-    finally:
-        torch.set_num_threads(threads)
 
     text = table(runs, args.methods)
     png = out / "bpb_vs_time.png"
@@ -230,10 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "train_sequences": data.corpus.num_samples, "eval_sequences": len(heldout),
                "runs": runs, "table": text, "plot": str(png),
                "total_s": time.perf_counter() - started}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print()
-    print(text)
-    print(f"\nplot: {png}\nresults: {out / 'results.json'}\ntotal: {results['total_s']:.1f} s")
+    write_results(out, results)
     return results
 
 

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import es_stream
-from es_stream import Corpus, ESDataset, ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore
+from es_stream import Corpus, ESDataset
 
+from ..common import make_pruner, save_scores
 from ..mnist1d.train import BATCH_OF_B, METHODS, make_selector
 from .data import Collate, Decode
 
@@ -162,14 +163,9 @@ def train(method: str, corpus: Corpus, heldout: torch.Tensor, epochs: int, b: in
             options.setdefault("device", dev)
         # ES's burn-in/anneal fractions count steps of unpruned epochs (an upper bound for eswp)
         selector = make_selector(method, corpus, b, seed, epochs * len(ds), **options)
-        pruner = None
-        if method == "eswp":
-            pruner = Pruner(corpus, selector.store, ESWPPolicy(
-                eswp_ratio, anneal=prune_anneal, burn_in_epochs=prune_burn_in_epochs, seed=seed),
-                manifests)
-        elif method == "infobatch":
-            pruner = Pruner(corpus, ScoreStore(corpus.num_samples),
-                            InfoBatchPolicy(infobatch_ratio, anneal=prune_anneal, seed=seed), manifests)
+        pruner = make_pruner(method, corpus, selector, manifests, eswp_ratio=eswp_ratio,
+                             infobatch_ratio=infobatch_ratio, prune_anneal=prune_anneal,
+                             prune_burn_in_epochs=prune_burn_in_epochs, seed=seed)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
 
         forwarded = backpropagated = steps = 0
@@ -241,10 +237,7 @@ def train(method: str, corpus: Corpus, heldout: torch.Tensor, epochs: int, b: in
         finally:
             bar.close()
             del dl  # stop persistent workers before the manifest directory goes
-        store = pruner.store if pruner is not None else getattr(selector, "store", None)
-        if run_dir is not None and store is not None:
-            os.makedirs(run_dir, exist_ok=True)
-            store.save(os.path.join(run_dir, "scores.npy"))
+        save_scores(run_dir, pruner, selector)
     bpbs = [q for _, q in curve]
     return {"method": method, "seed": seed, "wall_clock_s": elapsed,
             "samples_forwarded": forwarded, "samples_backpropagated": backpropagated,

@@ -1,0 +1,124 @@
+"""What the pipelines' command lines and training loops share (``pipelines.mnist1d``,
+``pipelines.textlm``, and ``tools/bench_train.py``, which runs their loops).
+
+Command line: the selection and pruning flags (:func:`add_selection_args`), the parsing of
+``--methods`` and ``--seeds``, and the keyword arguments those flags become for the ``train``
+functions (:func:`selection_kwargs`). Training: the pruner of ``eswp`` / ``infobatch``
+(:func:`make_pruner`), saving a run's final scores (:func:`save_scores`) and torch's thread count
+for the length of a run (:func:`torch_threads`).
+
+Nothing here imports torch or es_stream at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from typing import Any, Iterator
+
+#: ``ESSelector`` options given on the command line (``es_options`` of the ``train`` functions)
+ES_OPTIONS = ("beta1", "beta2", "burn_in", "anneal")
+#: pruning options of the ``train`` functions
+PRUNE_OPTIONS = ("eswp_ratio", "infobatch_ratio", "prune_anneal", "prune_burn_in_epochs")
+
+#: help of the selection and pruning flags, by option name
+SELECTION_HELP = {
+    "beta1": "ES weight EMA coefficient",
+    "beta2": "ES score EMA coefficient",
+    "burn_in": "ES: fraction of steps uniform first",
+    "anneal": "ES: fraction of steps uniform last",
+    "eswp_ratio": "eswp: fraction pruned per epoch",
+    "infobatch_ratio": "infobatch: fraction of below-mean-loss samples pruned per epoch",
+    "prune_anneal": "eswp/infobatch: fraction of final epochs left unpruned",
+    "prune_burn_in_epochs": "eswp: first epochs left unpruned (scores need one pass first)",
+}
+
+
+def add_selection_args(group: Any, help: dict[str, str] | None = None) -> None:
+    """Add ``--beta1 --beta2 --burn-in --anneal --eswp-ratio --infobatch-ratio --prune-anneal
+    --prune-burn-in-epochs`` with their defaults to ``group`` (a parser or argument group);
+    ``help`` replaces some of :data:`SELECTION_HELP`."""
+    h = {**SELECTION_HELP, **(help or {})}
+    group.add_argument("--beta1", type=float, default=0.2, help=h["beta1"])
+    group.add_argument("--beta2", type=float, default=0.8, help=h["beta2"])
+    group.add_argument("--burn-in", type=float, default=0.0, help=h["burn_in"])
+    group.add_argument("--anneal", type=float, default=0.0, help=h["anneal"])
+    group.add_argument("--eswp-ratio", type=float, default=0.3, help=h["eswp_ratio"])
+    group.add_argument("--infobatch-ratio", type=float, default=0.5, help=h["infobatch_ratio"])
+    group.add_argument("--prune-anneal", type=float, default=0.125, help=h["prune_anneal"])
+    group.add_argument("--prune-burn-in-epochs", type=int, default=1,
+                       help=h["prune_burn_in_epochs"])
+
+
+def ints(text: Any) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (empty items skipped)."""
+    return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+def floats(text: Any) -> list[float]:
+    """``"0,0.2"`` -> ``[0.0, 0.2]`` (empty items skipped)."""
+    return [float(v) for v in str(text).split(",") if v.strip()]
+
+
+def parse_methods(parser: argparse.ArgumentParser, text: str, choices: tuple[str, ...]) -> list[str]:
+    """The comma-separated methods of ``text``; ``parser.error`` if one is not in ``choices`` or
+    there are none."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in choices]
+    if unknown or not methods:
+        parser.error(f"unknown method(s) {unknown}; choose from {','.join(choices)}")
+    return methods
+
+
+def check_batch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` unless ``1 <= args.b <= args.B``."""
+    if not 1 <= args.b <= args.B:
+        parser.error(f"need 1 <= b <= B, got b={args.b}, B={args.B}")
+
+
+def selection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``train`` keyword arguments of the flags of :func:`add_selection_args`:
+    ``es_options`` and the pruning options."""
+    return {"es_options": {k: getattr(args, k) for k in ES_OPTIONS},
+            **{k: getattr(args, k) for k in PRUNE_OPTIONS}}
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``max(1, threads)`` torch threads, then restore torch's count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def make_pruner(method: str, corpus: Any, selector: Any, manifests: str, *, eswp_ratio: float,
+                infobatch_ratio: float, prune_anneal: float, prune_burn_in_epochs: int,
+                seed: int) -> Any:
+    """The epoch-end pruner of ``method`` writing to ``manifests`` (None unless ``eswp`` or
+    ``infobatch``): ``eswp`` prunes with :class:`ESWPPolicy` on the ES selector's store;
+    ``infobatch`` with :class:`InfoBatchPolicy` on a store of its own (last losses)."""
+    from es_stream import ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore
+
+    if method == "eswp":
+        return Pruner(corpus, selector.store, ESWPPolicy(
+            eswp_ratio, anneal=prune_anneal, burn_in_epochs=prune_burn_in_epochs, seed=seed),
+            manifests)
+    if method == "infobatch":
+        return Pruner(corpus, ScoreStore(corpus.num_samples),
+                      InfoBatchPolicy(infobatch_ratio, anneal=prune_anneal, seed=seed), manifests)
+    return None
+
+
+def save_scores(run_dir: str | None, pruner: Any, selector: Any) -> None:
+    """Save the run's final scores (the pruner's store, else the selector's, if any) to
+    ``run_dir/scores.npy``; nothing without ``run_dir``."""
+    store = pruner.store if pruner is not None else getattr(selector, "store", None)
+    if run_dir is not None and store is not None:
+        os.makedirs(run_dir, exist_ok=True)
+        store.save(os.path.join(run_dir, "scores.npy"))
