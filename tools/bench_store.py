@@ -146,7 +146,10 @@ def part2(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(1)
 
     def next_ids() -> torch.Tensor:
-        return torch.from_numpy(np.unique(rng.integers(0, n, big_b + 64))[:big_b])
+        ids = np.unique(rng.integers(0, n, big_b + 64))
+        while len(ids) < big_b:  # a small store (--channel-n near B): draw until B distinct ids
+            ids = np.unique(np.concatenate([ids, rng.integers(0, n, big_b)]))
+        return torch.from_numpy(ids[:big_b])
 
     def step() -> None:
         with torch.no_grad():
