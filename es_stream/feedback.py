@@ -96,12 +96,13 @@ class FeedbackChannel:
         """Start moving the scores of (host) ``ids`` to the device."""
         self._staged = self._stage(ids)
 
-    def _stage(self, ids: torch.Tensor) -> _Staged:
+    def _stage(self, ids: torch.Tensor, checked: bool = False) -> _Staged:
         self._commit_ready()
         ids = torch.as_tensor(ids)
         if ids.device.type != "cpu":
             raise ValueError("ids must be on the host (as the loader yields them) to be staged")
-        self.store.check_ids(ids)
+        if not checked:
+            self.store.check_ids(ids)
         ids_np = ids.numpy().astype(np.int64, copy=False)
         host = self._buffer(len(ids_np))
         self.store.gather_numpy(ids_np, out=host.numpy())
@@ -114,11 +115,12 @@ class FeedbackChannel:
         return _Staged(ids_np, rows, ids_device, list(self._pending))
 
     def fetch(self, ids: torch.Tensor) -> torch.Tensor:
-        """Current scores of ``ids`` on the device, in-flight updates included."""
+        """Current scores of (range-checked, host) ``ids`` on the device, in-flight updates
+        included."""
         staged, self._staged = self._staged, None
         ids_np = torch.as_tensor(ids).cpu().numpy()
         if staged is None or not np.array_equal(staged.ids, ids_np):
-            staged = self._stage(torch.as_tensor(ids).cpu())
+            staged = self._stage(torch.as_tensor(ids).cpu(), checked=True)  # the selector checked
         rows = staged.rows
         # updates that were in flight when the rows were read (some may have been committed
         # since, after the read) and every later one; oldest first, so a newer update wins

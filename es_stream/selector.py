@@ -206,6 +206,8 @@ class ESSelector(Selector):
             raise ValueError(f"floor must be > 0, got {floor}")
         if feedback not in ("auto", "sync", "async"):
             raise ValueError(f"feedback must be 'auto', 'sync' or 'async', got {feedback!r}")
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an integer >= 1, got {max_pending!r}")
         if store is not None and store.num_samples != num_samples:
             raise ValueError(f"store holds {store.num_samples} scores but num_samples={num_samples}")
         self.num_samples = num_samples
@@ -313,8 +315,7 @@ class ESSelector(Selector):
         """Restore step and generators, the update log, and the scores when the state holds
         them."""
         super().load_state_dict(state)
-        for channel in self._channels.values():
-            channel.flush()
+        self.flush()  # in-flight updates must not land on top of the restored scores
         if "store" in state:
             self.store.load_state_dict(state["store"])
         if "updated_ids" in state:

@@ -91,3 +91,8 @@ def test_cuda_host_store_channel_makes_no_host_sync(tmp_path):
         assert torch.equal(torch.sort(ref.select(ids, losses.cuda()))[0],
                            torch.sort(pick)[0])
     assert np.allclose(host.to_numpy(), ref.store.to_numpy())
+
+
+def test_selector_checks_max_pending_up_front():
+    with pytest.raises(ValueError, match="max_pending must be an integer >= 1, got 0"):
+        ESSelector(10, 2, max_pending=0)
