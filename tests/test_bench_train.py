@@ -137,12 +137,32 @@ def test_dry_run_prints_the_plan_and_an_estimate(tmp_path: Path, capsys) -> None
     assert res["ran"] == 0 and not (tmp_path / "evidence" / "runs.jsonl").exists()
     # all = mnist1d at noise 0, 0.2, 0.4 + textlm + ratio {2, 4} + prune {0.2, 0.3, 0.5} + betas 4x4
     names = ["mnist1d-noise0", "textlm", "mnist1d-noise0.2", "mnist1d-noise0.4", "ratio-2",
-             "ratio-4", "prune-0.2", "prune-0.3", "prune-0.5"]
+             "ratio-4", "prune-0.2", "prune-0.3", "prune-0.5", "fix-schedule", "fix-epochs"]
     for name in names:
         assert f"  {name}: " in printed
     assert printed.count("  betas-") == 16
     assert res["estimate"]["runs"] > 0 and res["estimate"]["seconds"] > 0
     assert "estimated" in printed
+
+
+def test_fixes_grid_runs_burn_in_anneal_and_a_longer_run(tmp_path: Path) -> None:
+    # the fixes grid's two experiments, tiny: ES with burn-in/anneal shares uniform's runs with
+    # the plain grid cell, the longer run trains --fix-epochs epochs; both get full tables
+    extra = ["--grid", "fixes", "--grid-seeds", "0", "--fix-epochs", str(EPOCHS + 1),
+             "--methods", "uniform,es,budget_es"]
+    args = argv(tmp_path, *extra)
+    args = args[2:]  # no main workload: the grid alone
+    res = bench_train.main(args)
+    runs = [json.loads(x) for x in lines(tmp_path / "evidence" / "runs.jsonl")]
+    by = {(r["config"].get("epochs"), r["method"], r["config"].get("burn_in")): r for r in runs}
+    # uniform once per epoch budget (burn-in/anneal do not key it), ES once per experiment
+    assert sorted(r["method"] for r in runs) == ["budget_es"] * 2 + ["es"] * 2 + ["uniform"] * 2
+    assert (EPOCHS, "es", 0.1) in by and (EPOCHS + 1, "es", 0.0) in by
+    assert by[EPOCHS + 1, "uniform", None]["result"]["samples_backpropagated"] == (EPOCHS + 1) * TRAIN
+    assert res["ran"] == 6
+    tables = (tmp_path / "evidence" / "tables.md").read_text()
+    assert "## Fixes tried" in tables and "(`fix-schedule`)" in tables and "(`fix-epochs`)" in tables
+    assert "burn-in 0.1, anneal 0.1" in tables
 
 
 def test_time_to_target_and_run_keys() -> None:

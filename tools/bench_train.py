@@ -5,8 +5,15 @@
     python tools/bench_train.py --grid betas                           # beta1 x beta2 heat map
     python tools/bench_train.py --grid ratio                           # B/b in {2, 4}
     python tools/bench_train.py --grid prune                           # ESWP pruning ratio
+    python tools/bench_train.py --grid fixes                           # burn-in/anneal, longer run
     python tools/bench_train.py --all                                  # every one of the above
     python tools/bench_train.py --all --dry-run                        # the plan and its estimate
+
+**The fixes grid** tries, on clean MNIST-1D, what could close a gap between ES and uniform without
+tuning for this benchmark: ``fix-schedule`` (the paper's burn-in and annealing: ``--fix-burn-in``
+and ``--fix-anneal`` of the steps select uniformly) and ``fix-epochs`` (``--fix-epochs`` epochs,
+a longer run where uniform has flattened, so fewer samples back-propagated per epoch may cost
+less quality), each with uniform, ES, ESWP and both budget-matched controls.
 
 **What one experiment runs.** On the same shards and epoch budget, with every seed of
 ``--seeds`` (default 0,1,2), each method of ``--methods`` (default all of them):
@@ -90,7 +97,7 @@ from pipelines.common import ints as _ints  # noqa: E402
 from pipelines.report import stats as _stats  # noqa: E402
 
 WORKLOADS = ("mnist1d", "textlm")
-GRIDS = ("betas", "ratio", "prune")
+GRIDS = ("betas", "ratio", "prune", "fixes")
 METHODS = ("uniform", "uniform_B", "es", "eswp", "loss", "selective_backprop", "infobatch",
            "random", "budget_es", "budget_eswp")
 SELECTING = ("es", "eswp", "loss", "selective_backprop", "random")   # forward B, back-propagate b
@@ -131,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--grid", action="append", choices=GRIDS, default=[],
                       help="a sensitivity grid on MNIST-1D (repeatable)")
     what.add_argument("--all", action="store_true",
-                      help="everything: mnist1d at every --noise, textlm, and the three grids")
+                      help="everything: mnist1d at every --noise, textlm, and every grid")
     what.add_argument("--dry-run", action="store_true", help="print the plan and estimate only")
     g = p.add_argument_group("common")
     g.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: "
@@ -189,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta2s", default="0.5,0.8,0.9,0.95", help="betas grid: beta2 values")
     g.add_argument("--ratios", default="2,4", help="ratio grid: B/b values (b = --m1d-b)")
     g.add_argument("--prune-ratios", default="0.2,0.3,0.5", help="prune grid: ESWP ratios")
+    g.add_argument("--fix-burn-in", type=float, default=0.1, help="fixes grid: ES burn-in fraction")
+    g.add_argument("--fix-anneal", type=float, default=0.1, help="fixes grid: ES anneal fraction")
+    g.add_argument("--fix-epochs", type=int, default=20, help="fixes grid: epochs of the longer run")
     return p
 
 
@@ -230,7 +240,7 @@ class Experiment:
     config: dict[str, Any]
     methods: list[str]
     seeds: list[int]
-    group: str = "main"                    # main | betas | ratio | prune
+    group: str = "main"                    # main | betas | ratio | prune | fixes
     cell: dict[str, Any] = field(default_factory=dict)   # the grid coordinates
     plot: bool = True
 
@@ -293,6 +303,18 @@ def plan(args: argparse.Namespace) -> list[Experiment]:
                     f"{b1:g} beta2 {b2:g}", "mnist1d", {**grid_cfg, "beta1": b1, "beta2": b2},
                     ["uniform", "es"], list(args.grid_seeds), group="betas",
                     cell={"beta1": b1, "beta2": b2}, plot=False))
+    if "fixes" in args.grid:
+        methods = [m for m in ("uniform", "es", "eswp", "budget_es", "budget_eswp")
+                   if m in args.methods]
+        exps.append(Experiment(
+            "fix-schedule", f"MNIST-1D (noise {args.grid_noise:g}), ES burn-in "
+            f"{args.fix_burn_in:g} and anneal {args.fix_anneal:g}", "mnist1d",
+            {**grid_cfg, "burn_in": args.fix_burn_in, "anneal": args.fix_anneal}, methods,
+            list(args.grid_seeds), group="fixes"))
+        exps.append(Experiment(
+            "fix-epochs", f"MNIST-1D (noise {args.grid_noise:g}), {args.fix_epochs} epochs",
+            "mnist1d", {**grid_cfg, "epochs": args.fix_epochs}, methods, list(args.grid_seeds),
+            group="fixes"))
     return exps
 
 
@@ -694,6 +716,13 @@ def write_tables(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
         lines += [f"## {e['title']} (`{e['name']}`)", "", describe(e), "", markdown_table(e), ""]
         if e.get("plot"):
             lines += [f"![{e['name']}]({Path(e['plot']).name})", ""]
+    fixes = [e for e in entries.values() if e["group"] == "fixes"]
+    if fixes:
+        lines += ["## Fixes tried (clean MNIST-1D)", ""]
+    for e in fixes:
+        lines += [f"### {e['title']} (`{e['name']}`)", "", describe(e), "", markdown_table(e), ""]
+        if e.get("plot"):
+            lines += [f"![{e['name']}]({Path(e['plot']).name})", ""]
     lines += grid_tables(entries)
     path = out / "tables.md"
     path.write_text("\n".join(lines))
@@ -918,7 +947,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             pass
         summary_path.write_text(json.dumps(entries, indent=1))
         tables = write_tables(out, entries)
-        if exp.group == "main":
+        if exp.group in ("main", "fixes"):
             print(f"\n## {exp.title}\n{describe(entry)}\n\n{markdown_table(entry)}\n", flush=True)
     print(f"bench_train: ran {ran}, skipped {skipped} already finished, in "
           f"{(time.perf_counter() - started) / 60:.1f} min; tables: {out / 'tables.md'}; "
