@@ -89,7 +89,15 @@ def test_bench_mnist1d_two_seeds_budget_control_and_resume(tmp_path: Path, capsy
     assert s["methods"]["uniform"]["ratio_to_uniform"]["wall_clock_s"] == 1.0
     assert s["methods"]["es"]["ratio_to_uniform"]["samples_backpropagated"] == pytest.approx(0.5)
 
+    # the scoring forward's cost, read off the random control: random/uniform = F/T + b/B
+    sc = s["scoring_cost"]
+    r = mean("random", "wall_clock_s") / mean("uniform", "wall_clock_s")
+    assert sc["random_over_uniform"] == pytest.approx(r)
+    assert sc["forward_over_train_per_sample"] == pytest.approx(r - b / B)
+    assert sc["selection_overhead"] == pytest.approx(mean("es", "wall_clock_s") / mean("random", "wall_clock_s"))
+
     table = (out / "tables.md").read_text()
+    assert "scoring forward per sample = " in table
     assert "| method | seeds | train s | × unif |" in table and "budget_es: " in table
     for label in ("uniform (b)", "uniform (B)", "| es |", "| eswp |", "random (b of B)",
                   "uniform, ES's budget"):

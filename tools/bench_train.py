@@ -550,7 +550,28 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], tolerance: float) 
         ratio["time_to_target_s"] = a / b if a is not None and b else None
         row["ratio_to_uniform"] = ratio
     return {"methods": rows, "target": target, "tolerance": tolerance, "higher_is_better": higher,
-            "quality": uniform[0]["result"]["quality"]}
+            "quality": uniform[0]["result"]["quality"], "scoring_cost": scoring_cost(exp, rows)}
+
+
+def scoring_cost(exp: Experiment, rows: dict[str, Any]) -> dict[str, float] | None:
+    """What the no-grad scoring forward costs, read off the random control's wall-clock.
+
+    Random forwards all n samples and trains n b/B of them in n/B steps; uniform trains n in n/b
+    steps. With F the time of a scoring forward per sample and T uniform's training time per
+    sample (per-step overheads included), ``random / uniform = F/T + b/B``, so
+    ``F/T = random/uniform - b/B``. The paper's cost model takes F/T ~ 1/3 (a forward against a
+    forward + backward ~ 1 + 2); a smaller F/T means a cheaper scoring forward than assumed.
+    ``selection_overhead`` is ES's wall-clock over random's: what scoring and choosing by ES
+    adds to choosing at random (same forwards, same backprops)."""
+    if "random" not in rows or "uniform" not in rows:
+        return None
+    r = rows["random"]["wall_clock_s"]["mean"] / rows["uniform"]["wall_clock_s"]["mean"]
+    frac = exp.config["b"] / exp.config["B"]
+    out = {"random_over_uniform": r, "b_over_B": frac, "forward_over_train_per_sample": r - frac}
+    if "es" in rows:
+        out["selection_overhead"] = (rows["es"]["wall_clock_s"]["mean"]
+                                     / rows["random"]["wall_clock_s"]["mean"])
+    return out
 
 
 def _pm(stats: dict[str, float], digits: int) -> str:
@@ -632,6 +653,14 @@ def describe(entry: dict[str, Any]) -> str:
         sign = "minus" if s["higher_is_better"] else "plus"
         lines.append(f"target = uniform's mean final {s['quality']} {sign} {s['tolerance']:g} "
                      f"= {s['target']:.4f}")
+    sc = s.get("scoring_cost")
+    if sc:
+        lines.append(f"scoring forward per sample = {sc['forward_over_train_per_sample']:.2f} of "
+                     f"uniform's training time per sample (random / uniform wall-clock "
+                     f"{sc['random_over_uniform']:.2f} minus b/B {sc['b_over_B']:.2f}; the paper's "
+                     f"cost model assumes ~0.33)"
+                     + (f"; ES / random wall-clock {sc['selection_overhead']:.2f}"
+                        if "selection_overhead" in sc else ""))
     for m, cut in entry["budget_cuts"].items():
         lines.append(f"{m}: {cut['epochs']:.3f} epochs = {c['epochs']} x {cut['mean_train_s_of']:.2f} s "
                      f"({cut['of']}) / {cut['mean_train_s_uniform']:.2f} s (uniform)"
