@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-noise", type=float, default=0.0, help="label noise of the grids")
     g.add_argument("--grid-seeds", default=None, help="seeds of the grids (default: --seeds)")
     g.add_argument("--beta1s", default="0,0.2,0.5,0.8", help="betas grid: beta1 values")
-    g.add_argument("--beta2s", default="0.5,0.8,0.9,0.95", help="betas grid: beta2 values")
+    g.add_argument("--beta2s", default="0.5,0.8,0.95", help="betas grid: beta2 values")
     g.add_argument("--ratios", default="2,4", help="ratio grid: B/b values (b = --m1d-b)")
     g.add_argument("--prune-ratios", default="0.2,0.3,0.5", help="prune grid: ESWP ratios")
     g.add_argument("--fix-burn-in", type=float, default=0.1, help="fixes grid: ES burn-in fraction")
