@@ -167,6 +167,10 @@ def test_fixes_grid_runs_burn_in_anneal_and_a_longer_run(tmp_path: Path) -> None
     assert sorted(r["method"] for r in runs) == ["budget_es"] * 2 + ["es"] * 2 + ["uniform"] * 2
     assert (EPOCHS, "es", 0.1) in by and (EPOCHS + 1, "es", 0.0) in by
     assert by[EPOCHS + 1, "uniform", None]["result"]["samples_backpropagated"] == (EPOCHS + 1) * TRAIN
+    # fix-schedule differs from the main configuration: its uniform reference is its own run
+    # (same machine conditions as its ES runs); fix-epochs' uniform differs by its epochs anyway
+    assert by[EPOCHS, "uniform", None]["config"]["reference"] == "fix-schedule"
+    assert "reference" not in by[EPOCHS, "es", 0.1]["config"]
     assert res["ran"] == 6
     tables = (tmp_path / "evidence" / "tables.md").read_text()
     assert "## Fixes tried" in tables and "(`fix-schedule`)" in tables and "(`fix-epochs`)" in tables

@@ -282,19 +282,29 @@ def plan(args: argparse.Namespace) -> list[Experiment]:
         if exps[0].workload == "mnist1d" and len(exps) > 2:   # textlm right after clean MNIST-1D
             exps.insert(1, exps.pop())
     grid_cfg = base_config(args, "mnist1d", noise=args.grid_noise)
+
+    def own_reference(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+        # A grid cell that differs from the main configuration gets its own uniform runs (and
+        # budget controls): its time ratios and budget cut then compare runs made under the same
+        # machine conditions — a grid may run hours after the main table, when a shared machine
+        # is slower. A cell equal to the main configuration reuses the main table's runs.
+        return cfg if cfg == grid_cfg else {**cfg, "reference": name}
+
     if "ratio" in args.grid:
         methods = [m for m in ("uniform", "uniform_B", "es", "eswp", "random", "budget_es",
                                "budget_eswp") if m in args.methods]
         for r in _ints(args.ratios):
             exps.append(Experiment(
                 f"ratio-{r}", f"MNIST-1D (noise {args.grid_noise:g}), B/b = {r} (b = {args.m1d_b})",
-                "mnist1d", {**grid_cfg, "B": r * args.m1d_b}, methods, list(args.grid_seeds),
+                "mnist1d", own_reference(f"ratio-{r}", {**grid_cfg, "B": r * args.m1d_b}),
+                methods, list(args.grid_seeds),
                 group="ratio", cell={"ratio": r}))
     if "prune" in args.grid:
         for r in _floats(args.prune_ratios):
             exps.append(Experiment(
                 f"prune-{r:g}", f"MNIST-1D (noise {args.grid_noise:g}), ESWP ratio {r:g}",
-                "mnist1d", {**grid_cfg, "eswp_ratio": r}, ["uniform", "eswp"],
+                "mnist1d", own_reference(f"prune-{r:g}", {**grid_cfg, "eswp_ratio": r}),
+                ["uniform", "eswp"],
                 list(args.grid_seeds), group="prune", cell={"eswp_ratio": r}, plot=False))
     if "betas" in args.grid:
         for b1 in _floats(args.beta1s):
@@ -310,7 +320,8 @@ def plan(args: argparse.Namespace) -> list[Experiment]:
         exps.append(Experiment(
             "fix-schedule", f"MNIST-1D (noise {args.grid_noise:g}), ES burn-in "
             f"{args.fix_burn_in:g} and anneal {args.fix_anneal:g}", "mnist1d",
-            {**grid_cfg, "burn_in": args.fix_burn_in, "anneal": args.fix_anneal}, methods,
+            own_reference("fix-schedule", {**grid_cfg, "burn_in": args.fix_burn_in,
+                                           "anneal": args.fix_anneal}), methods,
             list(args.grid_seeds), group="fixes"))
         # the longer run asks one question (does ES close the gap given more epochs?): ES and
         # its control only, which keeps --all within a session on a 2-core machine
@@ -329,6 +340,7 @@ _ONLY_FOR = {
     "eswp_ratio": ("eswp",), "prune_burn_in_epochs": ("eswp",),
     "infobatch_ratio": ("infobatch",), "prune_anneal": ("eswp", "infobatch"),
     "B": SELECTING + ("uniform_B",),
+    "reference": ("uniform",) + tuple(BUDGET),   # see own_reference in plan()
 }
 
 
