@@ -176,6 +176,11 @@ def test_fixes_grid_runs_burn_in_anneal_and_a_longer_run(tmp_path: Path) -> None
     assert "## Fixes tried" in tables and "(`fix-schedule`)" in tables and "(`fix-epochs`)" in tables
     assert "burn-in 0.1, anneal 0.1" in tables
 
+    # bad fixes-grid settings are refused before anything runs, naming the flag
+    for bad in (["--fix-burn-in", "0.7", "--fix-anneal", "0.5"], ["--fix-epochs", "0"]):
+        with pytest.raises(SystemExit):
+            bench_train.parse_args(args + bad)
+
 
 def test_time_to_target_and_run_keys() -> None:
     curve = [[1.0, 3.0], [2.0, 2.5], [3.0, 2.4]]

@@ -225,6 +225,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for b, B, name in ((args.m1d_b, args.m1d_B, "m1d"), (args.text_b, args.text_B, "text")):
         if not 1 <= b <= B:
             parser.error(f"need 1 <= --{name}-b <= --{name}-B, got {b}, {B}")
+    # checked here, not at the fixes grid's first ES run an hour into --all
+    if not (0 <= args.fix_burn_in and 0 <= args.fix_anneal and args.fix_burn_in + args.fix_anneal <= 1):
+        parser.error(f"need --fix-burn-in, --fix-anneal >= 0 with a sum <= 1, got "
+                     f"{args.fix_burn_in}, {args.fix_anneal}")
+    if args.fix_epochs < 1:
+        parser.error(f"need --fix-epochs >= 1, got {args.fix_epochs}")
     return args
 
 
@@ -755,19 +761,20 @@ def write_tables(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
              "mean ± std over seeds; `× unif` is the ratio of means to uniform (b). "
              "`to target s`: mean over the seeds that reached the target (how many, of how many).",
              ""]
-    for e in entries.values():
-        if e["group"] != "main":
-            continue
-        lines += [f"## {e['title']} (`{e['name']}`)", "", describe(e), "", markdown_table(e), ""]
+    def section(e: dict[str, Any], heading: str) -> list[str]:
+        out = [f"{heading} {e['title']} (`{e['name']}`)", "", describe(e), "", markdown_table(e), ""]
         if e.get("plot"):
-            lines += [f"![{e['name']}]({Path(e['plot']).name})", ""]
+            out += [f"![{e['name']}]({Path(e['plot']).name})", ""]
+        return out
+
+    for e in entries.values():
+        if e["group"] == "main":
+            lines += section(e, "##")
     fixes = [e for e in entries.values() if e["group"] == "fixes"]
     if fixes:
-        lines += ["## Fixes tried (clean MNIST-1D)", ""]
+        lines += ["## Fixes tried", ""]
     for e in fixes:
-        lines += [f"### {e['title']} (`{e['name']}`)", "", describe(e), "", markdown_table(e), ""]
-        if e.get("plot"):
-            lines += [f"![{e['name']}]({Path(e['plot']).name})", ""]
+        lines += section(e, "###")
     lines += grid_tables(entries)
     path = out / "tables.md"
     path.write_text("\n".join(lines))
