@@ -30,12 +30,18 @@ _META_KEY = b"es_stream.corpus"
 @dataclass(frozen=True)
 class ShardInfo:
     """One shard: its path or URL, sample count, and the size and mtime it had when indexed
-    (-1 when unknown, for streamed URLs)."""
+    (-1 when unknown, for streamed URLs).
+
+    ``dropped`` is None for a complete shard. For a truncated tar shard indexed with
+    ``allow_truncated=True`` it is the number of samples left out (0 or 1: its last sample,
+    which may be incomplete; what the cut removed entirely cannot be counted).
+    """
 
     name: str
     num_samples: int
     size: int
     mtime_ns: int
+    dropped: int | None = None
 
 
 @dataclass
@@ -89,6 +95,41 @@ def expand_urls(urls: str | os.PathLike | Sequence[str]) -> list[str]:
 
         return list(braceexpand(text))
     return [os.fspath(u) for u in urls]
+
+
+def _scan_local(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int]:
+    """Scan a local shard by seeking: (layout, size, mtime_ns)."""
+    path = _local_path(url)
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            layout = scan_tar(f, url, seekable=True, allow_truncated=allow_truncated)
+    except FileNotFoundError as exc:
+        raise ShardError(url, "no such shard file; check the path or pattern") from exc
+    except ShardError:
+        raise
+    except OSError as exc:  # a directory, no permission, an I/O error: name the shard
+        raise ShardError(url, f"cannot read the shard ({exc.strerror or exc}); a tar file is "
+                         "expected here") from exc
+    return layout, st.st_size, st.st_mtime_ns
+
+
+def _scan_stream(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int]:
+    """Scan a ``pipe:`` or remote shard in one forward pass: (layout, bytes read, -1)."""
+    from webdataset import gopen
+
+    try:
+        stream = gopen(url, "rb")
+    except Exception as exc:  # gopen raises many kinds; name the URL whatever it was
+        raise ShardError(url, f"cannot open ({exc})") from exc
+    try:
+        layout = scan_tar(stream, url, seekable=False, allow_truncated=allow_truncated)
+    finally:
+        try:
+            stream.close()
+        except Exception as exc:  # a pipe: command that failed reports it on close
+            raise ShardError(url, f"stream failed: {exc}") from exc
+    return layout, layout.size, -1
 
 
 class Corpus:
@@ -160,41 +201,36 @@ class Corpus:
 
     # ------------------------------------------------------------ builders
     @classmethod
-    def from_webdataset(cls, urls: str | os.PathLike | Sequence[str]) -> "Corpus":
+    def from_webdataset(cls, urls: str | os.PathLike | Sequence[str], *,
+                        allow_truncated: bool = False) -> "Corpus":
         """Index WebDataset tar shards: a brace pattern, a list of paths/URLs, or a directory.
 
         Local shards are scanned header by header, seeking past payloads; ``pipe:`` commands and
         other URLs webdataset's ``gopen`` opens are streamed once, reading headers as they pass.
+
+        A shard that is not a tar archive, is corrupt, or is truncated (it lacks tar's
+        end-of-archive marker, see :func:`es_stream.tarscan.scan_tar`) raises
+        :class:`ShardError` naming it. webdataset itself would read a shard cut on a member
+        boundary without a word, its last sample short of files; es-stream refuses it unless
+        ``allow_truncated`` is set, which keeps such a shard minus its last (possibly
+        incomplete) sample, warns naming the shard and the dropped key, and records the count
+        in :attr:`truncated` (saved with the index).
         """
         layouts: list[ShardLayout] = []
         shards: list[ShardInfo] = []
         for url in expand_urls(urls):
-            if is_local_url(url):
-                path = _local_path(url)
-                try:
-                    st = os.stat(path)
-                    with open(path, "rb") as f:
-                        layout = scan_tar(f, url, seekable=True)
-                except FileNotFoundError as exc:
-                    raise ShardError(url, "no such shard file; check the path or pattern") from exc
-                shards.append(ShardInfo(url, len(layout), st.st_size, st.st_mtime_ns))
-            else:
-                from webdataset import gopen
-
-                try:
-                    stream = gopen(url, "rb")
-                except Exception as exc:  # gopen raises many kinds; name the URL whatever it was
-                    raise ShardError(url, f"cannot open ({exc})") from exc
-                try:
-                    layout = scan_tar(stream, url, seekable=False)
-                finally:
-                    try:
-                        stream.close()
-                    except Exception as exc:  # a pipe: command that failed reports it on close
-                        raise ShardError(url, f"stream failed: {exc}") from exc
-                shards.append(ShardInfo(url, len(layout), layout.size, -1))
+            scan = _scan_local if is_local_url(url) else _scan_stream
+            layout, size, mtime_ns = scan(url, allow_truncated)
+            dropped = len(layout.dropped) if layout.truncated else None
+            shards.append(ShardInfo(url, len(layout), size, mtime_ns, dropped))
             layouts.append(layout)
         return cls("wds", shards, tar=_tar_table(layouts))
+
+    @property
+    def truncated(self) -> dict[str, int]:
+        """Shards indexed with ``allow_truncated=True`` that were truncated: name -> samples
+        dropped from their end (empty for a complete corpus)."""
+        return {s.name: s.dropped for s in self.shards if s.dropped is not None}
 
     @classmethod
     def from_mds(cls, local_dir: str | os.PathLike, remote: str | None = None,
