@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import tarfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
@@ -50,6 +51,11 @@ class TarTable:
 
     ``member_ptr[i]:member_ptr[i+1]`` are sample i's files; member offsets are relative to the
     sample's offset, so one read of ``lengths[i]`` bytes at ``offsets[i]`` holds all of them.
+
+    Keys and suffixes are the strings webdataset gives (member names decoded by tarfile with
+    ``surrogateescape``). When one is not valid UTF-8, ``keys`` is a ``binary`` array of the raw
+    name bytes instead of ``string``, as Arrow and Parquet strings must be UTF-8; read a key
+    with :meth:`key`, which decodes either.
     """
 
     keys: pa.Array
@@ -60,6 +66,10 @@ class TarTable:
     member_offset: np.ndarray
     member_size: np.ndarray
     suffixes: list[str]
+
+    def key(self, sample_id: int) -> str:
+        """Sample ``sample_id``'s key, as webdataset's ``__key__``."""
+        return _py_text(self.keys[sample_id].as_py())
 
 
 @dataclass(frozen=True)
@@ -265,7 +275,7 @@ class Corpus:
         if self.tar is not None:
             t = self.tar
             ptr = pa.array(t.member_ptr.astype(np.int32))
-            suffix = pa.DictionaryArray.from_arrays(pa.array(t.member_suffix), pa.array(t.suffixes))
+            suffix = pa.DictionaryArray.from_arrays(pa.array(t.member_suffix), _text_array(t.suffixes))
             columns.update({
                 "key": t.keys,
                 "offset": pa.array(t.offsets),
@@ -372,7 +382,7 @@ def _tar_table(layouts: Iterable[ShardLayout]) -> TarTable:
                 m_offset.append(off)
                 m_size.append(size)
     return TarTable(
-        keys=pa.array(keys, pa.string()),
+        keys=_text_array(keys),
         offsets=np.array(offsets, dtype=np.int64),
         lengths=np.array(lengths, dtype=np.int64),
         member_ptr=np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64),
@@ -399,5 +409,22 @@ def _tar_table_from_parquet(table: pa.Table) -> TarTable:
         member_suffix=codes.to_numpy(zero_copy_only=False).astype(np.int32),
         member_offset=table.column("member_offset").combine_chunks().flatten().to_numpy(),
         member_size=table.column("member_size").combine_chunks().flatten().to_numpy(),
-        suffixes=vocab.to_pylist(),
+        suffixes=[_py_text(v) for v in vocab.to_pylist()],
     )
+
+
+def _text_array(values: list[str]) -> pa.Array:
+    """Names as an Arrow ``string`` array, or, when one is not valid UTF-8, a ``binary`` array
+    of the raw bytes tarfile decoded it from, which Parquet keeps exactly."""
+    try:
+        return pa.array(values, pa.string())
+    except UnicodeEncodeError:  # a lone surrogate: tarfile's surrogateescape of a non-UTF-8 byte
+        return pa.array([v.encode(tarfile.ENCODING, "surrogateescape") for v in values],
+                        pa.binary())
+
+
+def _py_text(value: str | bytes) -> str:
+    """A name read back from the index, decoded as tarfile (and so webdataset) decodes it."""
+    if isinstance(value, bytes):
+        return value.decode(tarfile.ENCODING, "surrogateescape")
+    return value

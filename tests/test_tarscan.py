@@ -1,4 +1,4 @@
-"""Tar shards that are cut short or not tar at all.
+"""Tar shards that are cut short, not tar at all, or named in bytes that are not UTF-8.
 
 Shards are written by webdataset's TarWriter (conftest.write_wds) and cut with os.truncate at
 the points a crash or a partial copy leaves them: on a member boundary inside a sample, on a
@@ -177,3 +177,42 @@ def test_directory_where_a_shard_is_expected_is_named(tmp_path):
     (tmp_path / "wds" / "oops.tar").mkdir()
     with pytest.raises(ShardError, match="oops.tar: cannot read the shard .*a tar file is expected"):
         Corpus.from_webdataset([paths[0], str(tmp_path / "wds" / "oops.tar")])
+
+
+# ------------------------------------------------------------------ names that are not UTF-8
+def write_non_utf8(path, producer: str) -> None:
+    """Two samples, one whose key and one of whose suffixes are latin-1 bytes, not UTF-8."""
+    samples = [("caf\udce9", b"first"), ("plain", b"second")]  # \udce9: byte 0xE9, escaped
+    if producer == "TarWriter":
+        with wds.TarWriter(str(path)) as w:
+            for key, data in samples:
+                w.write({"__key__": key, "d\udce9": data, "cls": 1})
+        return
+    # what GNU tar makes of files named in latin-1: raw bytes in the ustar name field
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tf:
+        for key, data in samples:
+            for suffix, value in (("d\xe9", data), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{key.replace(chr(0xdce9), chr(0xe9))}.{suffix}")
+                info.size = len(value)
+                tf.addfile(info, io.BytesIO(value))
+
+
+@pytest.mark.parametrize("producer", ["TarWriter", "latin-1 tar"])
+def test_non_utf8_member_names_read_as_webdataset_reads_them(tmp_path, producer):
+    path = tmp_path / "names.tar"
+    write_non_utf8(path, producer)
+    assert b"caf\xe9" in path.read_bytes()
+    reference = {s["__key__"]: s for s in wds.WebDataset(str(path), shardshuffle=False)}
+    assert list(reference) == ["caf\udce9", "plain"]
+    for urls in ([str(path)], [f"pipe:cat {path}"]):
+        corpus = Corpus.from_webdataset(urls)
+        corpus.save(tmp_path / "corpus.parquet")
+        back = Corpus.load(tmp_path / "corpus.parquet")
+        assert [back.tar.key(i) for i in range(2)] == list(reference)
+        assert back.tar.suffixes == corpus.tar.suffixes
+        ds = ESDataset(back, 2, shuffle=False,
+                       decode=lambda s: s, collate=lambda batch: batch)
+        got = [s for mb in loader(ds, num_workers=1, persistent_workers=False) for s in mb.data]
+        assert [s["__key__"] for s in got] == list(reference)
+        for sample in got:
+            assert sample["d\udce9"] == reference[sample["__key__"]]["d\udce9"]
