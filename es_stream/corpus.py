@@ -275,7 +275,8 @@ class Corpus:
         if self.tar is not None:
             t = self.tar
             ptr = pa.array(t.member_ptr.astype(np.int32))
-            suffix = pa.DictionaryArray.from_arrays(pa.array(t.member_suffix), _text_array(t.suffixes))
+            suffix = pa.DictionaryArray.from_arrays(pa.array(t.member_suffix),
+                                                    _text_array(t.suffixes))
             columns.update({
                 "key": t.keys,
                 "offset": pa.array(t.offsets),

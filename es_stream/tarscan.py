@@ -118,9 +118,8 @@ class _Grouper:
 
     def add(self, info: tarfile.TarInfo) -> None:
         fname = info.name
-        if (not info.isreg()
-                or ("/" not in fname and fname.startswith(meta_prefix) and fname.endswith(meta_suffix))
-                or _SKIP_META.match(fname)):
+        is_meta = "/" not in fname and fname.startswith(meta_prefix) and fname.endswith(meta_suffix)
+        if not info.isreg() or is_meta or _SKIP_META.match(fname):
             return
         prefix, suffix = base_plus_ext(fname)
         if prefix is None:
@@ -227,7 +226,8 @@ def _truncated(layout: ShardLayout, name: str, scanned: int, available: int,
         where = (f"the last member's data runs to byte {scanned} but the shard ends at byte "
                  f"{available}")
     else:
-        where = f"no end-of-archive marker after the last member (the shard ends at byte {available})"
+        where = ("no end-of-archive marker after the last member (the shard ends at byte "
+                 f"{available})")
     if not allow:
         which = f"sample {layout.keys[-1]!r} may be incomplete" if layout.keys else \
             "no sample began before the cut"
