@@ -16,7 +16,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
                                 and os.path.exists(os.path.join(args.shards[0], "index.json"))):
         corpus = Corpus.from_mds(args.shards[0], remote=args.remote)
     else:
-        corpus = Corpus.from_webdataset(args.shards[0] if len(args.shards) == 1 else args.shards)
+        corpus = Corpus.from_webdataset(args.shards[0] if len(args.shards) == 1 else args.shards,
+                                        allow_truncated=args.allow_truncated)
     corpus.save(args.output)
     print(f"indexed {corpus.num_samples} samples in {corpus.num_shards} {corpus.format} shards "
           f"in {time.perf_counter() - start:.2f}s -> {args.output} (fingerprint {corpus.fingerprint})")
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--format", choices=["auto", "wds", "mds"], default="auto",
                        help="shard format (auto: MDS when the directory has index.json)")
     index.add_argument("--remote", default=None, help="MDS remote to fetch index.json/shards from")
+    index.add_argument("--allow-truncated", action="store_true",
+                       help="index a tar shard that lacks its end-of-archive marker (cut short) "
+                       "instead of refusing it: its last sample, which may be incomplete, is "
+                       "dropped, with a warning, and the count is kept in the index")
     index.set_defaults(func=_cmd_index)
 
     inspect = sub.add_parser("inspect", help="summarise pruning manifests",

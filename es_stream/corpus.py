@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import tarfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
@@ -30,12 +31,18 @@ _META_KEY = b"es_stream.corpus"
 @dataclass(frozen=True)
 class ShardInfo:
     """One shard: its path or URL, sample count, and the size and mtime it had when indexed
-    (-1 when unknown, for streamed URLs)."""
+    (-1 when unknown, for streamed URLs).
+
+    ``dropped`` is None for a complete shard. For a truncated tar shard indexed with
+    ``allow_truncated=True`` it is the number of samples left out (0 or 1: its last sample,
+    which may be incomplete; what the cut removed entirely cannot be counted).
+    """
 
     name: str
     num_samples: int
     size: int
     mtime_ns: int
+    dropped: int | None = None
 
 
 @dataclass
@@ -44,6 +51,11 @@ class TarTable:
 
     ``member_ptr[i]:member_ptr[i+1]`` are sample i's files; member offsets are relative to the
     sample's offset, so one read of ``lengths[i]`` bytes at ``offsets[i]`` holds all of them.
+
+    Keys and suffixes are the strings webdataset gives (member names decoded by tarfile with
+    ``surrogateescape``). When one is not valid UTF-8, ``keys`` is a ``binary`` array of the raw
+    name bytes instead of ``string``, as Arrow and Parquet strings must be UTF-8; read a key
+    with :meth:`key`, which decodes either.
     """
 
     keys: pa.Array
@@ -54,6 +66,10 @@ class TarTable:
     member_offset: np.ndarray
     member_size: np.ndarray
     suffixes: list[str]
+
+    def key(self, sample_id: int) -> str:
+        """Sample ``sample_id``'s key, as webdataset's ``__key__``."""
+        return _py_text(self.keys[sample_id].as_py())
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,41 @@ def expand_urls(urls: str | os.PathLike | Sequence[str]) -> list[str]:
 
         return list(braceexpand(text))
     return [os.fspath(u) for u in urls]
+
+
+def _scan_local(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int]:
+    """Scan a local shard by seeking: (layout, size, mtime_ns)."""
+    path = _local_path(url)
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            layout = scan_tar(f, url, seekable=True, allow_truncated=allow_truncated)
+    except FileNotFoundError as exc:
+        raise ShardError(url, "no such shard file; check the path or pattern") from exc
+    except ShardError:
+        raise
+    except OSError as exc:  # a directory, no permission, an I/O error: name the shard
+        raise ShardError(url, f"cannot read the shard ({exc.strerror or exc}); a tar file is "
+                         "expected here") from exc
+    return layout, st.st_size, st.st_mtime_ns
+
+
+def _scan_stream(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int]:
+    """Scan a ``pipe:`` or remote shard in one forward pass: (layout, bytes read, -1)."""
+    from webdataset import gopen
+
+    try:
+        stream = gopen(url, "rb")
+    except Exception as exc:  # gopen raises many kinds; name the URL whatever it was
+        raise ShardError(url, f"cannot open ({exc})") from exc
+    try:
+        layout = scan_tar(stream, url, seekable=False, allow_truncated=allow_truncated)
+    finally:
+        try:
+            stream.close()
+        except Exception as exc:  # a pipe: command that failed reports it on close
+            raise ShardError(url, f"stream failed: {exc}") from exc
+    return layout, layout.size, -1
 
 
 class Corpus:
@@ -160,41 +211,36 @@ class Corpus:
 
     # ------------------------------------------------------------ builders
     @classmethod
-    def from_webdataset(cls, urls: str | os.PathLike | Sequence[str]) -> "Corpus":
+    def from_webdataset(cls, urls: str | os.PathLike | Sequence[str], *,
+                        allow_truncated: bool = False) -> "Corpus":
         """Index WebDataset tar shards: a brace pattern, a list of paths/URLs, or a directory.
 
         Local shards are scanned header by header, seeking past payloads; ``pipe:`` commands and
         other URLs webdataset's ``gopen`` opens are streamed once, reading headers as they pass.
+
+        A shard that is not a tar archive, is corrupt, or is truncated (it lacks tar's
+        end-of-archive marker, see :func:`es_stream.tarscan.scan_tar`) raises
+        :class:`ShardError` naming it. webdataset itself would read a shard cut on a member
+        boundary without a word, its last sample short of files; es-stream refuses it unless
+        ``allow_truncated`` is set, which keeps such a shard minus its last (possibly
+        incomplete) sample, warns naming the shard and the dropped key, and records the count
+        in :attr:`truncated` (saved with the index).
         """
         layouts: list[ShardLayout] = []
         shards: list[ShardInfo] = []
         for url in expand_urls(urls):
-            if is_local_url(url):
-                path = _local_path(url)
-                try:
-                    st = os.stat(path)
-                    with open(path, "rb") as f:
-                        layout = scan_tar(f, url, seekable=True)
-                except FileNotFoundError as exc:
-                    raise ShardError(url, "no such shard file; check the path or pattern") from exc
-                shards.append(ShardInfo(url, len(layout), st.st_size, st.st_mtime_ns))
-            else:
-                from webdataset import gopen
-
-                try:
-                    stream = gopen(url, "rb")
-                except Exception as exc:  # gopen raises many kinds; name the URL whatever it was
-                    raise ShardError(url, f"cannot open ({exc})") from exc
-                try:
-                    layout = scan_tar(stream, url, seekable=False)
-                finally:
-                    try:
-                        stream.close()
-                    except Exception as exc:  # a pipe: command that failed reports it on close
-                        raise ShardError(url, f"stream failed: {exc}") from exc
-                shards.append(ShardInfo(url, len(layout), layout.size, -1))
+            scan = _scan_local if is_local_url(url) else _scan_stream
+            layout, size, mtime_ns = scan(url, allow_truncated)
+            dropped = len(layout.dropped) if layout.truncated else None
+            shards.append(ShardInfo(url, len(layout), size, mtime_ns, dropped))
             layouts.append(layout)
         return cls("wds", shards, tar=_tar_table(layouts))
+
+    @property
+    def truncated(self) -> dict[str, int]:
+        """Shards indexed with ``allow_truncated=True`` that were truncated: name -> samples
+        dropped from their end (empty for a complete corpus)."""
+        return {s.name: s.dropped for s in self.shards if s.dropped is not None}
 
     @classmethod
     def from_mds(cls, local_dir: str | os.PathLike, remote: str | None = None,
@@ -229,7 +275,8 @@ class Corpus:
         if self.tar is not None:
             t = self.tar
             ptr = pa.array(t.member_ptr.astype(np.int32))
-            suffix = pa.DictionaryArray.from_arrays(pa.array(t.member_suffix), pa.array(t.suffixes))
+            suffix = pa.DictionaryArray.from_arrays(pa.array(t.member_suffix),
+                                                    _text_array(t.suffixes))
             columns.update({
                 "key": t.keys,
                 "offset": pa.array(t.offsets),
@@ -336,7 +383,7 @@ def _tar_table(layouts: Iterable[ShardLayout]) -> TarTable:
                 m_offset.append(off)
                 m_size.append(size)
     return TarTable(
-        keys=pa.array(keys, pa.string()),
+        keys=_text_array(keys),
         offsets=np.array(offsets, dtype=np.int64),
         lengths=np.array(lengths, dtype=np.int64),
         member_ptr=np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64),
@@ -363,5 +410,22 @@ def _tar_table_from_parquet(table: pa.Table) -> TarTable:
         member_suffix=codes.to_numpy(zero_copy_only=False).astype(np.int32),
         member_offset=table.column("member_offset").combine_chunks().flatten().to_numpy(),
         member_size=table.column("member_size").combine_chunks().flatten().to_numpy(),
-        suffixes=vocab.to_pylist(),
+        suffixes=[_py_text(v) for v in vocab.to_pylist()],
     )
+
+
+def _text_array(values: list[str]) -> pa.Array:
+    """Names as an Arrow ``string`` array, or, when one is not valid UTF-8, a ``binary`` array
+    of the raw bytes tarfile decoded it from, which Parquet keeps exactly."""
+    try:
+        return pa.array(values, pa.string())
+    except UnicodeEncodeError:  # a lone surrogate: tarfile's surrogateescape of a non-UTF-8 byte
+        return pa.array([v.encode(tarfile.ENCODING, "surrogateescape") for v in values],
+                        pa.binary())
+
+
+def _py_text(value: str | bytes) -> str:
+    """A name read back from the index, decoded as tarfile (and so webdataset) decodes it."""
+    if isinstance(value, bytes):
+        return value.decode(tarfile.ENCODING, "surrogateescape")
+    return value

@@ -102,7 +102,7 @@ class WDSShardReader:
             raise ShardError(name, f"corrupt tar header at offset {offset} ({exc}); the shard "
                              "changed since indexing — re-index or re-create it",
                              sample=sample_id) from exc
-        sample: dict[str, Any] = {"__key__": t.keys[sample_id].as_py(), "__url__": name}
+        sample: dict[str, Any] = {"__key__": t.key(sample_id), "__url__": name}
         view = memoryview(data)
         for m in range(int(t.member_ptr[sample_id]), int(t.member_ptr[sample_id + 1])):
             start = int(t.member_offset[m])
