@@ -130,7 +130,8 @@ def _cmd_compact(args: argparse.Namespace) -> int:
                       corpus.shard_counts)
     if kept is None:
         raise FileNotFoundError(f"{args.manifest}: no such manifest directory")
-    mapping = compact(corpus, kept.kept_ids, args.out, args.format, progress=tqdm)
+    mapping = compact(corpus, kept.kept_ids, args.out, args.format, progress=tqdm,
+                      overwrite=args.overwrite)
     print(f"wrote {len(kept.kept_ids)} of {corpus.num_samples} samples to {args.out} "
           f"({args.format or corpus.format}); id mapping: {mapping}")
     return 0
@@ -175,10 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compact", help="rewrite a corpus with only the kept samples",
                           description="Copy the samples a manifest keeps into new shards "
-                          "(payloads byte-identical) and write mapping.parquet (old_id, new_id).")
+                          "(payloads byte-identical) and write mapping.parquet (old_id, new_id). "
+                          "The output is written into a hidden sibling of --out and renamed into "
+                          "place only when complete: --out is never left half-written, and "
+                          "nothing compaction did not write is deleted.")
     comp.add_argument("--corpus", required=True, help="corpus index (Parquet)")
     comp.add_argument("--manifest", required=True, help="an epoch directory: DIR/epoch=EEEEE")
-    comp.add_argument("--out", required=True, help="directory for the new shards")
+    comp.add_argument("--out", required=True,
+                      help="new or empty directory for the new shards; refused when it holds "
+                      "other files, or is, contains or lies inside the source shards' directory "
+                      "(symlinks resolved)")
+    comp.add_argument("--overwrite", action="store_true",
+                      help="replace --out when it holds an earlier `es-stream compact` output "
+                      "(and nothing else), atomically: the new output is renamed in, then the "
+                      "old one deleted; a directory holding any other file is still refused")
     comp.add_argument("--format", choices=["wds", "mds"], default=None,
                       help="output format (default: the corpus's own)")
     comp.set_defaults(func=_cmd_compact)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         "--policy", "es", "--ratio", "0.5", "--out", str(out / "offline-manifests"))
     cli("inspect", str(runs / "eswp-seed0" / "manifests"), "--plot", str(out / "eswp-manifests.png"))
     cli("compact", "--corpus", str(index), "--manifest", str(out / "offline-manifests" / "epoch=00000"),
-        "--out", str(out / "compacted"))
+        "--out", str(out / "compacted"), "--overwrite")  # a re-run replaces its own earlier output
 
 
 if __name__ == "__main__":
