@@ -6,6 +6,8 @@ import logging
 import operator
 import os
 import warnings
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -14,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from .corpus import Corpus, is_local_url
 from .distributed import rank_and_world_size, worker_and_count
-from .errors import ShardError
+from .errors import SampleError, ShardError
 from .manifest import SUCCESS, EpochKeep, epoch_dir, read_epoch
 from .metabatch import MetaBatch
 from .plan import EpochPlan, worker_resume
@@ -47,8 +49,8 @@ class ESDataset(IterableDataset):
     iteration of that epoch yields exactly what the uninterrupted one yielded after its first k
     meta-batches, same order, ids and data; the k are neither read nor decoded. It needs the same
     number of DataLoader workers (checked in the workers; see :func:`es_stream.plan.worker_resume`).
-    A meta-batch lost whole to a corrupt shard under ``on_error="skip"`` is not yielded, so it
-    shifts the count.
+    A meta-batch whose samples were all lost under ``on_error="skip"`` is still yielded (empty),
+    so the count never shifts.
 
     Args:
         corpus: an indexed :class:`Corpus`.
@@ -56,14 +58,31 @@ class ESDataset(IterableDataset):
         decode: per-sample function; default webdataset's decoder for tar shards, the identity
             for MDS (whose columns ``MDSWriter`` already typed).
         collate: list of decoded samples -> batch; default ``torch.utils.data.default_collate``.
+            With the default, dict samples of one meta-batch must all have the same fields (as
+            webdataset's collation requires): a sample whose fields differ from those most of
+            its meta-batch has is a :class:`~es_stream.errors.SampleError` naming it, its shard
+            and the fields, never a bare ``KeyError`` or a field dropped in silence. A custom
+            ``collate`` gets the samples as they are.
         shuffle: shuffle shard order and, for seekable shards, samples within blocks.
         seed: shuffle seed.
         drop_last: give every rank only full meta-batches; left-out samples are counted in
             :attr:`dropped_per_epoch`.
-        on_error: ``"raise"`` (default) or ``"skip"``: a shard found corrupt mid-epoch is then
-            skipped for the rest of the epoch in that worker with a warning; the lost ids ride on
-            the next meta-batch as ``MetaBatch.lost_ids`` and, in-process, add to
-            :attr:`samples_lost`.
+        on_error: ``"raise"`` (default): the first bad sample or shard raises a
+            :class:`~es_stream.ShardError` naming it (caught as that type also through
+            DataLoader workers). ``"skip"``: a bad *sample* (a decode error, differing fields,
+            a corrupt header or short read of one sample of a tar read by offset — a
+            :class:`~es_stream.errors.SampleError`) is skipped alone; a *shard* that cannot be
+            read any further (file missing or unopenable, a ``pipe:``/URL stream that failed
+            or ended early, an MDS shard that cannot be fetched or whose offset table is
+            corrupt) is skipped for the rest of the epoch in that worker. Each skip warns once
+            (``RuntimeWarning`` naming the shard and sample id; in a worker process it goes to
+            that worker's stderr). Every lost id is reported exactly once, in ``lost_ids`` of
+            the meta-batch it was meant for; a meta-batch whose samples were all lost is still
+            yielded, with ``len(mb) == 0`` and ``data=None``, so all ranks keep the same number
+            of meta-batches: skip it in the loop (in DDP, on every rank together, e.g. after an
+            all-reduce of ``len(mb)``; selectors refuse a meta-batch shorter than b).
+            :attr:`samples_lost` counts losses in this process only; through DataLoader
+            workers, the total is the sum of ``len(mb.lost_ids)``.
         block_size: positions per shuffle block (see :mod:`es_stream.plan`).
         manifests: a pruning manifest directory (written by :class:`es_stream.Pruner` or
             ``es-stream prune``). Epoch e reads ``manifests/epoch=e`` when it starts; pruned
@@ -236,52 +255,121 @@ class ESDataset(IterableDataset):
         self._loader_workers.fill_(num_workers)
         batches = plan.worker_batches(num_workers, run, skip)
         keep = self.epoch_keep(epoch)
-        weights = None if keep is None else keep.weights
         reader = open_reader(self.corpus)
-        failed_shards: set[int] = set()
-        pending_lost: list[int] = []
+        failed_shards: set[int] = set()  # shards this worker can no longer read, this epoch
         try:
             for ids in batches:
-                shards, positions = self.corpus.locate(ids)
-                samples, kept = [], []
-                for sid, shard, pos in zip(ids.tolist(), shards.tolist(), positions.tolist()):
-                    if shard in failed_shards:
-                        pending_lost.append(sid)
-                        continue
-                    try:
-                        sample = reader.read(shard, pos, sid)
-                        samples.append(sample if self.decode is None else self._decode(sample, shard, sid))
-                        kept.append(sid)
-                    except ShardError as exc:
-                        if self.on_error == "raise":
-                            raise
-                        warnings.warn(f"skipping the rest of this shard in epoch {epoch}: {exc}",
-                                      RuntimeWarning, stacklevel=2)
-                        failed_shards.add(shard)
-                        pending_lost.append(sid)
-                if not kept:
-                    continue
-                lost = torch.tensor(pending_lost, dtype=torch.int64)
-                self.samples_lost += len(pending_lost)
-                pending_lost = []
-                kept_ids = np.asarray(kept, dtype=np.int64)
-                yield MetaBatch(ids=torch.from_numpy(kept_ids), data=self.collate(samples),
-                                epoch=epoch, lost_ids=lost,
-                                weights=None if weights is None else torch.from_numpy(
-                                    weights[np.searchsorted(keep.kept_ids, kept_ids)]))
-            if pending_lost:
-                self.samples_lost += len(pending_lost)
-                warnings.warn(f"epoch {epoch}: {len(pending_lost)} samples lost to corrupt shards "
-                              "after this worker's last meta-batch", RuntimeWarning, stacklevel=2)
+                yield self._meta_batch(reader, ids, epoch, keep, failed_shards)
         finally:
             reader.close()
+
+    def _meta_batch(self, reader: Any, ids: np.ndarray, epoch: int, keep: EpochKeep | None,
+                    failed_shards: set[int]) -> MetaBatch:
+        """Read, decode and collate the samples ``ids``. Every id ends up either in ``ids`` or,
+        under ``on_error="skip"``, in ``lost_ids`` of this very meta-batch — which is yielded
+        even when all of its samples were lost, so every rank keeps the same count."""
+        samples, kept, kept_shards, lost = self._read_samples(reader, ids, epoch, failed_shards)
+        if self.collate is default_collate:
+            for i in reversed(self._mismatched_fields(samples, kept, kept_shards, epoch)):
+                lost.append(kept.pop(i))
+                del samples[i], kept_shards[i]
+        self.samples_lost += len(lost)
+        kept_ids = np.asarray(kept, dtype=np.int64)
+        weights = None if keep is None or keep.weights is None else torch.from_numpy(
+            keep.weights[np.searchsorted(keep.kept_ids, kept_ids)])
+        return MetaBatch(ids=torch.from_numpy(kept_ids),
+                         data=self.collate(samples) if samples else None, epoch=epoch,
+                         lost_ids=torch.tensor(lost, dtype=torch.int64), weights=weights)
+
+    def _read_samples(self, reader: Any, ids: np.ndarray, epoch: int, failed_shards: set[int]
+                      ) -> tuple[list, list[int], list[int], list[int]]:
+        """(decoded samples, their ids, their shards, lost ids) of one meta-batch."""
+        shards, positions = self.corpus.locate(ids)
+        samples: list = []
+        kept: list[int] = []
+        kept_shards: list[int] = []
+        lost: list[int] = []
+        for sid, shard, pos in zip(ids.tolist(), shards.tolist(), positions.tolist()):
+            if shard in failed_shards:
+                lost.append(sid)
+                continue
+            try:
+                sample = reader.read(shard, pos, sid)
+                samples.append(sample if self.decode is None else self._decode(sample, shard, sid))
+            except ShardError as exc:
+                self._skip(exc, epoch, shard, sid, failed_shards)
+                lost.append(sid)
+                continue
+            kept.append(sid)
+            kept_shards.append(shard)
+        return samples, kept, kept_shards, lost
+
+    def _skip(self, exc: ShardError, epoch: int, shard: int, sample_id: int,
+              failed_shards: set[int]) -> None:
+        """Re-raise ``exc`` (``on_error="raise"``), or warn and note what it loses: just the
+        sample for a :class:`SampleError`, the rest of the shard in this worker otherwise."""
+        if self.on_error == "raise":
+            raise exc
+        if isinstance(exc, SampleError):
+            warnings.warn(f"epoch {epoch}: skipping sample id {sample_id}: {exc}", RuntimeWarning,
+                          stacklevel=3)
+            return
+        failed_shards.add(shard)
+        warnings.warn(f"epoch {epoch}: skipping the rest of shard {self.corpus.shards[shard].name} "
+                      f"in this worker from sample id {sample_id} on (the lost ids arrive in "
+                      f"MetaBatch.lost_ids): {exc}", RuntimeWarning, stacklevel=3)
+
+    def _mismatched_fields(self, samples: list, kept: list[int], kept_shards: list[int],
+                           epoch: int) -> list[int]:
+        """Positions of the dict samples whose fields differ from the meta-batch's.
+
+        ``default_collate`` takes the first sample's keys: a field the first sample lacks would
+        vanish from the whole meta-batch, one a later sample lacks would be a bare KeyError.
+        Like webdataset's own collation, every sample must have the same fields; the reference
+        is the field set most samples have (the earliest one on a tie). Raises a
+        :class:`SampleError` naming the first odd sample under ``on_error="raise"``.
+        """
+        if len(samples) < 2 or not all(isinstance(s, Mapping) for s in samples):
+            return []
+        fields = [frozenset(s) for s in samples]
+        if fields.count(fields[0]) == len(fields):  # the usual case, one pass
+            return []
+        common, how_many = Counter(fields).most_common(1)[0]
+        odd = [i for i, f in enumerate(fields) if f != common]
+        for i in odd:
+            key = samples[i].get("__key__")
+            where = "" if key is None else f" (key {key!r})"
+            missing = sorted(map(str, common - fields[i]))
+            extra = sorted(map(str, fields[i] - common))
+            exc = SampleError(
+                self.corpus.shards[kept_shards[i]].name,
+                f"sample{where} has fields {sorted(map(str, fields[i]))} but {how_many} of the "
+                f"{len(samples)} samples of its meta-batch have {sorted(map(str, common))}"
+                f"{f'; missing {missing}' if missing else ''}{f'; extra {extra}' if extra else ''}"
+                ": give every sample the same fields, or pass a collate= that handles optional "
+                "ones", sample=kept[i])
+            self._skip(exc, epoch, kept_shards[i], kept[i], set())
+        return odd
 
     def _decode(self, sample: dict, shard: int, sample_id: int) -> Any:
         try:
             return self.decode(sample)
         except Exception as exc:
-            raise ShardError(self.corpus.shards[shard].name, f"cannot decode sample ({exc})",
-                             sample=sample_id) from exc
+            raise SampleError(self.corpus.shards[shard].name, f"cannot decode sample "
+                              f"({_describe(exc)}); re-write the sample, or pass a decode= that "
+                              "handles it", sample=sample_id) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, the field and the cause too: webdataset's ``DecodingError`` has an
+    empty message and keeps the field (``k``) and the real error (``__cause__``) aside."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    field = getattr(exc, "k", None)
+    if isinstance(field, str):
+        text += f" in field {field!r}"
+    if exc.__cause__ is not None:
+        text += f", caused by {_describe(exc.__cause__)}"
+    return text
 
 
 def loader(dataset: ESDataset, num_workers: int = 2, **kwargs: Any) -> DataLoader:

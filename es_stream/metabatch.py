@@ -25,11 +25,15 @@ class MetaBatch:
 
     Attributes:
         ids: int64 tensor [B] of global sample ids (see :class:`es_stream.Corpus`).
-        data: the collated samples (by default a dict of tensors and lists, webdataset-style).
+        data: the collated samples (by default a dict of tensors and lists, webdataset-style);
+            None when no sample of the meta-batch could be read (``len(mb) == 0``, all of its
+            ids in ``lost_ids``), since there is nothing to collate.
         epoch: the epoch this meta-batch belongs to.
-        lost_ids: ids that were meant for this meta-batch but lost to a corrupt shard under
-            ``on_error="skip"`` (empty otherwise). Sum their lengths to count losses when
-            iterating through DataLoader workers.
+        lost_ids: ids that were meant for this meta-batch but lost to a bad sample or shard
+            under ``on_error="skip"`` (empty otherwise). Each lost id is reported once, on
+            this meta-batch only; sum their lengths to count losses when iterating through
+            DataLoader workers. ``ids`` and ``lost_ids`` together are the ids the plan gave
+            this meta-batch.
         weights: per-sample loss weights from a pruning manifest (InfoBatch's 1/(1-r) for
             kept low-score samples, 1 otherwise), or None when the epoch has none.
     """

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MissingExtraError, ShardError
+from ..errors import MissingExtraError, SampleError, ShardError
 
 
 def __getattr__(name: str) -> Any:
@@ -126,8 +126,8 @@ class MDSShardReader:
         try:
             return self.readers[shard].decode_sample(data)
         except Exception as exc:
-            raise ShardError(self.corpus.local_path(shard), f"cannot decode sample ({exc})",
-                             sample=sample_id) from exc
+            raise SampleError(self.corpus.local_path(shard), f"cannot decode sample ({exc})",
+                              sample=sample_id) from exc
 
     def close(self) -> None:
         for mm, _ in self.open_shards.values():

@@ -14,31 +14,59 @@ import tarfile
 from typing import Any, IO
 
 from ..corpus import is_local_url, _local_path
-from ..errors import ShardError
+from ..errors import SampleError, ShardError
 
 
 class _StreamedShard:
-    """Forward-only reads from a ``gopen`` stream, tracking the current byte position."""
+    """Forward-only reads from a ``gopen`` stream, tracking the current byte position.
+
+    Every failure of the stream (a ``pipe:`` command that cannot start or exits non-zero, a
+    stream that ends before the bytes the index promised) is a :class:`ShardError` naming the
+    URL: a stream that broke cannot be read further, so the rest of the shard is lost.
+    """
 
     def __init__(self, url: str) -> None:
         from webdataset import gopen
 
         self.url = url
-        self.stream: IO[bytes] = gopen(url, "rb")
         self.position = 0
+        try:
+            self.stream: IO[bytes] = gopen(url, "rb")
+        except Exception as exc:  # gopen raises many kinds; name the URL whatever it was
+            raise ShardError(url, f"cannot open the stream ({exc}); check the URL or "
+                             "command") from exc
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def _read(self, size: int) -> bytes:
+        try:
+            return self.stream.read(size)
+        except OSError as exc:  # webdataset's Pipe raises a bare OSError when the command fails
+            raise ShardError(self.url, f"stream failed at byte {self.position} ({exc}); check "
+                             "the command or URL") from exc
+
+    def _ended(self, length: int, offset: int, sample_id: int) -> ShardError:
+        why = f"the stream ended at byte {self.position}"
+        try:  # the exit status of a pipe: command tells why it ended early
+            self.stream.close()
+        except Exception as exc:
+            why = f"{why} ({exc})"
+        return ShardError(self.url, f"{why}, before the {length} bytes at offset {offset} the "
+                          "index lists; the command failed or the shard changed since indexing "
+                          "— fix it or re-index", sample=sample_id)
+
+    def pread(self, length: int, offset: int, sample_id: int) -> bytes:
         if offset < self.position:
             raise ShardError(self.url, "a streamed shard can only be read forward")
         skip = offset - self.position
         while skip > 0:  # read and drop: the bytes of samples this worker does not want
-            dropped = len(self.stream.read(min(skip, 1 << 20)))
+            dropped = len(self._read(min(skip, 1 << 20)))
             if dropped == 0:
-                break
+                raise self._ended(length, offset, sample_id)
             skip -= dropped
             self.position += dropped
-        data = self.stream.read(length) if skip == 0 else b""
+        data = self._read(length)
         self.position += len(data)
+        if len(data) != length:
+            raise self._ended(length, offset, sample_id)
         return data
 
     def close(self) -> None:
@@ -62,18 +90,10 @@ class WDSShardReader:
         self.streams: dict[int, _StreamedShard] = {}
         self.bytes_read = 0
 
-    def _pread(self, shard: int, length: int, offset: int) -> bytes:
+    def _pread(self, shard: int, length: int, offset: int, sample_id: int) -> bytes:
         info = self.corpus.shards[shard]
         if is_local_url(info.name):
-            fd = self.fds.get(shard)
-            if fd is None:
-                path = _local_path(info.name)
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError as exc:
-                    raise ShardError(path, "shard file is missing") from exc
-                self.fds[shard] = fd
-            return os.pread(fd, length, offset)
+            return self._pread_local(shard, length, offset)
         stream = self.streams.get(shard)
         if stream is None or stream.position > offset:
             if stream is not None:
@@ -81,27 +101,54 @@ class WDSShardReader:
             # one stream at a time: a worker reads its shards one after another
             for other in self.streams.values():
                 other.close()
-            self.streams = {shard: _StreamedShard(info.name)}
-            stream = self.streams[shard]
-        return stream.pread(length, offset)
+            self.streams = {}
+            stream = _StreamedShard(info.name)
+            self.streams[shard] = stream
+        try:
+            return stream.pread(length, offset, sample_id)
+        except ShardError:
+            stream.close()  # a broken stream is not read again; end its command now
+            del self.streams[shard]
+            raise
+
+    def _pread_local(self, shard: int, length: int, offset: int) -> bytes:
+        fd = self.fds.get(shard)
+        path = _local_path(self.corpus.shards[shard].name)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError as exc:
+                raise ShardError(path, "shard file is missing (deleted or moved since "
+                                 "indexing); restore it or re-index the corpus") from exc
+            except OSError as exc:
+                raise ShardError(path, f"cannot open shard ({exc})") from exc
+            self.fds[shard] = fd
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise ShardError(path, f"cannot read {length} bytes at offset {offset} "
+                             f"({exc})") from exc
 
     def read(self, shard: int, position: int, sample_id: int) -> dict[str, Any]:
         """Return ``{"__key__", "__url__", suffix: bytes, ...}``, as webdataset does."""
         t = self.table
         offset, length = int(t.offsets[sample_id]), int(t.lengths[sample_id])
         name = self.corpus.shards[shard].name
-        data = self._pread(shard, length, offset)
+        data = self._pread(shard, length, offset, sample_id)
         self.bytes_read += len(data)
+        # A sample's own bytes being wrong leaves the index's offsets of the other samples valid
+        # (a local shard is read by offset; a stream has read exactly this sample's span), so
+        # these are SampleErrors: on_error="skip" loses this sample only.
         if len(data) != length:
-            raise ShardError(name, f"truncated: wanted {length} bytes at offset {offset}, got "
-                             f"{len(data)}; the shard changed since indexing — re-index it",
-                             sample=sample_id)
+            raise SampleError(name, f"truncated: wanted {length} bytes at offset {offset}, got "
+                              f"{len(data)}; the shard changed since indexing — re-index it",
+                              sample=sample_id)
         try:
             tarfile.TarInfo.frombuf(data[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
         except tarfile.HeaderError as exc:
-            raise ShardError(name, f"corrupt tar header at offset {offset} ({exc}); the shard "
-                             "changed since indexing — re-index or re-create it",
-                             sample=sample_id) from exc
+            raise SampleError(name, f"corrupt tar header at offset {offset} ({exc}); the shard "
+                              "changed since indexing — re-index or re-create it",
+                              sample=sample_id) from exc
         sample: dict[str, Any] = {"__key__": t.key(sample_id), "__url__": name}
         view = memoryview(data)
         for m in range(int(t.member_ptr[sample_id]), int(t.member_ptr[sample_id + 1])):
