@@ -4,19 +4,28 @@ are decoded by streaming's own ``MDSReader.decode_sample``.
 
 Only the sample-offset table at the head of a raw MDS shard (uint32 count, then count + 1 uint32
 offsets) is read here, with numpy, so a sample is one slice of a memory-mapped file.
+
+Fetching and decompressing a shard happens under a per-shard ``fcntl.flock`` on a hidden lock
+file next to the shard in the local directory (``.<shard>.es-stream-lock``, left in place: it is
+empty, and removing a lock file others may hold is itself a race). The lock is what
+``StreamingDataset`` gets from its shared-memory shard states: one process (DataLoader worker,
+rank, or another run on the same machine) makes the shard, the others wait for it and then find
+it there. The kernel drops the lock when its holder dies, even by SIGKILL, so a crashed worker
+never leaves the others waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import mmap
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..errors import MissingExtraError, ShardError
-
 
 def __getattr__(name: str) -> Any:
     # ESStreamingDataset subclasses streaming.StreamingDataset, so it lives in its own module and
@@ -74,6 +83,31 @@ def load_mds_index(local: str, remote: str | None, split: str | None) -> dict[st
     return index
 
 
+# ------------------------------------------------------------------------------ shard fetch
+@contextlib.contextmanager
+def shard_lock(path: str) -> Iterator[None]:
+    """Hold the exclusive cross-process lock of shard file ``path`` (see the module docstring).
+
+    Blocks (no polling) until the holder releases it or dies. Each call opens its own
+    descriptor, so threads of one process exclude each other too.
+    """
+    lock_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.es-stream-lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise ShardError(path, f"cannot create the lock file {lock_path} ({exc}): the local "
+                         "directory must be writable to fetch or decompress shards") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise ShardError(path, f"cannot lock {lock_path} ({exc}); use a local directory on "
+                             "a filesystem that supports flock") from exc
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class MDSShardReader:
     """Random access to the samples of an MDS corpus, one memory map per open shard.
 
@@ -95,10 +129,7 @@ class MDSShardReader:
         reader = self.readers[shard]
         path = self.corpus.local_path(shard)
         if not os.path.exists(path):
-            try:
-                self.stream.prepare_shard(reader)  # download / decompress like streaming does
-            except Exception as exc:
-                raise ShardError(path, f"cannot fetch shard ({exc})") from exc
+            self._fetch(shard, path)
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -118,6 +149,23 @@ class MDSShardReader:
             raise ShardError(path, "sample offset table is corrupt; re-create the shard")
         self.open_shards[shard] = (mm, offsets)
         return mm, offsets
+
+    def _fetch(self, shard: int, path: str) -> None:
+        """Download and/or decompress shard ``shard`` to ``path``, once across processes.
+
+        Under :func:`shard_lock`, whoever comes second finds the file and does nothing. The raw
+        file appears whole or not at all: streaming's ``Stream.prepare_shard`` writes it to a
+        temporary name and renames it (downloads too), and the lock keeps that temporary name
+        to one writer at a time — before, two workers decompressing the same shard truncated
+        each other's file, failing the rename or crashing the reader that mapped it.
+        """
+        with shard_lock(path):
+            if os.path.isfile(path):  # another worker, rank or run made it while we waited
+                return
+            try:
+                self.stream.prepare_shard(self.readers[shard])  # download / decompress
+            except Exception as exc:
+                raise ShardError(path, f"cannot fetch shard ({exc})") from exc
 
     def read(self, shard: int, position: int, sample_id: int) -> dict[str, Any]:
         """Decode one sample to the dict of columns ``MDSWriter`` was given."""
