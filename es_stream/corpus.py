@@ -294,19 +294,26 @@ class Corpus:
                     f"{path}: shard changed since it was indexed (size {shard.size} -> "
                     f"{st.st_size}, mtime {shard.mtime_ns} -> {st.st_mtime_ns}); {advice}")
         if self.mds is not None:
-            index_json = os.path.join(self.mds.local, self.mds.split or "", "index.json")
-            if os.path.exists(index_json):
-                with open(index_json) as f:
-                    now = json.load(f)["shards"]
-                old = self.mds.index["shards"]
-                for i, info in enumerate(old):
-                    if i >= len(now) or now[i]["samples"] != info["samples"] or \
-                            now[i]["raw_data"]["basename"] != info["raw_data"]["basename"]:
-                        raise StaleIndexError(f"{index_json}: shard {info['raw_data']['basename']} "
-                                              f"changed since it was indexed; {advice}")
-                if len(now) != len(old):
-                    raise StaleIndexError(f"{index_json}: now lists {len(now)} shards, the index "
-                                          f"has {len(old)}; {advice}")
+            self._check_mds_index_fresh(advice)
+
+    def _check_mds_index_fresh(self, advice: str) -> None:
+        """Compare ``index.json`` as it is now with the one indexed: same shard files, counts
+        and sizes. A broken ``index.json`` raises the :class:`ShardError` that names it."""
+        from .sources.mds import read_mds_index_file
+
+        index_json = os.path.join(self.mds.local, self.mds.split or "", "index.json")
+        try:
+            now = read_mds_index_file(index_json)["shards"]
+        except FileNotFoundError:
+            return  # a remote corpus whose index.json is not fetched yet
+        old = self.mds.index["shards"]
+        for i, info in enumerate(old):
+            if i >= len(now) or _mds_identity(now[i]) != _mds_identity(info):
+                raise StaleIndexError(f"{index_json}: shard {info['raw_data']['basename']} "
+                                      f"changed since it was indexed; {advice}")
+        if len(now) != len(old):
+            raise StaleIndexError(f"{index_json}: now lists {len(now)} shards, the index "
+                                  f"has {len(old)}; {advice}")
 
     def local_path(self, shard: ShardInfo | int) -> str:
         """Filesystem path of a local shard (for MDS: inside the local cache directory)."""
@@ -345,6 +352,13 @@ def _tar_table(layouts: Iterable[ShardLayout]) -> TarTable:
         member_size=np.array(m_size, dtype=np.int64),
         suffixes=list(suffix_codes),
     )
+
+
+def _mds_identity(entry: dict[str, Any]) -> tuple[Any, ...]:
+    # what makes an MDS shard the same shard: its file, sample count and size (the raw file
+    # may not be fetched yet, so its size in index.json stands in for the one on disk)
+    raw = entry["raw_data"]
+    return raw["basename"], entry["samples"], raw["bytes"]
 
 
 def _tar_table_from_parquet(table: pa.Table) -> TarTable:
