@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from ._atomic import atomic_write
 from ._version import __version__
-from .errors import ShardError, StaleIndexError
+from .errors import IndexFileError, ShardError, StaleIndexError
 from .tarscan import ShardLayout, scan_tar
 
 _META_KEY = b"es_stream.corpus"
@@ -250,30 +250,34 @@ class Corpus:
     def load(cls, path: str | os.PathLike, *, check: bool = True) -> "Corpus":
         """Read an index written by :meth:`save` (or ``es-stream index``).
 
+        A file that is not one — not Parquet, truncated, without es-stream's metadata, with
+        that metadata broken, or without the columns its format needs — raises
+        :class:`~es_stream.errors.IndexFileError` (a ``ValueError``) naming the path and
+        saying to re-create it with ``es-stream index SHARDS -o PATH``; a missing file raises
+        ``FileNotFoundError`` saying the same.
+
         With ``check`` (the default) every local shard is compared with what was indexed; a
         shard whose size or mtime changed, or an MDS shard whose count changed in
         ``index.json``, raises :class:`StaleIndexError` naming it — a cached index is never
         silently reused for different data.
         """
         path = os.fspath(path)
-        try:
-            table = pq.read_table(path)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{path}: no corpus index here; create it with "
-                                    "`es-stream index SHARDS -o {path}`") from exc
-        raw = (table.schema.metadata or {}).get(_META_KEY)
-        if raw is None:
-            raise ValueError(f"{path}: not an es-stream corpus index (no {_META_KEY.decode()} "
-                             "metadata); create it with `es-stream index`")
-        meta = json.loads(raw)
+        table = _read_index_table(path)
+        meta = _index_meta(table, path)
         shards = [ShardInfo(**s) for s in meta["shards"]]
         tar = mds = None
         if meta["format"] == "wds":
-            tar = _tar_table_from_parquet(table)
+            tar = _tar_table_from_parquet(table, path)
         else:
             m = meta["mds"]
             mds = MDSInfo(m["local"], m["remote"], m["split"], m["index"])
-        corpus = cls(meta["format"], shards, tar=tar, mds=mds)
+        try:
+            corpus = cls(meta["format"], shards, tar=tar, mds=mds)
+        except ShardError as exc:  # no samples at all: not what `es-stream index` writes
+            raise _index_error(path, str(exc)) from exc
+        if table.num_rows != corpus.num_samples:
+            raise _index_error(path, f"it holds {table.num_rows} rows but its metadata lists "
+                               f"{corpus.num_samples} samples")
         if check:
             corpus.check_fresh(path)
         return corpus
@@ -361,7 +365,108 @@ def _mds_identity(entry: dict[str, Any]) -> tuple[Any, ...]:
     return raw["basename"], entry["samples"], raw["bytes"]
 
 
-def _tar_table_from_parquet(table: pa.Table) -> TarTable:
+# ------------------------------------------------------------------ reading a saved index
+def _index_error(path: str, problem: str) -> IndexFileError:
+    return IndexFileError(f"{path}: {problem}; this is not a usable es-stream corpus index — "
+                          f"re-create it with `es-stream index SHARDS -o {path}`")
+
+
+def _read_index_table(path: str) -> pa.Table:
+    if os.path.isdir(path):  # pq.read_table would read a directory as a Parquet dataset
+        raise _index_error(path, "is a directory, not an index file")
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path}: no corpus index here; create it with "
+                                f"`es-stream index SHARDS -o {path}`") from exc
+    except (pa.ArrowException, OSError) as exc:  # not Parquet, truncated, unreadable
+        raise _index_error(path, f"cannot be read as Parquet ({exc})") from exc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_SHARD_FIELDS = {"name": lambda v: isinstance(v, str) and v != "",
+                 "num_samples": lambda v: _is_int(v) and v >= 0,
+                 "size": _is_int, "mtime_ns": _is_int}
+
+
+def _index_meta(table: pa.Table, path: str) -> dict[str, Any]:
+    """The checked ``es_stream.corpus`` metadata of a saved index (see :meth:`Corpus.save`)."""
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise _index_error(path, f"it has no {_META_KEY.decode()} metadata")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise _index_error(path, f"its {_META_KEY.decode()} metadata is not JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") not in ("wds", "mds"):
+        raise _index_error(path, f"its {_META_KEY.decode()} metadata has no 'format' "
+                           "'wds' or 'mds'")
+    shards = meta.get("shards")
+    if not isinstance(shards, list):
+        raise _index_error(path, "its metadata has no 'shards' list")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or set(shard) != set(_SHARD_FIELDS):
+            raise _index_error(path, f"metadata shard {i} must have exactly the keys "
+                               f"{sorted(_SHARD_FIELDS)}, got {shard!r:.120}")
+        for key, ok in _SHARD_FIELDS.items():
+            if not ok(shard[key]):
+                raise _index_error(path, f"metadata shard {i}: bad {key!r} {shard[key]!r:.80}")
+    if meta["format"] == "mds":
+        _check_mds_meta(meta, path)
+    return meta
+
+
+def _check_mds_meta(meta: dict[str, Any], path: str) -> None:
+    from .sources.mds import MDSIndexProblem, check_mds_index
+
+    m = meta.get("mds")
+    if not isinstance(m, dict) or not isinstance(m.get("local"), str) or \
+            any(not (m.get(k) is None or isinstance(m.get(k), str)) for k in ("remote", "split")):
+        raise _index_error(path, "its metadata has no 'mds' object with 'local', 'remote', "
+                           "'split' and 'index'")
+    try:
+        check_mds_index(m.get("index"))
+    except MDSIndexProblem as exc:
+        raise _index_error(path, f"the MDS index.json saved in its metadata is invalid: {exc}"
+                           ) from exc
+    listed = [(s["name"], s["num_samples"]) for s in meta["shards"]]
+    indexed = [(e["raw_data"]["basename"], e["samples"]) for e in m["index"]["shards"]]
+    if listed != indexed:
+        raise _index_error(path, "its metadata's shard list and saved MDS index.json disagree")
+
+
+# column -> (arrow type test, what it must be), for a WebDataset corpus
+_TAR_COLUMNS = {
+    "key": (pa.types.is_string, "string"),
+    "offset": (pa.types.is_integer, "integer"),
+    "length": (pa.types.is_integer, "integer"),
+    "member_suffix": (lambda t: pa.types.is_list(t) and (pa.types.is_string(t.value_type) or (
+        pa.types.is_dictionary(t.value_type) and pa.types.is_string(t.value_type.value_type))),
+        "list of strings"),
+    "member_offset": (lambda t: pa.types.is_list(t) and pa.types.is_integer(t.value_type),
+                      "list of integers"),
+    "member_size": (lambda t: pa.types.is_list(t) and pa.types.is_integer(t.value_type),
+                    "list of integers"),
+}
+
+
+def _check_tar_columns(table: pa.Table, path: str) -> None:
+    for name, (ok, wanted) in _TAR_COLUMNS.items():
+        if name not in table.column_names:
+            raise _index_error(path, f"it has no column {name!r} (a WebDataset corpus index "
+                               "needs it)")
+        column = table.column(name)
+        if not ok(column.type):
+            raise _index_error(path, f"column {name!r} must be {wanted}, got {column.type}")
+        if column.null_count:
+            raise _index_error(path, f"column {name!r} has {column.null_count} null values")
+
+
+def _tar_table_from_parquet(table: pa.Table, path: str) -> TarTable:
+    _check_tar_columns(table, path)
     suffix_lists = table.column("member_suffix").combine_chunks()
     suffix = suffix_lists.flatten()
     if isinstance(suffix, pa.DictionaryArray):
@@ -369,7 +474,7 @@ def _tar_table_from_parquet(table: pa.Table) -> TarTable:
     else:
         enc = suffix.dictionary_encode()
         codes, vocab = enc.indices, enc.dictionary
-    return TarTable(
+    tar = TarTable(
         keys=table.column("key").combine_chunks(),
         offsets=table.column("offset").to_numpy(),
         lengths=table.column("length").to_numpy(),
@@ -379,3 +484,8 @@ def _tar_table_from_parquet(table: pa.Table) -> TarTable:
         member_size=table.column("member_size").combine_chunks().flatten().to_numpy(),
         suffixes=vocab.to_pylist(),
     )
+    members = int(tar.member_ptr[-1] - tar.member_ptr[0])
+    if not len(tar.member_offset) == len(tar.member_size) == len(tar.member_suffix) == members:
+        raise _index_error(path, "columns 'member_suffix', 'member_offset' and 'member_size' "
+                           "list different numbers of files")
+    return tar

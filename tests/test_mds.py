@@ -1,5 +1,5 @@
 """MDS sources: compressed shards decompressed once across DataLoader workers and processes,
-malformed index.json refused naming the entry and key."""
+malformed index.json refused naming the entry and key, garbage corpus index files named."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 pytest.importorskip("streaming")
 
-from es_stream import Corpus, ESDataset, ShardError, loader  # noqa: E402
+from es_stream import Corpus, ESDataset, IndexFileError, ShardError, loader  # noqa: E402
 from es_stream.sources.mds import shard_lock  # noqa: E402
+from conftest import write_mds, write_wds  # noqa: E402
 
 # Few, large samples: one ~6 MB shard takes long enough to decompress that workers starting
 # together overlap on it (with 64 KB shards the race hit about 1 fresh run in 4).
@@ -224,3 +227,88 @@ def test_streaming_dataset_names_a_broken_index_json(mds_dir):
     index_json = break_index(mds_dir, _set(S0 + ["samples"], _DELETE))
     with pytest.raises(ShardError, match=f"^{index_json}: .*no key 'samples'"):
         ESStreamingDataset(local=str(mds_dir), batch_size=4)
+
+
+# ----------------------------------------------------------------- garbage corpus index files
+def rewrite_meta(path: Path, edit) -> None:
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"es_stream.corpus"])
+    new = edit(meta)
+    raw = new if isinstance(new, bytes) else json.dumps(meta)
+    pq.write_table(table.replace_schema_metadata({b"es_stream.corpus": raw}), path)
+
+
+def drop_column(path: Path, name: str) -> None:
+    table = pq.read_table(path)
+    pq.write_table(table.drop_columns([name]).replace_schema_metadata(table.schema.metadata),
+                   path)
+
+
+def cast_column(path: Path, name: str) -> None:
+    table = pq.read_table(path)
+    i = table.column_names.index(name)
+    table = table.set_column(i, name, table.column(name).cast("string"))
+    pq.write_table(table, path)
+
+
+def drop_rows(path: Path) -> None:
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, table.num_rows - 3), path)
+
+
+GARBAGE = {
+    "text file": lambda p: p.write_text("shard,count\nx.tar,5\n"),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "empty file": lambda p: p.write_bytes(b""),
+    "no es-stream metadata": lambda p: pq.write_table(pq.read_table(p).replace_schema_metadata(),
+                                                      p),
+    "metadata not JSON": lambda p: rewrite_meta(p, lambda m: b"{not json"),
+    "metadata a list": lambda p: rewrite_meta(p, lambda m: json.dumps([m]).encode()),
+    "no shards key": lambda p: rewrite_meta(p, lambda m: m.pop("shards")),
+    "no format key": lambda p: rewrite_meta(p, lambda m: m.pop("format")),
+    "shard without size": lambda p: rewrite_meta(p, lambda m: m["shards"][0].pop("size")),
+    "negative sample count": lambda p: rewrite_meta(
+        p, lambda m: m["shards"][0].__setitem__("num_samples", -2)),
+    "missing offset column": lambda p: drop_column(p, "offset"),
+    "missing member_size column": lambda p: drop_column(p, "member_size"),
+    "offset column of strings": lambda p: cast_column(p, "offset"),
+    "rows missing": drop_rows,
+}
+
+
+@pytest.mark.parametrize("case", list(GARBAGE))
+def test_garbage_corpus_index_is_named(tmp_path, case):
+    write_wds(tmp_path / "wds")
+    path = tmp_path / "corpus.parquet"
+    Corpus.from_webdataset(str(tmp_path / "wds")).save(path)
+    GARBAGE[case](path)
+    with pytest.raises(IndexFileError) as info:
+        Corpus.load(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert f"es-stream index SHARDS -o {path}" in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+MDS_GARBAGE = {
+    "no mds key": lambda m: m.pop("mds"),
+    "mds index broken": lambda m: m["mds"]["index"]["shards"][0].__setitem__("samples", -1),
+    "mds index a list": lambda m: m["mds"].__setitem__("index", []),
+    "shards disagree": lambda m: m["shards"][0].__setitem__("num_samples", 999),
+}
+
+
+@pytest.mark.parametrize("case", list(MDS_GARBAGE))
+def test_garbage_mds_corpus_index_is_named(mds_dir, tmp_path, case):
+    path = tmp_path / "corpus.parquet"
+    Corpus.from_mds(mds_dir).save(path)
+    rewrite_meta(path, MDS_GARBAGE[case])
+    with pytest.raises(IndexFileError, match=f"^{path}: .*es-stream index SHARDS -o {path}"):
+        Corpus.load(path)
+
+
+def test_a_directory_is_not_a_corpus_index(tmp_path):
+    write_mds(tmp_path / "mds")
+    Corpus.from_mds(tmp_path / "mds").save(tmp_path / "dir" / "part.parquet")
+    with pytest.raises(IndexFileError, match="is a directory"):
+        Corpus.load(tmp_path / "dir")
+
