@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ._atomic import atomic_write
 from ._version import __version__
-from .errors import ShardError, StaleIndexError
+from .errors import IndexFileError, ShardError, StaleIndexError
 from .tarscan import ShardLayout, scan_tar
 
 _META_KEY = b"es_stream.corpus"
@@ -297,30 +297,34 @@ class Corpus:
     def load(cls, path: str | os.PathLike, *, check: bool = True) -> "Corpus":
         """Read an index written by :meth:`save` (or ``es-stream index``).
 
+        A file that is not one — not Parquet, truncated, without es-stream's metadata, with
+        that metadata broken, or without the columns its format needs — raises
+        :class:`~es_stream.errors.IndexFileError` (a ``ValueError``) naming the path and
+        saying to re-create it with ``es-stream index SHARDS -o PATH``; a missing file raises
+        ``FileNotFoundError`` saying the same.
+
         With ``check`` (the default) every local shard is compared with what was indexed; a
         shard whose size or mtime changed, or an MDS shard whose count changed in
         ``index.json``, raises :class:`StaleIndexError` naming it — a cached index is never
         silently reused for different data.
         """
         path = os.fspath(path)
-        try:
-            table = pq.read_table(path)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{path}: no corpus index here; create it with "
-                                    "`es-stream index SHARDS -o {path}`") from exc
-        raw = (table.schema.metadata or {}).get(_META_KEY)
-        if raw is None:
-            raise ValueError(f"{path}: not an es-stream corpus index (no {_META_KEY.decode()} "
-                             "metadata); create it with `es-stream index`")
-        meta = json.loads(raw)
+        table = _read_index_table(path)
+        meta = _index_meta(table, path)
         shards = [ShardInfo(**s) for s in meta["shards"]]
         tar = mds = None
         if meta["format"] == "wds":
-            tar = _tar_table_from_parquet(table)
+            tar = _tar_table_from_parquet(table, path)
         else:
             m = meta["mds"]
             mds = MDSInfo(m["local"], m["remote"], m["split"], m["index"])
-        corpus = cls(meta["format"], shards, tar=tar, mds=mds)
+        try:
+            corpus = cls(meta["format"], shards, tar=tar, mds=mds)
+        except ShardError as exc:  # no samples at all: not what `es-stream index` writes
+            raise _index_error(path, str(exc)) from exc
+        if table.num_rows != corpus.num_samples:
+            raise _index_error(path, f"it holds {table.num_rows} rows but its metadata lists "
+                               f"{corpus.num_samples} samples")
         if check:
             corpus.check_fresh(path)
         return corpus
@@ -341,19 +345,26 @@ class Corpus:
                     f"{path}: shard changed since it was indexed (size {shard.size} -> "
                     f"{st.st_size}, mtime {shard.mtime_ns} -> {st.st_mtime_ns}); {advice}")
         if self.mds is not None:
-            index_json = os.path.join(self.mds.local, self.mds.split or "", "index.json")
-            if os.path.exists(index_json):
-                with open(index_json) as f:
-                    now = json.load(f)["shards"]
-                old = self.mds.index["shards"]
-                for i, info in enumerate(old):
-                    if i >= len(now) or now[i]["samples"] != info["samples"] or \
-                            now[i]["raw_data"]["basename"] != info["raw_data"]["basename"]:
-                        raise StaleIndexError(f"{index_json}: shard {info['raw_data']['basename']} "
-                                              f"changed since it was indexed; {advice}")
-                if len(now) != len(old):
-                    raise StaleIndexError(f"{index_json}: now lists {len(now)} shards, the index "
-                                          f"has {len(old)}; {advice}")
+            self._check_mds_index_fresh(advice)
+
+    def _check_mds_index_fresh(self, advice: str) -> None:
+        """Compare ``index.json`` as it is now with the one indexed: same shard files, counts
+        and sizes. A broken ``index.json`` raises the :class:`ShardError` that names it."""
+        from .sources.mds import read_mds_index_file
+
+        index_json = os.path.join(self.mds.local, self.mds.split or "", "index.json")
+        try:
+            now = read_mds_index_file(index_json)["shards"]
+        except FileNotFoundError:
+            return  # a remote corpus whose index.json is not fetched yet
+        old = self.mds.index["shards"]
+        for i, info in enumerate(old):
+            if i >= len(now) or _mds_identity(now[i]) != _mds_identity(info):
+                raise StaleIndexError(f"{index_json}: shard {info['raw_data']['basename']} "
+                                      f"changed since it was indexed; {advice}")
+        if len(now) != len(old):
+            raise StaleIndexError(f"{index_json}: now lists {len(now)} shards, the index "
+                                  f"has {len(old)}; {advice}")
 
     def local_path(self, shard: ShardInfo | int) -> str:
         """Filesystem path of a local shard (for MDS: inside the local cache directory)."""
@@ -394,7 +405,120 @@ def _tar_table(layouts: Iterable[ShardLayout]) -> TarTable:
     )
 
 
-def _tar_table_from_parquet(table: pa.Table) -> TarTable:
+def _mds_identity(entry: dict[str, Any]) -> tuple[Any, ...]:
+    # what makes an MDS shard the same shard: its file, sample count and size (the raw file
+    # may not be fetched yet, so its size in index.json stands in for the one on disk)
+    raw = entry["raw_data"]
+    return raw["basename"], entry["samples"], raw["bytes"]
+
+
+# ------------------------------------------------------------------ reading a saved index
+def _index_error(path: str, problem: str) -> IndexFileError:
+    return IndexFileError(f"{path}: {problem}; this is not a usable es-stream corpus index — "
+                          f"re-create it with `es-stream index SHARDS -o {path}`")
+
+
+def _read_index_table(path: str) -> pa.Table:
+    if os.path.isdir(path):  # pq.read_table would read a directory as a Parquet dataset
+        raise _index_error(path, "is a directory, not an index file")
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path}: no corpus index here; create it with "
+                                f"`es-stream index SHARDS -o {path}`") from exc
+    except (pa.ArrowException, OSError) as exc:  # not Parquet, truncated, unreadable
+        raise _index_error(path, f"cannot be read as Parquet ({exc})") from exc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_SHARD_FIELDS = {"name": lambda v: isinstance(v, str) and v != "",
+                 "num_samples": lambda v: _is_int(v) and v >= 0,
+                 "size": _is_int, "mtime_ns": _is_int}
+
+
+def _index_meta(table: pa.Table, path: str) -> dict[str, Any]:
+    """The checked ``es_stream.corpus`` metadata of a saved index (see :meth:`Corpus.save`)."""
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise _index_error(path, f"it has no {_META_KEY.decode()} metadata")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise _index_error(path, f"its {_META_KEY.decode()} metadata is not JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") not in ("wds", "mds"):
+        raise _index_error(path, f"its {_META_KEY.decode()} metadata has no 'format' "
+                           "'wds' or 'mds'")
+    shards = meta.get("shards")
+    if not isinstance(shards, list):
+        raise _index_error(path, "its metadata has no 'shards' list")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or set(shard) != set(_SHARD_FIELDS):
+            raise _index_error(path, f"metadata shard {i} must have exactly the keys "
+                               f"{sorted(_SHARD_FIELDS)}, got {shard!r:.120}")
+        for key, ok in _SHARD_FIELDS.items():
+            if not ok(shard[key]):
+                raise _index_error(path, f"metadata shard {i}: bad {key!r} {shard[key]!r:.80}")
+    if meta["format"] == "mds":
+        _check_mds_meta(meta, path)
+    return meta
+
+
+def _check_mds_meta(meta: dict[str, Any], path: str) -> None:
+    from .sources.mds import MDSIndexProblem, check_mds_index
+
+    m = meta.get("mds")
+    if not isinstance(m, dict) or not isinstance(m.get("local"), str) or \
+            any(not (m.get(k) is None or isinstance(m.get(k), str)) for k in ("remote", "split")):
+        raise _index_error(path, "its metadata has no 'mds' object with 'local', 'remote', "
+                           "'split' and 'index'")
+    try:
+        check_mds_index(m.get("index"))
+    except MDSIndexProblem as exc:
+        raise _index_error(path, f"the MDS index.json saved in its metadata is invalid: {exc}"
+                           ) from exc
+    listed = [(s["name"], s["num_samples"]) for s in meta["shards"]]
+    indexed = [(e["raw_data"]["basename"], e["samples"]) for e in m["index"]["shards"]]
+    if listed != indexed:
+        raise _index_error(path, "its metadata's shard list and saved MDS index.json disagree")
+
+
+# column -> (arrow type test, what it must be), for a WebDataset corpus
+def _is_text(t: pa.DataType) -> bool:
+    # names are strings, or raw bytes when a tar member name is not UTF-8 (see _text_array)
+    return pa.types.is_string(t) or pa.types.is_binary(t)
+
+
+_TAR_COLUMNS = {
+    "key": (_is_text, "string or binary"),
+    "offset": (pa.types.is_integer, "integer"),
+    "length": (pa.types.is_integer, "integer"),
+    "member_suffix": (lambda t: pa.types.is_list(t) and (_is_text(t.value_type) or (
+        pa.types.is_dictionary(t.value_type) and _is_text(t.value_type.value_type))),
+        "list of strings"),
+    "member_offset": (lambda t: pa.types.is_list(t) and pa.types.is_integer(t.value_type),
+                      "list of integers"),
+    "member_size": (lambda t: pa.types.is_list(t) and pa.types.is_integer(t.value_type),
+                    "list of integers"),
+}
+
+
+def _check_tar_columns(table: pa.Table, path: str) -> None:
+    for name, (ok, wanted) in _TAR_COLUMNS.items():
+        if name not in table.column_names:
+            raise _index_error(path, f"it has no column {name!r} (a WebDataset corpus index "
+                               "needs it)")
+        column = table.column(name)
+        if not ok(column.type):
+            raise _index_error(path, f"column {name!r} must be {wanted}, got {column.type}")
+        if column.null_count:
+            raise _index_error(path, f"column {name!r} has {column.null_count} null values")
+
+
+def _tar_table_from_parquet(table: pa.Table, path: str) -> TarTable:
+    _check_tar_columns(table, path)
     suffix_lists = table.column("member_suffix").combine_chunks()
     suffix = suffix_lists.flatten()
     if isinstance(suffix, pa.DictionaryArray):
@@ -402,7 +526,7 @@ def _tar_table_from_parquet(table: pa.Table) -> TarTable:
     else:
         enc = suffix.dictionary_encode()
         codes, vocab = enc.indices, enc.dictionary
-    return TarTable(
+    tar = TarTable(
         keys=table.column("key").combine_chunks(),
         offsets=table.column("offset").to_numpy(),
         lengths=table.column("length").to_numpy(),
@@ -412,6 +536,11 @@ def _tar_table_from_parquet(table: pa.Table) -> TarTable:
         member_size=table.column("member_size").combine_chunks().flatten().to_numpy(),
         suffixes=[_py_text(v) for v in vocab.to_pylist()],
     )
+    members = int(tar.member_ptr[-1] - tar.member_ptr[0])
+    if not len(tar.member_offset) == len(tar.member_size) == len(tar.member_suffix) == members:
+        raise _index_error(path, "columns 'member_suffix', 'member_offset' and 'member_size' "
+                           "list different numbers of files")
+    return tar
 
 
 def _text_array(values: list[str]) -> pa.Array:

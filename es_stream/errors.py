@@ -49,6 +49,11 @@ class StaleIndexError(ESStreamError):
     """A cached corpus index no longer matches the shards on disk."""
 
 
+class IndexFileError(ESStreamError, ValueError):
+    """A saved es-stream corpus index (``Corpus.save`` / ``es-stream index -o``) is not one:
+    not Parquet, truncated, or missing the metadata or columns es-stream writes."""
+
+
 class ManifestError(ESStreamError, ValueError):
     """A pruning manifest is unfinished, from another corpus, or missing a shard."""
 

@@ -25,7 +25,9 @@ from streaming import StreamingDataset
 from streaming.base.world import World
 
 from ..corpus import Corpus
+from ..errors import ShardError
 from ..manifest import EpochKeep, read_epoch
+from .mds import read_mds_index_file
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,19 @@ class ESStreamingDataset(StreamingDataset):
         if not isinstance(id_key, str) or not id_key:
             raise ValueError(f"id_key must be a non-empty column name, got {id_key!r}")
         local = os.fspath(local)
-        super().__init__(local=local, remote=remote, split=split, batch_size=batch_size, **kwargs)
+        try:
+            super().__init__(local=local, remote=remote, split=split, batch_size=batch_size,
+                             **kwargs)
+        except Exception as exc:
+            # streaming parses index.json with bare indexing (KeyError, TypeError): when that
+            # file is what is wrong, say so, naming it, the shard entry and the key
+            index_json = os.path.join(local, split or "", "index.json")
+            if os.path.isfile(index_json):
+                try:
+                    read_mds_index_file(index_json)
+                except ShardError as bad:
+                    raise bad from exc
+            raise
         self.id_key = id_key
         self.manifests = None if manifests is None else os.fspath(manifests)
         self.corpus = Corpus.from_mds(local, remote=remote, split=split)
