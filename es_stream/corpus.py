@@ -437,6 +437,8 @@ def _is_int(value: Any) -> bool:
 _SHARD_FIELDS = {"name": lambda v: isinstance(v, str) and v != "",
                  "num_samples": lambda v: _is_int(v) and v >= 0,
                  "size": _is_int, "mtime_ns": _is_int}
+# written by later versions only; an index without them loads with the ShardInfo default
+_OPTIONAL_SHARD_FIELDS = {"dropped": lambda v: v is None or (_is_int(v) and v >= 0)}
 
 
 def _index_meta(table: pa.Table, path: str) -> dict[str, Any]:
@@ -455,11 +457,13 @@ def _index_meta(table: pa.Table, path: str) -> dict[str, Any]:
     if not isinstance(shards, list):
         raise _index_error(path, "its metadata has no 'shards' list")
     for i, shard in enumerate(shards):
-        if not isinstance(shard, dict) or set(shard) != set(_SHARD_FIELDS):
-            raise _index_error(path, f"metadata shard {i} must have exactly the keys "
-                               f"{sorted(_SHARD_FIELDS)}, got {shard!r:.120}")
-        for key, ok in _SHARD_FIELDS.items():
-            if not ok(shard[key]):
+        if not isinstance(shard, dict) or not set(_SHARD_FIELDS) <= set(shard) <= (
+                set(_SHARD_FIELDS) | set(_OPTIONAL_SHARD_FIELDS)):
+            raise _index_error(path, f"metadata shard {i} must have the keys "
+                               f"{sorted(_SHARD_FIELDS)} (and optionally "
+                               f"{sorted(_OPTIONAL_SHARD_FIELDS)}), got {shard!r:.120}")
+        for key, ok in {**_SHARD_FIELDS, **_OPTIONAL_SHARD_FIELDS}.items():
+            if key in shard and not ok(shard[key]):
                 raise _index_error(path, f"metadata shard {i}: bad {key!r} {shard[key]!r:.80}")
     if meta["format"] == "mds":
         _check_mds_meta(meta, path)
