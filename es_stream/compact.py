@@ -303,6 +303,8 @@ def _write_mds(corpus: Corpus, reader, rows, out_dir: str) -> None:
                 w.write(reader.read(shard, pos, sid))
         return
     columns = {"__key__": "str", **{s: "bytes" for s in corpus.tar.suffixes}}
+    for suffix in corpus.tar.suffixes:
+        _check_utf8(suffix, f"file suffix {suffix!r}")
     with MDSWriter(out=out_dir, columns=columns, exist_ok=False) as w:
         for sid, shard, pos in rows:
             sample = reader.read(shard, pos, sid)
@@ -311,4 +313,16 @@ def _write_mds(corpus: Corpus, reader, rows, out_dir: str) -> None:
             if missing:
                 raise ValueError(f"sample id {sid} ({sample['__key__']}) lacks {sorted(missing)}: "
                                  "MDS needs every column in every sample; compact to wds instead")
+            _check_utf8(sample["__key__"], f"sample id {sid}'s key {sample['__key__']!r} "
+                        f"(shard {corpus.shards[shard].name})")
             w.write(sample)
+
+
+def _check_utf8(name: str, what: str) -> None:
+    """MDS stores keys and column names as UTF-8; a tar member name that is not UTF-8 (kept by
+    webdataset as surrogate escapes) cannot be written there."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8, which MDS requires; compact to wds "
+                         "instead (tar keeps the name byte for byte)") from None

@@ -275,3 +275,21 @@ def test_sigkill_mid_write_leaves_the_output_as_it_was(wds_dir, tmp_path, fmt, p
     with pytest.warns(UserWarning, match="interrupted compaction"):
         compact(corpus, np.arange(50), out, fmt, overwrite=previous)
     assert reindex(out, fmt).num_samples == 50
+
+
+def test_non_utf8_key_to_mds_is_refused_naming_it_and_to_wds_kept(tmp_path):
+    import webdataset as wds
+
+    shard = tmp_path / "src" / "names.tar"
+    shard.parent.mkdir()
+    with wds.TarWriter(str(shard)) as w:  # \udce9: a latin-1 byte, as webdataset decodes it
+        for key in ("plain", "caf\udce9"):
+            w.write({"__key__": key, "bin": key.encode("utf-8", "surrogateescape")})
+    corpus = Corpus.from_webdataset([str(shard)])
+    with pytest.raises(ValueError, match=r"sample id 1's key 'caf\\udce9' .*names.tar.*not valid "
+                       "UTF-8.*compact to wds"):
+        compact(corpus, np.arange(2), tmp_path / "mds", "mds")
+    assert not (tmp_path / "mds").exists() and leftovers(tmp_path) == []
+    compact(corpus, np.arange(2), tmp_path / "wds", "wds")
+    back = Corpus.from_webdataset(str(tmp_path / "wds"))
+    assert [back.tar.key(i) for i in range(2)] == ["plain", "caf\udce9"]
