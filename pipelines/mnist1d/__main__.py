@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..common import (add_selection_args, check_batch, ints, parse_methods, selection_kwargs,
-                      torch_threads)
+from ..common import add_selection_args, check_batch, ints, parse_methods, torch_threads, train_each
+from ..loop import METHODS
 from ..report import fmt, plot_curves, runs_table, stats, write_results
-from .train import METHODS
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"methods": "uniform,es,eswp", "train": 20000, "test": 5000, "epochs": 8, "workers": 0},
@@ -119,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the pipeline with command-line ``argv`` (default ``sys.argv[1:]``); return the
     results (config, runs, summary, table, paths) also written to ``OUT/results.json``."""
     from .data import build
-    from .train import train
+    from .train import workload
 
     args = parse_args(argv)
     started = time.perf_counter()
@@ -131,16 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data_s = time.perf_counter() - t0
         print(f"corpus: {data.corpus} in {data.directory} ({data_s:.1f} s); "
               f"{int(data.noisy.sum())} noisy labels; test {len(data.test_y)}", flush=True)
-        runs = []
-        for method in args.methods:
-            for seed in args.seeds:
-                r = train(method, data.corpus, data.test_x, data.test_y, args.epochs, b=args.b,
-                          B=args.B, lr=args.lr, seed=seed, workers=args.workers,
-                          progress=not args.no_progress, **selection_kwargs(args),
-                          run_dir=str(out / "runs" / f"{method}-seed{seed}"))
-                print(f"{method:>18} seed {seed}: {r['wall_clock_s']:.1f} s, final acc "
-                      f"{r['final_acc']:.4f}, best {r['best_acc']:.4f}", flush=True)
-                runs.append(r)
+        runs = train_each(args, workload(data.corpus, data.test_x, data.test_y), out)
 
     summary = summarize(runs, args.methods)
     text = table(runs, args.methods, summary)

@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..common import (add_selection_args, check_batch, ints, parse_methods, selection_kwargs,
-                      torch_threads)
-from ..mnist1d.train import METHODS
+from ..common import add_selection_args, check_batch, ints, parse_methods, torch_threads, train_each
+from ..loop import METHODS
 from ..report import plot_curves, runs_table, write_results
 from .train import ARCHS
 
@@ -127,7 +126,7 @@ def build_data(args: argparse.Namespace, root: Path, log: Any = print):
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the pipeline with command-line ``argv`` (default ``sys.argv[1:]``); return the
     results (config, corpus, runs, table, paths), also written to ``OUT/results.json``."""
-    from .train import eval_subset, train
+    from .train import eval_subset, workload
 
     args = parse_args(argv)
     started = time.perf_counter()
@@ -144,20 +143,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"train shards = {data.corpus.num_samples} sequences of {args.seq_len} B "
               f"({data.train_bytes / 2**20:.2f} MiB); held-out: {m['heldout_files']} files, "
               f"{len(data.heldout)} sequences, {len(heldout)} evaluated ({data_s:.1f} s)", flush=True)
-        runs = []
-        for method in args.methods:
-            for seed in args.seeds:
-                r = train(method, data.corpus, heldout, args.epochs, b=args.b, B=args.B,
-                          lr=args.lr, seed=seed, workers=args.workers,
-                          progress=not args.no_progress, **selection_kwargs(args),
-                          run_dir=str(out / "runs" / f"{method}-seed{seed}"),
-                          evals_per_epoch=args.evals_per_epoch, arch=args.arch,
-                          hidden=args.hidden, embed=args.embed, layers=args.layers,
-                          device=args.device)
-                print(f"{method:>18} seed {seed}: {r['wall_clock_s']:.1f} s, final bpb "
-                      f"{r['final_bpb']:.4f}, best {r['best_bpb']:.4f} ({r['params']} params)",
-                      flush=True)
-                runs.append(r)
+        lm = workload(data.corpus, heldout, args.arch, args.hidden, args.embed, args.layers,
+                      device=args.device)
+        runs = train_each(args, lm, out, evals_per_epoch=args.evals_per_epoch)
 
     text = table(runs, args.methods)
     png = out / "bpb_vs_time.png"
