@@ -4,7 +4,8 @@
 The selection and pruning flags (:func:`add_selection_args`), the parsing of ``--methods`` and
 ``--seeds``, the :class:`pipelines.loop.RunConfig` fields those flags become
 (:func:`selection_kwargs`), one run per (method, seed) through the shared loop
-(:func:`train_each`) and torch's thread count for the length of a run (:func:`torch_threads`).
+(:func:`train_each`), the body of a pipeline's ``main`` around it (:func:`train_pipeline`) and
+torch's thread count for the length of a run (:func:`torch_threads`).
 The training loop itself, with the method table, is :mod:`pipelines.loop`.
 
 Nothing here imports torch or es_stream at import time.
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 #: ``ESSelector`` options given on the command line (``RunConfig.es_options``)
 ES_OPTIONS = ("beta1", "beta2", "burn_in", "anneal")
@@ -121,3 +123,21 @@ def train_each(args: argparse.Namespace, workload: Any, out: Path,
                   flush=True)
             runs.append(r)
     return runs
+
+
+def train_pipeline(args: argparse.Namespace, build: Callable[[Path], Any],
+                   make_workload: Callable[[Any], Any], describe: Callable[[Any, float], str],
+                   **run: Any) -> tuple[Path, Any, float, list[dict[str, Any]]]:
+    """What a pipeline's ``main`` does between parsing and reporting: make ``args.out``, build
+    the data with ``build(OUT / "data")`` (timed; ``describe(data, seconds)`` is printed), then
+    train every (method, seed) on ``make_workload(data)`` (:func:`train_each`, with ``run``), all
+    with ``args.threads`` torch threads. Returns ``(out, data, data_s, runs)``."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch_threads(args.threads):
+        t0 = time.perf_counter()
+        data = build(out / "data")
+        data_s = time.perf_counter() - t0
+        print(describe(data, data_s), flush=True)
+        runs = train_each(args, make_workload(data), out, **run)
+    return out, data, data_s, runs

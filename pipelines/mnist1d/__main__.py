@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..common import add_selection_args, check_batch, ints, parse_methods, torch_threads, train_each
+from ..common import add_selection_args, check_batch, ints, parse_methods, train_pipeline
 from ..loop import METHODS
 from ..report import fmt, plot_curves, runs_table, stats, write_results
 
@@ -122,15 +122,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     started = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch_threads(args.threads):
-        t0 = time.perf_counter()
-        data = build(out / "data", args.train, args.test, args.noise, args.data_seed, args.format)
-        data_s = time.perf_counter() - t0
-        print(f"corpus: {data.corpus} in {data.directory} ({data_s:.1f} s); "
-              f"{int(data.noisy.sum())} noisy labels; test {len(data.test_y)}", flush=True)
-        runs = train_each(args, workload(data.corpus, data.test_x, data.test_y), out)
+    out, data, data_s, runs = train_pipeline(
+        args, lambda root: build(root, args.train, args.test, args.noise, args.data_seed, args.format),
+        lambda d: workload(d.corpus, d.test_x, d.test_y),
+        lambda d, s: (f"corpus: {d.corpus} in {d.directory} ({s:.1f} s); "
+                      f"{int(d.noisy.sum())} noisy labels; test {len(d.test_y)}"))
 
     summary = summarize(runs, args.methods)
     text = table(runs, args.methods, summary)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..common import add_selection_args, check_batch, ints, parse_methods, torch_threads, train_each
+from ..common import add_selection_args, check_batch, ints, parse_methods, train_pipeline
 from ..loop import METHODS
 from ..report import plot_curves, runs_table, write_results
 from .train import ARCHS
@@ -130,22 +130,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     started = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch_threads(args.threads):
-        t0 = time.perf_counter()
-        data = build_data(args, out / "data")
-        data_s = time.perf_counter() - t0
-        heldout = eval_subset(data.heldout, args.eval_sequences or None)
+
+    def build(root: Path) -> tuple[Any, Any]:
+        data = build_data(args, root)
+        return data, eval_subset(data.heldout, args.eval_sequences or None)
+
+    def describe(built: tuple[Any, Any], seconds: float) -> str:
+        data, heldout = built
         m = data.meta
-        print(f"corpus: {m['files']} files, {m['bytes'] / 2**20:.1f} MiB from {m['source']} "
-              f"(Python {m['python']}); training on {data.train_shards}/{data.total_train_shards} "
-              f"train shards = {data.corpus.num_samples} sequences of {args.seq_len} B "
-              f"({data.train_bytes / 2**20:.2f} MiB); held-out: {m['heldout_files']} files, "
-              f"{len(data.heldout)} sequences, {len(heldout)} evaluated ({data_s:.1f} s)", flush=True)
-        lm = workload(data.corpus, heldout, args.arch, args.hidden, args.embed, args.layers,
-                      device=args.device)
-        runs = train_each(args, lm, out, evals_per_epoch=args.evals_per_epoch)
+        return (f"corpus: {m['files']} files, {m['bytes'] / 2**20:.1f} MiB from {m['source']} "
+                f"(Python {m['python']}); training on {data.train_shards}/"
+                f"{data.total_train_shards} train shards = {data.corpus.num_samples} sequences of "
+                f"{args.seq_len} B ({data.train_bytes / 2**20:.2f} MiB); held-out: "
+                f"{m['heldout_files']} files, {len(data.heldout)} sequences, {len(heldout)} "
+                f"evaluated ({seconds:.1f} s)")
+
+    out, (data, heldout), data_s, runs = train_pipeline(
+        args, build, lambda built: workload(built[0].corpus, built[1], args.arch, args.hidden,
+                                            args.embed, args.layers, device=args.device),
+        describe, evals_per_epoch=args.evals_per_epoch)
 
     text = table(runs, args.methods)
     png = out / "bpb_vs_time.png"
