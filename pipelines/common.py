@@ -99,7 +99,6 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-
 def train_each(args: argparse.Namespace, workload: Any, out: Path,
                **run: Any) -> list[dict[str, Any]]:
     """One run of ``workload`` per (method, seed) of ``args`` through the shared loop

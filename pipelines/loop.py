@@ -126,6 +126,8 @@ class RunConfig:
         """ValueError naming the argument unless ``method`` and the settings make a run."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not 1 <= self.b <= self.B:
             raise ValueError(f"need 1 <= b <= B, got b={self.b}, B={self.B}")
         if self.evals_per_epoch < 1:

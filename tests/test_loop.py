@@ -126,5 +126,7 @@ def test_bad_settings_are_refused_naming_the_argument(workloads) -> None:
     for method, options, message in cases:
         with pytest.raises(ValueError, match=message):
             loop.train(w, method, loop.RunConfig(2, progress=False, **options))
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+        loop.train(w, "uniform", loop.RunConfig(0, progress=False))
     with pytest.raises(TypeError, match="the workload's collate"):
         loop.take(object(), torch.tensor([0]))

@@ -3,7 +3,8 @@
     python -m pipelines.mnist1d --preset demo --out demo_out/mnist1d
     python -m pipelines.mnist1d --methods uniform,es,random --seeds 0,1,2 --noise 0.2 --out runs/m1d
 
-Builds (or reuses) the corpus in ``OUT/data``, trains one model per (method, seed), prints a
+Builds (or reuses) the corpus in ``OUT/data``, trains one model per (method, seed) through the
+shared loop (:mod:`pipelines.loop`, workload :func:`pipelines.mnist1d.train.workload`), prints a
 table, and writes ``OUT/results.json`` and ``OUT/accuracy_vs_time.png``; each run's final
 scores and pruning manifests go to ``OUT/runs/METHOD-seedS/`` (``scores.npy``, ``manifests/``). From code:
 ``main([...]) -> dict`` (the same content as results.json).

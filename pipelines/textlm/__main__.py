@@ -7,7 +7,8 @@ Collects the Python standard library's ``.py``/``.rst``/``.txt`` files on this m
 sorted paths), splits them by file into train and held-out text, cuts both into fixed-length byte
 sequences written as WebDataset shards (cached in ``OUT/data``, see
 :mod:`pipelines.textlm.data`), then trains one small GRU language model per (method, seed) on the
-first ``--train-mb`` of the train shards, streamed through ``es_stream.ESDataset``. Per-sample
+first ``--train-mb`` of the train shards, streamed through ``es_stream.ESDataset``, in the
+shared loop (:mod:`pipelines.loop`, workload :func:`pipelines.textlm.train.workload`). Per-sample
 loss: mean next-byte cross-entropy of a sequence. Quality: held-out bits per byte (lower is
 better), evaluated on ``--eval-sequences`` held-out sequences (timer paused).
 
