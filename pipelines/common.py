@@ -1,11 +1,12 @@
-"""What the pipelines' command lines and training loops share (``pipelines.mnist1d``,
-``pipelines.textlm``, and ``tools/bench_train.py``, which runs their loops).
+"""What the pipelines' command lines share (``pipelines.mnist1d``, ``pipelines.textlm``, and
+``tools/bench_train.py``).
 
-Command line: the selection and pruning flags (:func:`add_selection_args`), the parsing of
-``--methods`` and ``--seeds``, and the keyword arguments those flags become for the ``train``
-functions (:func:`selection_kwargs`). Training: the pruner of ``eswp`` / ``infobatch``
-(:func:`make_pruner`), saving a run's final scores (:func:`save_scores`) and torch's thread count
-for the length of a run (:func:`torch_threads`).
+The selection and pruning flags (:func:`add_selection_args`), the parsing of ``--methods`` and
+``--seeds``, the :class:`pipelines.loop.RunConfig` fields those flags become
+(:func:`selection_kwargs`), one run per (method, seed) through the shared loop
+(:func:`train_each`), the body of a pipeline's ``main`` around it (:func:`train_pipeline`) and
+torch's thread count for the length of a run (:func:`torch_threads`).
+The training loop itself, with the method table, is :mod:`pipelines.loop`.
 
 Nothing here imports torch or es_stream at import time.
 """
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-from typing import Any, Iterator
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
-#: ``ESSelector`` options given on the command line (``es_options`` of the ``train`` functions)
+#: ``ESSelector`` options given on the command line (``RunConfig.es_options``)
 ES_OPTIONS = ("beta1", "beta2", "burn_in", "anneal")
-#: pruning options of the ``train`` functions
+#: pruning options (fields of ``RunConfig``)
 PRUNE_OPTIONS = ("eswp_ratio", "infobatch_ratio", "prune_anneal", "prune_burn_in_epochs")
 
 #: help of the selection and pruning flags, by option name
@@ -78,7 +80,7 @@ def check_batch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def selection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``train`` keyword arguments of the flags of :func:`add_selection_args`:
+    """The :class:`pipelines.loop.RunConfig` fields of the flags of :func:`add_selection_args`:
     ``es_options`` and the pruning options."""
     return {"es_options": {k: getattr(args, k) for k in ES_OPTIONS},
             **{k: getattr(args, k) for k in PRUNE_OPTIONS}}
@@ -97,28 +99,44 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def make_pruner(method: str, corpus: Any, selector: Any, manifests: str, *, eswp_ratio: float,
-                infobatch_ratio: float, prune_anneal: float, prune_burn_in_epochs: int,
-                seed: int) -> Any:
-    """The epoch-end pruner of ``method`` writing to ``manifests`` (None unless ``eswp`` or
-    ``infobatch``): ``eswp`` prunes with :class:`ESWPPolicy` on the ES selector's store;
-    ``infobatch`` with :class:`InfoBatchPolicy` on a store of its own (last losses)."""
-    from es_stream import ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore
+def train_each(args: argparse.Namespace, workload: Any, out: Path,
+               **run: Any) -> list[dict[str, Any]]:
+    """One run of ``workload`` per (method, seed) of ``args`` through the shared loop
+    (:func:`pipelines.loop.train`), methods outermost, each printed as it ends. The run's
+    settings are the flags ``--epochs --b --B --lr --workers --no-progress`` and those of
+    :func:`add_selection_args`, plus ``run`` (more :class:`pipelines.loop.RunConfig` fields);
+    its scores and manifests go to ``out/runs/METHOD-seedS``."""
+    from .loop import RunConfig, train
 
-    if method == "eswp":
-        return Pruner(corpus, selector.store, ESWPPolicy(
-            eswp_ratio, anneal=prune_anneal, burn_in_epochs=prune_burn_in_epochs, seed=seed),
-            manifests)
-    if method == "infobatch":
-        return Pruner(corpus, ScoreStore(corpus.num_samples),
-                      InfoBatchPolicy(infobatch_ratio, anneal=prune_anneal, seed=seed), manifests)
-    return None
+    q = workload.quality
+    runs = []
+    for method in args.methods:
+        for seed in args.seeds:
+            config = RunConfig(args.epochs, b=args.b, B=args.B, lr=args.lr, seed=seed,
+                               workers=args.workers, progress=not args.no_progress,
+                               run_dir=str(out / "runs" / f"{method}-seed{seed}"),
+                               **selection_kwargs(args), **run)
+            r = train(workload, method, config)
+            print(f"{method:>18} seed {seed}: {r['wall_clock_s']:.1f} s, final {q} "
+                  f"{r[f'final_{q}']:.4f}, best {r[f'best_{q}']:.4f} ({r['params']} params)",
+                  flush=True)
+            runs.append(r)
+    return runs
 
 
-def save_scores(run_dir: str | None, pruner: Any, selector: Any) -> None:
-    """Save the run's final scores (the pruner's store, else the selector's, if any) to
-    ``run_dir/scores.npy``; nothing without ``run_dir``."""
-    store = pruner.store if pruner is not None else getattr(selector, "store", None)
-    if run_dir is not None and store is not None:
-        os.makedirs(run_dir, exist_ok=True)
-        store.save(os.path.join(run_dir, "scores.npy"))
+def train_pipeline(args: argparse.Namespace, build: Callable[[Path], Any],
+                   make_workload: Callable[[Any], Any], describe: Callable[[Any, float], str],
+                   **run: Any) -> tuple[Path, Any, float, list[dict[str, Any]]]:
+    """What a pipeline's ``main`` does between parsing and reporting: make ``args.out``, build
+    the data with ``build(OUT / "data")`` (timed; ``describe(data, seconds)`` is printed), then
+    train every (method, seed) on ``make_workload(data)`` (:func:`train_each`, with ``run``), all
+    with ``args.threads`` torch threads. Returns ``(out, data, data_s, runs)``."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch_threads(args.threads):
+        t0 = time.perf_counter()
+        data = build(out / "data")
+        data_s = time.perf_counter() - t0
+        print(describe(data, data_s), flush=True)
+        runs = train_each(args, make_workload(data), out, **run)
+    return out, data, data_s, runs

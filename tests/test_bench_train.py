@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
 import bench_train  # noqa: E402
+from benchtrain.report import time_to_target  # noqa: E402
 
 TRAIN, EPOCHS, b, B = 640, 3, 16, 32
 METHODS = ["uniform", "uniform_B", "es", "eswp", "random", "budget_es"]
@@ -182,16 +183,9 @@ def test_fixes_grid_runs_burn_in_anneal_and_a_longer_run(tmp_path: Path) -> None
             bench_train.parse_args(args + bad)
 
 
-def test_time_to_target_and_run_keys() -> None:
+def test_time_to_target() -> None:
+    # the run-key rules are tested on their own in tests/test_bench_plan.py
     curve = [[1.0, 3.0], [2.0, 2.5], [3.0, 2.4]]
-    assert bench_train.time_to_target(curve, 2.5, higher=False) == 2.0
-    assert bench_train.time_to_target(curve, 2.0, higher=False) is None
-    assert bench_train.time_to_target(curve, 2.9, higher=True) == 1.0
-    # settings a method does not use leave its run key alone: the grids reuse the main runs
-    cfg = {"b": 16, "B": 32, "beta1": 0.2, "beta2": 0.8, "eswp_ratio": 0.3, "epochs": 3}
-    other = {**cfg, "B": 64, "beta1": 0.5, "eswp_ratio": 0.5}
-    key = lambda m, c, budget=None: bench_train.run_key(  # noqa: E731
-        "mnist1d", m, 0, bench_train.run_config(c, m, budget))
-    assert key("uniform", cfg) == key("uniform", other)
-    assert key("es", cfg) != key("es", other) and key("eswp", cfg) != key("eswp", {**cfg, "eswp_ratio": 0.5})
-    assert key("budget_es", cfg, 2.5) != key("budget_es", cfg, 2.4)
+    assert time_to_target(curve, 2.5, higher=False) == 2.0
+    assert time_to_target(curve, 2.0, higher=False) is None
+    assert time_to_target(curve, 2.9, higher=True) == 1.0

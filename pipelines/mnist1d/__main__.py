@@ -3,7 +3,8 @@
     python -m pipelines.mnist1d --preset demo --out demo_out/mnist1d
     python -m pipelines.mnist1d --methods uniform,es,random --seeds 0,1,2 --noise 0.2 --out runs/m1d
 
-Builds (or reuses) the corpus in ``OUT/data``, trains one model per (method, seed), prints a
+Builds (or reuses) the corpus in ``OUT/data``, trains one model per (method, seed) through the
+shared loop (:mod:`pipelines.loop`, workload :func:`pipelines.mnist1d.train.workload`), prints a
 table, and writes ``OUT/results.json`` and ``OUT/accuracy_vs_time.png``; each run's final
 scores and pruning manifests go to ``OUT/runs/METHOD-seedS/`` (``scores.npy``, ``manifests/``). From code:
 ``main([...]) -> dict`` (the same content as results.json).
@@ -24,10 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..common import (add_selection_args, check_batch, ints, parse_methods, selection_kwargs,
-                      torch_threads)
+from ..common import add_selection_args, check_batch, ints, parse_methods, train_pipeline
+from ..loop import METHODS
 from ..report import fmt, plot_curves, runs_table, stats, write_results
-from .train import METHODS
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"methods": "uniform,es,eswp", "train": 20000, "test": 5000, "epochs": 8, "workers": 0},
@@ -119,28 +119,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the pipeline with command-line ``argv`` (default ``sys.argv[1:]``); return the
     results (config, runs, summary, table, paths) also written to ``OUT/results.json``."""
     from .data import build
-    from .train import train
+    from .train import workload
 
     args = parse_args(argv)
     started = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch_threads(args.threads):
-        t0 = time.perf_counter()
-        data = build(out / "data", args.train, args.test, args.noise, args.data_seed, args.format)
-        data_s = time.perf_counter() - t0
-        print(f"corpus: {data.corpus} in {data.directory} ({data_s:.1f} s); "
-              f"{int(data.noisy.sum())} noisy labels; test {len(data.test_y)}", flush=True)
-        runs = []
-        for method in args.methods:
-            for seed in args.seeds:
-                r = train(method, data.corpus, data.test_x, data.test_y, args.epochs, b=args.b,
-                          B=args.B, lr=args.lr, seed=seed, workers=args.workers,
-                          progress=not args.no_progress, **selection_kwargs(args),
-                          run_dir=str(out / "runs" / f"{method}-seed{seed}"))
-                print(f"{method:>18} seed {seed}: {r['wall_clock_s']:.1f} s, final acc "
-                      f"{r['final_acc']:.4f}, best {r['best_acc']:.4f}", flush=True)
-                runs.append(r)
+    out, data, data_s, runs = train_pipeline(
+        args, lambda root: build(root, args.train, args.test, args.noise, args.data_seed, args.format),
+        lambda d: workload(d.corpus, d.test_x, d.test_y),
+        lambda d, s: (f"corpus: {d.corpus} in {d.directory} ({s:.1f} s); "
+                      f"{int(d.noisy.sum())} noisy labels; test {len(d.test_y)}"))
 
     summary = summarize(runs, args.methods)
     text = table(runs, args.methods, summary)

@@ -7,7 +7,8 @@ Collects the Python standard library's ``.py``/``.rst``/``.txt`` files on this m
 sorted paths), splits them by file into train and held-out text, cuts both into fixed-length byte
 sequences written as WebDataset shards (cached in ``OUT/data``, see
 :mod:`pipelines.textlm.data`), then trains one small GRU language model per (method, seed) on the
-first ``--train-mb`` of the train shards, streamed through ``es_stream.ESDataset``. Per-sample
+first ``--train-mb`` of the train shards, streamed through ``es_stream.ESDataset``, in the
+shared loop (:mod:`pipelines.loop`, workload :func:`pipelines.textlm.train.workload`). Per-sample
 loss: mean next-byte cross-entropy of a sequence. Quality: held-out bits per byte (lower is
 better), evaluated on ``--eval-sequences`` held-out sequences (timer paused).
 
@@ -25,9 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..common import (add_selection_args, check_batch, ints, parse_methods, selection_kwargs,
-                      torch_threads)
-from ..mnist1d.train import METHODS
+from ..common import add_selection_args, check_batch, ints, parse_methods, train_pipeline
+from ..loop import METHODS
 from ..report import plot_curves, runs_table, write_results
 from .train import ARCHS
 
@@ -127,37 +127,29 @@ def build_data(args: argparse.Namespace, root: Path, log: Any = print):
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the pipeline with command-line ``argv`` (default ``sys.argv[1:]``); return the
     results (config, corpus, runs, table, paths), also written to ``OUT/results.json``."""
-    from .train import eval_subset, train
+    from .train import eval_subset, workload
 
     args = parse_args(argv)
     started = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch_threads(args.threads):
-        t0 = time.perf_counter()
-        data = build_data(args, out / "data")
-        data_s = time.perf_counter() - t0
-        heldout = eval_subset(data.heldout, args.eval_sequences or None)
+
+    def build(root: Path) -> tuple[Any, Any]:
+        data = build_data(args, root)
+        return data, eval_subset(data.heldout, args.eval_sequences or None)
+
+    def describe(built: tuple[Any, Any], seconds: float) -> str:
+        data, heldout = built
         m = data.meta
-        print(f"corpus: {m['files']} files, {m['bytes'] / 2**20:.1f} MiB from {m['source']} "
-              f"(Python {m['python']}); training on {data.train_shards}/{data.total_train_shards} "
-              f"train shards = {data.corpus.num_samples} sequences of {args.seq_len} B "
-              f"({data.train_bytes / 2**20:.2f} MiB); held-out: {m['heldout_files']} files, "
-              f"{len(data.heldout)} sequences, {len(heldout)} evaluated ({data_s:.1f} s)", flush=True)
-        runs = []
-        for method in args.methods:
-            for seed in args.seeds:
-                r = train(method, data.corpus, heldout, args.epochs, b=args.b, B=args.B,
-                          lr=args.lr, seed=seed, workers=args.workers,
-                          progress=not args.no_progress, **selection_kwargs(args),
-                          run_dir=str(out / "runs" / f"{method}-seed{seed}"),
-                          evals_per_epoch=args.evals_per_epoch, arch=args.arch,
-                          hidden=args.hidden, embed=args.embed, layers=args.layers,
-                          device=args.device)
-                print(f"{method:>18} seed {seed}: {r['wall_clock_s']:.1f} s, final bpb "
-                      f"{r['final_bpb']:.4f}, best {r['best_bpb']:.4f} ({r['params']} params)",
-                      flush=True)
-                runs.append(r)
+        return (f"corpus: {m['files']} files, {m['bytes'] / 2**20:.1f} MiB from {m['source']} "
+                f"(Python {m['python']}); training on {data.train_shards}/"
+                f"{data.total_train_shards} train shards = {data.corpus.num_samples} sequences of "
+                f"{args.seq_len} B ({data.train_bytes / 2**20:.2f} MiB); held-out: "
+                f"{m['heldout_files']} files, {len(data.heldout)} sequences, {len(heldout)} "
+                f"evaluated ({seconds:.1f} s)")
+
+    out, (data, heldout), data_s, runs = train_pipeline(
+        args, build, lambda built: workload(built[0].corpus, built[1], args.arch, args.hidden,
+                                            args.embed, args.layers, device=args.device),
+        describe, evals_per_epoch=args.evals_per_epoch)
 
     text = table(runs, args.methods)
     png = out / "bpb_vs_time.png"

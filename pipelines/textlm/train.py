@@ -1,37 +1,29 @@
-"""Train a small byte-level language model on the text corpus with standard batches or with
-loss-based selection (Evolved Sampling and its baselines).
+"""The byte-level language-model workload of the shared training loop (:mod:`pipelines.loop`):
+a small GRU (or Transformer) trained on the text corpus with standard batches or with loss-based
+selection (Evolved Sampling and its baselines).
 
-The method set, the selectors and the order of operations are those of
-:mod:`pipelines.mnist1d.train` (``METHODS``, ``make_selector``, ``BATCH_OF_B`` are imported from
-there): ``uniform`` and ``infobatch`` read meta-batches of b and train on all of each; the others
-read meta-batches of B, score them with a no-grad forward, let the selector pick b, and take a
-forward + backward + step on those b. ``eswp`` and ``infobatch`` prune at epoch ends through
-Parquet manifests. The per-sample loss is the mean next-byte cross-entropy over the sequence
-(nats); quality is held-out **bits per byte** (lower is better).
-
-Differences from the MNIST-1D loop, all for a recurrent model on text: gradients are clipped to
-norm 1; the held-out set can be evaluated several times per epoch (``evals_per_epoch``) for a
-finer quality-against-time curve; and the model can run on a GPU (``device``).
+The per-sample loss is the mean next-byte cross-entropy over the sequence (nats); quality is
+held-out **bits per byte** (``bpb``, lower is better). For a recurrent model on text, gradients
+are clipped to norm 1, the held-out set is usually evaluated several times per epoch
+(``evals_per_epoch``) for a finer quality-against-time curve, and the model can run on a GPU
+(``device``). Every method, the schedule, the timer, the budget cut and the counts are the
+loop's; :func:`workload` is what this pipeline supplies and :func:`train` runs it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import os
-import shutil
-import tempfile
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import es_stream
-from es_stream import Corpus, ESDataset
+from es_stream import Corpus
 
-from ..common import make_pruner, save_scores
-from ..mnist1d.train import BATCH_OF_B, METHODS, make_selector
+from ..loop import RunConfig, Workload
+from ..loop import train as train_loop
 from .data import Collate, Decode
 
 ARCHS = ("gru", "transformer")
@@ -115,133 +107,32 @@ def eval_subset(heldout: torch.Tensor, count: int | None) -> torch.Tensor:
     return heldout[idx]
 
 
-def train(method: str, corpus: Corpus, heldout: torch.Tensor, epochs: int, b: int = 32,
-          B: int = 64, lr: float = 3e-3, seed: int = 0, workers: int = 0, progress: bool = True,
-          es_options: dict[str, Any] | None = None, eswp_ratio: float = 0.3,
-          infobatch_ratio: float = 0.5, prune_anneal: float = 0.125, prune_burn_in_epochs: int = 1,
-          run_dir: str | None = None, budget_epochs: float | None = None,
-          evals_per_epoch: int = 1, arch: str = "gru", hidden: int = 192, embed: int = 48,
-          layers: int = 1, clip: float = 1.0, device: str = "cpu") -> dict[str, Any]:
-    """Train one language model with ``method`` and report time, counts and held-out bits/byte.
 
-    Adam with a cosine learning-rate schedule over the run's progress in epochs (as in
-    :func:`pipelines.mnist1d.train.train`), so every method ends at lr 0. With ``budget_epochs``
-    (a fraction allowed, e.g. 3.4), the schedule spans that many epochs and the run stops there,
-    mid-epoch: the budget-matched control (``epochs`` must then be ``ceil(budget_epochs)``, which
-    is what ES's burn-in/anneal step counts are computed from). The timer covers the training
-    loop, loader waits and manifest writing, and is paused while the held-out set is evaluated
-    (``evals_per_epoch`` times per epoch, the last at the epoch's end).
-
-    Returns a dict like the MNIST-1D pipeline's, with ``final_bpb``, ``best_bpb`` (minimum) and
-    ``curve``: ``(wall_clock_s, heldout_bpb)`` per evaluation, plus ``epochs_done`` (fractional).
-    """
-    from tqdm.auto import tqdm
-
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if not 1 <= b <= B:
-        raise ValueError(f"need 1 <= b <= B, got b={b}, B={B}")
-    if evals_per_epoch < 1:
-        raise ValueError(f"evals_per_epoch must be >= 1, got {evals_per_epoch}")
-    horizon = float(epochs if budget_epochs is None else budget_epochs)
-    if not 0 < horizon <= epochs:
-        raise ValueError(f"budget_epochs must be in (0, epochs={epochs}], got {budget_epochs}")
-    dev = torch.device(device)
-    torch.manual_seed(seed)
-    model = make_model(arch, hidden, embed, layers).to(dev)
+def workload(corpus: Corpus, heldout: torch.Tensor, arch: str = "gru", hidden: int = 192,
+             embed: int = 48, layers: int = 1, clip: float = 1.0,
+             device: str = "cpu") -> Workload:
+    """The byte-LM workload: the model of ``arch`` (:func:`make_model`) on ``corpus``, held-out
+    bits per byte on ``heldout`` (uint8 ``[n, seq_len]``), gradients clipped to ``clip``."""
     seq_len = heldout.shape[1]
-    with tempfile.TemporaryDirectory(prefix=f"es-stream-textlm-{method}-") as tmp:
-        manifests = os.path.join(run_dir or tmp, "manifests")
-        shutil.rmtree(manifests, ignore_errors=True)  # epochs of an earlier run must not leak in
-        prunes = method in ("eswp", "infobatch")
-        ds = ESDataset(corpus, meta_batch_size=b if method in BATCH_OF_B else B,
-                       decode=Decode(seq_len), collate=Collate(seq_len), shuffle=True, seed=seed,
-                       manifests=manifests if prunes else None)
-        dl = es_stream.loader(ds, num_workers=workers)
-        options = dict(es_options or {})
-        if dev.type == "cuda" and method in ("es", "eswp"):
-            options.setdefault("device", dev)
-        # ES's burn-in/anneal fractions count steps of unpruned epochs (an upper bound for eswp)
-        selector = make_selector(method, corpus, b, seed, epochs * len(ds), **options)
-        pruner = make_pruner(method, corpus, selector, manifests, eswp_ratio=eswp_ratio,
-                             infobatch_ratio=infobatch_ratio, prune_anneal=prune_anneal,
-                             prune_burn_in_epochs=prune_burn_in_epochs, seed=seed)
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    return Workload(name="textlm", corpus=corpus,
+                    make_model=functools.partial(make_model, arch, hidden, embed, layers),
+                    losses=sequence_losses,
+                    evaluate=functools.partial(bits_per_byte, seqs=heldout, device=device),
+                    quality="bpb", higher_is_better=False, collate=Collate(seq_len),
+                    decode=Decode(seq_len), clip=clip, device=device)
 
-        forwarded = backpropagated = steps = 0
-        elapsed = 0.0
-        progress_epochs = 0.0
-        curve: list[tuple[float, float]] = []
-        bar = tqdm(total=math.ceil(horizon), desc=f"{method} seed {seed}", unit="epoch",
-                   disable=not progress, dynamic_ncols=True, leave=False, mininterval=1.0)
 
-        def evaluate() -> None:
-            model.eval()
-            bpb = bits_per_byte(model, heldout, device=dev)
-            model.train()
-            curve.append((elapsed, bpb))
-            bar.set_postfix(bpb=f"{bpb:.3f}", s=f"{elapsed:.1f}")
+def train(method: str, corpus: Corpus, heldout: torch.Tensor, epochs: int, b: int = 32,
+          B: int = 64, workers: int = 0, arch: str = "gru", hidden: int = 192, embed: int = 48,
+          layers: int = 1, clip: float = 1.0, device: str = "cpu",
+          **options: Any) -> dict[str, Any]:
+    """Train one language model with ``method`` through the shared loop
+    (:func:`pipelines.loop.train`); the model arguments make the :func:`workload`, ``options``
+    are the other fields of :class:`pipelines.loop.RunConfig` (lr, seed, progress, es_options,
+    the pruning ratios, run_dir, budget_epochs, evals_per_epoch, ...).
 
-        try:
-            for epoch in range(math.ceil(horizon)):
-                start = time.perf_counter()
-                ds.set_epoch(epoch)
-                per_epoch = len(ds)
-                # evaluation points inside this epoch (step counts after which to evaluate)
-                marks = {math.ceil(per_epoch * k / evals_per_epoch) for k in range(1, evals_per_epoch)}
-                # a budget ending inside this epoch: the meta-batches to take from it
-                stop = math.ceil((horizon - epoch) * per_epoch) if epoch + 1 > horizon else None
-                i = 0
-                for i, mb in enumerate(dl, start=1):
-                    progress_epochs = epoch + (i - 1) / per_epoch
-                    for group in opt.param_groups:
-                        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * progress_epochs / horizon))
-                    x = mb.data.to(dev, non_blocking=True)
-                    forwarded += len(x)
-                    if selector is not None and len(x) > b:
-                        with torch.no_grad():
-                            losses = sequence_losses(model, x)
-                        chosen = selector.select(mb.ids.to(dev), losses)
-                        x = x[chosen]
-                    # else: a batch of b, or a tail meta-batch of at most b: train on all of it
-                    if method == "infobatch":
-                        losses = sequence_losses(model, x)
-                        pruner.store.scatter(mb.ids, losses.detach().cpu())
-                        weights = mb.weights.to(dev) if mb.weights is not None else None
-                        loss = (losses * weights).mean() if weights is not None else losses.mean()
-                    else:
-                        loss = sequence_losses(model, x).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if clip:
-                        nn.utils.clip_grad_norm_(model.parameters(), clip)
-                    opt.step()
-                    backpropagated += len(x)
-                    steps += 1
-                    if stop is not None and i >= stop:
-                        break
-                    if i in marks:
-                        if dev.type == "cuda":
-                            torch.cuda.synchronize(dev)
-                        elapsed += time.perf_counter() - start
-                        evaluate()  # timer paused
-                        start = time.perf_counter()
-                progress_epochs = epoch + i / per_epoch
-                if pruner is not None and epoch + 1 < math.ceil(horizon):
-                    pruner.on_epoch_end(epoch, epochs)  # no decision for after the run
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                elapsed += time.perf_counter() - start
-                evaluate()  # timer paused
-                bar.update()
-        finally:
-            bar.close()
-            del dl  # stop persistent workers before the manifest directory goes
-        save_scores(run_dir, pruner, selector)
-    bpbs = [q for _, q in curve]
-    return {"method": method, "seed": seed, "wall_clock_s": elapsed,
-            "samples_forwarded": forwarded, "samples_backpropagated": backpropagated,
-            "steps": steps, "epochs_done": progress_epochs,
-            "params": sum(p.numel() for p in model.parameters()),
-            "final_bpb": bpbs[-1] if bpbs else float("nan"),
-            "best_bpb": min(bpbs, default=float("nan")), "curve": curve}
+    Returns the loop's dict: time, counts, ``epochs_done``, ``params``, ``final_bpb``,
+    ``best_bpb`` (minimum) and ``curve``: ``(wall_clock_s, heldout_bpb)`` per evaluation.
+    """
+    return train_loop(workload(corpus, heldout, arch, hidden, embed, layers, clip, device),
+                      method, RunConfig(epochs, b=b, B=B, workers=workers, **options))

@@ -1,0 +1,398 @@
+"""The one training loop of the pipelines (``pipelines.mnist1d``, ``pipelines.textlm``) and the
+benchmark (``tools/bench_train.py``): a method lands here once and every workload gets it.
+
+A workload (:class:`Workload`) says what is trained and on what: the corpus and how ESDataset
+decodes and collates it, a model factory, the per-sample loss of a collated batch, the held-out
+evaluation (its name and direction), gradient clipping and the device. A run (:class:`RunConfig`)
+says how: epochs and their budget, b and B, the learning rate, the seed, the method's options.
+:func:`train` does the rest, the same way for every workload:
+
+* **Methods** (:data:`METHODS`). Every method reads the same stream (``ESDataset`` +
+  ``es_stream.loader``), so loader overhead is the same for all. ``uniform`` and ``infobatch``
+  (:data:`BATCH_OF_B`) read meta-batches of b and train on all of each; the others read
+  meta-batches of B, score them with a no-grad forward (per-sample losses), let a selector pick b
+  (:func:`make_selector`) and take a forward + backward + step on those b. ``random`` is the
+  control for the selection itself: it pays for the scoring forward, then picks b uniformly.
+  ``eswp`` (ES + :class:`ESWPPolicy` on the selector's scores) and ``infobatch`` (each sample's
+  last loss as its score, :class:`InfoBatchPolicy`, kept low-loss samples weighted by
+  ``MetaBatch.weights``) also prune the set at epoch ends through Parquet manifests
+  (:func:`make_pruner`).
+* **Schedule.** Adam with a cosine learning rate over the run's progress in epochs (epoch plus
+  the fraction of its meta-batches done), so every method ends at lr 0 whatever its steps per
+  epoch (pruned epochs have fewer). With ``budget_epochs`` (fractional) the run stops there,
+  mid-epoch, and the schedule spans that many epochs instead of ``epochs``.
+* **Timer.** Training wall-clock: the loop, loader waits and manifest writing, paused while the
+  held-out set is evaluated (``evals_per_epoch`` times per epoch, the last at the epoch's end).
+  On CUDA it synchronises only at those evaluation points, never per step.
+* **Counts.** ``samples_forwarded`` (read and passed through the model: scoring forwards
+  included, fewer for the pruning methods), ``samples_backpropagated`` (in the loss that was
+  back-propagated), ``steps``.
+
+Where the later method variants go: each step of the loop is one method of ``_Run``: the
+per-sample weights of the loss (``weights``), the scoring forward (``score``), the optimizer step
+(``step``), the learning rate queried per step (:func:`cosine_lr`); the model comes from the
+workload's factory, which may load pre-trained weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+import es_stream
+from es_stream import (Corpus, ESDataset, ESSelector, LossSelector, SelectiveBackpropSelector,
+                       Selector, TopKSelector, UniformSelector)
+
+METHODS = ("uniform", "es", "eswp", "infobatch", "loss", "selective_backprop", "topk", "random")
+BATCH_OF_B = ("uniform", "infobatch")  # methods that train on every sample of a meta-batch of b
+PRUNING = ("eswp", "infobatch")        # methods that prune at epoch ends
+ES_METHODS = ("es", "eswp")            # methods whose selector is an ESSelector
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a pipeline supplies to :func:`train`.
+
+    ``make_model()`` is called right after ``torch.manual_seed(seed)`` and its model moved to
+    ``device``. ``losses(model, data)`` returns the per-sample losses (float ``[n]``, with
+    gradients) of a collated batch already on ``device``; the loop trains on their mean.
+    ``evaluate(model)`` returns the held-out quality; it is called in eval mode, timer paused.
+    ``quality`` names it in the result (``final_<quality>``, ``best_<quality>``);
+    ``higher_is_better`` picks the best. ``clip``: gradient-norm clipping (0: none).
+    """
+
+    name: str
+    corpus: Corpus
+    make_model: Callable[[], nn.Module]
+    losses: Callable[[nn.Module, Any], torch.Tensor]
+    evaluate: Callable[[nn.Module], float]
+    quality: str
+    higher_is_better: bool
+    collate: Callable[[list[Any]], Any]
+    decode: Callable[[Any], Any] | None = None
+    clip: float = 0.0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How one run trains (see :func:`train`).
+
+    ``es_options`` go to :class:`ESSelector` (beta1, beta2, burn_in, anneal, ...).
+    ``eswp_ratio`` / ``infobatch_ratio``: the pruning ratios of ``eswp`` / ``infobatch``;
+    ``prune_anneal``: the fraction of final epochs left unpruned; ``prune_burn_in_epochs``: the
+    unpruned first epochs of ``eswp``. ``budget_epochs`` (for budget-matched controls, a fraction
+    allowed, at most ``epochs``) cuts the run there. With ``run_dir`` the run's manifests are
+    kept in ``run_dir/manifests`` (replaced, not merged) and its final scores in
+    ``run_dir/scores.npy`` (for ``es-stream inspect/prune``); without it they go to a temporary
+    directory.
+    """
+
+    epochs: int
+    b: int = 64
+    B: int = 128
+    lr: float = 3e-3
+    seed: int = 0
+    workers: int = 0
+    progress: bool = True
+    es_options: Mapping[str, Any] | None = None
+    eswp_ratio: float = 0.3
+    infobatch_ratio: float = 0.5
+    prune_anneal: float = 0.125
+    prune_burn_in_epochs: int = 1
+    run_dir: str | None = None
+    budget_epochs: float | None = None
+    evals_per_epoch: int = 1
+
+    @property
+    def horizon(self) -> float:
+        """Epochs the run trains (and its schedule spans): ``budget_epochs`` or ``epochs``."""
+        return float(self.epochs if self.budget_epochs is None else self.budget_epochs)
+
+    @property
+    def epochs_run(self) -> int:
+        """Epochs entered, the last possibly cut part-way: ``ceil(horizon)``."""
+        return math.ceil(self.horizon)
+
+    def check(self, method: str) -> None:
+        """ValueError naming the argument unless ``method`` and the settings make a run."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 1 <= self.b <= self.B:
+            raise ValueError(f"need 1 <= b <= B, got b={self.b}, B={self.B}")
+        if self.evals_per_epoch < 1:
+            raise ValueError(f"evals_per_epoch must be >= 1, got {self.evals_per_epoch}")
+        if not 0 < self.horizon <= self.epochs:
+            raise ValueError(f"budget_epochs must be in (0, epochs={self.epochs}], "
+                             f"got {self.budget_epochs}")
+
+
+# ----------------------------------------------------------------------------- the method table
+def make_selector(method: str, corpus: Corpus, b: int, seed: int, total_steps: int,
+                  **es_options: Any) -> Selector | None:
+    """The selector of ``method`` (None for the methods of :data:`BATCH_OF_B`). ``es_options``
+    go to :class:`ESSelector` (beta1, beta2, burn_in, anneal, device, ...)."""
+    if method in BATCH_OF_B:
+        return None
+    if method in ES_METHODS:
+        return ESSelector(corpus.num_samples, b, seed=seed, total_steps=total_steps, **es_options)
+    factories: dict[str, Callable[[], Selector]] = {
+        "loss": lambda: LossSelector(b, seed=seed),
+        "selective_backprop": lambda: SelectiveBackpropSelector(b, seed=seed),
+        "topk": lambda: TopKSelector(b, seed=seed),
+        "random": lambda: UniformSelector(b, seed=seed),
+    }
+    if method not in factories:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return factories[method]()
+
+
+def make_pruner(method: str, corpus: Corpus, selector: Any, manifests: str, *, eswp_ratio: float,
+                infobatch_ratio: float, prune_anneal: float, prune_burn_in_epochs: int,
+                seed: int) -> Any:
+    """The epoch-end pruner of ``method`` writing to ``manifests`` (None unless ``eswp`` or
+    ``infobatch``): ``eswp`` prunes with :class:`ESWPPolicy` on the ES selector's store;
+    ``infobatch`` with :class:`InfoBatchPolicy` on a store of its own (last losses)."""
+    from es_stream import ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore
+
+    if method == "eswp":
+        return Pruner(corpus, selector.store, ESWPPolicy(
+            eswp_ratio, anneal=prune_anneal, burn_in_epochs=prune_burn_in_epochs, seed=seed),
+            manifests)
+    if method == "infobatch":
+        return Pruner(corpus, ScoreStore(corpus.num_samples),
+                      InfoBatchPolicy(infobatch_ratio, anneal=prune_anneal, seed=seed), manifests)
+    return None
+
+
+def save_scores(run_dir: str | None, pruner: Any, selector: Any) -> None:
+    """Save the run's final scores (the pruner's store, else the selector's, if any) to
+    ``run_dir/scores.npy``; nothing without ``run_dir``."""
+    store = pruner.store if pruner is not None else getattr(selector, "store", None)
+    if run_dir is not None and store is not None:
+        os.makedirs(run_dir, exist_ok=True)
+        store.save(os.path.join(run_dir, "scores.npy"))
+
+
+# ----------------------------------------------------------------------------- small parts
+def cosine_lr(lr: float, progress: float, horizon: float) -> float:
+    """Peak ``lr`` decayed by a half cosine over ``horizon`` epochs, at ``progress`` epochs."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress / horizon))
+
+
+def to_device(data: Any, device: torch.device) -> Any:
+    """A collated batch (a tensor, or a tuple/list/dict of them) on ``device``."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device, non_blocking=True)
+    if isinstance(data, (tuple, list)):
+        return type(data)(to_device(d, device) for d in data)
+    if isinstance(data, dict):
+        return {k: to_device(v, device) for k, v in data.items()}
+    return data
+
+
+def take(data: Any, rows: torch.Tensor) -> Any:
+    """The ``rows`` of a collated batch (every tensor of it indexed along its first dimension)."""
+    if isinstance(data, torch.Tensor):
+        return data[rows]
+    if isinstance(data, (tuple, list)):
+        return type(data)(take(d, rows) for d in data)
+    if isinstance(data, dict):
+        return {k: take(v, rows) for k, v in data.items()}
+    raise TypeError(f"cannot take rows of a batch of type {type(data).__name__}: the workload's "
+                    "collate must return tensors (or a tuple, list or dict of them)")
+
+
+class Clock:
+    """Training wall-clock: runs between :meth:`start` and :meth:`stop`, stopped while evaluating.
+    On CUDA, :meth:`stop` synchronises first (kernels queued by the steps count as training);
+    nothing else does, so steps never wait on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.elapsed = 0.0
+        self._start = 0.0
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.elapsed += time.perf_counter() - self._start
+
+
+@dataclass
+class Counts:
+    """What a run has done so far."""
+
+    forwarded: int = 0
+    backpropagated: int = 0
+    steps: int = 0
+    epochs_done: float = 0.0
+    curve: list[tuple[float, float]] = field(default_factory=list)
+
+
+class _Run:
+    """One run in progress: the model, its optimizer, the method's selector and pruner, the
+    clock and the counts. Its methods are the loop's steps, so a variant changes one of them."""
+
+    def __init__(self, workload: Workload, method: str, config: RunConfig, model: nn.Module,
+                 ds: ESDataset, manifests: str, bar: Any) -> None:
+        self.workload, self.method, self.config = workload, method, config
+        self.model, self.ds, self.bar = model, ds, bar
+        self.dev = torch.device(workload.device)
+        options = dict(config.es_options or {})
+        if self.dev.type == "cuda" and method in ES_METHODS:
+            options.setdefault("device", self.dev)
+        # ES's burn-in/anneal fractions count steps of unpruned epochs (an upper bound for eswp)
+        self.selector = make_selector(method, workload.corpus, config.b, config.seed,
+                                      config.epochs * len(ds), **options)
+        self.pruner = make_pruner(method, workload.corpus, self.selector, manifests,
+                                  eswp_ratio=config.eswp_ratio,
+                                  infobatch_ratio=config.infobatch_ratio,
+                                  prune_anneal=config.prune_anneal,
+                                  prune_burn_in_epochs=config.prune_burn_in_epochs,
+                                  seed=config.seed)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.clock = Clock(self.dev)
+        self.counts = Counts()
+
+    def score(self, data: Any) -> torch.Tensor:
+        """The no-grad scoring forward: per-sample losses of a whole meta-batch."""
+        with torch.no_grad():
+            return self.workload.losses(self.model, data)
+
+    def weights(self, mb: Any) -> torch.Tensor | None:
+        """Per-sample weights of the back-propagated loss (None: all 1): InfoBatch's rescaling
+        of the kept low-loss samples (``MetaBatch.weights``)."""
+        if self.method == "infobatch" and mb.weights is not None:
+            return mb.weights.to(self.dev)
+        return None
+
+    def step(self, mb: Any) -> None:
+        """One meta-batch: score and select b of it (selection methods), then one optimizer
+        step on the mean of the (weighted) per-sample losses."""
+        data, ids = to_device(mb.data, self.dev), mb.ids
+        self.counts.forwarded += len(ids)
+        if self.selector is not None and len(ids) > self.config.b:
+            chosen = self.selector.select(ids.to(self.dev), self.score(data))
+            data = take(data, chosen)
+        # else: a batch of b, or a tail meta-batch of at most b: train on all of it
+        losses = self.workload.losses(self.model, data)
+        if self.method == "infobatch":  # its score is each sample's last loss
+            self.pruner.store.scatter(ids, losses.detach())
+        weights = self.weights(mb)
+        loss = losses.mean() if weights is None else (losses * weights).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.workload.clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.workload.clip)
+        self.opt.step()
+        self.counts.backpropagated += len(losses)
+        self.counts.steps += 1
+
+    def evaluate(self) -> None:
+        """One held-out evaluation, appended to the curve (call with the clock stopped)."""
+        self.model.eval()
+        value = self.workload.evaluate(self.model)
+        self.model.train()
+        self.counts.curve.append((self.clock.elapsed, value))
+        self.bar.set_postfix({self.workload.quality: f"{value:.3f}",
+                              "s": f"{self.clock.elapsed:.1f}"})
+
+    def epoch(self, epoch: int, dl: Any) -> None:
+        """One epoch: its meta-batches (cut where the budget ends), its mid-epoch evaluations,
+        the pruning decision for the next epoch, and the end-of-epoch evaluation."""
+        config, clock = self.config, self.clock
+        clock.start()
+        self.ds.set_epoch(epoch)
+        per_epoch = len(self.ds)
+        # evaluation points inside this epoch (meta-batch counts after which to evaluate)
+        marks = {math.ceil(per_epoch * k / config.evals_per_epoch)
+                 for k in range(1, config.evals_per_epoch)}
+        # a budget ending inside this epoch: the meta-batches to take from it
+        stop = (math.ceil((config.horizon - epoch) * per_epoch) if epoch + 1 > config.horizon
+                else None)
+        i = 0
+        for i, mb in enumerate(dl, start=1):
+            for group in self.opt.param_groups:
+                group["lr"] = cosine_lr(config.lr, epoch + (i - 1) / per_epoch, config.horizon)
+            self.step(mb)
+            if stop is not None and i >= stop:
+                break
+            if i in marks:
+                clock.stop()
+                self.evaluate()  # timer paused
+                clock.start()
+        self.counts.epochs_done = epoch + i / per_epoch
+        # The decision made at the end of epoch e is for epoch e + 1, and the run's last epoch is
+        # ceil(horizon) - 1: no decision there. (Comparing with `epochs` instead, as the MNIST-1D
+        # loop once did, made a budget-cut pruning run decide, time and keep manifests for an
+        # epoch it never ran, and with a decaying pruner change the scores it saves.)
+        if self.pruner is not None and epoch + 1 < config.epochs_run:
+            self.pruner.on_epoch_end(epoch, config.epochs)
+        clock.stop()
+        self.evaluate()  # timer paused
+
+    def result(self) -> dict[str, Any]:
+        """The result dict of :func:`train`."""
+        values = [q for _, q in self.counts.curve]
+        best = max if self.workload.higher_is_better else min
+        quality = self.workload.quality
+        return {"method": self.method, "seed": self.config.seed,
+                "wall_clock_s": self.clock.elapsed,
+                "samples_forwarded": self.counts.forwarded,
+                "samples_backpropagated": self.counts.backpropagated, "steps": self.counts.steps,
+                "epochs_done": self.counts.epochs_done,
+                "params": sum(p.numel() for p in self.model.parameters()),
+                f"final_{quality}": values[-1] if values else float("nan"),
+                f"best_{quality}": best(values, default=float("nan")),
+                "curve": self.counts.curve}
+
+
+def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
+    """Train one model of ``workload`` with ``method`` and report time, counts and quality.
+
+    Returns a dict: ``method, seed, wall_clock_s`` (training wall-clock, evaluation excluded),
+    ``samples_forwarded, samples_backpropagated, steps``, ``epochs_done`` (fractional),
+    ``params``, ``final_<quality>``, ``best_<quality>`` (max, or min when lower is better) and
+    ``curve``: ``(wall_clock_s, quality)`` per evaluation. Raises ValueError naming the argument
+    for an unknown method, ``b > B``, ``evals_per_epoch < 1`` or a budget outside
+    ``(0, epochs]``.
+    """
+    from tqdm.auto import tqdm
+
+    config.check(method)
+    torch.manual_seed(config.seed)  # first: the model's initialisation depends on the seed alone
+    model = workload.make_model().to(workload.device)
+    with tempfile.TemporaryDirectory(prefix=f"es-stream-{workload.name}-{method}-") as tmp:
+        manifests = os.path.join(config.run_dir or tmp, "manifests")
+        shutil.rmtree(manifests, ignore_errors=True)  # epochs of an earlier run must not leak in
+        ds = ESDataset(workload.corpus,
+                       meta_batch_size=config.b if method in BATCH_OF_B else config.B,
+                       decode=workload.decode, collate=workload.collate, shuffle=True,
+                       seed=config.seed, manifests=manifests if method in PRUNING else None)
+        dl = es_stream.loader(ds, num_workers=config.workers)
+        bar = tqdm(total=config.epochs_run, desc=f"{method} seed {config.seed}", unit="epoch",
+                   disable=not config.progress, dynamic_ncols=True, leave=False, mininterval=1.0)
+        run = _Run(workload, method, config, model, ds, manifests, bar)
+        try:
+            for epoch in range(config.epochs_run):
+                run.epoch(epoch, dl)
+                bar.update()
+        finally:
+            bar.close()
+            del dl  # stop persistent workers before the manifest directory goes
+        save_scores(config.run_dir, run.pruner, run.selector)
+    return run.result()

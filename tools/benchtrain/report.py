@@ -1,0 +1,362 @@
+"""Reporting of ``tools/bench_train.py``: per-experiment statistics over seeds (time-to-target,
+ratios to uniform, the lossless flag, the scoring forward's cost), the summary entries of
+``summary.json``, the markdown tables of ``tables.md`` and the plots."""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+from pathlib import Path
+from typing import Any
+
+from es_stream._atomic import atomic_write
+from pipelines.report import stats as _stats
+
+from .plan import Experiment
+from .run import machine
+
+LABELS = {"uniform": "uniform (b)", "uniform_B": "uniform (B)", "budget_es": "uniform, ES's budget",
+          "budget_eswp": "uniform, ESWP's budget", "selective_backprop": "selective backprop",
+          "random": "random (b of B)"}
+
+
+# ----------------------------------------------------------------------------- summaries
+def time_to_target(curve: list[list[float]], target: float, higher: bool) -> float | None:
+    """Training wall-clock of the first evaluation at or beyond ``target`` (None: never)."""
+    for t, q in curve:
+        if (q >= target) if higher else (q <= target):
+            return t
+    return None
+
+
+def summarize(exp: Experiment, records: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """Per method: stats over seeds, time-to-target, ratios to uniform, the lossless flag."""
+    uniform = [r for r in records if r["method"] == "uniform"]
+    if not uniform:
+        return {"methods": {}, "target": None}
+    higher = uniform[0]["result"]["higher_is_better"]
+    u_final = _stats([r["result"]["final"] for r in uniform])
+    target = u_final["mean"] - tolerance if higher else u_final["mean"] + tolerance
+    rows: dict[str, Any] = {}
+    for method in exp.methods:
+        rs = [r["result"] for r in records if r["method"] == method]
+        if not rs:
+            continue
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in records if r["method"] == method]}
+        for k in ("wall_clock_s", "samples_forwarded", "samples_backpropagated", "final", "best",
+                  "epochs"):
+            row[k] = _stats([float(r[k]) for r in rs])
+        ttt = [time_to_target(r["curve"], target, higher) for r in rs]
+        reached = [t for t in ttt if t is not None]
+        row["time_to_target_s"] = {"per_seed": ttt, "reached": len(reached), "of": len(rs),
+                                   "mean": statistics.fmean(reached) if reached else None}
+        exact = [time_to_target(r["curve"], u_final["mean"], higher) for r in rs]
+        row["time_to_uniform_mean_final_s"] = {
+            "per_seed": exact, "reached": sum(t is not None for t in exact), "of": len(rs)}
+        worse = (u_final["mean"] - row["final"]["mean"]) if higher else (row["final"]["mean"] - u_final["mean"])
+        row["lossless"] = worse <= u_final["std"]
+        row["final_minus_uniform"] = row["final"]["mean"] - u_final["mean"]
+        rows[method] = row
+    u = rows["uniform"]
+    for row in rows.values():
+        ratio = {}
+        for k in ("wall_clock_s", "samples_forwarded", "samples_backpropagated", "final", "best"):
+            ratio[k] = row[k]["mean"] / u[k]["mean"] if u[k]["mean"] else None
+        a, b = row["time_to_target_s"]["mean"], u["time_to_target_s"]["mean"]
+        ratio["time_to_target_s"] = a / b if a is not None and b else None
+        row["ratio_to_uniform"] = ratio
+    return {"methods": rows, "target": target, "tolerance": tolerance, "higher_is_better": higher,
+            "quality": uniform[0]["result"]["quality"], "scoring_cost": scoring_cost(exp, rows)}
+
+
+def scoring_cost(exp: Experiment, rows: dict[str, Any]) -> dict[str, float] | None:
+    """What the no-grad scoring forward costs, read off the random control's wall-clock.
+
+    Random forwards all n samples and trains n b/B of them in n/B steps; uniform trains n in n/b
+    steps. With F the time of a scoring forward per sample and T uniform's training time per
+    sample (per-step overheads included), ``random / uniform = F/T + b/B``, so
+    ``F/T = random/uniform - b/B``. The paper's cost model takes F/T ~ 1/3 (a forward against a
+    forward + backward ~ 1 + 2); a smaller F/T means a cheaper scoring forward than assumed.
+    ``selection_overhead`` is ES's wall-clock over random's: what scoring and choosing by ES
+    adds to choosing at random (same forwards, same backprops)."""
+    if "random" not in rows or "uniform" not in rows:
+        return None
+    r = rows["random"]["wall_clock_s"]["mean"] / rows["uniform"]["wall_clock_s"]["mean"]
+    frac = exp.config["b"] / exp.config["B"]
+    out = {"random_over_uniform": r, "b_over_B": frac, "forward_over_train_per_sample": r - frac}
+    if "es" in rows:
+        out["selection_overhead"] = (rows["es"]["wall_clock_s"]["mean"]
+                                     / rows["random"]["wall_clock_s"]["mean"])
+    return out
+
+
+def _pm(stats: dict[str, float], digits: int) -> str:
+    if not stats["std"]:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _x(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio:.2f}x"
+
+
+def markdown_table(entry: dict[str, Any]) -> str:
+    """The markdown table of one experiment's summary entry."""
+    s = entry["summary"]
+    if not s.get("methods"):
+        return "(no uniform run yet)"
+    q = "acc" if s["higher_is_better"] else "bpb"
+    head = ["method", "seeds", "train s", "× unif", "forwarded", "× unif", "backprop", "× unif",
+            f"final {q}", f"best {q}", "to target s", "× unif", "lossless"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    digits = 4
+    for m, row in s["methods"].items():
+        r, t = row["ratio_to_uniform"], row["time_to_target_s"]
+        tt = "never" if t["mean"] is None else f"{t['mean']:.1f} ({t['reached']}/{t['of']})"
+        lines.append("| " + " | ".join([
+            LABELS.get(m, m), str(len(row["seeds"])), _pm(row["wall_clock_s"], 1),
+            _x(r["wall_clock_s"]), f"{row['samples_forwarded']['mean']:,.0f}",
+            _x(r["samples_forwarded"]), f"{row['samples_backpropagated']['mean']:,.0f}",
+            _x(r["samples_backpropagated"]), _pm(row["final"], digits), _pm(row["best"], digits),
+            tt, _x(r["time_to_target_s"]), "yes" if row["lossless"] else "no"]) + " |")
+    return "\n".join(lines)
+
+
+def summary_entry(exp: Experiment, records: list[dict[str, Any]], cuts: dict[str, Any],
+                  tolerance: float, command: str) -> dict[str, Any]:
+    """The entry of ``exp`` in summary.json: its configuration, budget cuts, command, machine,
+    summary (:func:`summarize`) and run keys."""
+    return {"name": exp.name, "title": exp.title, "workload": exp.workload, "group": exp.group,
+            "cell": exp.cell, "config": exp.config, "methods": exp.methods, "seeds": exp.seeds,
+            "budget_cuts": cuts, "command": command, "machine": machine(),
+            "updated": datetime.datetime.now().isoformat(timespec="seconds"),
+            "train_samples": records[0]["result"].get("train_samples") if records else None,
+            "summary": summarize(exp, records, tolerance),
+            "runs": [r["key"] for r in records]}
+
+
+def describe(entry: dict[str, Any]) -> str:
+    """The bullet list above an experiment's table: configuration, target, scoring cost, budget
+    cuts, machine and command."""
+    c, s = entry["config"], entry["summary"]
+    if entry["workload"] == "mnist1d":
+        what = (f"{c['train']} train / {c['test']} test samples, noise {c['noise']:g}, 1D CNN, "
+                f"{c['epochs']} epochs, Adam {c['lr']:g} cosine, b = {c['b']}, B = {c['B']}")
+    else:
+        n = entry.get("train_samples")
+        size = (f"{n} train sequences = {n * c['seq_len'] / 2**20:.2f} MiB" if n else
+                f"{c['train_mb']:g} MiB of train shards")
+        what = (f"{c['arch']} LM (hidden {c['hidden']}, {c['layers']} layer), sequences of "
+                f"{c['seq_len']} B, {size}, {c['epochs']} epochs, "
+                f"Adam {c['lr']:g} cosine, b = {c['b']}, B = {c['B']}, "
+                f"{c['eval_sequences']} held-out sequences evaluated")
+    what += (f"; ES beta1 {c['beta1']:g}, beta2 {c['beta2']:g}, burn-in {c['burn_in']:g}, "
+             f"anneal {c['anneal']:g}; ESWP ratio {c['eswp_ratio']:g}; InfoBatch ratio "
+             f"{c['infobatch_ratio']:g}; {c['threads']} torch thread(s), {c['workers']} workers")
+    lines = [what]
+    if s.get("target") is not None:
+        sign = "minus" if s["higher_is_better"] else "plus"
+        lines.append(f"target = uniform's mean final {s['quality']} {sign} {s['tolerance']:g} "
+                     f"= {s['target']:.4f}")
+    sc = s.get("scoring_cost")
+    if sc:
+        lines.append(f"scoring forward per sample = {sc['forward_over_train_per_sample']:.2f} of "
+                     f"uniform's training time per sample (random / uniform wall-clock "
+                     f"{sc['random_over_uniform']:.2f} minus b/B {sc['b_over_B']:.2f}; the paper's "
+                     f"cost model assumes ~0.33)"
+                     + (f"; ES / random wall-clock {sc['selection_overhead']:.2f}"
+                        if "selection_overhead" in sc else ""))
+    for m, cut in entry["budget_cuts"].items():
+        lines.append(f"{m}: {cut['epochs']:.3f} epochs = {c['epochs']} x {cut['mean_train_s_of']:.2f} s "
+                     f"({cut['of']}) / {cut['mean_train_s_uniform']:.2f} s (uniform)"
+                     + (" (capped: slower than uniform)" if cut["capped"] else ""))
+    m = entry["machine"]
+    lines.append(f"machine: {m['cpu']}, {m['host_cpus']} CPUs, Python {m['python']}, torch "
+                 f"{m['torch']}; command: `{entry['command']}`")
+    return "\n".join(f"- {x}" for x in lines)
+
+
+def grid_tables(entries: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown for the grids: B/b and pruning-ratio rows, the betas matrix."""
+    out = []
+    ratio = sorted((e for e in entries.values() if e["group"] == "ratio"),
+                   key=lambda e: e["cell"]["ratio"])
+    if ratio:
+        out += ["## Grid: B/b", "", "b fixed; B = ratio x b. Each cell as in the main tables.", ""]
+        head = ["B/b", "method", "train s", "× unif", "final acc", "to target s", "× unif", "lossless"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for e in ratio:
+            for m, row in e["summary"].get("methods", {}).items():
+                t = row["time_to_target_s"]
+                out.append("| " + " | ".join([
+                    str(e["cell"]["ratio"]), LABELS.get(m, m), _pm(row["wall_clock_s"], 1),
+                    _x(row["ratio_to_uniform"]["wall_clock_s"]), _pm(row["final"], 4),
+                    "never" if t["mean"] is None else f"{t['mean']:.1f} ({t['reached']}/{t['of']})",
+                    _x(row["ratio_to_uniform"]["time_to_target_s"]),
+                    "yes" if row["lossless"] else "no"]) + " |")
+        out.append("")
+    prune = sorted((e for e in entries.values() if e["group"] == "prune"),
+                   key=lambda e: e["cell"]["eswp_ratio"])
+    if prune:
+        out += ["## Grid: ESWP pruning ratio", ""]
+        head = ["ratio", "train s", "× unif", "forwarded × unif", "final acc", "to target s",
+                "× unif", "lossless"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for e in prune:
+            row = e["summary"].get("methods", {}).get("eswp")
+            if row is None:
+                continue
+            t = row["time_to_target_s"]
+            out.append("| " + " | ".join([
+                f"{e['cell']['eswp_ratio']:g}", _pm(row["wall_clock_s"], 1),
+                _x(row["ratio_to_uniform"]["wall_clock_s"]),
+                _x(row["ratio_to_uniform"]["samples_forwarded"]), _pm(row["final"], 4),
+                "never" if t["mean"] is None else f"{t['mean']:.1f} ({t['reached']}/{t['of']})",
+                _x(row["ratio_to_uniform"]["time_to_target_s"]),
+                "yes" if row["lossless"] else "no"]) + " |")
+        out.append("")
+    betas = [e for e in entries.values() if e["group"] == "betas"]
+    if betas:
+        b1s = sorted({e["cell"]["beta1"] for e in betas})
+        b2s = sorted({e["cell"]["beta2"] for e in betas})
+        cell = {(e["cell"]["beta1"], e["cell"]["beta2"]): e for e in betas}
+        u = next((e["summary"]["methods"]["uniform"] for e in betas
+                  if "uniform" in e["summary"].get("methods", {})), None)
+        out += ["## Grid: ES beta1 x beta2 (final test accuracy of ES, mean ± std over seeds)", ""]
+        if u is not None:
+            out += [f"uniform (b): {_pm(u['final'], 4)}. Heat map: `betas_heatmap.png`.", ""]
+        out += ["| beta1 \\ beta2 | " + " | ".join(f"{b:g}" for b in b2s) + " |",
+                "|" + "---|" * (len(b2s) + 1)]
+        for b1 in b1s:
+            vals = []
+            for b2 in b2s:
+                row = cell.get((b1, b2), {}).get("summary", {}).get("methods", {}).get("es")
+                vals.append("—" if row is None else _pm(row["final"], 4))
+            out.append(f"| {b1:g} | " + " | ".join(vals) + " |")
+        out.append("")
+    return out
+
+
+def write_tables(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
+    """Write ``out/tables.md``: every main and fixes experiment's table, then the grids."""
+    lines = ["# Training benchmarks: ES, ESWP and peers against uniform training", "",
+             "Written by `tools/bench_train.py` from `runs.jsonl` (see its docstring for the "
+             "definitions). Times are training wall-clock in seconds, evaluation excluded; "
+             "mean ± std over seeds; `× unif` is the ratio of means to uniform (b). "
+             "`to target s`: mean over the seeds that reached the target (how many, of how many).",
+             ""]
+    def section(e: dict[str, Any], heading: str) -> list[str]:
+        out = [f"{heading} {e['title']} (`{e['name']}`)", "", describe(e), "", markdown_table(e), ""]
+        if e.get("plot"):
+            out += [f"![{e['name']}]({Path(e['plot']).name})", ""]
+        return out
+
+    for e in entries.values():
+        if e["group"] == "main":
+            lines += section(e, "##")
+    fixes = [e for e in entries.values() if e["group"] == "fixes"]
+    if fixes:
+        lines += ["## Fixes tried", ""]
+    for e in fixes:
+        lines += section(e, "###")
+    lines += grid_tables(entries)
+    path = out / "tables.md"
+    write_text(path, "\n".join(lines))
+    return path
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically: the next invocation reads summary.json back, so a
+    kill mid-write must leave the old file, not half of the new one."""
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+# ----------------------------------------------------------------------------- plots
+def plot_experiment(exp: Experiment, records: list[dict[str, Any]], summary: dict[str, Any],
+                    path: Path) -> None:
+    """Quality against training wall-clock: per method the mean curve (when its seeds have the
+    same evaluation points) bold, each seed thin; the target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, m in enumerate(exp.methods):
+        curves = [r["result"]["curve"] for r in records if r["method"] == m]
+        if not curves:
+            continue
+        color = f"C{i % 10}"
+        for c in curves:
+            ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.3, lw=0.8)
+        if len({len(c) for c in curves}) == 1:
+            t = [statistics.fmean(c[j][0] for c in curves) for j in range(len(curves[0]))]
+            q = [statistics.fmean(c[j][1] for c in curves) for j in range(len(curves[0]))]
+            ax.plot(t, q, color=color, lw=2, marker="o", ms=3, label=LABELS.get(m, m))
+        else:
+            ax.plot([], [], color=color, lw=2, label=LABELS.get(m, m))
+    if summary.get("target") is not None:
+        ax.axhline(summary["target"], color="k", ls="--", lw=1, label="target")
+        # zoom on the interesting range: from a bit below the target's neighbourhood
+        finals = [r["result"]["final"] for r in records]
+        lo, hi = min(finals), max(finals)
+        span = max(hi - lo, abs(summary["tolerance"]) * 4, 1e-3)
+        if summary["higher_is_better"]:
+            ax.set_ylim(lo - 3 * span, hi + span)
+        else:
+            ax.set_ylim(lo - span, hi + 3 * span)
+    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
+    ax.set_ylabel("test accuracy" if summary.get("higher_is_better", True)
+                  else "held-out bits per byte (lower is better)")
+    ax.set_title(exp.title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heatmap(entries: dict[str, dict[str, Any]], path: Path) -> bool:
+    """ES's mean final accuracy over the beta1 x beta2 grid, annotated with mean and std."""
+    betas = [e for e in entries.values() if e["group"] == "betas"]
+    if not betas:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    b1s = sorted({e["cell"]["beta1"] for e in betas})
+    b2s = sorted({e["cell"]["beta2"] for e in betas})
+    grid = np.full((len(b1s), len(b2s)), np.nan)
+    std = np.full_like(grid, np.nan)
+    uniform = None
+    for e in betas:
+        rows = e["summary"].get("methods", {})
+        uniform = rows.get("uniform", {}).get("final", uniform)
+        if "es" in rows:
+            i, j = b1s.index(e["cell"]["beta1"]), b2s.index(e["cell"]["beta2"])
+            grid[i, j], std[i, j] = rows["es"]["final"]["mean"], rows["es"]["final"]["std"]
+    fig, ax = plt.subplots(figsize=(1.5 * len(b2s) + 2, 1.1 * len(b1s) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+    for i in range(len(b1s)):
+        for j in range(len(b2s)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.4f}\n±{std[i, j]:.4f}", ha="center", va="center",
+                        fontsize=8, color="w" if grid[i, j] < np.nanmean(grid) else "k")
+    ax.set_xticks(range(len(b2s)), [f"{b:g}" for b in b2s])
+    ax.set_yticks(range(len(b1s)), [f"{b:g}" for b in b1s])
+    ax.set_xlabel("beta2 (score EMA)")
+    ax.set_ylabel("beta1 (weight EMA)")
+    title = "ES final test accuracy (MNIST-1D)"
+    if uniform is not None:
+        title += f"; uniform {uniform['mean']:.4f} ± {uniform['std']:.4f}"
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+

@@ -1,0 +1,186 @@
+"""Running of ``tools/bench_train.py``: the data sets, one run through the shared training loop
+(:func:`pipelines.loop.train`) and the resumable ``runs.jsonl`` store."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.common import ES_OPTIONS, PRUNE_OPTIONS, torch_threads
+
+from .plan import BUDGET, Experiment, Run, budget_cuts, budget_runs, measured_runs
+
+#: the ``quality`` recorded in runs.jsonl for each workload's held-out quality
+QUALITY = {"mnist1d": "test_acc", "textlm": "heldout_bpb"}
+
+
+class Store:
+    """``runs.jsonl``: one line per finished run, appended and flushed as it ends. A line cut
+    short by a kill is ignored (and that run redone)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and "key" in rec and "result" in rec:
+                    self.records[rec["key"]] = rec
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = self.path.read_bytes() if self.path.exists() else b""
+        with open(self.path, "a") as f:
+            if text and not text.endswith(b"\n"):  # a torn last line: end it, it stays ignored
+                f.write("\n")
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[rec["key"]] = rec
+
+
+class Data:
+    """Built data sets, one per workload configuration, built when first needed, and the
+    workloads of the shared loop on them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cache: dict[str, Any] = {}
+
+    def mnist1d(self, cfg: dict[str, Any]):
+        from pipelines.mnist1d.data import build
+
+        key = json.dumps(["mnist1d", cfg["train"], cfg["test"], cfg["noise"], cfg["data_seed"]])
+        if key not in self.cache:
+            self.cache[key] = build(self.root / "mnist1d", cfg["train"], cfg["test"], cfg["noise"],
+                                    cfg["data_seed"], "wds")
+        return self.cache[key]
+
+    def textlm(self, cfg: dict[str, Any]):
+        from pipelines.textlm.__main__ import build_data
+        from pipelines.textlm.train import eval_subset
+
+        fields = ("source", "min_mb", "max_mb", "seq_len", "shard_sequences", "heldout_fraction",
+                  "data_seed", "train_mb", "eval_sequences")
+        key = json.dumps(["textlm"] + [cfg[f] for f in fields])
+        if key not in self.cache:
+            data = build_data(argparse.Namespace(**cfg), self.root / "textlm")
+            self.cache[key] = (data, eval_subset(data.heldout, cfg["eval_sequences"] or None))
+        return self.cache[key]
+
+    def workload(self, name: str, cfg: dict[str, Any]):
+        """The :class:`pipelines.loop.Workload` of workload ``name`` under run config ``cfg``."""
+        if name == "mnist1d":
+            from pipelines.mnist1d.train import workload
+
+            d = self.mnist1d(cfg)
+            return workload(d.corpus, d.test_x, d.test_y)
+        from pipelines.textlm.train import workload
+
+        d, heldout = self.textlm(cfg)
+        return workload(d.corpus, heldout, cfg["arch"], cfg["hidden"], cfg["embed"],
+                        cfg["layers"], device=cfg["device"])
+
+
+def loop_config(method: str, seed: int, cfg: dict[str, Any], progress: bool):
+    """The shared loop's :class:`pipelines.loop.RunConfig` of one benchmark run (``cfg``: its
+    :func:`~.plan.run_config`). ``uniform_B`` trains uniform batches of B; a budget control
+    trains uniform batches of b for ``ceil(budget_epochs)`` epochs, cut at ``budget_epochs``
+    (the schedule spans the cut). Options a method does not use are not in ``cfg``: the loop's
+    defaults stand, unused."""
+    from pipelines.loop import RunConfig
+
+    b = cfg["B"] if method == "uniform_B" else cfg["b"]
+    budget = cfg.get("budget_epochs")
+    return RunConfig(cfg["epochs"] if budget is None else math.ceil(budget), b=b,
+                     B=cfg.get("B", b), lr=cfg["lr"], seed=seed, workers=cfg["workers"],
+                     progress=progress, es_options={k: cfg[k] for k in ES_OPTIONS if k in cfg},
+                     **{k: cfg[k] for k in PRUNE_OPTIONS if k in cfg}, budget_epochs=budget,
+                     evals_per_epoch=cfg.get("evals_per_epoch", 1))
+
+
+def loop_method(method: str) -> str:
+    """The loop's method of a benchmark method: uniform batches for ``uniform_B`` and the
+    budget controls."""
+    return "uniform" if method in ("uniform_B",) + tuple(BUDGET) else method
+
+
+def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, Any],
+              progress: bool) -> dict[str, Any]:
+    """Train one (method, seed) through the shared loop and return its normalised result."""
+    from pipelines.loop import train
+
+    config = loop_config(method, seed, cfg, progress)
+    with torch_threads(cfg["threads"]):
+        w = data.workload(workload, cfg)
+        r = train(w, loop_method(method), config)
+    return {"wall_clock_s": r["wall_clock_s"], "samples_forwarded": r["samples_forwarded"],
+            "samples_backpropagated": r["samples_backpropagated"], "steps": r["steps"],
+            "epochs": config.epochs if config.budget_epochs is None else config.budget_epochs,
+            "train_samples": w.corpus.num_samples, "quality": QUALITY[workload],
+            "higher_is_better": w.higher_is_better, "final": r[f"final_{w.quality}"],
+            "best": r[f"best_{w.quality}"], "curve": [list(p) for p in r["curve"]]}
+
+
+def execute(exp: Experiment, store: Store, data: Data, progress: bool,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """Run what is missing of ``exp``: uniform and the measured methods first, every seed, then
+    the budget-matched controls, cut from what those measured. Returns ``{"ran": n,
+    "skipped": n, "cuts": {...}}``; a run already in ``store`` is skipped."""
+    counts = {"ran": 0, "skipped": 0}
+    for run in measured_runs(exp):
+        _run_missing(exp, run, store, data, progress, log, counts)
+    cuts = budget_cuts(exp, store.records)
+    missing = [m for m in exp.methods if m in BUDGET and m not in cuts]
+    if missing:
+        raise RuntimeError(f"{exp.name}: {', '.join(missing)} need(s) every seed of uniform and "
+                           f"{', '.join(BUDGET[m] for m in missing)} first")
+    for run in budget_runs(exp, cuts):
+        _run_missing(exp, run, store, data, progress, log, counts)
+    return {**counts, "cuts": cuts}
+
+
+def _run_missing(exp: Experiment, run: Run, store: Store, data: Data, progress: bool,
+                 log: Callable[[str], None], counts: dict[str, int]) -> None:
+    """Train ``run`` and record it, unless ``store`` has it already."""
+    if run.key in store.records:
+        counts["skipped"] += 1
+        return
+    log(f"[{exp.name}] {run.method} seed {run.seed} ...")
+    t0 = time.perf_counter()
+    result = train_one(data, exp.workload, run.method, run.seed, run.config, progress)
+    rec = {"key": run.key, "workload": exp.workload, "method": run.method, "seed": run.seed,
+           "config": run.config, "result": result, "run_s": time.perf_counter() - t0,
+           "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+           "machine": machine()}
+    store.add(rec)
+    counts["ran"] += 1
+    log(f"[{exp.name}] {run.method} seed {run.seed}: train {result['wall_clock_s']:.1f} s, "
+        f"final {result['final']:.4f}, best {result['best']:.4f} (run {rec['run_s']:.1f} s)")
+
+
+def machine() -> dict[str, Any]:
+    """CPU, CPU count, Python, torch and platform of this machine (recorded with each run)."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host_cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+
