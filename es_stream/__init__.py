@@ -10,7 +10,8 @@ from .corpus import Corpus, ShardInfo
 from .dataset import ESDataset, loader
 from .distributed import merge_rank_scores
 from .feedback import FeedbackChannel
-from .errors import ESStreamError, ManifestError, MissingExtraError, ShardError, StaleIndexError
+from .errors import (ESStreamError, ManifestError, MissingExtraError, ScoreError, ShardError,
+                     StaleIndexError)
 from .metabatch import MetaBatch
 from .plan import EpochPlan
 from .policy import ESWPPolicy, InfoBatchPolicy
@@ -22,7 +23,7 @@ from .store import ScoreStore
 __all__ = [
     "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
     "FeedbackChannel", "InfoBatchPolicy", "LossSelector", "ManifestError", "Pruner",
-    "MetaBatch", "MissingExtraError", "ScoreStore", "SelectiveBackpropSelector", "Selector",
+    "MetaBatch", "MissingExtraError", "ScoreError", "ScoreStore", "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
     "__version__", "loader", "merge_rank_scores",
 ]
