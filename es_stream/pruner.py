@@ -90,10 +90,12 @@ class Pruner:
             merge_rank_scores(self.store)
         mean = self._mean() if self.decay > 0 else 0.0  # of the scores the decision sees
         if not distributed or dist.get_rank() == 0:
-            summary = self.write(target, total_epochs)
-            log.info("epoch %d: kept %d of %d samples (%d pruned, %d rescaled, %d never scored "
-                     "and kept)", summary["epoch"], summary["kept"], summary["samples"],
-                     summary["pruned"], summary["rescaled"], summary["never_scored"])
+            self.write(target, total_epochs)
+            summary = self.last_summary  # (read here: a subclass's write may return nothing)
+            if summary is not None and summary["epoch"] == target:
+                log.info("epoch %d: kept %d of %d samples (%d pruned, %d rescaled, %d never "
+                         "scored and kept)", target, summary["kept"], summary["samples"],
+                         summary["pruned"], summary["rescaled"], summary["never_scored"])
         if distributed:
             dist.barrier()
         if self.decay > 0:  # every rank, from the written decision, so stores stay equal
