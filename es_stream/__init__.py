@@ -11,7 +11,7 @@ from .dataset import ESDataset, loader
 from .distributed import merge_rank_scores
 from .feedback import FeedbackChannel
 from .errors import (ESStreamError, IndexFileError, ManifestError, MissingExtraError, SampleError,
-                     ShardError, StaleIndexError)
+                     ScoreError, ShardError, StaleIndexError)
 from .metabatch import MetaBatch
 from .plan import EpochPlan
 from .policy import ESWPPolicy, InfoBatchPolicy
@@ -23,7 +23,7 @@ from .store import ScoreStore
 __all__ = [
     "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
     "FeedbackChannel", "IndexFileError", "InfoBatchPolicy", "LossSelector", "ManifestError",
-    "MetaBatch", "MissingExtraError", "Pruner", "SampleError", "ScoreStore",
+    "MetaBatch", "MissingExtraError", "Pruner", "SampleError", "ScoreError", "ScoreStore",
     "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
     "__version__", "loader", "merge_rank_scores",

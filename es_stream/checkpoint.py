@@ -4,6 +4,7 @@ moment (SIGKILL, OOM killer, preemption) resumes from the last complete checkpoi
 Layout::
 
     directory/step-SSSSSSSSSSSS/scores.npy   the score store (ScoreStore.save), if one is given
+    directory/step-SSSSSSSSSSSS/scores.meta.json   its metadata (corpus fingerprint), beside it
     directory/step-SSSSSSSSSSSS/state.pt     torch.save of the state dict
     directory/latest                         one line: the name of the committed step directory
 
@@ -28,16 +29,17 @@ committed checkpoint is never rewritten in place.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import shutil
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._atomic import atomic_write
-from .store import ScoreStore
+from .errors import ScoreError
+from .store import ScoreStore, saved_length
 
 LATEST = "latest"
 SCORES = "scores.npy"
@@ -47,6 +49,19 @@ _STEP_DIR = re.compile(r"step-(\d{12})")
 
 def _step_name(step: int) -> str:
     return f"step-{step:012d}"
+
+
+def _int_at_least(value: Any, minimum: int, argument: str, what: str | None = None) -> int:
+    """``value`` as an int (numpy integers too) >= ``minimum``, else a ValueError naming it."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{argument} must be {what or f'an integer >= {minimum}'}, got {value!r}")
+    return number
 
 
 def _fsync_dir(path: str) -> None:
@@ -68,18 +83,17 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2) -> None:
-        if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
+        self.keep = _int_at_least(keep, 1, "keep")
         self.directory = os.fspath(directory)
-        self.keep = keep
 
     # ------------------------------------------------------------- reading
     def _committed(self) -> tuple[int, str] | None:
         """(step, name) that ``latest`` names, None if there is no ``latest``."""
         path = os.path.join(self.directory, LATEST)
         try:
-            with open(path) as f:
-                name = f.read().strip()
+            with open(path, "rb") as f:
+                # bytes, decoded leniently: a garbage file is reported below, naming it
+                name = f.read(4096).decode("utf-8", errors="replace").strip()
         except FileNotFoundError:
             return None
         m = _STEP_DIR.fullmatch(name)
@@ -116,27 +130,39 @@ class Checkpointer:
         if not os.path.exists(state_path):
             raise FileNotFoundError(f"{state_path}: missing from the committed checkpoint; the "
                                     "directory was modified after it was saved")
-        state = torch.load(state_path, map_location=map_location, weights_only=weights_only)
+        try:
+            state = torch.load(state_path, map_location=map_location, weights_only=weights_only)
+        except Exception as exc:  # unpickling garbage raises anything from EOFError to KeyError
+            raise ValueError(f"{state_path}: cannot be read as a checkpoint state "
+                             f"({type(exc).__name__}: {exc}); {self._damaged(name)}") from exc
         if store is not None:
             scores = os.path.join(step_dir, SCORES)
             if not os.path.exists(scores):
                 raise FileNotFoundError(f"{scores}: this checkpoint holds no scores (saved "
                                         "without a store); load it without store=")
-            shape = np.load(scores, mmap_mode="r").shape
-            if shape != (store.num_samples,):
-                held = shape[0] if len(shape) == 1 else shape
+            try:
+                held, _ = saved_length(scores)
+            except ScoreError as exc:
+                raise ScoreError(f"{exc}; {self._damaged(name)}") from exc
+            if held != store.num_samples:
                 raise ValueError(f"{scores}: holds {held} scores, the store has "
                                  f"{store.num_samples}: a checkpoint of another corpus?")
             store.restore(scores)
         return step, state
 
+    def _damaged(self, name: str) -> str:
+        """What to do about a damaged committed checkpoint ``name``."""
+        older = [n for _, n in self._steps() if n < name]
+        fallback = (f"write the name of an older step directory ({', '.join(older)}) into "
+                    f"{os.path.join(self.directory, LATEST)} to resume from it, or " if older else "")
+        return (f"the checkpoint {name} is damaged: {fallback}delete "
+                f"{os.path.join(self.directory, LATEST)} to train from scratch")
+
     # ------------------------------------------------------------- writing
     def save(self, step: int, state: dict, store: ScoreStore | None = None) -> str:
         """Write checkpoint ``step``, commit it by replacing ``latest``, then drop checkpoints
         beyond the ``keep`` newest. Returns the new step directory."""
-        if not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        step = int(step)
+        step = _int_at_least(step, 0, "step", "a non-negative integer")
         os.makedirs(self.directory, exist_ok=True)
         committed = self._committed()
         if committed is not None and step <= committed[0]:

@@ -97,21 +97,43 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .store import ScoreStore
 
     corpus = Corpus.load(args.corpus)
-    store = ScoreStore.open(args.scores, corpus.num_samples) if os.path.exists(args.scores) else None
-    if store is None:
+    if not os.path.isfile(args.scores):
         raise FileNotFoundError(f"{args.scores}: no score store (a .npy saved by ScoreStore.save)")
+    # the corpus's fingerprint: scores saved for another corpus of the same size are refused
+    store = ScoreStore.open(args.scores, corpus.num_samples, fingerprint=corpus.fingerprint)
     # offline: the decision applies now, so no burn-in and no annealing tail
     policy = (ESWPPolicy(ratio=args.ratio, anneal=0.0, burn_in_epochs=0, seed=args.seed)
               if args.policy == "es" else InfoBatchPolicy(ratio=args.ratio, anneal=0.0, seed=args.seed))
     start = time.perf_counter()
-    Pruner(corpus, store, policy, args.out).write(args.epoch, args.epoch + 1)
-    from .manifest import read_epoch
-
-    kept = read_epoch(args.out, args.epoch, corpus.fingerprint, corpus.shard_counts)
-    print(f"epoch {args.epoch}: kept {len(kept.kept_ids)} of {corpus.num_samples} samples "
-          f"({100 * kept.kept_fraction:.1f}%), policy {args.policy} ratio {args.ratio}, "
-          f"in {time.perf_counter() - start:.2f}s -> {args.out}/epoch={args.epoch:05d}")
+    summary = Pruner(corpus, store, policy, args.out).write(args.epoch, args.epoch + 1)
+    print(f"epoch {args.epoch}: kept {summary['kept']} of {summary['samples']} samples "
+          f"({100 * summary['kept'] / summary['samples']:.1f}%; {summary['never_scored']} never "
+          f"scored, all kept; {summary['rescaled']} with a loss weight other than 1), policy "
+          f"{args.policy} ratio {args.ratio}, in {time.perf_counter() - start:.2f}s -> "
+          f"{args.out}/epoch={args.epoch:05d}")
     return 0
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (epochs, seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _prune_ratio(text: str) -> float:
+    """argparse type: a fraction in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
@@ -168,10 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--scores", required=True, help="score store (.npy from ScoreStore.save)")
     prune.add_argument("--corpus", required=True, help="corpus index (Parquet)")
     prune.add_argument("--policy", choices=["es", "infobatch"], default="es")
-    prune.add_argument("--ratio", type=float, required=True, help="fraction to prune, in [0, 1)")
+    prune.add_argument("--ratio", type=_prune_ratio, required=True,
+                       help="fraction to prune, in [0, 1)")
     prune.add_argument("--out", required=True, help="manifest directory")
-    prune.add_argument("--epoch", type=int, default=0, help="epoch the manifests are for")
-    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--epoch", type=_non_negative_int, default=0,
+                       help="epoch the manifests are for (>= 0)")
+    prune.add_argument("--seed", type=_non_negative_int, default=0, help="policy seed (>= 0)")
     prune.set_defaults(func=_cmd_prune)
 
     comp = sub.add_parser("compact", help="rewrite a corpus with only the kept samples",

@@ -17,10 +17,30 @@ if TYPE_CHECKING:
 
 def rank_and_world_size() -> tuple[int, int]:
     """From the initialised process group, else ``RANK``/``WORLD_SIZE`` (torchrun sets them),
-    else a single process."""
+    else a single process. A variable that is set must be an integer, with
+    ``0 <= RANK < WORLD_SIZE``; otherwise a ValueError names it and its value."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = _env_int("RANK", 0, 0), _env_int("WORLD_SIZE", 1, 1)
+    if rank >= world:
+        raise ValueError(f"environment variable RANK={rank} is not below WORLD_SIZE={world}; "
+                         "set both as torchrun does (0 <= RANK < WORLD_SIZE), or unset them for "
+                         "a single process")
+    return rank, world
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer >= {minimum} "
+                         "(torchrun sets it); fix or unset it (unset: a single process)")
+    return value
 
 
 def worker_and_count() -> tuple[int, int]:

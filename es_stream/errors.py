@@ -58,6 +58,11 @@ class ManifestError(ESStreamError, ValueError):
     """A pruning manifest is unfinished, from another corpus, or missing a shard."""
 
 
+class ScoreError(ESStreamError, ValueError):
+    """Scores that cannot be used: non-finite or (for ESWP) negative values, a score file that
+    is not a score store or belongs to another corpus."""
+
+
 class MissingExtraError(ImportError):
     """An optional dependency is needed; the message names the pip extra that installs it.
 

@@ -1,19 +1,30 @@
 """Pruning policies (ESWP's set level): from per-sample scores, which samples the next epoch
 keeps. Pure numpy, in chunks, so 1e9 scores never need more than a few chunks in memory.
 
-A policy's :meth:`decide` returns, chunk by chunk, a ``keep`` mask and a per-sample loss
-``weight`` (1 except for InfoBatch's rescaled samples).
+A policy's :meth:`~Policy.decide` returns, chunk by chunk, a ``keep`` mask and a per-sample
+loss ``weight`` (1 except for InfoBatch's rescaled samples).
+
+Never-scored samples (``scored`` False: still at the initial ``1/n``, e.g. a ``drop_last``
+leftover, see :class:`es_stream.ScoreStore`) are kept in every epoch by every policy: they were
+never seen, so nothing says they are easy. Every score a policy reads is checked: NaN or
+infinite scores (and negative ones for ESWP, whose scores are sampling weights) raise
+:class:`es_stream.ScoreError` naming the first bad sample id, instead of a meaningless decision.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
+from .errors import ScoreError
+
 CHUNK = 1 << 22  # 4M scores per chunk: ~50 MB of temporaries
+
+Read = Callable[[int, int], np.ndarray]
 
 
 def _gumbel_keys(scores: np.ndarray, seed: int, epoch: int, chunk: int) -> np.ndarray:
@@ -23,11 +34,71 @@ def _gumbel_keys(scores: np.ndarray, seed: int, epoch: int, chunk: int) -> np.nd
     return np.log(np.maximum(scores.astype(np.float64), 1e-300)) - np.log(rng.exponential(size=len(scores)))
 
 
-def chunked_top_k_mask(read: Callable[[int, int], np.ndarray], n: int, k: int, seed: int,
-                       epoch: int, chunk: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+def _non_negative_int(value: object, argument: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{argument} must be an integer, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"{argument} must be >= 0, got {number}")
+    return number
+
+
+def checked_reader(read: Read, n: int, source: str = "scores", *,
+                   non_negative: bool = False) -> Read:
+    """``read`` with every chunk checked (one vectorised pass): finite, and ``>= 0`` when
+    ``non_negative``. A bad chunk raises :class:`ScoreError` naming ``source``, the first bad
+    sample id and how many there are in all (counted by reading the rest: the error path only)."""
+
+    def checked(start: int, stop: int) -> np.ndarray:
+        values = read(start, stop)
+        # min(initial=0) is 0 unless something is negative (and copes with an empty range)
+        if not (np.isfinite(values).all() and (not non_negative or values.min(initial=0) >= 0)):
+            raise _bad_scores(read, n, source, non_negative)
+        return values
+
+    return checked
+
+
+def _bad_scores(read: Read, n: int, source: str, non_negative: bool) -> ScoreError:
+    nonfinite, negative, first_nonfinite, first_negative = 0, 0, None, None
+    for start in range(0, n, CHUNK):
+        values = read(start, min(start + CHUNK, n))
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad) and first_nonfinite is None:
+            first_nonfinite = (start + int(bad[0]), float(values[bad[0]]))
+        nonfinite += len(bad)
+        if non_negative:
+            neg = np.flatnonzero(values < 0)
+            if len(neg) and first_negative is None:
+                first_negative = (start + int(neg[0]), float(values[neg[0]]))
+            negative += len(neg)
+    if nonfinite:
+        sid, value = first_nonfinite
+        return ScoreError(
+            f"{source}: {nonfinite} of {n} scores are NaN or infinite (the first: sample id {sid}, "
+            f"{value}), so no pruning decision can be made; a loss that overflowed or diverged "
+            "reached the store: check the training loss, then restore the scores from a "
+            "checkpoint (Checkpointer.load(store=...)) and prune again")
+    sid, value = first_negative
+    return ScoreError(
+        f"{source}: {negative} of {n} scores are negative (the first: sample id {sid}, {value}); "
+        "ESWP keeps samples with probability proportional to their score, so scores must be >= 0: "
+        "train ES with a non-negative per-sample loss, or prune with InfoBatchPolicy")
+
+
+def chunked_top_k_mask(read: Read, n: int, k: int, seed: int, epoch: int, chunk: int = CHUNK,
+                       scored: Read | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, keep mask)`` per chunk, where the kept samples are exactly the k largest
     Gumbel keys ``log s_i + G_i`` over all n: a draw of k without replacement with probability
     proportional to the scores (successive sampling). ``read(start, stop)`` returns scores.
+
+    With ``scored`` (``scored(start, stop)``: True where a sample was ever scored), the samples
+    never scored are all kept and count toward k; the rest of k, ``max(0, k - never scored)``,
+    is the k largest keys among scored samples. (Keys are still drawn for every sample, so
+    each scored sample's key is the one it would have with every sample scored.)
 
     Three passes over the chunks, memory bounded by one chunk: the keys' range, a histogram
     that locates the k-th largest key's bin, then the exact cut inside that bin.
@@ -39,32 +110,49 @@ def chunked_top_k_mask(read: Callable[[int, int], np.ndarray], n: int, k: int, s
     def keys(i: int, start: int) -> np.ndarray:
         return _gumbel_keys(read(start, min(start + chunk, n)), seed, epoch, i)
 
-    if k in (0, n):
+    def eligible(start: int) -> np.ndarray | None:
+        return None if scored is None else scored(start, min(start + chunk, n))
+
+    def among(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return values if mask is None else values[mask]
+
+    if scored is None and k in (0, n):
         for start in starts:
             yield start, np.full(min(chunk, n - start), k == n)
         return
-    lo, hi = math.inf, -math.inf
+    lo, hi, m = math.inf, -math.inf, 0
     for i, start in enumerate(starts):
-        kk = keys(i, start)
-        lo, hi = min(lo, float(kk.min())), max(hi, float(kk.max()))
+        kk = among(keys(i, start), eligible(start))
+        m += len(kk)
+        if len(kk):
+            lo, hi = min(lo, float(kk.min())), max(hi, float(kk.max()))
+    k = max(0, k - (n - m))  # what is left for scored samples once never-scored are kept
+    if k in (0, m):
+        for start in starts:
+            e = eligible(start)
+            keep = np.full(min(chunk, n - start), k == m)
+            yield start, keep if e is None else keep | ~e
+        return
     edges = np.linspace(lo, hi, (1 << 16) + 1)
     hist = np.zeros(len(edges) - 1, dtype=np.int64)
     for i, start in enumerate(starts):
-        hist += np.histogram(keys(i, start), bins=edges)[0]
+        hist += np.histogram(among(keys(i, start), eligible(start)), bins=edges)[0]
     above = np.cumsum(hist[::-1])[::-1]  # above[j]: keys in bins j and higher
     j = int(np.nonzero(above >= k)[0][-1])  # the bin holding the k-th largest key
     need = k - (int(above[j + 1]) if j + 1 < len(hist) else 0)
     # exact cut inside bin j: collect that bin's keys (a small fraction of n)
     inside: list[np.ndarray] = []
     for i, start in enumerate(starts):
-        kk = keys(i, start)
+        kk = among(keys(i, start), eligible(start))
         inside.append(kk[_bin_of(kk, edges, len(hist)) == j])
     boundary = np.concatenate(inside)
     cut = np.partition(boundary, len(boundary) - need)[len(boundary) - need]
     for i, start in enumerate(starts):
         kk = keys(i, start)
         b = _bin_of(kk, edges, len(hist))
-        yield start, (b > j) | ((b == j) & (kk >= cut))
+        keep = (b > j) | ((b == j) & (kk >= cut))
+        e = eligible(start)
+        yield start, keep if e is None else np.where(e, keep, True)
 
 
 def _bin_of(keys: np.ndarray, edges: np.ndarray, bins: int) -> np.ndarray:
@@ -74,11 +162,13 @@ def _bin_of(keys: np.ndarray, edges: np.ndarray, bins: int) -> np.ndarray:
 
 @dataclass
 class Decision:
-    """One chunk of a decision: samples ``start .. start+len(keep)``."""
+    """One chunk of a decision: samples ``start .. start+len(keep)``, of which
+    ``never_scored`` were never scored (and are kept)."""
 
     start: int
     keep: np.ndarray
     weight: np.ndarray
+    never_scored: int = 0
 
 
 class Policy:
@@ -91,8 +181,8 @@ class Policy:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
         if not 0.0 <= anneal <= 1.0:
             raise ValueError(f"anneal must be a fraction in [0, 1], got {anneal}")
-        if burn_in_epochs < 0:
-            raise ValueError(f"burn_in_epochs must be >= 0, got {burn_in_epochs}")
+        burn_in_epochs = _non_negative_int(burn_in_epochs, "burn_in_epochs")
+        seed = _non_negative_int(seed, "seed")
         self.ratio, self.anneal, self.seed, self.burn_in_epochs = ratio, anneal, seed, burn_in_epochs
 
     def prunes(self, epoch: int, total_epochs: int) -> bool:
@@ -101,25 +191,53 @@ class Policy:
         tail = math.ceil(self.anneal * total_epochs)
         return self.ratio > 0 and self.burn_in_epochs <= epoch < total_epochs - tail
 
-    def decide(self, read: Callable[[int, int], np.ndarray], n: int, epoch: int,
-               total_epochs: int) -> Iterator[Decision]:
-        """The decision for ``epoch`` over scores ``read(start, stop)``, chunk by chunk."""
+    def decide(self, read: Read, n: int, epoch: int, total_epochs: int, *,
+               scored: Read | None = None, source: str = "scores") -> Iterator[Decision]:
+        """The decision for ``epoch`` over scores ``read(start, stop)``, chunk by chunk.
+
+        ``scored(start, stop)`` (optional) tells which samples were ever scored; without it
+        every sample counts as scored. ``source`` names the scores in error messages (e.g. the
+        store's file). Arguments are checked here, before any chunk is decided.
+        """
+        n = _non_negative_int(n, "n")
+        epoch = _non_negative_int(epoch, "epoch")
+        total_epochs = _non_negative_int(total_epochs, "total_epochs")
+        return self._decide(read, n, epoch, total_epochs, scored, source)
+
+    def _decide(self, read: Read, n: int, epoch: int, total_epochs: int, scored: Read | None,
+                source: str) -> Iterator[Decision]:
         raise NotImplementedError
 
     def describe(self) -> dict[str, str]:
         return {"policy": self.name, "ratio": repr(self.ratio), "seed": str(self.seed)}
 
-    def _keep_all(self, n: int) -> Iterator[Decision]:
+    def _keep_all(self, n: int, scored: Read | None) -> Iterator[Decision]:
         for start in range(0, n, CHUNK):
             size = min(CHUNK, n - start)
-            yield Decision(start, np.ones(size, bool), np.ones(size, np.float32))
+            never = 0 if scored is None else size - int(scored(start, start + size).sum())
+            yield Decision(start, np.ones(size, bool), np.ones(size, np.float32), never)
+
+
+def _never(scored: Read | None, start: int, stop: int) -> np.ndarray | None:
+    """The never-scored mask of a range; None when every sample counts as scored."""
+    if scored is None:
+        return None
+    never = ~scored(start, stop)
+    return never if never.any() else None
 
 
 class ESWPPolicy(Policy):
     """ES with pruning (Cheng et al. 2025): keep ``ceil((1 - ratio) n)`` samples drawn without
     replacement with probability proportional to their scores (Gumbel-top-k over all scores,
     in chunks). Epochs before ``burn_in_epochs`` and in the annealing tail keep everything.
-    Pruned samples keep their scores (they were not seen, so nothing new is known about them)."""
+    Pruned samples keep their scores (they were not seen, so nothing new is known about them).
+
+    Never-scored samples are all kept and count toward the ``ceil((1 - ratio) n)``: the draw
+    takes the rest of that quota from the scored samples. If they alone exceed the quota they
+    are still all kept (and every scored sample is pruned), so the epoch keeps more than the
+    quota. With every sample scored, the decision is the same as without that rule.
+    Scores must be finite and ``>= 0`` (they are sampling weights).
+    """
 
     name = "es"
 
@@ -127,36 +245,55 @@ class ESWPPolicy(Policy):
                  seed: int = 0) -> None:
         super().__init__(ratio, anneal, seed, burn_in_epochs)
 
-    def decide(self, read, n, epoch, total_epochs):
+    def _decide(self, read, n, epoch, total_epochs, scored, source):
         if not self.prunes(epoch, total_epochs):
-            yield from self._keep_all(n)
+            yield from self._keep_all(n, scored)
             return
+        read = checked_reader(read, n, source, non_negative=True)
         k = math.ceil((1.0 - self.ratio) * n)
-        for start, keep in chunked_top_k_mask(read, n, k, self.seed, epoch):
-            yield Decision(start, keep, np.ones(len(keep), np.float32))
+        for start, keep in chunked_top_k_mask(read, n, k, self.seed, epoch, scored=scored):
+            never = _never(scored, start, start + len(keep))
+            yield Decision(start, keep, np.ones(len(keep), np.float32),
+                           0 if never is None else int(never.sum()))
 
 
 class InfoBatchPolicy(Policy):
     """InfoBatch (Qin et al., ICLR 2024): among samples scoring below the mean score, drop a
     random fraction ``ratio``; the kept below-mean samples get loss weight ``1 / (1 - ratio)``
-    so the expected gradient is unchanged. The annealing tail keeps everything."""
+    so the expected gradient is unchanged. The annealing tail keeps everything.
+
+    Never-scored samples are kept with weight 1 and left out of the mean (their ``1/n`` is not
+    a loss); with none scored, everything is kept. Scores must be finite.
+    """
 
     name = "infobatch"
 
     def __init__(self, ratio: float = 0.5, anneal: float = 0.125, seed: int = 0) -> None:
         super().__init__(ratio, anneal, seed, burn_in_epochs=0)
 
-    def decide(self, read, n, epoch, total_epochs):
+    def _decide(self, read, n, epoch, total_epochs, scored, source):
         if not self.prunes(epoch, total_epochs):
-            yield from self._keep_all(n)
+            yield from self._keep_all(n, scored)
             return
-        total = 0.0
+        read = checked_reader(read, n, source)
+        total, counted = 0.0, 0
         for start in range(0, n, CHUNK):
-            total += float(read(start, min(start + CHUNK, n)).astype(np.float64).sum())
-        mean = total / n
+            stop = min(start + CHUNK, n)
+            scores, never = read(start, stop), _never(scored, start, stop)
+            if never is not None:
+                scores = scores[~never]
+            total += float(scores.astype(np.float64).sum())
+            counted += len(scores)
+        if counted == 0:
+            yield from self._keep_all(n, scored)
+            return
+        mean = total / counted
         for i, start in enumerate(range(0, n, CHUNK)):
-            scores = read(start, min(start + CHUNK, n))
+            stop = min(start + CHUNK, n)
+            scores, never = read(start, stop), _never(scored, start, stop)
             below = scores < mean
+            if never is not None:
+                below &= ~never
             drop = below & (np.random.default_rng([self.seed, epoch, 3, i]).random(len(scores)) < self.ratio)
             weight = np.where(below & ~drop, 1.0 / (1.0 - self.ratio), 1.0).astype(np.float32)
-            yield Decision(start, ~drop, weight)
+            yield Decision(start, ~drop, weight, 0 if never is None else int(never.sum()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -12,8 +13,10 @@ from ._version import __version__
 from .corpus import Corpus
 from .distributed import merge_rank_scores
 from .manifest import clear_success, mark_success, read_epoch, shard_file, write_shard
-from .policy import CHUNK, Policy
+from .policy import CHUNK, Decision, Policy
 from .store import ScoreStore
+
+log = logging.getLogger(__name__)
 
 
 class Pruner:
@@ -32,18 +35,34 @@ class Pruner:
         decay: optional pull of pruned samples' scores toward the corpus mean score
             (``s <- (1 - decay) s + decay * mean``, applied once the manifests are written, the
             manifests recording the scores before it); 0 (default) leaves them as they were.
+
+    The store is bound to the corpus (:meth:`ScoreStore.bind`): a store that belongs to another
+    corpus is refused. Each decision's counts are returned by :meth:`write`, logged by
+    :meth:`on_epoch_end` (logger ``es_stream.pruner``, INFO) and kept in :attr:`last_summary`:
+    ``{"epoch", "samples", "kept", "pruned", "rescaled", "never_scored"}``, where ``rescaled``
+    counts kept samples whose loss weight is not 1 and ``never_scored`` samples kept because
+    they were never scored (see :class:`ScoreStore`).
     """
 
     def __init__(self, corpus: Corpus, store: ScoreStore, policy: Policy,
                  out_dir: str | os.PathLike, decay: float = 0.0) -> None:
+        if not isinstance(corpus, Corpus):
+            raise TypeError(f"corpus must be an es_stream.Corpus, got {type(corpus).__name__}")
+        if not isinstance(store, ScoreStore):
+            raise TypeError(f"store must be an es_stream.ScoreStore, got {type(store).__name__}")
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be an ESWPPolicy or InfoBatchPolicy, got "
+                            f"{type(policy).__name__}")
         if store.num_samples != corpus.num_samples:
             raise ValueError(f"store holds {store.num_samples} scores, corpus has "
                              f"{corpus.num_samples} samples: a store of another corpus?")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
+        store.bind(corpus.fingerprint)  # refuses a store of another corpus of the same size
         self.corpus, self.store, self.policy = corpus, store, policy
         self.out_dir = os.fspath(out_dir)
         self.decay = decay
+        self.last_summary: dict[str, int] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """What decides the manifests. A pruner keeps no other state: each epoch's decision is
@@ -72,6 +91,11 @@ class Pruner:
         mean = self._mean() if self.decay > 0 else 0.0  # of the scores the decision sees
         if not distributed or dist.get_rank() == 0:
             self.write(target, total_epochs)
+            summary = self.last_summary  # (read here: a subclass's write may return nothing)
+            if summary is not None and summary["epoch"] == target:
+                log.info("epoch %d: kept %d of %d samples (%d pruned, %d rescaled, %d never "
+                         "scored and kept)", target, summary["kept"], summary["samples"],
+                         summary["pruned"], summary["rescaled"], summary["never_scored"])
         if distributed:
             dist.barrier()
         if self.decay > 0:  # every rank, from the written decision, so stores stay equal
@@ -95,22 +119,28 @@ class Pruner:
             if pruned.any():
                 values = self.store.read_range(a, b)
                 values[pruned] = (1 - self.decay) * values[pruned] + self.decay * mean
-                self.store.write_range(a, values)
+                self.store.write_range(a, values, where=pruned)  # the rest stay as they are
 
-    def write(self, epoch: int, total_epochs: int) -> None:
-        """Decide epoch ``epoch`` from the current scores and write its manifests.
+    def write(self, epoch: int, total_epochs: int) -> dict[str, int]:
+        """Decide epoch ``epoch`` from the current scores and write its manifests; returns the
+        decision's counts (see the class docstring), also kept in :attr:`last_summary`.
 
         Works chunk by chunk (see :mod:`es_stream.policy`): a shard's file is written as soon as
         the chunks covering it are decided, so memory stays bounded for any corpus size.
         """
-        n, read = self.store.num_samples, self.store.read_range
+        reader = self.store.range_reader()  # scores and never-scored masks, one read per chunk
+        n, read = self.store.num_samples, reader.scores
+        summary = {"epoch": int(epoch), "samples": n, "kept": 0, "pruned": 0, "rescaled": 0,
+                   "never_scored": 0}
         meta = {"corpus_fingerprint": self.corpus.fingerprint, "epoch": str(epoch),
                 "es_stream_version": __version__, **self.policy.describe()}
         clear_success(self.out_dir, epoch)
         starts = self.corpus.shard_starts
         shard, buf_start = 0, 0
         buf_keep, buf_weight = np.empty(0, bool), np.empty(0, np.float32)
-        for d in self.policy.decide(read, n, epoch, total_epochs):
+        for d in self.policy.decide(read, n, epoch, total_epochs, scored=reader.scored,
+                                    source=self.store.describe()):
+            _count(summary, d)
             buf_keep = np.concatenate([buf_keep, d.keep])
             buf_weight = np.concatenate([buf_weight, d.weight])
             end = buf_start + len(buf_keep)
@@ -125,3 +155,13 @@ class Pruner:
             done = int(starts[shard]) - buf_start
             buf_keep, buf_weight, buf_start = buf_keep[done:], buf_weight[done:], buf_start + done
         mark_success(self.out_dir, epoch)
+        self.last_summary = summary
+        return summary
+
+
+def _count(summary: dict[str, int], d: Decision) -> None:
+    kept = int(d.keep.sum())
+    summary["kept"] += kept
+    summary["pruned"] += len(d.keep) - kept
+    summary["rescaled"] += int((d.keep & (d.weight != 1)).sum())
+    summary["never_scored"] += d.never_scored

@@ -9,12 +9,23 @@ proportional to ``w``, computed with no data-dependent shapes and no host synchr
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
 
 from .feedback import FeedbackChannel
-from .store import ScoreStore
+from .store import ScoreStore, as_index, positive_int
+
+
+def _integer(value: Any, argument: str) -> int:
+    """``value`` as a Python int (numpy integers too), else a TypeError naming ``argument``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{argument} must be an integer, got {value!r}") from None
 
 
 class Selector:
@@ -26,10 +37,8 @@ class Selector:
     """
 
     def __init__(self, batch_size: int, seed: int = 0) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size (b) must be an integer >= 1, got {batch_size!r}")
-        self.batch_size = batch_size
-        self.seed = seed
+        self.batch_size = positive_int(batch_size, "batch_size (b)", "an integer >= 1")
+        self.seed = _integer(seed, "seed")
         self.step = 0
         self._generators: dict[str, torch.Generator] = {}
         self._pending_state: dict[str, torch.Tensor] = {}
@@ -47,7 +56,11 @@ class Selector:
             self._generators[key] = gen
         return gen
 
-    def _validate(self, ids: torch.Tensor | None, losses: torch.Tensor) -> None:
+    def _validate(self, ids: Any, losses: torch.Tensor) -> torch.Tensor | None:
+        """Check a meta-batch; returns ``ids`` as a tensor (numpy arrays and sequences of ints
+        are accepted wherever tensors are)."""
+        if ids is not None:
+            ids = as_index(ids)
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"losses must be a 1-D tensor of per-sample losses "
@@ -66,6 +79,7 @@ class Selector:
             raise ValueError(f"losses: non-finite value {float(losses[bad])} at position {bad}"
                              f"{which}; fix the loss (NaN usually means divergence), "
                              "it cannot be a sampling weight")
+        return ids
 
     def _top_k(self, log_weights: torch.Tensor) -> torch.Tensor:
         """Gumbel-top-k: b indices drawn without replacement with p proportional to exp(log w)."""
@@ -173,6 +187,9 @@ class ESSelector(Selector):
             ``"sync"``: always directly (blocking copies); ``"async"``: always through a channel
             (also on CPU, where it gives the same results as ``"sync"``).
         max_pending: uncommitted updates a channel may hold (see :class:`FeedbackChannel`).
+        fingerprint: the corpus's ``Corpus.fingerprint``, if known: the store is bound to it
+            (:meth:`ScoreStore.bind`), so a store of another corpus is refused and saved
+            scores record their corpus.
 
     A store that fits on the GPU is best kept there (``device="cuda"``): no host traffic at all.
     For a host store (e.g. memory-mapped, 1e9 samples) call :meth:`prefetch` with the ids as
@@ -189,8 +206,9 @@ class ESSelector(Selector):
                  floor: float = 1e-8, uniform_mix: float = 0.0, reweight: bool = False,
                  seed: int = 0, store: ScoreStore | None = None,
                  device: torch.device | str | None = None, feedback: str = "auto",
-                 max_pending: int = 16) -> None:
+                 max_pending: int = 16, fingerprint: str | None = None) -> None:
         super().__init__(batch_size, seed)
+        num_samples = positive_int(num_samples, "num_samples")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= beta <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {beta}")
@@ -199,15 +217,18 @@ class ESSelector(Selector):
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {frac}")
         if burn_in + anneal > 1.0:
             raise ValueError(f"burn_in + anneal must be <= 1, got {burn_in} + {anneal}")
-        if (burn_in > 0 or anneal > 0) and (total_steps is None or total_steps < 1):
+        if total_steps is not None:
+            total_steps = positive_int(total_steps, "total_steps")
+        if (burn_in > 0 or anneal > 0) and total_steps is None:
             raise ValueError("total_steps (a positive int) is needed when burn_in or anneal > 0, "
                              f"got {total_steps!r}")
         if not floor > 0:
             raise ValueError(f"floor must be > 0, got {floor}")
         if feedback not in ("auto", "sync", "async"):
             raise ValueError(f"feedback must be 'auto', 'sync' or 'async', got {feedback!r}")
-        if not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be an integer >= 1, got {max_pending!r}")
+        max_pending = positive_int(max_pending, "max_pending", "an integer >= 1")
+        if store is not None and not isinstance(store, ScoreStore):
+            raise TypeError(f"store must be an es_stream.ScoreStore, got {type(store).__name__}")
         if store is not None and store.num_samples != num_samples:
             raise ValueError(f"store holds {store.num_samples} scores but num_samples={num_samples}")
         self.num_samples = num_samples
@@ -215,6 +236,8 @@ class ESSelector(Selector):
         self.burn_in, self.anneal, self.total_steps = burn_in, anneal, total_steps
         self.floor, self.uniform_mix, self.reweight = floor, uniform_mix, reweight
         self.store = store if store is not None else ScoreStore(num_samples, device=device)
+        if fingerprint is not None:
+            self.store.bind(fingerprint)  # refuses a store of another corpus
         self.feedback, self.max_pending = feedback, max_pending
         self._channels: dict[torch.device, FeedbackChannel] = {}
         self._nonfinite: torch.Tensor | None = None
@@ -237,7 +260,7 @@ class ESSelector(Selector):
         its losses will be; a no-op when no channel is needed."""
         channel = self.channel(device)
         if channel is not None:
-            channel.prefetch(torch.as_tensor(ids))
+            channel.prefetch(as_index(ids))
 
     def flush(self) -> None:
         """Commit every in-flight score update to the store (waits for the device)."""
@@ -253,7 +276,7 @@ class ESSelector(Selector):
 
     def update(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """Apply the ES rule to the meta-batch's scores; return the sampling weights ``w``."""
-        ids = torch.as_tensor(ids)
+        ids = as_index(ids)
         self.store.check_ids(ids)
         if ids.device.type == "cpu" and ids.numel() != torch.unique(ids).numel():
             raise ValueError("ids: a meta-batch repeats a sample id; each id may appear once")
@@ -275,7 +298,7 @@ class ESSelector(Selector):
         return w
 
     def select(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        self._validate(ids, losses)
+        ids = self._validate(ids, losses)
         w = self.update(ids, losses)
         uniform = self.is_uniform_step()
         self.step += 1

@@ -31,10 +31,10 @@ def test_round_trip_selector_and_memmap_store(tmp_path):
     train(sel, 5, seed=0)
     ckpt = Checkpointer(tmp_path / "ckpt")
     assert ckpt.latest() is None and ckpt.load() is None
-    # the scores go to scores.npy, so the selector's state leaves them out
+    # the scores go to scores.npy (their metadata beside), so the selector's state leaves them out
     path = ckpt.save(5, {"selector": sel.state_dict(with_store=False), "epoch": 1}, store)
     assert path == str(tmp_path / "ckpt" / "step-000000000005") == ckpt.latest()
-    assert sorted(os.listdir(path)) == ["scores.npy", "state.pt"]
+    assert sorted(os.listdir(path)) == ["scores.meta.json", "scores.npy", "state.pt"]
     assert (tmp_path / "ckpt" / "latest").read_text() == "step-000000000005\n"
     saved_scores = store.to_numpy().copy()
     expected_next = train(sel, 3, seed=1)  # the run goes on after the checkpoint
@@ -106,7 +106,8 @@ def test_leftovers_ignored_then_cleaned(tmp_path):
     ckpt.save(3, {"step": 3}, store)
     assert sorted(os.listdir(tmp_path)) == ["latest", "notes.txt", "step-000000000002",
                                             "step-000000000003"]
-    assert sorted(os.listdir(tmp_path / "step-000000000003")) == ["scores.npy", "state.pt"]
+    assert sorted(os.listdir(tmp_path / "step-000000000003")) == ["scores.meta.json", "scores.npy",
+                                                                  "state.pt"]
     assert ckpt.load(other) == (3, {"step": 3})
 
 
@@ -134,3 +135,66 @@ def test_errors_name_the_file(tmp_path):
         ckpt.load()
     with pytest.raises(ValueError, match="step must be a non-negative integer"):
         ckpt.save(-1, {})
+
+
+# --- damaged files, other corpora, numpy integers ------------------------------------------
+
+from es_stream import ScoreError  # noqa: E402
+
+
+def test_damaged_state_names_the_file_and_the_way_out(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=3)
+    for step in (1, 2):
+        ckpt.save(step, {"step": step})
+    state = tmp_path / "step-000000000002" / "state.pt"
+    for garbage in (b"", b"\x80\x04garbage", state.read_bytes()[:40]):
+        state.write_bytes(garbage)
+        with pytest.raises(ValueError, match=rf"{state}: cannot be read as a checkpoint state .*"
+                                             r"step-000000000002 is damaged: write the name of an "
+                                             r"older step directory \(step-000000000001\) into "
+                                             rf"{tmp_path / 'latest'}"):
+            ckpt.load()
+    (tmp_path / "latest").write_text("step-000000000001\n")  # the way out the message gives
+    assert ckpt.load() == (1, {"step": 1})
+
+
+def test_garbage_latest_names_the_file(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, {})
+    (tmp_path / "latest").write_bytes(b"\xff\xfe\x00\x01garbage")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'latest'}: expected the name of a step "
+                                         r"directory.*delete it to start over"):
+        ckpt.load()
+
+
+@pytest.mark.parametrize("garbage", [b"", b"garbage, not numpy", b"\x93NUMPY\x01\x00"])
+def test_damaged_scores_name_the_file(tmp_path, garbage):
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, {}, ScoreStore(N))
+    scores = tmp_path / "step-000000000001" / "scores.npy"
+    scores.write_bytes(garbage)
+    with pytest.raises(ScoreError, match=rf"{scores}: not a .npy score file.*is damaged"):
+        ckpt.load(ScoreStore(N))
+
+
+def test_scores_travel_with_their_corpus(tmp_path):
+    store = ScoreStore(N, fingerprint="corpus-a")
+    store.scatter(torch.arange(10), torch.full((10,), 0.5))
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, {}, store)
+    with pytest.raises(ScoreError, match=r"scores.npy: scores of corpus corpus-a .* this corpus is "
+                                         r"corpus-b"):
+        ckpt.load(ScoreStore(N, fingerprint="corpus-b"))
+    restored = ScoreStore.open(tmp_path / "live.npy", N)
+    ckpt.load(restored)
+    assert restored.fingerprint == "corpus-a"  # learnt from the checkpoint
+    np.testing.assert_array_equal(restored.scored_range(0, N), np.arange(N) < 10)  # never-scored too
+
+
+def test_numpy_integers_are_integers(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=np.int64(1))
+    ckpt.save(np.int64(3), {"a": 1})
+    ckpt.save(np.uint8(4), {"a": 2})
+    assert ckpt.load() == (4, {"a": 2}) and ckpt.keep == 1
+    with pytest.raises(ValueError, match="keep must be an integer >= 1, got 1.0"):
+        Checkpointer(tmp_path, keep=1.0)

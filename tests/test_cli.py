@@ -193,3 +193,74 @@ def test_compact_needs_an_epoch_directory(wds_dir, tmp_path):
 def test_help_for_each_command(command):
     result = run(command, "--help")
     assert result.returncode == 0 and "usage: es-stream " + command in result.stdout
+
+
+# --- prune: bad arguments, scores of another corpus, never-scored samples -------------------
+
+from conftest import write_wds  # noqa: E402
+
+
+def prune(index: Path, scores: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run("prune", "--scores", str(scores), "--corpus", str(index), "--ratio", "0.5",
+               "--out", str(out), *extra)
+
+
+def indexed(shards: Path, tmp_path: Path) -> tuple[Corpus, Path]:
+    """The corpus of ``shards`` and its index, written in this process (one CLI run less)."""
+    corpus = Corpus.from_webdataset(str(shards))
+    corpus.save(tmp_path / "corpus.parquet")
+    return corpus, tmp_path / "corpus.parquet"
+
+
+@pytest.mark.parametrize("flag,value", [("--epoch", "-1"), ("--seed", "-3")])
+def test_prune_refuses_bad_numbers_naming_the_flag(tmp_path, flag, value):
+    args = {"--scores": "s.npy", "--corpus": "c.parquet", "--out": str(tmp_path / "m"),
+            "--ratio": "0.5", flag: value}
+    result = run("prune", *[x for kv in args.items() for x in kv])
+    assert result.returncode == 2 and f"argument {flag}: expected" in result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_prune_refuses_scores_of_another_corpus_of_the_same_size(wds_dir, tmp_path):
+    corpus, index = indexed(wds_dir, tmp_path)
+    write_wds(tmp_path / "other", sizes=(25, 25))  # 50 samples too, other shards
+    other = Corpus.from_webdataset(str(tmp_path / "other"))
+    assert other.num_samples == corpus.num_samples and other.fingerprint != corpus.fingerprint
+    store = ScoreStore(other.num_samples, fingerprint=other.fingerprint)
+    store.scatter(torch.arange(other.num_samples), torch.rand(other.num_samples) + 0.1)
+    store.save(tmp_path / "other-scores.npy")
+    result = prune(index, tmp_path / "other-scores.npy", tmp_path / "m")
+    assert result.returncode == 2
+    assert (f"other-scores.npy: scores of corpus {other.fingerprint}" in result.stderr
+            and f"this corpus is {corpus.fingerprint}" in result.stderr)
+    assert not (tmp_path / "m").exists()
+
+
+def test_prune_refuses_a_file_that_is_not_a_score_store(wds_dir, tmp_path):
+    _, index = indexed(wds_dir, tmp_path)
+    result = prune(index, index, tmp_path / "m")  # the Parquet index given as --scores
+    assert result.returncode == 2
+    assert f"{index}: not a .npy score file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prune_refuses_nan_scores_naming_the_file_and_sample(wds_dir, tmp_path):
+    _, index = indexed(wds_dir, tmp_path)
+    scores = np.full(50, 0.5, np.float32)
+    scores[21] = np.nan
+    np.save(tmp_path / "mine.npy", scores)  # made with numpy: no metadata, a warning
+    result = prune(index, tmp_path / "mine.npy", tmp_path / "m")
+    assert result.returncode == 2
+    assert "no mine.meta.json beside it" in result.stderr
+    assert "mine.npy: 1 of 50 scores are NaN or infinite (the first: sample id 21" in result.stderr
+
+
+def test_prune_keeps_never_scored_samples_and_says_how_many(wds_dir, tmp_path):
+    _, index = indexed(wds_dir, tmp_path)
+    store = ScoreStore(50)
+    store.scatter(torch.arange(40), torch.rand(40) + 0.1)  # 40..49: never scored
+    store.save(tmp_path / "scores.npy")
+    result = prune(index, tmp_path / "scores.npy", tmp_path / "m", "--epoch", "3")
+    assert result.returncode == 0, result.stderr
+    kept = kept_ids(tmp_path / "m", 3)
+    assert len(kept) == 25 and set(range(40, 50)) <= set(kept.tolist())
+    assert "kept 25 of 50 samples (50.0%; 10 never scored, all kept" in result.stdout

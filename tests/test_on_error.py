@@ -194,6 +194,7 @@ def test_every_error_survives_worker_reraise_and_pickle():
             errors.SampleError("a.tar", "bad", sample=4), errors.StaleIndexError("a.tar: changed"),
             errors.ManifestError("m: unfinished"), errors.ESStreamError("es: failed"),
             errors.IndexFileError("corpus.parquet: not an index"),
+            errors.ScoreError("scores.npy: sample 3 is NaN"),
             errors.MissingExtraError("Reading MDS shards", "mds", "mosaicml-streaming")]
     defined = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)
                and c.__module__ == errors.__name__}

@@ -78,3 +78,143 @@ def test_infobatch_rule():
 def test_bad_arguments(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+# --- scores that break policies ------------------------------------------------------------
+
+import logging  # noqa: E402
+
+import torch  # noqa: E402
+
+from es_stream import Corpus, ESStreamError, Pruner, ScoreError, ScoreStore  # noqa: E402
+from es_stream.manifest import read_epoch  # noqa: E402
+
+
+@pytest.mark.parametrize("policy", [ESWPPolicy(ratio=0.5, anneal=0.0, burn_in_epochs=0),
+                                    InfoBatchPolicy(ratio=0.5, anneal=0.0)], ids=["es", "infobatch"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_are_refused_naming_the_first_sample(policy, bad):
+    scores = np.random.default_rng(3).random(1000).astype(np.float32) + 0.1
+    scores[[17, 600]] = bad
+    with pytest.raises(ScoreError, match=r"2 of 1000 scores are NaN or infinite \(the first: "
+                                         r"sample id 17.*check the training loss"):
+        decide(policy, scores, 1, 4)
+
+
+def test_eswp_refuses_negative_scores():
+    scores = np.random.default_rng(3).random(100).astype(np.float32)
+    scores[[40, 41, 90]] = -0.5
+    with pytest.raises(ValueError, match=r"3 of 100 scores are negative \(the first: sample id 40"
+                                         r".*InfoBatchPolicy"):
+        decide(ESWPPolicy(ratio=0.5, anneal=0.0, burn_in_epochs=0), scores, 1, 4)
+    # InfoBatch only compares scores with their mean: negative losses are fine there
+    keep, _ = decide(InfoBatchPolicy(ratio=0.5, anneal=0.0), scores, 1, 4)
+    assert keep[scores >= scores.mean()].all()
+
+
+def corpus_of(tmp_path, sizes=(7, 13, 1, 20, 9)) -> Corpus:
+    from conftest import write_wds
+
+    write_wds(tmp_path / "wds", sizes)
+    return Corpus.from_webdataset(str(tmp_path / "wds"))
+
+
+def kept_ids(out, corpus, epoch):
+    return read_epoch(out, epoch, corpus.fingerprint, corpus.shard_counts).kept_ids
+
+
+def test_a_store_with_nan_names_its_file(tmp_path):
+    corpus = corpus_of(tmp_path)
+    scores = np.random.default_rng(0).random(corpus.num_samples).astype(np.float32) + 0.1
+    scores[33] = np.nan  # e.g. a live file written by a run whose loss overflowed
+    np.save(tmp_path / "live.npy", scores)
+    with pytest.warns(UserWarning, match="no live.meta.json"):
+        store = ScoreStore.open(tmp_path / "live.npy", corpus.num_samples)
+        pruner = Pruner(corpus, store, ESWPPolicy(ratio=0.3, anneal=0.0, burn_in_epochs=0),
+                        tmp_path / "m")
+    with pytest.raises(ESStreamError, match=rf"score store {tmp_path / 'live.npy'}: 1 of 50 "
+                                            r"scores are NaN.*sample id 33"):
+        pruner.write(1, 4)
+    assert not (tmp_path / "m" / "epoch=00001" / "_SUCCESS").exists()
+
+
+def test_never_scored_samples_are_kept_and_counted(tmp_path, caplog):
+    """Samples never scored (a drop_last leftover) read as 1/n, the lowest score: ESWP used to
+    prune them first, every epoch, so they were never trained again."""
+    corpus = corpus_of(tmp_path)
+    n = corpus.num_samples
+    store = ScoreStore(n)
+    rng = np.random.default_rng(5)
+    seen = np.sort(rng.permutation(n)[:44])  # 6 samples never reached the selector
+    store.scatter(torch.from_numpy(seen), torch.from_numpy(rng.random(44).astype(np.float32) + 0.5))
+    never = np.setdiff1d(np.arange(n), seen)
+    pruner = Pruner(corpus, store, ESWPPolicy(ratio=0.5, anneal=0.0, burn_in_epochs=0), tmp_path / "m")
+    with caplog.at_level(logging.INFO, logger="es_stream.pruner"):
+        for epoch in range(3):
+            pruner.on_epoch_end(epoch, 4)
+            kept = kept_ids(tmp_path / "m", corpus, epoch + 1)
+            assert np.isin(never, kept).all()  # in every pruned epoch
+            assert len(kept) == math.ceil(0.5 * n)  # they count toward the quota
+            assert pruner.last_summary == {"epoch": epoch + 1, "samples": n, "kept": len(kept),
+                                           "pruned": n - len(kept), "rescaled": 0,
+                                           "never_scored": len(never)}
+    assert "epoch 3: kept 25 of 50 samples (25 pruned, 0 rescaled, 6 never scored" in caplog.text
+
+
+def test_never_scored_beyond_the_quota_are_all_kept(tmp_path):
+    corpus = corpus_of(tmp_path)
+    store = ScoreStore(corpus.num_samples)
+    store.scatter(torch.arange(10), torch.full((10,), 5.0))  # 40 of 50 never scored
+    summary = Pruner(corpus, store, ESWPPolicy(ratio=0.5, anneal=0.0, burn_in_epochs=0),
+                     tmp_path / "m").write(1, 4)
+    np.testing.assert_array_equal(kept_ids(tmp_path / "m", corpus, 1), np.arange(10, 50))
+    assert summary["kept"] == 40 and summary["never_scored"] == 40
+
+
+def test_infobatch_keeps_never_scored_at_weight_one_and_leaves_them_out_of_the_mean(tmp_path):
+    corpus = corpus_of(tmp_path)
+    n = corpus.num_samples
+    store = ScoreStore(n)
+    scores = np.random.default_rng(2).random(n).astype(np.float32) * 0.01
+    scores[:5] = 1.0
+    store.scatter(torch.arange(40), torch.from_numpy(scores[:40]))  # ids 40..49 never scored
+    summary = Pruner(corpus, store, InfoBatchPolicy(ratio=0.5, anneal=0.0), tmp_path / "m").write(1, 4)
+    keep = read_epoch(tmp_path / "m", 1, corpus.fingerprint, corpus.shard_counts)
+    kept = set(keep.kept_ids.tolist())
+    assert set(range(40, 50)) <= kept and set(range(5)) <= kept
+    weight = dict(zip(keep.kept_ids.tolist(), keep.weights.tolist()))
+    assert all(weight[i] == 1.0 for i in range(40, 50))
+    # the mean of the 40 scored (about 0.13) puts ids 5..39 below it: those are dropped at 0.5
+    assert all(weight[i] == 2.0 for i in kept if 5 <= i < 40)
+    assert 5 < 35 - len([i for i in kept if 5 <= i < 40]) < 30
+    assert summary["never_scored"] == 10 and summary["rescaled"] == summary["kept"] - 15
+
+
+@pytest.mark.parametrize("chunk", [1000, 97])
+def test_every_sample_scored_gives_the_same_decision_and_a_mask_is_exact(chunk):
+    n, k = 1000, 700
+    scores = np.random.default_rng(0).random(n).astype(np.float32)
+    plain = np.concatenate([m for _, m in chunked_top_k_mask(lambda a, b: scores[a:b], n, k, 1, 2, chunk=chunk)])
+    all_scored = np.concatenate([m for _, m in chunked_top_k_mask(
+        lambda a, b: scores[a:b], n, k, 1, 2, chunk=chunk, scored=lambda a, b: np.ones(b - a, bool))])
+    np.testing.assert_array_equal(plain, all_scored)
+    scored = np.random.default_rng(1).random(n) < 0.9
+    mask = np.concatenate([m for _, m in chunked_top_k_mask(
+        lambda a, b: scores[a:b], n, k, 1, 2, chunk=chunk, scored=lambda a, b: scored[a:b])])
+    keys = np.concatenate([_gumbel_keys(scores[a:a + chunk], 1, 2, i) for i, a in enumerate(range(0, n, chunk))])
+    assert mask[~scored].all() and mask.sum() == k
+    drawn = k - (~scored).sum()  # the rest of the quota: the largest keys among scored samples
+    assert set(np.flatnonzero(mask & scored)) == set(np.flatnonzero(scored)[np.argsort(-keys[scored])[:drawn]])
+
+
+def test_integer_arguments_accept_numpy_and_refuse_the_rest():
+    policy = ESWPPolicy(ratio=0.5, anneal=0.0, burn_in_epochs=np.int64(1), seed=np.int64(7))
+    scores = np.random.default_rng(1).random(200).astype(np.float32)
+    keep, _ = decide(policy, scores, np.int64(1), np.int64(4))
+    assert keep.sum() == 100
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        ESWPPolicy(seed=-1)
+    with pytest.raises(TypeError, match="burn_in_epochs must be an integer, got 1.5"):
+        ESWPPolicy(burn_in_epochs=1.5)
+    with pytest.raises(ValueError, match="epoch must be >= 0, got -1"):
+        policy.decide(lambda a, b: scores[a:b], 200, -1, 4)

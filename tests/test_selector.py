@@ -191,3 +191,34 @@ def test_cuda_select_makes_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
     assert chosen.device.type == "cuda" and chosen.numel() == b
     sel.check_finite()
+
+
+# --- numpy ids and integers, corpus binding -------------------------------------------------
+
+from es_stream import ScoreError  # noqa: E402
+
+
+@pytest.mark.parametrize("make", [lambda: ESSelector(np.int64(20), np.int64(2), max_pending=np.int64(4),
+                                                     total_steps=np.int64(10), burn_in=0.1, seed=np.int64(1)),
+                                  lambda: LossSelector(np.int64(2)), lambda: TopKSelector(2),
+                                  lambda: SelectiveBackpropSelector(2), lambda: UniformSelector(2)],
+                         ids=["es", "loss", "topk", "selective-backprop", "uniform"])
+def test_numpy_ids_and_integers_work_where_tensors_and_ints_do(make):
+    losses = torch.tensor([0.5, 2.0, 1.0, 0.25])
+    for ids in (np.array([3, 7, 1, 12]), np.array([3, 7, 1, 12], np.uint32), [3, 7, 1, 12]):
+        a, b = make(), make()
+        assert a.select(ids, losses).tolist() == b.select(torch.tensor([3, 7, 1, 12]), losses).tolist()
+        if isinstance(a, ESSelector):
+            assert torch.equal(a.store.gather(torch.arange(20)), b.store.gather(torch.arange(20)))
+            a.update(np.array([0, 19]), torch.tensor([1.0, 1.0]))
+    with pytest.raises(TypeError, match="ids must be integer sample ids, got float64"):
+        make().select(np.array([3.0, 7.0, 1.0, 12.0]), losses)
+
+
+def test_selector_binds_its_store_to_the_corpus():
+    sel = ESSelector(10, 2, fingerprint="corpus-a")
+    assert sel.store.fingerprint == "corpus-a"
+    with pytest.raises(ScoreError, match="holds scores of corpus corpus-a, not of corpus corpus-b"):
+        ESSelector(10, 2, store=sel.store, fingerprint="corpus-b")
+    with pytest.raises(TypeError, match="store must be an es_stream.ScoreStore, got Tensor"):
+        ESSelector(10, 2, store=torch.zeros(10))

@@ -81,13 +81,13 @@ def epoch_times(args: argparse.Namespace, root: Path) -> None:
     wds_dir, mds_dir = write_corpora(root, args.samples, args.payload, per_shard)
     corpora = {"wds": Corpus.from_webdataset(wds_dir), "mds": Corpus.from_mds(mds_dir)}
     ratios = [float(r) for r in args.ratios.split(",")]
-    store = random_store(args.samples)
     print(f"part 1: epoch time, {args.samples:,} samples of {args.payload} B, meta-batch "
           f"{args.meta_batch}, best of {args.repeats}")
     head = (f"{'format':<6} {'workers':>7} {'ratio':>5} {'kept':>8} {'epoch s':>8} {'samples/s':>10} "
             f"{'vs unpruned':>11} {'goal':>6}  ok")
     print(head + "\n" + "-" * len(head))
     for fmt, corpus in corpora.items():
+        store = random_store(args.samples)  # the same scores, one store per corpus (Pruner binds it)
         slack = 0.05 if fmt == "mds" else 0.10
         manifests = {}
         for r in ratios:

@@ -13,6 +13,7 @@ Needs ``pip install 'es-stream[composer]'`` (mosaicml >= 0.32).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from ..distributed import merge_rank_scores
 from ..policy import InfoBatchPolicy, Policy
 from ..pruner import Pruner
 from ..selector import ESSelector
-from ..store import ScoreStore
+from ..store import ScoreStore, metadata_path
 from .batch import IdKey, default_id_key, split_ids, take_rows
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class ScoreCheckpoint:
                      if name.startswith(base + ".step-") and name.endswith(".npy"))
         for name in old[:-self.keep_snapshots]:
             os.unlink(os.path.join(directory, name))
+            with contextlib.suppress(FileNotFoundError):  # its metadata goes with it
+                os.unlink(metadata_path(os.path.join(directory, name)))
         return {"scores_path": path}
 
     def restore(self, store: ScoreStore, state: dict[str, Any]) -> None:
