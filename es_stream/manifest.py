@@ -8,9 +8,9 @@ Layout (fixed; other tools read it)::
 Columns: ``sample`` (uint32, position in the shard), ``id`` (int64, global id), ``keep`` (bool),
 ``score`` (float32, the score the decision used) and ``weight`` (float32, the loss weight a kept
 sample carries: 1, or InfoBatch's 1/(1-r)). Key-value metadata: ``corpus_fingerprint``,
-``policy``, ``ratio``, ``seed``, ``epoch``, ``es_stream_version``, ``shard``. ``sample`` and
-``id`` are delta-encoded, so a manifest costs about 4.2 bytes per sample, almost all of it the
-score. Read all epochs as one table with
+``policy``, ``ratio``, ``seed``, ``epoch``, ``es_stream_version``, ``shard``, ``write_id``.
+``sample`` and ``id`` are delta-encoded, so a manifest costs about 4.2 bytes per sample, almost
+all of it the score. Read all epochs as one table with
 ``pyarrow.dataset.dataset(out_dir, partitioning="hive")`` or DuckDB's
 ``read_parquet('out_dir/*/*.parquet', hive_partitioning=true)``.
 
@@ -24,14 +24,31 @@ file and the column. An epoch that keeps no sample at all is refused too: traini
 never what a pruner meant. (Rewriting a file keeps the checks' inputs only if the key-value
 metadata survives: pyarrow keeps it, DuckDB's ``COPY`` drops it, which the reader reports as a
 manifest of another corpus.)
+
+**One writer per epoch; readers never see two.** A writer holds an exclusive ``flock`` on
+``epoch=EEEEE/.writer.lock`` for the whole write (:func:`epoch_writer`); a second writer of the
+same epoch is refused at once, before it touches anything, with an error naming the directory.
+The kernel drops the lock of a killed writer, so a crash never leaves a stale lock (the lock
+file it leaves, naming its pid, is reused and removed by the next writer that finishes). Every shard file
+and ``_SUCCESS`` (a second line ``write_id <hex>``) carry the write's id, a digest of everything
+that decides the epoch (corpus, policy, epoch, scores; see ``Pruner.write``), so rewriting the
+same decision gives byte-identical files; the reader refuses an epoch whose files carry another
+id than ``_SUCCESS`` (a mix of two decisions: a file copied in, or two writers on a filesystem
+where ``flock`` does not reach across machines). Manifests of es-stream versions that wrote no
+write id (nothing in ``_SUCCESS``, nothing in the files) still read; a mix of files with and
+without one is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import socket
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +61,8 @@ from .errors import ManifestError
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
+LOCK = ".writer.lock"  # a dot file: pyarrow.dataset, Spark and DuckDB's *.parquet globs skip it
+WRITE_ID = "write_id"
 
 # column -> (type test, what is expected); the reader needs id, keep and weight
 _REQUIRED = {"id": (pa.types.is_integer, "an integer type (int64)"),
@@ -78,15 +97,21 @@ def write_shard(path: str, first_id: int, keep: np.ndarray, score: np.ndarray,
                                         "score": "BYTE_STREAM_SPLIT"})
 
 
-def mark_success(out_dir: str | os.PathLike, epoch: int) -> None:
+def mark_success(out_dir: str | os.PathLike, epoch: int, write_id: str | None = None) -> None:
+    """Publish the epoch: write ``_SUCCESS``, recording ``write_id`` (the id every shard file of
+    this write carries) on its second line."""
     with atomic_write(os.path.join(epoch_dir(out_dir, epoch), SUCCESS)) as tmp:
         with open(tmp, "w") as f:
             f.write(f"es-stream {__version__}\n")
+            if write_id is not None:
+                f.write(f"{WRITE_ID} {write_id}\n")
 
 
 def clear_success(out_dir: str | os.PathLike, epoch: int) -> None:
     """Un-publish an epoch before rewriting it, so readers never mix old and new files; also
-    remove temporary files a killed writer left there (``.<name>.<random>.tmp``)."""
+    remove temporary files a killed writer left there (``.<name>.<random>.tmp``). Call it only
+    inside :func:`epoch_writer`: the lock is what makes those files a dead writer's, not a live
+    one's."""
     directory = epoch_dir(out_dir, epoch)
     try:
         os.unlink(os.path.join(directory, SUCCESS))
@@ -96,6 +121,80 @@ def clear_success(out_dir: str | os.PathLike, epoch: int) -> None:
         for name in os.listdir(directory):
             if name.startswith(".") and name.endswith(".tmp"):
                 os.unlink(os.path.join(directory, name))
+
+
+# ------------------------------------------------------------------ the writer lock
+@contextlib.contextmanager
+def epoch_writer(out_dir: str | os.PathLike, epoch: int) -> Iterator[str]:
+    """Hold epoch ``epoch``'s writer lock for the ``with`` block; yields the epoch directory
+    (created if needed).
+
+    Raises :class:`ManifestError` at once, naming the directory and the holder, when another
+    writer (another process, or another ``epoch_writer`` in this one) holds it: two pruners
+    writing one epoch would delete each other's temporary files and publish a mix of two
+    decisions. Non-blocking on purpose: the other writer's decision would overwrite this one's
+    (or the reverse), so waiting would not make either right. On filesystems without ``flock``
+    the write goes ahead with a warning; the write ids still keep readers from a mix.
+    """
+    directory = epoch_dir(out_dir, epoch)
+    os.makedirs(directory, exist_ok=True)
+    fd = _lock(directory)
+    try:
+        yield directory
+    finally:
+        _unlock(directory, fd)
+
+
+def _lock(directory: str) -> int | None:
+    path = os.path.join(directory, LOCK)
+    for _ in range(100):  # more than one round only when holders finish under our feet
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ManifestError(
+                f"{directory}: another writer is writing this epoch ({holder} holds {LOCK}); "
+                "two pruners must not write one epoch — let the other finish, or give this one "
+                "its own manifest directory") from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                log.warning("%s: cannot lock %s (%s); writing without the writer lock — make sure "
+                            "no other pruner writes this epoch", directory, LOCK, exc)
+                return None
+            raise
+        # a finishing holder unlinks the file before unlocking it: if we locked an unlinked
+        # file, the lock means nothing — lock the file now at the path instead
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+                return fd
+        os.close(fd)
+    raise ManifestError(f"{directory}: could not take {LOCK}: other writers keep replacing it; "
+                        "run one pruner per manifest directory and epoch")
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as the holder wrote it into the lock file."""
+    with contextlib.suppress(OSError):
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if text:
+            return text
+    return "another process"
+
+
+def _unlock(directory: str, fd: int | None) -> None:
+    if fd is None:
+        return
+    try:  # unlink while still holding the lock: see _lock
+        os.unlink(os.path.join(directory, LOCK))
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)  # closing the last descriptor drops the flock
 
 
 # ------------------------------------------------------------------ the reader
@@ -121,16 +220,13 @@ def read_epoch(out_dir: str | os.PathLike, epoch: int, fingerprint: str,
     :class:`ManifestError`, naming the file (and the column), for an epoch without ``_SUCCESS``,
     a missing or unreadable shard file, a manifest of another corpus, a shard whose row count
     differs from the corpus, a missing column or one of the wrong type, nulls, ids that are not
-    exactly the shard's own (each once, in any order), or a kept sample whose weight is not finite
-    and positive, or an epoch that keeps no sample.
+    exactly the shard's own (each once, in any order), a kept sample whose weight is not finite
+    and positive, files of two different writes, or an epoch that keeps no sample.
     """
     directory = epoch_dir(out_dir, epoch)
     if not os.path.isdir(directory):
         return None
-    if not os.path.exists(os.path.join(directory, SUCCESS)):
-        raise ManifestError(f"{directory}: no {SUCCESS} marker — the epoch's manifests were not "
-                            "finished (a crash while writing?); re-run the pruning step or delete "
-                            "the directory to keep everything")
+    expected_id = _success_write_id(directory)
     kept, weights, first = [], [], 0
     any_weight = False
     for shard, count in enumerate(shard_counts):
@@ -141,6 +237,13 @@ def read_epoch(out_dir: str | os.PathLike, epoch: int, fingerprint: str,
             raise ManifestError(f"{path}: manifest of corpus {meta.get('corpus_fingerprint')!r}, "
                                 f"this corpus is {fingerprint!r}; point manifests= at this "
                                 "corpus's manifest directory")
+        if shard == 0 and expected_id is None:  # an old _SUCCESS: the files must still agree
+            expected_id = meta.get(WRITE_ID)
+        if meta.get(WRITE_ID) != expected_id:
+            raise ManifestError(
+                f"{path}: written by write {meta.get(WRITE_ID)!r}, {SUCCESS} marks write "
+                f"{expected_id!r}: the epoch mixes files of two writes (two pruners at once, or a "
+                f"file copied in); re-run the pruning step for epoch {epoch}")
         keep, weight = _read_shard(pf, path, shard, first, count)
         idx = np.flatnonzero(keep)
         kept.append(idx + first)
@@ -159,6 +262,22 @@ def read_epoch(out_dir: str | os.PathLike, epoch: int, fingerprint: str,
                             "to train on every sample")
     return EpochKeep(epoch, kept_ids,
                      np.concatenate(weights).astype(np.float32) if any_weight else None, first)
+
+
+def _success_write_id(directory: str) -> str | None:
+    """The write id ``_SUCCESS`` records (None for a manifest written without one)."""
+    try:
+        with open(os.path.join(directory, SUCCESS)) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise ManifestError(f"{directory}: no {SUCCESS} marker — the epoch's manifests were not "
+                            "finished (a crash while writing?); re-run the pruning step or delete "
+                            "the directory to keep everything") from None
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if key == WRITE_ID and value.strip():
+            return value.strip()
+    return None
 
 
 def _open(path: str, shard: int, epoch: int) -> pq.ParquetFile:

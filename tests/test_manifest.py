@@ -325,3 +325,84 @@ def test_a_null_keep_is_refused(pruned):
                                                              pa.bool_())))
     with pytest.raises(ManifestError, match=r"shard=00000.parquet: column 'keep' has 1 null value"):
         ESDataset(corpus, 4, manifests=out).plan(1)
+
+
+# ---------------------------------------------------------------- concurrent writers
+def test_an_epoch_mixing_two_writes_is_refused_old_manifests_still_read(pruned):
+    corpus, out = pruned
+    epoch = out / "epoch=00001"
+    old = (epoch / "shard=00002.parquet").read_bytes()
+    Pruner(corpus, scored_store(corpus, seed=9), ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
+           out).on_epoch_end(0, 4)
+    new = (epoch / "shard=00002.parquet").read_bytes()
+    (epoch / "shard=00002.parquet").write_bytes(old)  # a file of the first write, _SUCCESS of the second
+    with pytest.raises(ManifestError, match=r"shard=00002.parquet: written by write '[0-9a-f]+', "
+                                            r"_SUCCESS marks write '[0-9a-f]+'"):
+        ESDataset(corpus, 4, manifests=out).plan(1)
+    # manifests of es-stream versions without write ids (no id in the files nor in _SUCCESS) read
+    (epoch / "shard=00002.parquet").write_bytes(new)
+    want = ESDataset(corpus, 4, manifests=out).epoch_keep(1).kept_ids
+    for path in sorted(epoch.glob("*.parquet")):
+        table = pq.read_table(path)
+        meta = {k: v for k, v in table.schema.metadata.items() if k != b"write_id"}
+        pq.write_table(table.replace_schema_metadata(meta), path)
+    (epoch / "_SUCCESS").write_text("es-stream 0.1.0\n")
+    np.testing.assert_array_equal(ESDataset(corpus, 4, manifests=out).epoch_keep(1).kept_ids, want)
+
+
+def _write_epoch(corpus_dir: str, out: str, seed: int, ratio: float, hold, go, result) -> None:
+    """A pruner in its own process; with ``hold`` set it pauses after its second shard file until
+    ``go`` (so another writer can try the same epoch meanwhile)."""
+    import es_stream.pruner as pruner_module
+
+    if hold is not None:
+        real, written = pruner_module.write_shard, [0]
+
+        def slow_write_shard(*args, **kwargs):
+            real(*args, **kwargs)
+            written[0] += 1
+            if written[0] == 2:
+                hold.set()
+                go.wait(60)
+
+        pruner_module.write_shard = slow_write_shard
+    corpus = Corpus.from_webdataset(corpus_dir)
+    try:
+        Pruner(corpus, scored_store(corpus, seed), ESWPPolicy(ratio=ratio, burn_in_epochs=0, anneal=0.0),
+               out).write(1, 4)
+        result.put((seed, "ok"))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        result.put((seed, f"{type(exc).__name__}: {exc}"))
+
+
+def test_a_second_writer_of_the_same_epoch_is_refused(wds_dir, tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    hold, go, result = ctx.Event(), ctx.Event(), ctx.Queue()
+    out = tmp_path / "m"
+    first = ctx.Process(target=_write_epoch, args=(str(wds_dir), str(out), 1, 0.5, hold, go, result))
+    first.start()
+    try:
+        assert hold.wait(120), "the first writer never reached its second shard"
+        second = ctx.Process(target=_write_epoch,
+                             args=(str(wds_dir), str(out), 2, 0.3, None, None, result))
+        second.start()
+        second.join(120)
+        refused = result.get(timeout=10)
+    finally:
+        go.set()
+        first.join(120)
+    assert refused[0] == 2 and refused[1].startswith("ManifestError: ")
+    assert "epoch=00001: another writer" in refused[1], refused[1]
+    assert result.get(timeout=10) == (1, "ok")
+    # the epoch is exactly the first writer's decision, byte for byte as a writer alone writes it
+    alone = tmp_path / "alone"
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    Pruner(corpus, scored_store(corpus, 1), ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
+           alone).write(1, 4)
+    assert sorted(os.listdir(out / "epoch=00001")) == sorted(os.listdir(alone / "epoch=00001"))
+    for name in os.listdir(alone / "epoch=00001"):
+        assert (out / "epoch=00001" / name).read_bytes() == (alone / "epoch=00001" / name).read_bytes()
+    np.testing.assert_array_equal(ESDataset(corpus, 4, manifests=out).epoch_keep(1).kept_ids,
+                                  ESDataset(corpus, 4, manifests=alone).epoch_keep(1).kept_ids)
