@@ -121,10 +121,12 @@ class Pruner:
         writes byte-identical files, while two different decisions never share an id. One
         extra pass over the store, a chunk at a time."""
         n, read = self.store.num_samples, self.store.read_range
-        decides = {k: v for k, v in self.state_dict().items() if k != "decay"}  # decay: after
+        # decay acts on the store after the manifests are written: it does not decide them
+        decides = {k: v for k, v in self.state_dict().items() if k != "decay"}
+        header = {**decides, "epoch": epoch, "total_epochs": total_epochs,
+                  "es_stream_version": __version__}
         h = hashlib.blake2b(digest_size=16)
-        h.update(json.dumps({**decides, "epoch": epoch, "total_epochs": total_epochs,
-                             "es_stream_version": __version__}, sort_keys=True).encode())
+        h.update(json.dumps(header, sort_keys=True, default=repr).encode())
         for a in range(0, n, CHUNK):
             h.update(np.ascontiguousarray(read(a, min(a + CHUNK, n)), np.float32).tobytes())
         return h.hexdigest()
