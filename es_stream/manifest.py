@@ -47,6 +47,7 @@ import fcntl
 import logging
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 LOCK = ".writer.lock"  # a dot file: pyarrow.dataset, Spark and DuckDB's *.parquet globs skip it
 WRITE_ID = "write_id"
+_READ_THREADS = min(8, os.cpu_count() or 1)
 
 # column -> (type test, what is expected); the reader needs id, keep and weight
 _REQUIRED = {"id": (pa.types.is_integer, "an integer type (int64)"),
@@ -227,41 +229,67 @@ def read_epoch(out_dir: str | os.PathLike, epoch: int, fingerprint: str,
     if not os.path.isdir(directory):
         return None
     expected_id = _success_write_id(directory)
-    kept, weights, first = [], [], 0
-    any_weight = False
-    for shard, count in enumerate(shard_counts):
-        path = shard_file(out_dir, epoch, shard)
-        pf = _open(path, shard, epoch)
-        meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
-        if meta.get("corpus_fingerprint") != fingerprint:
-            raise ManifestError(f"{path}: manifest of corpus {meta.get('corpus_fingerprint')!r}, "
-                                f"this corpus is {fingerprint!r}; point manifests= at this "
-                                "corpus's manifest directory")
-        if shard == 0 and expected_id is None:  # an old _SUCCESS: the files must still agree
-            expected_id = meta.get(WRITE_ID)
-        if meta.get(WRITE_ID) != expected_id:
-            raise ManifestError(
-                f"{path}: written by write {meta.get(WRITE_ID)!r}, {SUCCESS} marks write "
-                f"{expected_id!r}: the epoch mixes files of two writes (two pruners at once, or a "
-                f"file copied in); re-run the pruning step for epoch {epoch}")
-        keep, weight = _read_shard(pf, path, shard, first, count)
-        idx = np.flatnonzero(keep)
-        kept.append(idx + first)
-        if weight is None:
-            w = np.ones(len(idx), np.float32)
-        else:
-            w = weight[idx]
-            _check_weights(path, w, idx + first)
-        any_weight = any_weight or bool((w != 1).any())
-        weights.append(w)
-        first += count
-    kept_ids = np.concatenate(kept).astype(np.int64) if kept else np.empty(0, np.int64)
-    if first > 0 and len(kept_ids) == 0:
+    counts = [int(c) for c in shard_counts]
+    firsts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+    def read(shard: int) -> _ShardKeep:
+        return _read_shard_file(shard_file(out_dir, epoch, shard), shard, epoch, int(firsts[shard]),
+                                counts[shard], fingerprint)
+
+    kept, weights = [], []
+    # threads: pyarrow decodes without the GIL, and an epoch is hundreds of small files;
+    # map yields in shard order, so the first bad shard is the one reported
+    pool = ThreadPoolExecutor(min(_READ_THREADS, max(1, len(counts))))
+    try:
+        for shard, got in enumerate(pool.map(read, range(len(counts)))):
+            if shard == 0 and expected_id is None:  # an old _SUCCESS: the files must still agree
+                expected_id = got.write_id
+            if got.write_id != expected_id:
+                raise ManifestError(
+                    f"{got.path}: written by write {got.write_id!r}, {SUCCESS} marks write "
+                    f"{expected_id!r}: the epoch mixes files of two writes (two pruners at once, or "
+                    f"a file copied in); re-run the pruning step for epoch {epoch}")
+            kept.append(got.kept_ids)
+            weights.append(got.weights)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    kept_ids = np.concatenate(kept) if kept else np.empty(0, np.int64)
+    if firsts[-1] > 0 and len(kept_ids) == 0:
         raise ManifestError(f"{directory}: epoch {epoch} keeps no sample (every 'keep' is false); "
                             "re-run the pruning step with a ratio below 1, or delete the directory "
                             "to train on every sample")
-    return EpochKeep(epoch, kept_ids,
-                     np.concatenate(weights).astype(np.float32) if any_weight else None, first)
+    any_weight = any(w is not None for w in weights)
+    return EpochKeep(epoch, kept_ids, np.concatenate([
+        np.ones(len(k), np.float32) if w is None else w for k, w in zip(kept, weights)])
+        if any_weight else None, int(firsts[-1]))
+
+
+@dataclass
+class _ShardKeep:
+    path: str
+    write_id: str | None
+    kept_ids: np.ndarray  # global ids, ascending
+    weights: np.ndarray | None  # of kept_ids; None when all are 1
+
+
+def _read_shard_file(path: str, shard: int, epoch: int, first: int, count: int,
+                     fingerprint: str) -> _ShardKeep:
+    pf = _open(path, shard, epoch)
+    meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+    if meta.get("corpus_fingerprint") != fingerprint:
+        raise ManifestError(f"{path}: manifest of corpus {meta.get('corpus_fingerprint')!r}, "
+                            f"this corpus is {fingerprint!r}; point manifests= at this "
+                            "corpus's manifest directory")
+    keep, weight = _read_shard(pf, path, shard, first, count)
+    idx = np.flatnonzero(keep)
+    ids = idx.astype(np.int64) + first
+    w = None
+    if weight is not None:
+        w = weight[idx].astype(np.float32, copy=False)
+        _check_weights(path, w, ids)
+        if (w == 1).all():
+            w = None
+    return _ShardKeep(path, meta.get(WRITE_ID), ids, w)
 
 
 def _success_write_id(directory: str) -> str | None:
@@ -343,8 +371,8 @@ def _positions(path: str, shard: int, ids: np.ndarray, first: int, count: int) -
     """Each row's position in the shard (``id - first``), or None when the rows are already in
     the writer's order (the fast path: no scatter). Raises unless ids are the shard's own, once."""
     stop = first + count
-    if count == 0 or (ids[0] == first and ids[-1] == stop - 1
-                      and (count < 2 or bool((np.diff(ids) == 1).all()))):
+    # count strictly increasing integers from first to stop - 1 are exactly that range
+    if count == 0 or (ids[0] == first and ids[-1] == stop - 1 and bool((ids[1:] > ids[:-1]).all())):
         return None
     pos = ids - first
     outside = np.flatnonzero((pos < 0) | (pos >= count))
