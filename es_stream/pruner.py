@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from typing import Any
@@ -12,7 +14,8 @@ import torch.distributed as dist
 from ._version import __version__
 from .corpus import Corpus
 from .distributed import merge_rank_scores
-from .manifest import clear_success, mark_success, read_epoch, shard_file, write_shard
+from .manifest import (WRITE_ID, clear_success, epoch_writer, mark_success, read_epoch, shard_file,
+                       write_shard)
 from .policy import CHUNK, Decision, Policy
 from .store import ScoreStore
 
@@ -127,13 +130,44 @@ class Pruner:
 
         Works chunk by chunk (see :mod:`es_stream.policy`): a shard's file is written as soon as
         the chunks covering it are decided, so memory stays bounded for any corpus size.
+        Holds the epoch's writer lock throughout (:func:`es_stream.manifest.epoch_writer`): a
+        second writer of the same epoch raises :class:`ManifestError` before touching anything.
+        Every file carries the write id (:meth:`write_id`), ``_SUCCESS`` last of all.
         """
+        with epoch_writer(self.out_dir, epoch):
+            write_id = self.write_id(epoch, total_epochs)
+            summary = self._write_locked(epoch, total_epochs, write_id)
+            mark_success(self.out_dir, epoch, write_id)
+        self.last_summary = summary
+        return summary
+
+    def write_id(self, epoch: int, total_epochs: int) -> str:
+        """The id of the decision for ``epoch``: a digest of everything that decides it (corpus,
+        policy and its schedule, epoch, total epochs, es-stream version, every stored score,
+        the never-scored sentinel included). Content, not a random id, so that rewriting an
+        epoch with the same inputs (a rerun after a crash) writes byte-identical files, while
+        two different decisions never share an id. One extra pass over the store, a chunk at a
+        time."""
+        n, reader = self.store.num_samples, self.store.range_reader()
+        # decay acts on the store after the manifests are written: it does not decide them
+        decides = {k: v for k, v in self.state_dict().items() if k != "decay"}
+        header = {**decides, "epoch": epoch, "total_epochs": total_epochs,
+                  "es_stream_version": __version__}
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(header, sort_keys=True, default=repr).encode())
+        for a in range(0, n, CHUNK):
+            b = min(a + CHUNK, n)
+            h.update(np.ascontiguousarray(reader.scores(a, b), np.float32).tobytes())
+            h.update(np.packbits(reader.scored(a, b)).tobytes())
+        return h.hexdigest()
+
+    def _write_locked(self, epoch: int, total_epochs: int, write_id: str) -> dict[str, int]:
         reader = self.store.range_reader()  # scores and never-scored masks, one read per chunk
         n, read = self.store.num_samples, reader.scores
         summary = {"epoch": int(epoch), "samples": n, "kept": 0, "pruned": 0, "rescaled": 0,
                    "never_scored": 0}
         meta = {"corpus_fingerprint": self.corpus.fingerprint, "epoch": str(epoch),
-                "es_stream_version": __version__, **self.policy.describe()}
+                "es_stream_version": __version__, **self.policy.describe(), WRITE_ID: write_id}
         clear_success(self.out_dir, epoch)
         starts = self.corpus.shard_starts
         shard, buf_start = 0, 0
@@ -154,8 +188,6 @@ class Pruner:
                 shard += 1
             done = int(starts[shard]) - buf_start
             buf_keep, buf_weight, buf_start = buf_keep[done:], buf_weight[done:], buf_start + done
-        mark_success(self.out_dir, epoch)
-        self.last_summary = summary
         return summary
 
 

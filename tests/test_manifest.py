@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -215,3 +216,193 @@ def test_pruner_state_round_trips_and_refuses_another_policy(pruned, tmp_path):
     decayed = Pruner(corpus, ScoreStore(corpus.num_samples), policy, out, decay=0.1)
     with pytest.raises(ValueError, match="decay=0.0.*decay=0.1"):
         decayed.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- manifests checked, not trusted
+def rewrite(path, edit) -> None:
+    """Rewrite one manifest file with pyarrow, as a user's own tool would: ``edit(table)``
+    returns the new table; the file's key-value metadata is kept."""
+    table = pq.read_table(path)
+    new = edit(table)
+    pq.write_table(new.replace_schema_metadata(table.schema.metadata), path)
+
+
+def test_reordered_manifest_keeps_the_same_ids_and_weights(wds_dir, tmp_path):
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    out = tmp_path / "ib"
+    Pruner(corpus, scored_store(corpus, seed=5), InfoBatchPolicy(ratio=0.5, anneal=0.0),
+           out).on_epoch_end(0, 4)
+    before = ESDataset(corpus, 4, manifests=out).epoch_keep(1)
+    assert before.weights is not None  # InfoBatch: some kept samples weigh 2
+    perm = np.random.default_rng(0).permutation(20)
+    path = out / "epoch=00001" / "shard=00003.parquet"  # 20 samples
+    rewrite(path, lambda t: t.take(perm))
+    shuffled = pq.read_table(path).column("keep").to_numpy()
+    assert (shuffled != pq.read_table(path).take(np.argsort(perm)).column("keep").to_numpy()).any()
+    after = ESDataset(corpus, 4, manifests=out).epoch_keep(1)
+    np.testing.assert_array_equal(after.kept_ids, before.kept_ids)
+    np.testing.assert_array_equal(after.weights, before.weights)
+    ds = ESDataset(corpus, 4, manifests=out)
+    ds.set_epoch(1)
+    assert sorted(torch.cat([mb.ids for mb in ds]).tolist()) == before.kept_ids.tolist()
+
+
+@pytest.mark.parametrize("column,type_", [("keep", "string"), ("keep", "int64"), ("id", "string"),
+                                          ("weight", "string"), ("score", "string")])
+def test_a_column_of_the_wrong_type_is_refused(pruned, column, type_):
+    corpus, out = pruned
+    path = out / "epoch=00001" / "shard=00001.parquet"
+    if column == "keep" and type_ == "string":  # the strings "true"/"false": "false" is truthy
+        rewrite(path, lambda t: t.set_column(2, "keep", pa.array(
+            ["true" if k else "false" for k in t.column("keep").to_pylist()])))
+    else:
+        rewrite(path, lambda t: t.set_column(t.schema.get_field_index(column), column,
+                                             t.column(column).cast(type_)))
+    with pytest.raises(ManifestError, match=rf"shard=00001.parquet: column '{column}' is {type_}, "
+                                            "expected"):
+        ESDataset(corpus, 4, manifests=out).plan(1)
+
+
+@pytest.mark.parametrize("column", ["id", "keep", "weight"])
+def test_a_missing_column_is_named(pruned, column):
+    corpus, out = pruned
+    path = out / "epoch=00001" / "shard=00002.parquet"
+    rewrite(path, lambda t: t.drop_columns([column]))
+    with pytest.raises(ManifestError, match=rf"shard=00002.parquet: no column '{column}'"):
+        ESDataset(corpus, 4, manifests=out).plan(1)
+
+
+def test_a_file_that_is_not_parquet_is_named(pruned):
+    corpus, out = pruned
+    (out / "epoch=00001" / "shard=00004.parquet").write_text("id,keep\n41,true\n")
+    with pytest.raises(ManifestError, match=r"shard=00004.parquet: not a readable Parquet file"):
+        ESDataset(corpus, 4, manifests=out).plan(1)
+
+
+def test_an_epoch_that_keeps_nothing_is_refused_naming_it(pruned):
+    corpus, out = pruned
+    for path in sorted((out / "epoch=00001").glob("*.parquet")):
+        rewrite(path, lambda t: t.set_column(2, "keep", pa.array(np.zeros(t.num_rows, bool))))
+    with pytest.raises(ManifestError, match=r"epoch=00001: epoch 1 keeps no sample"):
+        ESDataset(corpus, 4, manifests=out).plan(1)
+
+
+@pytest.mark.parametrize("ids,message", [
+    (lambda ids: np.r_[ids[0], ids[:-1]], r"repeats id 7 and lacks id 19"),
+    (lambda ids: np.r_[ids[:-1], 50], r"holds id 50, outside shard 1's ids \[7, 20\)"),
+    (lambda ids: ids - 7, r"holds id 0, outside shard 1's ids \[7, 20\)"),  # a shard's own positions
+])
+def test_ids_must_be_the_shards_own_each_once(pruned, ids, message):
+    corpus, out = pruned
+    path = out / "epoch=00001" / "shard=00001.parquet"
+    rewrite(path, lambda t: t.set_column(1, "id", pa.array(ids(t.column("id").to_numpy()))))
+    with pytest.raises(ManifestError, match=rf"shard=00001.parquet: column 'id' {message}"):
+        ESDataset(corpus, 4, manifests=out).plan(1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, 0.0, -1.0, np.inf])
+def test_a_kept_samples_weight_must_be_finite_and_positive(wds_dir, tmp_path, bad):
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    out = tmp_path / "ib"
+    Pruner(corpus, scored_store(corpus, seed=5), InfoBatchPolicy(ratio=0.5, anneal=0.0),
+           out).on_epoch_end(0, 4)
+    path = out / "epoch=00001" / "shard=00003.parquet"
+    table = pq.read_table(path)
+    row = int(np.flatnonzero(table.column("keep").to_numpy(zero_copy_only=False))[0])
+    # shard 3's first id is 7 + 13 + 1 = 21
+    weight = table.column("weight").to_numpy().copy()
+    weight[row] = bad
+    rewrite(path, lambda t: t.set_column(4, "weight", pa.array(weight)))
+    with pytest.raises(ManifestError, match=rf"shard=00003.parquet: column 'weight' is {bad} for "
+                                            rf"kept id {21 + row}"):
+        ESDataset(corpus, 4, manifests=out).plan(1)
+
+
+def test_a_null_keep_is_refused(pruned):
+    corpus, out = pruned
+    path = out / "epoch=00001" / "shard=00000.parquet"
+    rewrite(path, lambda t: t.set_column(2, "keep", pa.array([None] + t.column("keep").to_pylist()[1:],
+                                                             pa.bool_())))
+    with pytest.raises(ManifestError, match=r"shard=00000.parquet: column 'keep' has 1 null value"):
+        ESDataset(corpus, 4, manifests=out).plan(1)
+
+
+# ---------------------------------------------------------------- concurrent writers
+def test_an_epoch_mixing_two_writes_is_refused_old_manifests_still_read(pruned):
+    corpus, out = pruned
+    epoch = out / "epoch=00001"
+    old = (epoch / "shard=00002.parquet").read_bytes()
+    Pruner(corpus, scored_store(corpus, seed=9), ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
+           out).on_epoch_end(0, 4)
+    new = (epoch / "shard=00002.parquet").read_bytes()
+    (epoch / "shard=00002.parquet").write_bytes(old)  # a file of the first write, _SUCCESS of the second
+    with pytest.raises(ManifestError, match=r"shard=00002.parquet: written by write '[0-9a-f]+', "
+                                            r"_SUCCESS marks write '[0-9a-f]+'"):
+        ESDataset(corpus, 4, manifests=out).plan(1)
+    # manifests of es-stream versions without write ids (no id in the files nor in _SUCCESS) read
+    (epoch / "shard=00002.parquet").write_bytes(new)
+    want = ESDataset(corpus, 4, manifests=out).epoch_keep(1).kept_ids
+    for path in sorted(epoch.glob("*.parquet")):
+        table = pq.read_table(path)
+        meta = {k: v for k, v in table.schema.metadata.items() if k != b"write_id"}
+        pq.write_table(table.replace_schema_metadata(meta), path)
+    (epoch / "_SUCCESS").write_text("es-stream 0.1.0\n")
+    np.testing.assert_array_equal(ESDataset(corpus, 4, manifests=out).epoch_keep(1).kept_ids, want)
+
+
+def _write_epoch(corpus_dir: str, out: str, seed: int, ratio: float, hold, go, result) -> None:
+    """A pruner in its own process; with ``hold`` set it pauses after its second shard file until
+    ``go`` (so another writer can try the same epoch meanwhile)."""
+    import es_stream.pruner as pruner_module
+
+    if hold is not None:
+        real, written = pruner_module.write_shard, [0]
+
+        def slow_write_shard(*args, **kwargs):
+            real(*args, **kwargs)
+            written[0] += 1
+            if written[0] == 2:
+                hold.set()
+                go.wait(60)
+
+        pruner_module.write_shard = slow_write_shard
+    corpus = Corpus.from_webdataset(corpus_dir)
+    try:
+        Pruner(corpus, scored_store(corpus, seed), ESWPPolicy(ratio=ratio, burn_in_epochs=0, anneal=0.0),
+               out).write(1, 4)
+        result.put((seed, "ok"))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        result.put((seed, f"{type(exc).__name__}: {exc}"))
+
+
+def test_a_second_writer_of_the_same_epoch_is_refused(wds_dir, tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    hold, go, result = ctx.Event(), ctx.Event(), ctx.Queue()
+    out = tmp_path / "m"
+    first = ctx.Process(target=_write_epoch, args=(str(wds_dir), str(out), 1, 0.5, hold, go, result))
+    first.start()
+    try:
+        assert hold.wait(120), "the first writer never reached its second shard"
+        second = ctx.Process(target=_write_epoch,
+                             args=(str(wds_dir), str(out), 2, 0.3, None, None, result))
+        second.start()
+        second.join(120)
+        refused = result.get(timeout=10)
+    finally:
+        go.set()
+        first.join(120)
+    assert refused[0] == 2 and refused[1].startswith("ManifestError: ")
+    assert "epoch=00001: another writer" in refused[1], refused[1]
+    assert result.get(timeout=10) == (1, "ok")
+    # the epoch is exactly the first writer's decision, byte for byte as a writer alone writes it
+    alone = tmp_path / "alone"
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    Pruner(corpus, scored_store(corpus, 1), ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
+           alone).write(1, 4)
+    assert sorted(os.listdir(out / "epoch=00001")) == sorted(os.listdir(alone / "epoch=00001"))
+    for name in os.listdir(alone / "epoch=00001"):
+        assert (out / "epoch=00001" / name).read_bytes() == (alone / "epoch=00001" / name).read_bytes()
+    np.testing.assert_array_equal(ESDataset(corpus, 4, manifests=out).epoch_keep(1).kept_ids,
+                                  ESDataset(corpus, 4, manifests=alone).epoch_keep(1).kept_ids)
