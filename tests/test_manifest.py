@@ -56,8 +56,7 @@ def test_layout_columns_and_metadata(pruned):
 
 def test_readable_as_one_table_with_pyarrow_and_duckdb(pruned, tmp_path):
     corpus, out = pruned
-    store = ScoreStore(corpus.num_samples)
-    Pruner(corpus, store, ESWPPolicy(ratio=0.3, burn_in_epochs=0, anneal=0.0), out).on_epoch_end(1, 4)
+    Pruner(corpus, scored_store(corpus, seed=1), ESWPPolicy(ratio=0.3, burn_in_epochs=0, anneal=0.0), out).on_epoch_end(1, 4)
     table = pads.dataset(str(out), partitioning="hive").to_table()
     assert table.num_rows == 2 * corpus.num_samples
     assert sorted(set(table.column("epoch").to_pylist())) == [1, 2]
@@ -159,7 +158,7 @@ def test_missing_shard_manifest_is_refused(pruned):
 
 def test_rewriting_an_epoch_replaces_it(pruned):
     corpus, out = pruned
-    Pruner(corpus, ScoreStore(corpus.num_samples), ESWPPolicy(ratio=0.2, burn_in_epochs=0, anneal=0.0),
+    Pruner(corpus, scored_store(corpus, seed=1), ESWPPolicy(ratio=0.2, burn_in_epochs=0, anneal=0.0),
            out).on_epoch_end(0, 4)
     ds = ESDataset(corpus, 4, manifests=out)
     assert ds.plan(1).num_samples == int(np.ceil(0.8 * corpus.num_samples))
@@ -197,7 +196,7 @@ def test_rewriting_removes_a_killed_writers_temporary_files(pruned):
     corpus, out = pruned
     leftover = out / "epoch=00001" / ".shard=00002.parquet.x1y2.tmp"
     leftover.write_bytes(b"half a parquet file")
-    Pruner(corpus, ScoreStore(corpus.num_samples), ESWPPolicy(ratio=0.2, burn_in_epochs=0, anneal=0.0),
+    Pruner(corpus, scored_store(corpus, seed=1), ESWPPolicy(ratio=0.2, burn_in_epochs=0, anneal=0.0),
            out).on_epoch_end(0, 4)
     assert not leftover.exists()
     assert (out / "epoch=00001" / "_SUCCESS").exists()
