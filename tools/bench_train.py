@@ -41,11 +41,13 @@ controls, the tables below) plus diagnostics (the regimes' second table):
                     ``--tlong-layers`` 2), Adam ``--tlong-lr`` 3e-3; the rest as ``textlm``.
 =================== ===========================================================================
 
-Measured per-run costs on the 2-core machine, 1 torch thread (see ``COSTS`` in
-``benchtrain/plan.py``): ``mnist1d-long`` ~1.2 min a uniform run, ~32 min for 3 seeds x the 10
-methods; ``mnist1d-finetune`` ~0.3 min a run, ~8 min in all, plus ~0.5 min of pre-training once;
-``textlm-long`` ~12 min a uniform run, ~10 min per run over the methods, ~5 h in all (``--methods``
-trims it). ``--regimes --dry-run`` prints the estimate.
+Measured per-run costs on the 2-core machine, 1 torch thread, load ~2 (see ``COSTS`` in
+``benchtrain/plan.py``): ``mnist1d-long`` ~1.5 min a uniform run, ~35 min for 3 seeds x the 10
+methods; ``mnist1d-finetune`` ~0.4 min a run, ~10 min in all, plus ~0.6 min of pre-training
+once; ``textlm-long`` ~10 min a uniform run (8.5 min of it training), ~9 min per run over the
+methods, ~4.7 h in all (``--methods`` trims it). The machine's speed drifts: rescaled by the
+slower uniform runs committed in ``docs/evidence/runs.jsonl`` the estimate is 1.5x that (8.4 h
+for the three regimes). ``--regimes --dry-run`` prints it.
 
 **Diagnostics** (every experiment whose runs recorded them; the regimes' second table): the
 scoring forward's cost per sample relative to a training sample (F/T, below), and per epoch the

@@ -40,14 +40,15 @@ BUDGET = {"budget_es": "es", "budget_eswp": "eswp"}
 #: level. textlm (defaults): 8192 sequences x 4 epochs, 99.0 s training + 9.8 s evaluation; build
 #: 24 s. Rescaled by the uniform runs in runs.jsonl when there are any.
 #: textlm-transformer: the textlm-long regime's model (Transformer, width 64, 2 layers), same
-#: data and b: 1.1x the GRU's cost per sequence, measured side by side as a ratio (the machine's
-#: load from other jobs swung between 3 and 8 while measuring, so absolute times were not
-#: usable; per-step ratios of the two models ranged 0.8-1.2x, the loop's 1.2-1.8x) and applied
-#: to the GRU's 3.3e-3. On that basis one uniform run of the regime (65,536 sequences x 3
-#: epochs) trains ~12 min; take +-30%.
-#: The MNIST-1D regimes reuse the mnist1d entry (same model, cost per sample-epoch); the
-#: fine-tuning regime's pre-training adds ~10k source samples x 10 epochs plus a data build.
-TRANSFORMER_COST = 3.6e-3
+#: data and b. Measured in the loop beside the GRU at load ~2 (3,277 sequences, 2 repeats each):
+#: 2.6 ms of training per sequence for both, so the GRU's entry; random / uniform 0.85, i.e. a
+#: scoring forward costs 0.35 of a training sample (F/T). One uniform run of the regime (65,536
+#: sequences x 3 epochs) then trains ~8.5 min, ~10 min with evaluation and loading. Until a
+#: Transformer run is recorded, the estimate rescales it like the GRU's runs.
+#: The MNIST-1D regimes use the mnist1d entry (same model; measured again at load ~2: 0.103 ms
+#: per sample-epoch of training). Pre-training for the fine-tuning regime (10,059 source samples
+#: x 10 epochs): 12.4 s of training, 37 s with building its data (load ~3).
+TRANSFORMER_COST = 3.3e-3
 COSTS = {
     "mnist1d": {"uniform_s_per_sample_epoch": 9.0e-5, "build_s": 20.0},
     "textlm": {"uniform_s_per_sample_epoch": 3.3e-3, "build_s": 25.0},
@@ -509,7 +510,8 @@ def estimate(exps: list[Experiment], records: dict[str, dict[str, Any]],
                 continue
             counted.add(run.key)
             kind = cost_kind(exp.workload, exp.config)
-            per = COSTS[kind]["uniform_s_per_sample_epoch"] * scale.get(kind, 1.0)
+            per = (COSTS[kind]["uniform_s_per_sample_epoch"]
+                   * scale.get(kind, scale.get(exp.workload, 1.0)))
             # a selecting method's epoch: a no-grad forward of every sample (~1/3 of a
             # training step) plus training on b/B of them; COST_FACTOR is for B = 2b
             rescale = ((0.35 + exp.config["b"] / exp.config["B"]) / 0.85

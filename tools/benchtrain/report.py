@@ -247,7 +247,7 @@ def diagnostics_table(entry: dict[str, Any]) -> str:
     if not s.get("methods"):
         return "(no uniform run yet)"
     has_plateau = "plateau" in s
-    head = ["method", "final − uniform", "learned: first epoch", "middle", "last"]
+    head = ["method", "final − uniform", "learned: first epoch", "middle epoch", "last epoch"]
     if has_plateau:
         head += ["to plateau s", "× unif"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

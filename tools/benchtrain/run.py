@@ -177,6 +177,9 @@ def execute(exp: Experiment, store: Store, data: Data, progress: bool,
     the budget-matched controls, cut from what those measured. Returns ``{"ran": n,
     "skipped": n, "cuts": {...}}``; a run already in ``store`` is skipped."""
     counts = {"ran": 0, "skipped": 0}
+    if "pretrain" in exp.config and any(r.key not in store.records for r in measured_runs(exp)):
+        with torch_threads(exp.config["threads"]):  # before the runs: in no run's run_s
+            data.pretrained(exp.config)
     for run in measured_runs(exp):
         _run_missing(exp, run, store, data, progress, log, counts)
     cuts = budget_cuts(exp, store.records)
