@@ -27,6 +27,11 @@ says how: epochs and their budget, b and B, the learning rate, the seed, the met
 * **Counts.** ``samples_forwarded`` (read and passed through the model: scoring forwards
   included, fewer for the pruning methods), ``samples_backpropagated`` (in the loss that was
   back-propagated), ``steps``.
+* **Already learned.** With the workload's ``learned_loss``, each epoch's ``learned_fraction``:
+  the fraction of the samples read that epoch whose loss, under the model just before the step
+  that read them, was below it. The losses are the ones the method computes anyway (the scoring
+  forward of a selecting method, the training forward of a batch of b), so this costs a
+  comparison per sample, counted on the device and read once per epoch.
 
 Where the later method variants go: each step of the loop is one method of ``_Run``: the
 per-sample weights of the loss (``weights``), the scoring forward (``score``), the optimizer step
@@ -67,6 +72,8 @@ class Workload:
     ``evaluate(model)`` returns the held-out quality; it is called in eval mode, timer paused.
     ``quality`` names it in the result (``final_<quality>``, ``best_<quality>``);
     ``higher_is_better`` picks the best. ``clip``: gradient-norm clipping (0: none).
+    ``learned_loss``: a sample whose loss is below it counts as already learned (the per-epoch
+    ``learned_fraction`` of the result; None: not measured).
     """
 
     name: str
@@ -80,6 +87,7 @@ class Workload:
     decode: Callable[[Any], Any] | None = None
     clip: float = 0.0
     device: str = "cpu"
+    learned_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +249,7 @@ class Counts:
     steps: int = 0
     epochs_done: float = 0.0
     curve: list[tuple[float, float]] = field(default_factory=list)
+    learned_fraction: list[float] = field(default_factory=list)
 
 
 class _Run:
@@ -267,6 +276,23 @@ class _Run:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.clock = Clock(self.dev)
         self.counts = Counts()
+        # this epoch's samples below the workload's learned_loss, and samples seen: a device
+        # tensor summed per step (no per-step sync), read at the epoch's end
+        self._learned: torch.Tensor | int = 0
+        self._seen = 0
+
+    def observe(self, losses: torch.Tensor) -> None:
+        """Count the samples of ``losses`` (before this step's update) below ``learned_loss``."""
+        if self.workload.learned_loss is not None:
+            self._learned = self._learned + (losses < self.workload.learned_loss).sum()
+            self._seen += len(losses)
+
+    def close_epoch_diagnostics(self) -> None:
+        """Append this epoch's ``learned_fraction`` (call with the clock stopped: it syncs)."""
+        if self.workload.learned_loss is not None:
+            learned = float(self._learned)
+            self.counts.learned_fraction.append(learned / self._seen if self._seen else math.nan)
+            self._learned, self._seen = 0, 0
 
     def score(self, data: Any) -> torch.Tensor:
         """The no-grad scoring forward: per-sample losses of a whole meta-batch."""
@@ -285,11 +311,16 @@ class _Run:
         step on the mean of the (weighted) per-sample losses."""
         data, ids = to_device(mb.data, self.dev), mb.ids
         self.counts.forwarded += len(ids)
-        if self.selector is not None and len(ids) > self.config.b:
-            chosen = self.selector.select(ids.to(self.dev), self.score(data))
+        scored = self.selector is not None and len(ids) > self.config.b
+        if scored:
+            scores = self.score(data)
+            self.observe(scores)
+            chosen = self.selector.select(ids.to(self.dev), scores)
             data = take(data, chosen)
         # else: a batch of b, or a tail meta-batch of at most b: train on all of it
         losses = self.workload.losses(self.model, data)
+        if not scored:
+            self.observe(losses.detach())
         if self.method == "infobatch":  # its score is each sample's last loss
             self.pruner.store.scatter(ids, losses.detach())
         weights = self.weights(mb)
@@ -343,6 +374,7 @@ class _Run:
         if self.pruner is not None and epoch + 1 < config.epochs_run:
             self.pruner.on_epoch_end(epoch, config.epochs)
         clock.stop()
+        self.close_epoch_diagnostics()
         self.evaluate()  # timer paused
 
     def result(self) -> dict[str, Any]:
@@ -358,7 +390,7 @@ class _Run:
                 "params": sum(p.numel() for p in self.model.parameters()),
                 f"final_{quality}": values[-1] if values else float("nan"),
                 f"best_{quality}": best(values, default=float("nan")),
-                "curve": self.counts.curve}
+                "curve": self.counts.curve, "learned_fraction": self.counts.learned_fraction}
 
 
 def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
@@ -367,7 +399,9 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
     Returns a dict: ``method, seed, wall_clock_s`` (training wall-clock, evaluation excluded),
     ``samples_forwarded, samples_backpropagated, steps``, ``epochs_done`` (fractional),
     ``params``, ``final_<quality>``, ``best_<quality>`` (max, or min when lower is better) and
-    ``curve``: ``(wall_clock_s, quality)`` per evaluation. Raises ValueError naming the argument
+    ``curve``: ``(wall_clock_s, quality)`` per evaluation, and ``learned_fraction``: per epoch,
+    the fraction of the samples read whose loss was below the workload's ``learned_loss``
+    (empty without one). Raises ValueError naming the argument
     for an unknown method, ``b > B``, ``evals_per_epoch < 1`` or a budget outside
     ``(0, epochs]``.
     """

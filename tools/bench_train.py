@@ -8,6 +8,52 @@
     python tools/bench_train.py --grid fixes                           # burn-in/anneal, longer run
     python tools/bench_train.py --all                                  # every one of the above
     python tools/bench_train.py --all --dry-run                        # the plan and its estimate
+    python tools/bench_train.py --workload mnist1d-long                # a regime (see below)
+    python tools/bench_train.py --regimes                              # every regime
+
+``--all`` is the issue-7 evidence committed in ``docs/evidence`` (its dry run finds every run
+done); the regimes are new experiments with run keys of their own, run with ``--regimes`` (or
+``--all --regimes`` for everything).
+
+**The regimes** the paper claims ES pays in, each a full experiment (every method, both budget
+controls, the tables below) plus diagnostics (the regimes' second table):
+
+=================== ===========================================================================
+``mnist1d-long``    MNIST-1D trained to convergence: ``--long-train`` 20,000 samples,
+                    ``--long-epochs`` 40 (test set, b, B, lr: the ``--m1d-*`` flags). Reports the
+                    time to uniform's plateau: plateau = the mean over uniform's seeds of each
+                    seed's last ``--plateau-window`` (5) evaluations; a run reaches it at its
+                    first evaluation at or beyond plateau minus ``--tolerance-acc``; per seed,
+                    and the mean over the seeds that reached it as a ratio to uniform's.
+``mnist1d-finetune`` fine-tuning: a CNN pre-trained once (``pipelines.mnist1d.pretrain``) on
+                    ``--ft-source-train`` 20,000 MNIST-1D samples generated with
+                    ``--ft-source-seed`` 7 and kept only for ``--ft-classes`` 0-4 (about
+                    10,000), ``--ft-pretrain-epochs`` 10, cached in ``DATA/pretrain`` by its
+                    configuration; every method and seed then fine-tunes all its weights on
+                    ``--ft-train`` 20,000 target samples (seed 42, all ten classes) for
+                    ``--ft-epochs`` 10 at ``--ft-lr`` 1e-3. Pre-training is reported once, never
+                    counted in a method's wall-clock; so are the pre-trained model's target test
+                    accuracy and the fraction of target samples it already classifies correctly
+                    / with loss below ln 2 when fine-tuning starts.
+``textlm-long``     the byte LM with a larger budget: ``--tlong-train-mb`` 8 MiB (65,536
+                    sequences of the 30.5 MB of stdlib text), ``--tlong-epochs`` 3, the
+                    Transformer (``--tlong-arch``, width ``--tlong-hidden`` 64,
+                    ``--tlong-layers`` 2), Adam ``--tlong-lr`` 3e-3; the rest as ``textlm``.
+=================== ===========================================================================
+
+Measured per-run costs on the 2-core machine, 1 torch thread, load ~2 (see ``COSTS`` in
+``benchtrain/plan.py``): ``mnist1d-long`` ~1.5 min a uniform run, ~35 min for 3 seeds x the 10
+methods; ``mnist1d-finetune`` ~0.4 min a run, ~10 min in all, plus ~0.6 min of pre-training
+once; ``textlm-long`` ~10 min a uniform run (8.5 min of it training), ~9 min per run over the
+methods, ~4.7 h in all (``--methods`` trims it). The machine's speed drifts: rescaled by the
+slower uniform runs committed in ``docs/evidence/runs.jsonl`` the estimate is 1.5x that (8.4 h
+for the three regimes). ``--regimes --dry-run`` prints it.
+
+**Diagnostics** (every experiment whose runs recorded them; the regimes' second table): the
+scoring forward's cost per sample relative to a training sample (F/T, below), and per epoch the
+fraction of the samples read that the model had already learned — loss below ln 2 just before
+the step that read them (classified correctly with probability > 1/2; under 1 bit per byte),
+measured by the shared loop on the losses each method computes anyway.
 
 **The fixes grid** tries, on clean MNIST-1D, what could close a gap between ES and uniform without
 tuning for this benchmark: ``fix-schedule`` (the paper's burn-in and annealing: ``--fix-burn-in``
@@ -86,8 +132,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchtrain.plan import estimate, experiment_records, parse_args, plan
-from benchtrain.report import (describe, markdown_table, plot_experiment, plot_heatmap,
-                               summary_entry, write_tables, write_text)
+from benchtrain.report import (describe, diagnostics_table, markdown_table, plot_experiment,
+                               plot_heatmap, summary_entry, write_tables, write_text)
 from benchtrain.run import Data, Store, execute
 
 
@@ -136,8 +182,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         plot_heatmap(entries, out / "betas_heatmap.png")
         write_text(summary_path, json.dumps(entries, indent=1))
         write_tables(out, entries)
-        if exp.group in ("main", "fixes"):
+        if exp.group in ("main", "fixes", "regimes"):
             print(f"\n## {exp.title}\n{describe(entry)}\n\n{markdown_table(entry)}\n", flush=True)
+        if exp.group == "regimes":
+            print(f"{diagnostics_table(entry)}\n", flush=True)
     print(f"bench_train: ran {ran}, skipped {skipped} already finished, in "
           f"{(time.perf_counter() - started) / 60:.1f} min; tables: {out / 'tables.md'}; "
           f"summary: {summary_path}; runs: {store.path}", flush=True)

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ class MNIST1D:
         y_clean: train labels before noise.
         noisy: bool mask of train samples whose label was flipped.
         directory: where this build lives.
+        train_x: float32 array [train, 40], the train inputs (as written into the shards), for
+            diagnostics that need the whole set in memory.
     """
 
     corpus: Corpus
@@ -61,6 +63,7 @@ class MNIST1D:
     y_clean: np.ndarray
     noisy: np.ndarray
     directory: Path
+    train_x: np.ndarray | None = None
 
 
 def generate(train: int, test: int, seed: int = 42) -> dict[str, np.ndarray]:
@@ -136,9 +139,24 @@ def write_mds(directory: Path, x: np.ndarray, y: np.ndarray) -> None:
             w.write({"x": x[i], "y": int(y[i])})
 
 
-def build_dir(root: str | os.PathLike, train: int, test: int, noise: float, seed: int) -> Path:
-    """The cache directory of one (train, test, noise, seed) build."""
-    return Path(root) / f"mnist1d-n{train}-t{test}-noise{noise:g}-s{seed}"
+def build_dir(root: str | os.PathLike, train: int, test: int, noise: float, seed: int,
+              classes: Sequence[int] | None = None) -> Path:
+    """The cache directory of one (train, test, noise, seed[, classes]) build."""
+    name = f"mnist1d-n{train}-t{test}-noise{noise:g}-s{seed}"
+    if classes is not None:
+        name += "-c" + "_".join(str(c) for c in classes)
+    return Path(root) / name
+
+
+def check_classes(classes: Sequence[int] | None) -> list[int] | None:
+    """``classes`` sorted, or ValueError naming them unless distinct labels in 0..9."""
+    if classes is None:
+        return None
+    out = sorted(int(c) for c in classes)
+    if not out or len(set(out)) != len(out) or not all(0 <= c < NUM_CLASSES for c in out):
+        raise ValueError(f"classes must be distinct labels in 0..{NUM_CLASSES - 1}, got "
+                         f"{list(classes)}")
+    return out
 
 
 def _index(directory: Path, fmt: str) -> Corpus:
@@ -157,23 +175,37 @@ def _index(directory: Path, fmt: str) -> Corpus:
     return corpus
 
 
+def keep_classes(d: dict[str, np.ndarray], classes: list[int]) -> dict[str, np.ndarray]:
+    """The samples of ``d`` (both splits) whose label is in ``classes``, in their order."""
+    train, test = np.isin(d["y"], classes), np.isin(d["y_test"], classes)
+    return {"x": d["x"][train], "y": d["y"][train], "x_test": d["x_test"][test],
+            "y_test": d["y_test"][test]}
+
+
 def build(root: str | os.PathLike, train: int = 40000, test: int = 10000, noise: float = 0.0,
-          seed: int = 42, fmt: str = "wds") -> MNIST1D:
+          seed: int = 42, fmt: str = "wds", classes: Sequence[int] | None = None) -> MNIST1D:
     """Build (or reuse) the MNIST-1D corpus under ``root`` and return it with the test set.
 
     Args:
         root: parent directory of the cache (e.g. ``OUT/data``).
-        train, test: split sizes.
+        train, test: split sizes (generated; before ``classes`` filters them).
         noise: fraction of train labels flipped (symmetric noise; test labels stay clean).
         seed: seed of the data generation and of the noise.
         fmt: ``"wds"`` or ``"mds"``; each format is written the first time it is asked for.
+        classes: keep only the samples of these labels, in both splits (a pre-training source
+            of part of the classes: about ``len(classes) / 10`` of ``train`` and ``test``
+            remain); None: every class. The data are generated as without it, then filtered,
+            so they are normalised like the full set.
     """
     if fmt not in ("wds", "mds"):
         raise ValueError(f"format must be 'wds' or 'mds', got {fmt!r}")
-    directory = build_dir(root, train, test, noise, seed)
+    classes = check_classes(classes)
+    directory = build_dir(root, train, test, noise, seed, classes)
     arrays = directory / "arrays.npz"
     if not arrays.exists():
         d = generate(train, test, seed)
+        if classes is not None:
+            d = keep_classes(d, classes)
         y, flipped = add_label_noise(d["y"], noise, seed)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / "arrays.tmp.npz"
@@ -181,7 +213,8 @@ def build(root: str | os.PathLike, train: int = 40000, test: int = 10000, noise:
                  y_test=d["y_test"])
         os.replace(tmp, arrays)
         (directory / "meta.json").write_text(json.dumps(
-            {"train": train, "test": test, "noise": noise, "seed": seed}, indent=1))
+            {"train": train, "test": test, "noise": noise, "seed": seed, "classes": classes,
+             "kept_train": len(y), "kept_test": len(d["y_test"])}, indent=1))
     a = dict(np.load(arrays))
     if not (directory / fmt).exists():
         tmp = Path(tempfile.mkdtemp(prefix=f".{fmt}-", dir=directory))
@@ -193,7 +226,8 @@ def build(root: str | os.PathLike, train: int = 40000, test: int = 10000, noise:
     return MNIST1D(corpus=_index(directory, fmt),
                    test_x=torch.from_numpy(a["x_test"]).unsqueeze(1),
                    test_y=torch.from_numpy(a["y_test"]),
-                   y=a["y"], y_clean=a["y_clean"], noisy=a["noisy"], directory=directory)
+                   y=a["y"], y_clean=a["y_clean"], noisy=a["noisy"], directory=directory,
+                   train_x=a["x"])
 
 
 class DecodeWDS:

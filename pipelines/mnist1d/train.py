@@ -3,7 +3,9 @@ trained on the MNIST-1D corpus with standard batches or with loss-based selectio
 Sampling and its baselines), on CPU.
 
 The per-sample loss is cross-entropy; quality is test-set top-1 accuracy (``acc``, higher is
-better), evaluated once per epoch on the in-memory test split. No gradient clipping. Every method,
+better), evaluated once per epoch on the in-memory test split. No gradient clipping. A sample
+counts as already learned (the loop's ``learned_fraction``) when its loss is below ln 2, i.e.
+the model gives its label a probability above 1/2, so it is classified correctly. Every method,
 the schedule, the timer, the budget cut and the counts are the loop's (see :mod:`pipelines.loop`);
 :func:`workload` is what this pipeline supplies and :func:`train` runs it.
 """
@@ -11,7 +13,8 @@ the schedule, the timer, the budget cut and the counts are the loop's (see :mod:
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +60,22 @@ def sample_losses(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> 
     return F.cross_entropy(model(x), y, reduction="none")
 
 
-def workload(corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tensor) -> Workload:
+#: the loss below which a sample counts as learned: p(label) > 1/2, so it is classified correctly
+LEARNED_LOSS = math.log(2.0)
+
+
+def workload(corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tensor,
+             make_model: Callable[[], nn.Module] | None = None) -> Workload:
     """The MNIST-1D workload: :class:`CNN1D` on ``corpus`` (either shard format), test accuracy
-    on ``(test_x, test_y)``."""
+    on ``(test_x, test_y)``. ``make_model`` replaces the freshly initialised CNN (e.g. one that
+    loads pre-trained weights, :class:`pipelines.mnist1d.pretrain.Pretrained`)."""
     return Workload(name="mnist1d", corpus=corpus,
-                    make_model=functools.partial(CNN1D, length=test_x.shape[-1]),
+                    make_model=make_model or functools.partial(CNN1D, length=test_x.shape[-1]),
                     losses=sample_losses,
                     evaluate=functools.partial(accuracy, x=test_x, y=test_y),
                     quality="acc", higher_is_better=True, collate=Collate(corpus.format),
-                    decode=DecodeWDS() if corpus.format == "wds" else None)
+                    decode=DecodeWDS() if corpus.format == "wds" else None,
+                    learned_loss=LEARNED_LOSS)
 
 
 def train(method: str, corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tensor, epochs: int,

@@ -6,7 +6,8 @@ The per-sample loss is the mean next-byte cross-entropy over the sequence (nats)
 held-out **bits per byte** (``bpb``, lower is better). For a recurrent model on text, gradients
 are clipped to norm 1, the held-out set is usually evaluated several times per epoch
 (``evals_per_epoch``) for a finer quality-against-time curve, and the model can run on a GPU
-(``device``). Every method, the schedule, the timer, the budget cut and the counts are the
+(``device``). A sequence counts as already learned (the loop's ``learned_fraction``) when the
+model predicts it at under 1 bit per byte (mean loss below ln 2 nats). Every method, the schedule, the timer, the budget cut and the counts are the
 loop's; :func:`workload` is what this pipeline supplies and :func:`train` runs it.
 """
 
@@ -119,7 +120,7 @@ def workload(corpus: Corpus, heldout: torch.Tensor, arch: str = "gru", hidden: i
                     losses=sequence_losses,
                     evaluate=functools.partial(bits_per_byte, seqs=heldout, device=device),
                     quality="bpb", higher_is_better=False, collate=Collate(seq_len),
-                    decode=Decode(seq_len), clip=clip, device=device)
+                    decode=Decode(seq_len), clip=clip, device=device, learned_loss=LN2)
 
 
 def train(method: str, corpus: Corpus, heldout: torch.Tensor, epochs: int, b: int = 32,

@@ -24,6 +24,8 @@ from pipelines.common import add_selection_args, floats, ints, parse_methods
 from . import ROOT
 
 WORKLOADS = ("mnist1d", "textlm")
+#: the regimes the paper claims, each an experiment on one of WORKLOADS (see plan())
+REGIMES = ("mnist1d-long", "mnist1d-finetune", "textlm-long")
 GRIDS = ("betas", "ratio", "prune", "fixes")
 METHODS = ("uniform", "uniform_B", "es", "eswp", "loss", "selective_backprop", "infobatch",
            "random", "budget_es", "budget_eswp")
@@ -37,9 +39,20 @@ BUDGET = {"budget_es": "es", "budget_eswp": "eswp"}
 #: mnist1d: 40k samples x 10 epochs, 32.6 s training + 3.5 s evaluation; build 20 s per noise
 #: level. textlm (defaults): 8192 sequences x 4 epochs, 99.0 s training + 9.8 s evaluation; build
 #: 24 s. Rescaled by the uniform runs in runs.jsonl when there are any.
+#: textlm-transformer: the textlm-long regime's model (Transformer, width 64, 2 layers), same
+#: data and b. Measured in the loop beside the GRU at load ~2 (3,277 sequences, 2 repeats each):
+#: 2.6 ms of training per sequence for both, so the GRU's entry; random / uniform 0.85, i.e. a
+#: scoring forward costs 0.35 of a training sample (F/T). One uniform run of the regime (65,536
+#: sequences x 3 epochs) then trains ~8.5 min, ~10 min with evaluation and loading. Until a
+#: Transformer run is recorded, the estimate rescales it like the GRU's runs.
+#: The MNIST-1D regimes use the mnist1d entry (same model; measured again at load ~2: 0.103 ms
+#: per sample-epoch of training). Pre-training for the fine-tuning regime (10,059 source samples
+#: x 10 epochs): 12.4 s of training, 37 s with building its data (load ~3).
+TRANSFORMER_COST = 3.3e-3
 COSTS = {
     "mnist1d": {"uniform_s_per_sample_epoch": 9.0e-5, "build_s": 20.0},
     "textlm": {"uniform_s_per_sample_epoch": 3.3e-3, "build_s": 25.0},
+    "textlm-transformer": {"uniform_s_per_sample_epoch": TRANSFORMER_COST, "build_s": 25.0},
 }
 #: Relative cost of a method's run against uniform's, for the estimate only.
 COST_FACTOR = {"uniform": 1.0, "uniform_B": 0.8, "es": 0.9, "eswp": 0.75, "loss": 0.9,
@@ -57,12 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "the selection baselines and the budget-matched and random controls.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_argument_group("what to run (at least one)")
-    what.add_argument("--workload", action="append", choices=WORKLOADS, default=[],
-                      help="a main comparison (repeatable)")
+    what.add_argument("--workload", action="append", choices=WORKLOADS + REGIMES, default=[],
+                      help="a main comparison or a regime (repeatable): mnist1d-long (MNIST-1D "
+                           "to convergence, time to uniform's plateau), mnist1d-finetune "
+                           "(fine-tuning a model pre-trained on part of the classes), "
+                           "textlm-long (the byte LM, Transformer, more text and epochs)")
+    what.add_argument("--regimes", action="store_true",
+                      help="every regime: " + ", ".join(REGIMES))
     what.add_argument("--grid", action="append", choices=GRIDS, default=[],
                       help="a sensitivity grid on MNIST-1D (repeatable)")
     what.add_argument("--all", action="store_true",
-                      help="everything: mnist1d at every --noise, textlm, and every grid")
+                      help="the issue-7 evidence of docs/evidence: mnist1d at every --noise, "
+                           "textlm, and every grid (not the regimes: add --regimes)")
     what.add_argument("--dry-run", action="store_true", help="print the plan and estimate only")
     g = p.add_argument_group("common")
     g.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: "
@@ -113,6 +132,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-evals-per-epoch", type=int, default=TEXT["evals_per_epoch"],
                    help="held-out evaluations per epoch")
     g.add_argument("--text-device", default="cpu", help="torch device")
+    g = p.add_argument_group("regime mnist1d-long (test set, b, B, lr: the --m1d-* flags)")
+    g.add_argument("--long-train", type=int, default=20000, help="train samples")
+    g.add_argument("--long-epochs", type=int, default=40, help="epochs (>= 40: to convergence)")
+    g.add_argument("--plateau-window", type=int, default=5,
+                   help="uniform's plateau = the mean of its last this many evaluations")
+    g = p.add_argument_group("regime mnist1d-finetune (test set, b, B: the --m1d-* flags)")
+    g.add_argument("--ft-train", type=int, default=20000, help="target train samples")
+    g.add_argument("--ft-epochs", type=int, default=10, help="fine-tuning epochs")
+    g.add_argument("--ft-lr", type=float, default=1e-3, help="fine-tuning Adam peak LR (cosine)")
+    g.add_argument("--ft-classes", default="0,1,2,3,4",
+                   help="classes of the pre-training source (0-9: the whole task, other samples)")
+    g.add_argument("--ft-source-seed", type=int, default=7,
+                   help="generation seed of the source set (the target's is 42)")
+    g.add_argument("--ft-source-train", type=int, default=20000,
+                   help="source samples generated, before keeping --ft-classes")
+    g.add_argument("--ft-pretrain-epochs", type=int, default=10, help="pre-training epochs")
+    g.add_argument("--ft-pretrain-lr", type=float, default=3e-3, help="pre-training Adam peak LR")
+    g = p.add_argument_group("regime textlm-long (the other settings: the --text-* flags)")
+    g.add_argument("--tlong-train-mb", type=float, default=8.0, help="MiB of train shards")
+    g.add_argument("--tlong-epochs", type=int, default=3, help="epochs")
+    g.add_argument("--tlong-arch", default="transformer", choices=("gru", "transformer"),
+                   help="model")
+    g.add_argument("--tlong-hidden", type=int, default=64, help="width")
+    g.add_argument("--tlong-layers", type=int, default=2, help="layers")
+    g.add_argument("--tlong-lr", type=float, default=TEXT["lr"], help="Adam peak LR (cosine)")
     g = p.add_argument_group("grids (MNIST-1D)")
     g.add_argument("--grid-noise", type=float, default=0.0, help="label noise of the grids")
     g.add_argument("--grid-seeds", default=None, help="seeds of the grids (default: --seeds)")
@@ -141,8 +185,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not args.seeds or not args.grid_seeds:
         parser.error("need at least one seed")
     if args.all:
-        args.workload = list(WORKLOADS)
+        args.workload = list(WORKLOADS) + [w for w in args.workload if w in REGIMES]
         args.grid = list(GRIDS)
+    if args.regimes:
+        args.workload += [r for r in REGIMES if r not in args.workload]
     if not args.workload and not args.grid:
         parser.error("nothing to run: give --workload, --grid or --all")
     for b, B, name in ((args.m1d_b, args.m1d_B, "m1d"), (args.text_b, args.text_B, "text")):
@@ -154,7 +200,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      f"{args.fix_burn_in}, {args.fix_anneal}")
     if args.fix_epochs < 1:
         parser.error(f"need --fix-epochs >= 1, got {args.fix_epochs}")
+    check_regimes(parser, args)
     return args
+
+
+def check_regimes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` naming the flag for a regime setting that makes no run (checked up
+    front, not when the regime's turn comes hours into an invocation)."""
+    from pipelines.mnist1d.pretrain import PretrainConfig
+
+    for flag in ("long_train", "long_epochs", "plateau_window", "ft_train", "ft_epochs",
+                 "ft_source_train", "ft_pretrain_epochs", "tlong_epochs", "tlong_hidden",
+                 "tlong_layers"):
+        if getattr(args, flag) < 1:
+            parser.error(f"need --{flag.replace('_', '-')} >= 1, got {getattr(args, flag)}")
+    if args.plateau_window > args.long_epochs:
+        parser.error(f"--plateau-window ({args.plateau_window}) is more evaluations than "
+                     f"--long-epochs ({args.long_epochs}) makes")
+    if args.tlong_train_mb <= 0:
+        parser.error(f"need --tlong-train-mb > 0, got {args.tlong_train_mb}")
+    try:
+        args.ft_classes = ints(args.ft_classes)
+        PretrainConfig(classes=tuple(args.ft_classes))
+    except ValueError as e:
+        parser.error(f"--ft-classes: {e}")
 
 
 # ----------------------------------------------------------------------------- experiments
@@ -171,9 +240,10 @@ class Experiment:
     config: dict[str, Any]
     methods: list[str]
     seeds: list[int]
-    group: str = "main"                    # main | betas | ratio | prune | fixes
+    group: str = "main"                    # main | betas | ratio | prune | fixes | regimes
     cell: dict[str, Any] = field(default_factory=dict)   # the grid coordinates
     plot: bool = True
+    plateau_window: int = 0                # > 0: report the time to uniform's plateau (report.py)
 
 
 def base_config(args: argparse.Namespace, workload: str, **override: Any) -> dict[str, Any]:
@@ -211,6 +281,7 @@ def plan(args: argparse.Namespace) -> list[Experiment]:
                                base_config(args, "textlm"), list(args.methods), list(args.seeds)))
         if exps[0].workload == "mnist1d" and len(exps) > 2:   # textlm right after clean MNIST-1D
             exps.insert(1, exps.pop())
+    exps += regimes(args)
     grid_cfg = base_config(args, "mnist1d", noise=args.grid_noise)
 
     def own_reference(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -260,6 +331,57 @@ def plan(args: argparse.Namespace) -> list[Experiment]:
             "mnist1d", {**grid_cfg, "epochs": args.fix_epochs},
             [m for m in methods if m in ("uniform", "es", "budget_es")], list(args.grid_seeds),
             group="fixes"))
+    return exps
+
+
+def pretrain_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The pre-training of the fine-tuning regime (a
+    :class:`pipelines.mnist1d.pretrain.PretrainConfig`, as a dict: it keys the runs)."""
+    from pipelines.mnist1d.pretrain import PretrainConfig
+
+    return PretrainConfig(source_seed=args.ft_source_seed, source_train=args.ft_source_train,
+                          source_test=args.m1d_test, classes=tuple(args.ft_classes),
+                          epochs=args.ft_pretrain_epochs, b=args.m1d_b,
+                          lr=args.ft_pretrain_lr).to_dict()
+
+
+def regimes(args: argparse.Namespace) -> list[Experiment]:
+    """The regime experiments of ``args.workload`` (group ``regimes``), each a workload
+    configuration of its own: new run keys, none shared with the issue-7 evidence.
+
+    * ``mnist1d-long``: MNIST-1D on ``--long-train`` samples for ``--long-epochs`` epochs, the
+      time to uniform's plateau reported (``plateau_window``).
+    * ``mnist1d-finetune``: every method fine-tunes, for ``--ft-epochs`` at ``--ft-lr``, the
+      model pre-trained once on the source (:func:`pretrain_config`) on ``--ft-train`` samples
+      of the target (generation seed 42, every class).
+    * ``textlm-long``: the byte LM on ``--tlong-train-mb`` MiB for ``--tlong-epochs`` epochs with
+      the ``--tlong-arch`` model.
+    """
+    exps = []
+    methods, seeds = list(args.methods), list(args.seeds)
+    if "mnist1d-long" in args.workload:
+        exps.append(Experiment(
+            "mnist1d-long", f"MNIST-1D to convergence: {args.long_train} samples, "
+            f"{args.long_epochs} epochs", "mnist1d",
+            base_config(args, "mnist1d", train=args.long_train, epochs=args.long_epochs),
+            methods, seeds, group="regimes", plateau_window=args.plateau_window))
+    if "mnist1d-finetune" in args.workload:
+        classes = ",".join(str(c) for c in args.ft_classes)
+        exps.append(Experiment(
+            "mnist1d-finetune", f"MNIST-1D fine-tuning: pre-trained on classes {classes} "
+            f"(source seed {args.ft_source_seed}), fine-tuned on all 10 for {args.ft_epochs} "
+            "epochs", "mnist1d",
+            base_config(args, "mnist1d", train=args.ft_train, epochs=args.ft_epochs,
+                        lr=args.ft_lr, pretrain=pretrain_config(args)),
+            methods, seeds, group="regimes"))
+    if "textlm-long" in args.workload:
+        exps.append(Experiment(
+            "textlm-long", f"byte-level LM, longer: {args.tlong_arch}, {args.tlong_train_mb:g} "
+            f"MiB, {args.tlong_epochs} epochs", "textlm",
+            base_config(args, "textlm", train_mb=args.tlong_train_mb, epochs=args.tlong_epochs,
+                        arch=args.tlong_arch, hidden=args.tlong_hidden,
+                        layers=args.tlong_layers, lr=args.tlong_lr),
+            methods, seeds, group="regimes"))
     return exps
 
 
@@ -377,6 +499,7 @@ def estimate(exps: list[Experiment], records: dict[str, dict[str, Any]],
     each experiment (a shared run counts for the first experiment that needs it)."""
     scale = _cost_scale(records)
     counted: set[str] = set()
+    pretrained: set[str] = set()
     todo, seconds, builds = 0, 0.0, set()
     parts: dict[str, dict[str, float]] = {}
     for exp in exps:
@@ -386,7 +509,9 @@ def estimate(exps: list[Experiment], records: dict[str, dict[str, Any]],
                 counted.add(run.key)
                 continue
             counted.add(run.key)
-            per = COSTS[exp.workload]["uniform_s_per_sample_epoch"] * scale.get(exp.workload, 1.0)
+            kind = cost_kind(exp.workload, exp.config)
+            per = (COSTS[kind]["uniform_s_per_sample_epoch"]
+                   * scale.get(kind, scale.get(exp.workload, 1.0)))
             # a selecting method's epoch: a no-grad forward of every sample (~1/3 of a
             # training step) plus training on b/B of them; COST_FACTOR is for B = 2b
             rescale = ((0.35 + exp.config["b"] / exp.config["B"]) / 0.85
@@ -403,19 +528,45 @@ def estimate(exps: list[Experiment], records: dict[str, dict[str, Any]],
                 if not _data_cached(data_root, *ident):
                     seconds += COSTS[exp.workload]["build_s"]
                     part["seconds"] += COSTS[exp.workload]["build_s"]
+            pre = json.dumps(exp.config.get("pretrain"), sort_keys=True)
+            if "pretrain" in exp.config and pre not in pretrained:
+                pretrained.add(pre)   # built once, before the first fine-tuning run needs it
+                cost = _pretrain_cost(exp.config["pretrain"], data_root, scale)
+                seconds += cost
+                part["seconds"] += cost
     return {"runs": todo, "seconds": seconds, "experiments": parts}
 
 
+def cost_kind(workload: str, cfg: dict[str, Any]) -> str:
+    """The ``COSTS`` entry of a run: its workload, ``textlm-transformer`` for the Transformer LM
+    (same data, another model, another cost per sample)."""
+    return "textlm-transformer" if workload == "textlm" and cfg.get("arch") == "transformer" else workload
+
+
+def _pretrain_cost(pretrain: dict[str, Any], data_root: Path, scale: dict[str, float]) -> float:
+    """Seconds to build the fine-tuning regime's pre-trained model, 0 when it is cached:
+    uniform training on the kept source samples (about ``len(classes) / 10`` of those
+    generated) plus building the source data."""
+    from pipelines.mnist1d.pretrain import PretrainConfig, cache_dir
+
+    config = PretrainConfig.from_dict(pretrain)
+    if (cache_dir(data_root / "pretrain", config) / "meta.json").exists():
+        return 0.0
+    kept = config.source_train * len(config.classes) / 10
+    per = COSTS["mnist1d"]["uniform_s_per_sample_epoch"] * scale.get("mnist1d", 1.0)
+    return per * kept * config.epochs + COSTS["mnist1d"]["build_s"]
+
+
 def _cost_scale(records: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Per workload, this machine's uniform cost over ``COSTS``' (median over recorded uniform
-    runs); workloads without one are left out."""
-    scale: dict[str, float] = {}
-    for workload in WORKLOADS:
-        seen = [r for r in records.values() if r["workload"] == workload and r["method"] == "uniform"]
-        if seen:
-            per = [r["run_s"] / (_samples(workload, r["config"]) * r["config"]["epochs"]) for r in seen]
-            scale[workload] = statistics.median(per) / COSTS[workload]["uniform_s_per_sample_epoch"]
-    return scale
+    """Per ``COSTS`` entry (:func:`cost_kind`), this machine's uniform cost over ``COSTS``'
+    (median over recorded uniform runs); entries without one are left out."""
+    per: dict[str, list[float]] = {}
+    for r in records.values():
+        if r["method"] == "uniform" and r["workload"] in WORKLOADS:
+            samples = _samples(r["workload"], r["config"]) * r["config"]["epochs"]
+            per.setdefault(cost_kind(r["workload"], r["config"]), []).append(r["run_s"] / samples)
+    return {kind: statistics.median(v) / COSTS[kind]["uniform_s_per_sample_epoch"]
+            for kind, v in per.items()}
 
 
 def _budget_runs_or_placeholders(exp: Experiment, records: dict[str, dict[str, Any]]) -> list[Run]:

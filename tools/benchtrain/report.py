@@ -29,8 +29,29 @@ def time_to_target(curve: list[list[float]], target: float, higher: bool) -> flo
     return None
 
 
+def plateau(curves: list[list[list[float]]], window: int) -> float:
+    """Uniform's plateau quality: the mean over seeds of the mean of each seed's last ``window``
+    evaluations (all of a shorter curve). Averaging over the window, not reading the final
+    evaluation alone, keeps one lucky or unlucky last evaluation from setting the target."""
+    if window < 1 or not curves or not all(curves):
+        raise ValueError(f"a plateau needs window >= 1 and non-empty curves, got window "
+                         f"{window} and {len(curves)} curve(s)")
+    return statistics.fmean(statistics.fmean(q for _, q in c[-window:]) for c in curves)
+
+
+def learned_by_epoch(runs: list[dict[str, Any]]) -> list[float] | None:
+    """The mean over ``runs`` (results) of each epoch's ``learned_fraction``, over the epochs
+    every run has (None when a run did not record it: runs from before it was measured)."""
+    fractions = [r.get("learned_fraction") for r in runs]
+    if not fractions or any(not f for f in fractions):
+        return None
+    return [statistics.fmean(f[i] for f in fractions) for i in range(min(map(len, fractions)))]
+
+
 def summarize(exp: Experiment, records: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
-    """Per method: stats over seeds, time-to-target, ratios to uniform, the lossless flag."""
+    """Per method: stats over seeds, time-to-target, ratios to uniform, the lossless flag, the
+    per-epoch fraction of samples already learned (where recorded) and, for an experiment with
+    a ``plateau_window``, the time to uniform's plateau (:func:`plateau`)."""
     uniform = [r for r in records if r["method"] == "uniform"]
     if not uniform:
         return {"methods": {}, "target": None}
@@ -56,17 +77,39 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], tolerance: float) 
         worse = (u_final["mean"] - row["final"]["mean"]) if higher else (row["final"]["mean"] - u_final["mean"])
         row["lossless"] = worse <= u_final["std"]
         row["final_minus_uniform"] = row["final"]["mean"] - u_final["mean"]
+        learned = learned_by_epoch(rs)
+        if learned is not None:
+            row["learned_fraction"] = learned
         rows[method] = row
+    plateau_entry = None
+    if exp.plateau_window:
+        value = plateau([r["result"]["curve"] for r in uniform], exp.plateau_window)
+        plateau_entry = {"window": exp.plateau_window, "value": value,
+                         "target": value - tolerance if higher else value + tolerance}
+        for method, row in rows.items():
+            ttp = [time_to_target(r["result"]["curve"], plateau_entry["target"], higher)
+                   for r in records if r["method"] == method]
+            reached = [t for t in ttp if t is not None]
+            row["time_to_plateau_s"] = {"per_seed": ttp, "reached": len(reached), "of": len(ttp),
+                                        "mean": statistics.fmean(reached) if reached else None}
     u = rows["uniform"]
     for row in rows.values():
         ratio = {}
         for k in ("wall_clock_s", "samples_forwarded", "samples_backpropagated", "final", "best"):
             ratio[k] = row[k]["mean"] / u[k]["mean"] if u[k]["mean"] else None
-        a, b = row["time_to_target_s"]["mean"], u["time_to_target_s"]["mean"]
-        ratio["time_to_target_s"] = a / b if a is not None and b else None
+        for k in ("time_to_target_s", "time_to_plateau_s"):
+            if k in row:
+                a, b = row[k]["mean"], u[k]["mean"]
+                ratio[k] = a / b if a is not None and b else None
         row["ratio_to_uniform"] = ratio
-    return {"methods": rows, "target": target, "tolerance": tolerance, "higher_is_better": higher,
-            "quality": uniform[0]["result"]["quality"], "scoring_cost": scoring_cost(exp, rows)}
+    out = {"methods": rows, "target": target, "tolerance": tolerance, "higher_is_better": higher,
+           "quality": uniform[0]["result"]["quality"], "scoring_cost": scoring_cost(exp, rows)}
+    if plateau_entry is not None:
+        out["plateau"] = plateau_entry
+    start = uniform[0]["result"].get("start")
+    if start is not None:   # fine-tuning: what the pre-trained model knew of the target
+        out["start"] = start
+    return out
 
 
 def scoring_cost(exp: Experiment, rows: dict[str, Any]) -> dict[str, float] | None:
@@ -140,7 +183,8 @@ def describe(entry: dict[str, Any]) -> str:
     cuts, machine and command."""
     c, s = entry["config"], entry["summary"]
     if entry["workload"] == "mnist1d":
-        what = (f"{c['train']} train / {c['test']} test samples, noise {c['noise']:g}, 1D CNN, "
+        model = "1D CNN fine-tuned from a pre-trained one" if "pretrain" in c else "1D CNN"
+        what = (f"{c['train']} train / {c['test']} test samples, noise {c['noise']:g}, {model}, "
                 f"{c['epochs']} epochs, Adam {c['lr']:g} cosine, b = {c['b']}, B = {c['B']}")
     else:
         n = entry.get("train_samples")
@@ -166,6 +210,23 @@ def describe(entry: dict[str, Any]) -> str:
                      f"cost model assumes ~0.33)"
                      + (f"; ES / random wall-clock {sc['selection_overhead']:.2f}"
                         if "selection_overhead" in sc else ""))
+    p = s.get("plateau")
+    if p:
+        lines.append(f"plateau = mean over uniform's seeds of its last {p['window']} evaluations "
+                     f"= {p['value']:.4f}; time to plateau: first evaluation at or beyond "
+                     f"{p['target']:.4f} (plateau {'minus' if s['higher_is_better'] else 'plus'} "
+                     f"{s['tolerance']:g})")
+    st = s.get("start")
+    if st:
+        pre = c["pretrain"]
+        lines.append(f"pre-trained once on {st['source_train_samples']} source samples (classes "
+                     f"{','.join(map(str, pre['classes']))}, generation seed "
+                     f"{pre['source_seed']}), {pre['epochs']} epochs, Adam {pre['lr']:g}: "
+                     f"{st['pretrain_s']:.1f} s of training ({st['pretrain_total_s']:.1f} s with "
+                     f"its data), source test accuracy {st['source_acc']:.4f}, counted in no "
+                     f"method's wall-clock; at the start of fine-tuning: target test accuracy "
+                     f"{st['test_acc']:.4f}, target train samples classified correctly "
+                     f"{st['correct']:.3f}, with loss below ln 2 {st['learned']:.3f}")
     for m, cut in entry["budget_cuts"].items():
         lines.append(f"{m}: {cut['epochs']:.3f} epochs = {c['epochs']} x {cut['mean_train_s_of']:.2f} s "
                      f"({cut['of']}) / {cut['mean_train_s_uniform']:.2f} s (uniform)"
@@ -174,6 +235,34 @@ def describe(entry: dict[str, Any]) -> str:
     lines.append(f"machine: {m['cpu']}, {m['host_cpus']} CPUs, Python {m['python']}, torch "
                  f"{m['torch']}; command: `{entry['command']}`")
     return "\n".join(f"- {x}" for x in lines)
+
+
+def diagnostics_table(entry: dict[str, Any]) -> str:
+    """The regimes' second table: per method, the final quality's distance to uniform's, the
+    fraction of samples already learned (loss below the workload's threshold, over the samples
+    read) in the first, middle and last epoch, and the time to uniform's plateau where there is
+    one. With the scoring forward's cost (in :func:`describe`), what decides whether selection
+    can pay: a cheap scoring forward and many samples already learned."""
+    s = entry["summary"]
+    if not s.get("methods"):
+        return "(no uniform run yet)"
+    has_plateau = "plateau" in s
+    head = ["method", "final − uniform", "learned: first epoch", "middle epoch", "last epoch"]
+    if has_plateau:
+        head += ["to plateau s", "× unif"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, row in s["methods"].items():
+        learned = row.get("learned_fraction")
+        cells = [LABELS.get(m, m), f"{row['final_minus_uniform']:+.4f}"]
+        cells += (["—"] * 3 if not learned else
+                  [f"{learned[0]:.3f}", f"{learned[(len(learned) - 1) // 2]:.3f}",
+                   f"{learned[-1]:.3f}"])
+        if has_plateau:
+            t = row["time_to_plateau_s"]
+            cells += ["never" if t["mean"] is None else f"{t['mean']:.1f} ({t['reached']}/{t['of']})",
+                      _x(row["ratio_to_uniform"].get("time_to_plateau_s"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def grid_tables(entries: dict[str, dict[str, Any]]) -> list[str]:
@@ -259,6 +348,16 @@ def write_tables(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
         lines += ["## Fixes tried", ""]
     for e in fixes:
         lines += section(e, "###")
+    regimes = [e for e in entries.values() if e["group"] == "regimes"]
+    if regimes:
+        lines += ["## Regimes", "",
+                  "Below each table: the final quality's distance to uniform's, the fraction of "
+                  "the samples read that were already learned (loss below ln 2: classified "
+                  "correctly / under 1 bit per byte) in the first, middle and last epoch, and "
+                  "the time to uniform's plateau where there is one.", ""]
+    for e in regimes:
+        sec = section(e, "###")
+        lines += sec[:6] + [diagnostics_table(e), ""] + sec[6:]
     lines += grid_tables(entries)
     path = out / "tables.md"
     write_text(path, "\n".join(lines))

@@ -78,13 +78,48 @@ class Data:
             self.cache[key] = (data, eval_subset(data.heldout, cfg["eval_sequences"] or None))
         return self.cache[key]
 
+    def pretrained(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The fine-tuning regime's pre-trained model of ``cfg["pretrain"]`` (its meta.json,
+        :func:`pipelines.mnist1d.pretrain.pretrain`): built under ``root/pretrain`` the first
+        time, then reused by every method and seed."""
+        from pipelines.mnist1d.pretrain import PretrainConfig, pretrain
+
+        config = PretrainConfig.from_dict(cfg["pretrain"])
+        key = "pretrain-" + config.key()
+        if key not in self.cache:
+            self.cache[key] = pretrain(self.root / "pretrain", self.root / "mnist1d", config)
+        return self.cache[key]
+
+    def start(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """What the pre-trained model of a fine-tuning ``cfg`` knows of the target before any
+        method trains (:func:`pipelines.mnist1d.pretrain.start_diagnostics`) and what
+        pre-training cost."""
+        from pipelines.mnist1d.pretrain import Pretrained, start_diagnostics
+
+        meta = self.pretrained(cfg)
+        key = json.dumps(["start", meta["key"], cfg["train"], cfg["test"], cfg["noise"],
+                          cfg["data_seed"]])
+        if key not in self.cache:
+            d = self.mnist1d(cfg)
+            diag = start_diagnostics(Pretrained(meta["path"])(), d.train_x, d.y, d.test_x,
+                                     d.test_y)
+            self.cache[key] = {**diag, "pretrain_s": meta["pretrain_s"],
+                               "pretrain_total_s": meta["total_s"],
+                               "source_acc": meta["source_acc"],
+                               "source_train_samples": meta["source_train_samples"],
+                               "pretrain_key": meta["key"]}
+        return self.cache[key]
+
     def workload(self, name: str, cfg: dict[str, Any]):
-        """The :class:`pipelines.loop.Workload` of workload ``name`` under run config ``cfg``."""
+        """The :class:`pipelines.loop.Workload` of workload ``name`` under run config ``cfg``
+        (with ``cfg["pretrain"]``: starting from that pre-trained model)."""
         if name == "mnist1d":
+            from pipelines.mnist1d.pretrain import Pretrained
             from pipelines.mnist1d.train import workload
 
             d = self.mnist1d(cfg)
-            return workload(d.corpus, d.test_x, d.test_y)
+            make_model = Pretrained(self.pretrained(cfg)["path"]) if "pretrain" in cfg else None
+            return workload(d.corpus, d.test_x, d.test_y, make_model)
         from pipelines.textlm.train import workload
 
         d, heldout = self.textlm(cfg)
@@ -124,12 +159,16 @@ def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, 
     with torch_threads(cfg["threads"]):
         w = data.workload(workload, cfg)
         r = train(w, loop_method(method), config)
-    return {"wall_clock_s": r["wall_clock_s"], "samples_forwarded": r["samples_forwarded"],
-            "samples_backpropagated": r["samples_backpropagated"], "steps": r["steps"],
-            "epochs": config.epochs if config.budget_epochs is None else config.budget_epochs,
-            "train_samples": w.corpus.num_samples, "quality": QUALITY[workload],
-            "higher_is_better": w.higher_is_better, "final": r[f"final_{w.quality}"],
-            "best": r[f"best_{w.quality}"], "curve": [list(p) for p in r["curve"]]}
+    out = {"wall_clock_s": r["wall_clock_s"], "samples_forwarded": r["samples_forwarded"],
+           "samples_backpropagated": r["samples_backpropagated"], "steps": r["steps"],
+           "epochs": config.epochs if config.budget_epochs is None else config.budget_epochs,
+           "train_samples": w.corpus.num_samples, "quality": QUALITY[workload],
+           "higher_is_better": w.higher_is_better, "final": r[f"final_{w.quality}"],
+           "best": r[f"best_{w.quality}"], "curve": [list(p) for p in r["curve"]],
+           "learned_fraction": r["learned_fraction"]}
+    if "pretrain" in cfg:
+        out["start"] = data.start(cfg)
+    return out
 
 
 def execute(exp: Experiment, store: Store, data: Data, progress: bool,
@@ -138,6 +177,9 @@ def execute(exp: Experiment, store: Store, data: Data, progress: bool,
     the budget-matched controls, cut from what those measured. Returns ``{"ran": n,
     "skipped": n, "cuts": {...}}``; a run already in ``store`` is skipped."""
     counts = {"ran": 0, "skipped": 0}
+    if "pretrain" in exp.config and any(r.key not in store.records for r in measured_runs(exp)):
+        with torch_threads(exp.config["threads"]):  # before the runs: in no run's run_s
+            data.pretrained(exp.config)
     for run in measured_runs(exp):
         _run_missing(exp, run, store, data, progress, log, counts)
     cuts = budget_cuts(exp, store.records)
