@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from .errors import ESStreamError
+
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from .corpus import Corpus
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError, ImportError) as exc:  # our errors name the file or argument: show them plainly
+    # our errors name the file or argument: show them plainly, one line, no traceback
+    except (ESStreamError, OSError, ValueError, ImportError) as exc:
         print(f"es-stream {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

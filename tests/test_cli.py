@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -264,3 +265,14 @@ def test_prune_keeps_never_scored_samples_and_says_how_many(wds_dir, tmp_path):
     kept = kept_ids(tmp_path / "m", 3)
     assert len(kept) == 25 and set(range(40, 50)) <= set(kept.tolist())
     assert "kept 25 of 50 samples (50.0%; 10 never scored, all kept" in result.stdout
+
+
+def test_a_stale_index_is_one_line_naming_the_shard(wds_dir, tmp_path):
+    index = tmp_path / "corpus.parquet"
+    assert run("index", str(wds_dir), "-o", str(index)).returncode == 0
+    shard = sorted(wds_dir.glob("*.tar"))[1]
+    os.utime(shard, ns=(0, 0))  # same bytes, another mtime: the index no longer vouches for it
+    result = run("compact", "--corpus", str(index), "--manifest", str(tmp_path / "m" / "epoch=00000"),
+                 "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{shard}: shard changed since it was indexed" in result.stderr
