@@ -29,7 +29,6 @@ committed checkpoint is never rewritten in place.
 
 from __future__ import annotations
 
-import operator
 import os
 import re
 import shutil
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from ._atomic import atomic_write
+from ._check import int_at_least
 from .errors import ScoreError
 from .store import ScoreStore, saved_length
 
@@ -49,19 +49,6 @@ _STEP_DIR = re.compile(r"step-(\d{12})")
 
 def _step_name(step: int) -> str:
     return f"step-{step:012d}"
-
-
-def _int_at_least(value: Any, minimum: int, argument: str, what: str | None = None) -> int:
-    """``value`` as an int (numpy integers too) >= ``minimum``, else a ValueError naming it."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or number < minimum:
-        raise ValueError(f"{argument} must be {what or f'an integer >= {minimum}'}, got {value!r}")
-    return number
 
 
 def _fsync_dir(path: str) -> None:
@@ -83,7 +70,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2) -> None:
-        self.keep = _int_at_least(keep, 1, "keep")
+        self.keep = int_at_least(keep, 1, "keep")
         self.directory = os.fspath(directory)
 
     # ------------------------------------------------------------- reading
@@ -162,7 +149,7 @@ class Checkpointer:
     def save(self, step: int, state: dict, store: ScoreStore | None = None) -> str:
         """Write checkpoint ``step``, commit it by replacing ``latest``, then drop checkpoints
         beyond the ``keep`` newest. Returns the new step directory."""
-        step = _int_at_least(step, 0, "step", "a non-negative integer")
+        step = int_at_least(step, 0, "step", "a non-negative integer")
         os.makedirs(self.directory, exist_ok=True)
         committed = self._committed()
         if committed is not None and step <= committed[0]:

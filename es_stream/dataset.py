@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
+from ._check import int_at_least
 from .corpus import Corpus, is_local_url
 from .distributed import rank_and_world_size, worker_and_count
 from .errors import SampleError, ShardError
@@ -102,8 +103,9 @@ class ESDataset(IterableDataset):
         super().__init__()
         if not isinstance(corpus, Corpus):
             raise TypeError(f"corpus must be an es_stream.Corpus, got {type(corpus).__name__}")
-        if not isinstance(meta_batch_size, int) or meta_batch_size < 1:
-            raise ValueError(f"meta_batch_size must be an integer >= 1, got {meta_batch_size!r}")
+        meta_batch_size = int_at_least(meta_batch_size, 1, "meta_batch_size")
+        seed = int_at_least(seed, 0, "seed")
+        block_size = int_at_least(block_size, 1, "block_size")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         detected_rank, detected_world = rank_and_world_size()

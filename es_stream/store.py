@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import operator
 import os
 import re
 import warnings
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ._atomic import atomic_write
+from ._check import int_at_least
 from ._version import __version__
 from .errors import ScoreError
 from .writebuffer import WriteBuffer
@@ -57,15 +57,7 @@ def as_index(ids: Any, argument: str = "ids") -> torch.Tensor:
 
 def positive_int(value: Any, argument: str, what: str = "a positive integer") -> int:
     """``value`` as an int >= 1 (numpy integers too), else a ValueError naming ``argument``."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or number < 1:
-        raise ValueError(f"{argument} must be {what}, got {value!r}")
-    return number
+    return int_at_least(value, 1, argument, what)
 
 
 # ------------------------------------------------------------------ files

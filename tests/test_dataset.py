@@ -171,3 +171,17 @@ def test_mds_remote_shards_fetched_on_first_read(mds_dir, tmp_path):
     batches = epoch_batches(ESDataset(corpus, 8), 2)
     assert sorted(torch.cat([mb.ids for mb in batches]).tolist()) == list(range(50))
     assert all((tmp_path / "cache" / s.name).exists() for s in corpus.shards)
+
+
+def test_integer_arguments_take_numpy_integers_and_name_bad_ones(wds_dir):
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    ds = ESDataset(corpus, np.int64(8), seed=np.int32(3), block_size=np.int64(16))
+    assert ds.meta_batch_size == 8 and type(ds.meta_batch_size) is int
+    ids = torch.cat([mb.ids for mb in loader(ds, num_workers=0)]).numpy()
+    assert np.array_equal(np.sort(ids), np.arange(corpus.num_samples))
+    for bad, match in ((dict(meta_batch_size=8.0), "meta_batch_size must be an integer >= 1, got 8.0"),
+                       (dict(meta_batch_size=True), "meta_batch_size must be an integer >= 1"),
+                       (dict(meta_batch_size=8, seed=-1), "seed must be an integer >= 0, got -1"),
+                       (dict(meta_batch_size=8, block_size=0), "block_size must be an integer >= 1")):
+        with pytest.raises(ValueError, match=match):
+            ESDataset(corpus, **bad)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 IdKey = str | int
@@ -36,10 +37,11 @@ def split_ids(batch: Any, id_key: IdKey) -> tuple[torch.Tensor, Any]:
         if type(batch) is not dict:
             rest = _copy_mapping(batch, rest)
     elif isinstance(batch, (tuple, list)):
-        if not isinstance(id_key, int) or not -len(batch) <= id_key < len(batch):
+        if isinstance(id_key, bool) or not isinstance(id_key, (int, np.integer)) or \
+                not -len(batch) <= id_key < len(batch):
             raise KeyError(f"the batch is a {type(batch).__name__} of {len(batch)} fields; id_key "
                            f"{id_key!r} must be an index into it (the default -1 is the last field)")
-        position = id_key % len(batch)
+        position = int(id_key) % len(batch)
         ids = batch[position]
         fields = [v for i, v in enumerate(batch) if i != position]
         rest = fields if isinstance(batch, list) else tuple(fields)

@@ -25,6 +25,7 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist as composer_dist
 
+from .._check import int_at_least
 from ..corpus import Corpus
 from ..distributed import merge_rank_scores
 from ..policy import InfoBatchPolicy, Policy
@@ -64,8 +65,7 @@ class ScoreCheckpoint:
 
     def __init__(self, store_path: str | os.PathLike | None = None, keep_snapshots: int = 2,
                  device: torch.device | str | None = None) -> None:
-        if not isinstance(keep_snapshots, int) or keep_snapshots < 1:
-            raise ValueError(f"keep_snapshots must be an integer >= 1, got {keep_snapshots!r}")
+        keep_snapshots = int_at_least(keep_snapshots, 1, "keep_snapshots")
         self.store_path = None if store_path is None else os.path.abspath(os.fspath(store_path))
         self.keep_snapshots, self.device = keep_snapshots, device
 
@@ -241,8 +241,8 @@ class EvolvedSampling(Algorithm):
         if (batch_size is None) == (keep is None):
             raise ValueError("EvolvedSampling: give exactly one of batch_size (b) or keep (b/B), "
                              f"got batch_size={batch_size!r}, keep={keep!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size (b) must be an integer >= 1, got {batch_size!r}")
+        if batch_size is not None:
+            batch_size = int_at_least(batch_size, 1, "batch_size (b)")
         if keep is not None and not 0.0 < keep <= 1.0:
             raise ValueError(f"keep (b/B) must be in (0, 1], got {keep!r}")
         for name, frac in (("burn_in", burn_in), ("anneal", anneal)):
