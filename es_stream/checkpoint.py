@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ._atomic import atomic_write
+from ._atomic import atomic_write, fsync_path
 from ._check import int_at_least
 from .errors import ScoreError
 from .store import ScoreStore, saved_length
@@ -49,14 +49,6 @@ _STEP_DIR = re.compile(r"step-(\d{12})")
 
 def _step_name(step: int) -> str:
     return f"step-{step:012d}"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Checkpointer:
@@ -166,7 +158,7 @@ class Checkpointer:
         with atomic_write(os.path.join(step_dir, STATE)) as tmp:
             with open(tmp, "wb") as f:
                 torch.save(state, f)
-        _fsync_dir(self.directory)  # the step directory's entry, before latest names it
+        fsync_path(self.directory)  # the step directory's entry, before latest names it
         with atomic_write(os.path.join(self.directory, LATEST)) as tmp:
             with open(tmp, "w") as f:
                 f.write(name + "\n")

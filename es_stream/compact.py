@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ._atomic import fsync_path
 from ._version import __version__
 from .corpus import Corpus, _local_path, is_local_url
 from .sources import open_reader
@@ -204,8 +205,8 @@ def _write_all(corpus: Corpus, kept_ids: np.ndarray, tmp: str, fmt: str, max_cou
         json.dump({"es_stream_version": __version__, "format": fmt, "samples": len(kept_ids),
                    "files": files}, f)
     for name in files + [MARKER]:  # durable before the rename publishes them
-        _fsync(os.path.join(tmp, name))
-    _fsync(tmp)
+        fsync_path(os.path.join(tmp, name))
+    fsync_path(tmp)
 
 
 def _move_into_place(tmp: str, target: str, replaces: bool) -> None:
@@ -216,7 +217,7 @@ def _move_into_place(tmp: str, target: str, replaces: bool) -> None:
         except OSError as exc:
             raise FileExistsError(f"output {target} appeared or filled up while compacting "
                                   f"({exc.strerror}); nothing was changed there") from exc
-        _fsync(parent)
+        fsync_path(parent)
         return
     # re-check: the directory may have changed while the shards were being written
     foreign = _foreign_entry(target)
@@ -233,7 +234,7 @@ def _move_into_place(tmp: str, target: str, replaces: bool) -> None:
         except BaseException:
             os.rename(old, target)  # put the previous output back
             raise
-    _fsync(parent)
+    fsync_path(parent)
     try:
         _remove_ours(old)
     except OSError as exc:  # the new output is in place; only the clean-up failed
@@ -270,14 +271,6 @@ def _remove_ours(directory: str) -> None:
                 os.unlink(path)
         with contextlib.suppress(OSError):
             os.rmdir(directory)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_wds(reader, rows, out_dir: str, max_count: int) -> None:
