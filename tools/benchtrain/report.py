@@ -259,6 +259,9 @@ def write_tables(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
         lines += ["## Fixes tried", ""]
     for e in fixes:
         lines += section(e, "###")
+    for e in entries.values():
+        if e["group"] == "variants":
+            lines += section(e, "##")
     lines += grid_tables(entries)
     path = out / "tables.md"
     write_text(path, "\n".join(lines))
