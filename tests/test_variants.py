@@ -238,6 +238,25 @@ def test_fresh_scores_stand_in_for_losses_and_turn_stale_after_fresh_steps():
         ESSelector(20, 2, fresh_steps=-1)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_variants_make_no_host_sync():
+    n, big_b, b = 100_000, 4096, 1024
+    sel = ESSelector(n, b, device="cuda", reweight="unbiased", fresh_steps=3)
+    ids = torch.randperm(n)[:big_b]  # on the CPU, as the loader yields them
+    losses = torch.rand(big_b, device="cuda")
+    sel.select(ids, losses)  # warm-up: lazy CUDA initialisation may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(5):
+            stale = sel.stale(ids)  # host ids, host mask
+            chosen = sel.select(ids, losses, b=b - step, forwarded=stale)
+            sel.record(ids[:b], losses[:b])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert chosen.device.type == sel.last_weights.device.type == "cuda"
+    assert chosen.numel() == b - 4
+
+
 # ----------------------------------------------------------------------------- in the loop
 pytest.importorskip("mnist1d")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
