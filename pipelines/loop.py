@@ -203,7 +203,8 @@ def make_pruner(method: str, corpus: Corpus, selector: Any, manifests: str, *, e
     from es_stream import ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore
 
     if method in ("eswp", "eswp_rescale"):
-        rescale = {"rescale": True, "min_keep": rescale_min_keep} if method == "eswp_rescale" else {}
+        rescale = ({"rescale": True, "min_keep": rescale_min_keep}
+                   if method == "eswp_rescale" else {})
         return Pruner(corpus, selector.store, ESWPPolicy(
             eswp_ratio, anneal=prune_anneal, burn_in_epochs=prune_burn_in_epochs, seed=seed,
             **rescale), manifests)

@@ -171,11 +171,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      f"{args.fix_burn_in}, {args.fix_anneal}")
     if args.fix_epochs < 1:
         parser.error(f"need --fix-epochs >= 1, got {args.fix_epochs}")
-    for flag, value, ok in (("--rescale-min-keep", args.rescale_min_keep, 0 < args.rescale_min_keep <= 1),
-                            ("--b-ramp", args.b_ramp, 0 < args.b_ramp <= 1),
-                            ("--fresh-epochs", args.fresh_epochs, args.fresh_epochs > 0)):
+    for flag, value, ok in (
+            ("--rescale-min-keep", args.rescale_min_keep, 0 < args.rescale_min_keep <= 1),
+            ("--b-ramp", args.b_ramp, 0 < args.b_ramp <= 1),
+            ("--fresh-epochs", args.fresh_epochs, args.fresh_epochs > 0)):
         if not ok:
-            parser.error(f"{flag} is out of range, got {value} (see --help)")
+            parser.error(f"{flag} is out of range, got {value}: need (0, 1] for --rescale-min-keep "
+                         "and --b-ramp, > 0 for --fresh-epochs")
     return args
 
 
