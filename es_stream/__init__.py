@@ -16,12 +16,12 @@ from .metabatch import MetaBatch
 from .plan import EpochPlan
 from .policy import ESWPPolicy, InfoBatchPolicy
 from .pruner import Pruner
-from .selector import (ESSelector, LossSelector, SelectiveBackpropSelector, Selector, TopKSelector,
-                       UniformSelector)
+from .selector import (BatchSchedule, ESSelector, LossSelector, SelectiveBackpropSelector, Selector,
+                       TopKSelector, UniformSelector)
 from .store import ScoreStore
 
 __all__ = [
-    "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
+    "BatchSchedule", "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
     "FeedbackChannel", "IndexFileError", "InfoBatchPolicy", "LossSelector", "ManifestError",
     "MetaBatch", "MissingExtraError", "Pruner", "SampleError", "ScoreError", "ScoreStore",
     "SelectiveBackpropSelector", "Selector",

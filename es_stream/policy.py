@@ -237,24 +237,145 @@ class ESWPPolicy(Policy):
     are still all kept (and every scored sample is pruned), so the epoch keeps more than the
     quota. With every sample scored, the decision is the same as without that rule.
     Scores must be finite and ``>= 0`` (they are sampling weights).
+
+    **Unbiased variant** (``rescale=True``; ours, ESWP with InfoBatch's unbiasedness). The plain
+    draw prunes low scorers more often but trains the kept ones at weight 1, so the expected
+    gradient of an epoch leans toward high scorers. With ``rescale`` only the *candidates* can be
+    pruned: scored samples whose score is below the mean of the scored samples (InfoBatch's
+    rule; samples at or above the mean and never-scored ones are kept at weight 1). Candidate i
+    is kept independently (Bernoulli/Poisson sampling, so its inclusion probability is known
+    exactly, unlike the Gumbel-top-k draw's) with probability
+
+        pi_i = clip(c * s_i, min_keep, 1)
+
+    increasing in its score, and carries the loss weight ``1 / pi_i`` (delivered through the
+    manifests to ``MetaBatch.weights``, as InfoBatch's), so ``E[sum of weighted kept losses]``
+    equals the sum of all losses, for any ``c``. ``c`` is chosen (from a histogram of the
+    candidates' scores, so up to its bin width) so the **expected number pruned is
+    ``ratio * n``**, the same quota as plain ESWP, so a ratio prunes as much compute either way;
+    when the candidates cannot supply it (``(1 - min_keep) * candidates < ratio * n``) every
+    candidate is kept with probability ``min_keep`` and fewer are pruned (see the Pruner's
+    summary). ``min_keep`` bounds the weights by ``1 / min_keep`` (default 0.1: weight <= 10),
+    which bounds the variance the rescaling adds. The number kept is random (about
+    ``(1 - ratio) n``), deterministic for a seed and epoch; pure numpy, three passes over the
+    chunks (mean, histogram, decision) with memory bounded by one chunk.
     """
 
     name = "es"
 
     def __init__(self, ratio: float = 0.3, anneal: float = 0.125, burn_in_epochs: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rescale: bool = False, min_keep: float = 0.1) -> None:
         super().__init__(ratio, anneal, seed, burn_in_epochs)
+        if not isinstance(rescale, bool):
+            raise TypeError(f"rescale must be True or False, got {rescale!r}")
+        if not 0.0 < min_keep <= 1.0:
+            raise ValueError(f"min_keep must be in (0, 1] (the smallest keep probability of a "
+                             f"rescaled sample; its weight is at most 1/min_keep), got {min_keep}")
+        self.rescale, self.min_keep = rescale, float(min_keep)
+
+    def describe(self) -> dict[str, str]:
+        out = super().describe()
+        if self.rescale:  # only then: manifests and checkpoints of plain ESWP stay as they were
+            out.update(rescale="True", min_keep=repr(self.min_keep))
+        return out
 
     def _decide(self, read, n, epoch, total_epochs, scored, source):
         if not self.prunes(epoch, total_epochs):
             yield from self._keep_all(n, scored)
             return
         read = checked_reader(read, n, source, non_negative=True)
+        if self.rescale:
+            yield from self._decide_rescaled(read, n, epoch, scored)
+            return
         k = math.ceil((1.0 - self.ratio) * n)
         for start, keep in chunked_top_k_mask(read, n, k, self.seed, epoch, scored=scored):
             never = _never(scored, start, start + len(keep))
             yield Decision(start, keep, np.ones(len(keep), np.float32),
                            0 if never is None else int(never.sum()))
+
+    def keep_probabilities(self, read: Read, n: int,
+                           scored: Read | None = None) -> tuple[float, float]:
+        """``(mean, c)`` of the rescaled draw over scores ``read``: candidates are scored
+        samples with a score below ``mean``; candidate i is kept with probability
+        ``clip(c * s_i, min_keep, 1)``. ``mean`` is NaN when no sample is scored (nothing is
+        pruned then)."""
+        mean = _scored_mean(read, n, scored)
+        if math.isnan(mean):
+            return mean, 0.0
+        bins = 1 << 16
+        counts, sums = np.zeros(bins, np.float64), np.zeros(bins, np.float64)
+        for start in range(0, n, CHUNK):
+            s = _candidate_scores(read, scored, start, min(start + CHUNK, n), mean)
+            idx = np.minimum((s / mean * bins).astype(np.int64), bins - 1) if mean > 0 else \
+                np.zeros(len(s), np.int64)
+            counts += np.bincount(idx, minlength=bins)
+            sums += np.bincount(idx, weights=s, minlength=bins)
+        return mean, _solve_c(counts, sums, self.ratio * n, self.min_keep)
+
+    def _decide_rescaled(self, read: Read, n: int, epoch: int,
+                         scored: Read | None) -> Iterator[Decision]:
+        mean, c = self.keep_probabilities(read, n, scored)
+        for i, start in enumerate(range(0, n, CHUNK)):
+            stop = min(start + CHUNK, n)
+            scores, never = read(start, stop).astype(np.float64), _never(scored, start, stop)
+            candidate = scores < mean  # False everywhere when mean is NaN (nothing scored)
+            if never is not None:
+                candidate &= ~never
+            pi = np.clip(c * scores, self.min_keep, 1.0)
+            u = np.random.default_rng([self.seed, epoch, 5, i]).random(len(scores))
+            keep = ~candidate | (u < pi)
+            weight = np.where(candidate & keep, 1.0 / pi, 1.0).astype(np.float32)
+            yield Decision(start, keep, weight, 0 if never is None else int(never.sum()))
+
+
+def _scored_mean(read: Read, n: int, scored: Read | None) -> float:
+    """Mean score of the scored samples (NaN when there are none)."""
+    total, counted = 0.0, 0
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        scores, never = read(start, stop), _never(scored, start, stop)
+        if never is not None:
+            scores = scores[~never]
+        total += float(scores.astype(np.float64).sum())
+        counted += len(scores)
+    return total / counted if counted else math.nan
+
+
+def _candidate_scores(read: Read, scored: Read | None, start: int, stop: int,
+                      mean: float) -> np.ndarray:
+    scores, never = read(start, stop).astype(np.float64), _never(scored, start, stop)
+    candidate = scores < mean
+    if never is not None:
+        candidate &= ~never
+    return scores[candidate]
+
+
+def _solve_c(counts: np.ndarray, sums: np.ndarray, prune: float, min_keep: float) -> float:
+    """The ``c`` whose expected number kept, ``sum clip(c s, min_keep, 1)`` over the candidates
+    (a histogram: each bin's samples at their bin's mean score), is ``candidates - prune``. The
+    expectation grows with ``c``: bisection. 0 when even ``min_keep`` everywhere
+    prunes too few (``c = 0`` keeps every candidate at ``min_keep``)."""
+    total = float(counts.sum())
+    want = total - prune
+    if want <= min_keep * total:
+        return 0.0
+    occupied = counts > 0
+    level = sums[occupied] / counts[occupied]  # each bin's mean score
+    weight = counts[occupied]
+
+    def kept(c: float) -> float:
+        return float((weight * np.clip(c * level, min_keep, 1.0)).sum())
+
+    positive = level[level > 0]
+    if len(positive) == 0:  # all candidates score 0: clip gives min_keep for any c
+        return 0.0
+    lo, hi = 0.0, 1.0 / float(positive.min())  # at hi every positive candidate is kept
+    if kept(hi) <= want:
+        return hi
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if kept(mid) < want else (lo, mid)
+    return hi
 
 
 class InfoBatchPolicy(Policy):

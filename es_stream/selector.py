@@ -4,12 +4,16 @@ All selectors share one interface, ``select(ids, losses) -> LongTensor[b]`` (ind
 meta-batch, on ``losses.device``), and draw without replacement by Gumbel-top-k: the top b of
 ``log w_i + Gumbel(0, 1)`` are exactly a successive draw without replacement with probability
 proportional to ``w``, computed with no data-dependent shapes and no host synchronisation.
+
+:class:`BatchSchedule` gives b per step as a function of training progress (selection annealed
+to the whole meta-batch, or the reverse), for a loop that varies b with ``select(..., b=)``.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,9 +60,11 @@ class Selector:
             self._generators[key] = gen
         return gen
 
-    def _validate(self, ids: Any, losses: torch.Tensor) -> torch.Tensor | None:
-        """Check a meta-batch; returns ``ids`` as a tensor (numpy arrays and sequences of ints
-        are accepted wherever tensors are)."""
+    def _validate(self, ids: Any, losses: torch.Tensor,
+                  k: int | None = None) -> torch.Tensor | None:
+        """Check a meta-batch (and ``k``, the number to select; default ``batch_size``); returns
+        ``ids`` as a tensor (numpy arrays and sequences of ints are accepted wherever tensors
+        are)."""
         if ids is not None:
             ids = as_index(ids)
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
@@ -69,8 +75,9 @@ class Selector:
             raise ValueError(f"ids has shape {tuple(ids.shape)} but losses has {losses.numel()} "
                              "elements: pass one id per loss, in the same order")
         n = losses.numel()
-        if self.batch_size > n:
-            raise ValueError(f"batch_size b={self.batch_size} exceeds the meta-batch size B={n}: "
+        k = self.batch_size if k is None else k
+        if k > n:
+            raise ValueError(f"batch_size b={k} exceeds the meta-batch size B={n}: "
                              "use ESDataset(drop_last=True), or train on the whole meta-batch "
                              "when len(meta_batch) <= b")
         if losses.device.type == "cpu" and not bool(torch.isfinite(losses).all()):
@@ -81,12 +88,15 @@ class Selector:
                              "it cannot be a sampling weight")
         return ids
 
-    def _top_k(self, log_weights: torch.Tensor) -> torch.Tensor:
-        """Gumbel-top-k: b indices drawn without replacement with p proportional to exp(log w)."""
+    def _keys(self, log_weights: torch.Tensor) -> torch.Tensor:
+        """``log w + Gumbel(0, 1)`` per sample, from the selector's generator."""
         exp = torch.empty_like(log_weights, dtype=torch.float32).exponential_(
             generator=self._generator(log_weights.device))
-        keys = log_weights.float() - exp.log()  # log w + Gumbel(0,1), as -log(Exp(1)) is Gumbel
-        return keys.topk(self.batch_size, sorted=False).indices
+        return log_weights.float() - exp.log()  # -log(Exp(1)) is Gumbel(0, 1)
+
+    def _top_k(self, log_weights: torch.Tensor) -> torch.Tensor:
+        """Gumbel-top-k: b indices drawn without replacement with p proportional to exp(log w)."""
+        return self._keys(log_weights).topk(self.batch_size, sorted=False).indices
 
     # ------------------------------------------------------------ interface
     def select(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -173,9 +183,43 @@ class ESSelector(Selector):
     (mixed with uniform: ``p = (1 - uniform_mix) p + uniform_mix / B``; ours, off by default).
     During burn-in (the first ``burn_in * total_steps`` steps) and annealing (the last
     ``anneal * total_steps``) selection is uniform while scores still update (the paper mentions
-    both; their lengths are ours to choose, default 0). With ``reweight=True``,
-    :attr:`last_weights` holds ``1 / (B p_i)`` for the selected samples (ours; the paper uses
-    the plain mean).
+    both; their lengths are ours to choose, default 0).
+
+    **Importance weights** (``reweight``; ours, the paper trains on the plain mean). After each
+    :meth:`select`, :attr:`last_weights` holds one loss weight per selected sample (a tensor on
+    the losses' device, in the order of the returned indices; None without ``reweight``), such
+    that ``mean(weights * losses[chosen])`` estimates the meta-batch's mean loss:
+
+    * ``"unbiased"``: ``w_i = b / (B q_i)`` with ``q_i = 1 - exp(-p_i exp(-kappa))``, the
+      inclusion probability of sample i *given* ``kappa``, the (b+1)-th largest Gumbel key of
+      the draw (Horvitz-Thompson with the conditional inclusion probability: Duffield, Lund and
+      Thorup's priority sampling; Kool, van Hoof and Welling 2019, "Estimating gradients for
+      discrete random variables by sampling without replacement"). Given the others' keys,
+      sample i is drawn iff its key beats the b-th largest of theirs, which is then ``kappa``,
+      so ``E[1{i drawn} / q_i] = 1`` exactly: **unbiased for the without-replacement draw**.
+      (The unconditional inclusion probabilities of successive sampling have no closed form;
+      this needs none.) Costs a top-(b+1) instead of a top-b, no host synchronisation.
+    * ``"approx"`` (or ``True``, the earlier flag): ``w_i = 1 / (B p_i)``, the
+      with-replacement approximation; unbiased only when b << B (it ignores that a drawn
+      sample cannot be drawn again, so it over-weights low-p samples' share: see
+      tests/test_variants.py).
+
+    On uniform steps (burn-in, annealing) both give weight 1, the exact ``b / (B * b/B)``.
+
+    **Fresh scores** (``fresh_steps=k``; ours): a sample whose score this selector updated
+    within the last ``k`` steps is *fresh*: :meth:`stale` tells the caller which rows of a
+    meta-batch need the scoring forward; the others may be left out of it and passed to
+    :meth:`select` with ``forwarded`` False, where their stored score stands in for their loss
+    (so ``w_i = s_i``, and their score and update step stay as they were: they turn stale ``k``
+    steps after their last real update). A sample is seen once per epoch, so ``k`` of about
+    one epoch of steps skips the scoring forward for about half of the samples of each epoch
+    after the first. Memory: one int32 step per sample on the host (4 bytes/sample, allocated
+    only when ``k > 0``). :meth:`stale` and the update bookkeeping want host ids (as the loader
+    yields them): device ids cost a copy to the host, one synchronisation per step.
+
+    **Variable b**: ``select(..., b=k)`` draws k instead of ``batch_size`` (see
+    :class:`BatchSchedule`); :meth:`record` scores samples that were trained without a
+    selection (e.g. when ``b == B``) from their training losses, with no scoring forward.
 
     Args:
         num_samples: n, corpus size (ids are in [0, n)).
@@ -203,10 +247,11 @@ class ESSelector(Selector):
 
     def __init__(self, num_samples: int, batch_size: int, beta1: float = 0.2, beta2: float = 0.8,
                  burn_in: float = 0.0, anneal: float = 0.0, total_steps: int | None = None,
-                 floor: float = 1e-8, uniform_mix: float = 0.0, reweight: bool = False,
+                 floor: float = 1e-8, uniform_mix: float = 0.0, reweight: bool | str = False,
                  seed: int = 0, store: ScoreStore | None = None,
                  device: torch.device | str | None = None, feedback: str = "auto",
-                 max_pending: int = 16, fingerprint: str | None = None) -> None:
+                 max_pending: int = 16, fingerprint: str | None = None,
+                 fresh_steps: int = 0) -> None:
         super().__init__(batch_size, seed)
         num_samples = positive_int(num_samples, "num_samples")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
@@ -227,6 +272,11 @@ class ESSelector(Selector):
         if feedback not in ("auto", "sync", "async"):
             raise ValueError(f"feedback must be 'auto', 'sync' or 'async', got {feedback!r}")
         max_pending = positive_int(max_pending, "max_pending", "an integer >= 1")
+        reweight = _reweight_mode(reweight)
+        fresh_steps = _integer(fresh_steps, "fresh_steps")
+        if fresh_steps < 0:
+            raise ValueError(f"fresh_steps must be >= 0 (0: every sample is forwarded), "
+                             f"got {fresh_steps}")
         if store is not None and not isinstance(store, ScoreStore):
             raise TypeError(f"store must be an es_stream.ScoreStore, got {type(store).__name__}")
         if store is not None and store.num_samples != num_samples:
@@ -241,6 +291,10 @@ class ESSelector(Selector):
         self.feedback, self.max_pending = feedback, max_pending
         self._channels: dict[torch.device, FeedbackChannel] = {}
         self._nonfinite: torch.Tensor | None = None
+        self.fresh_steps = fresh_steps
+        # step of each sample's last real update (-1: none), on the host: see "Fresh scores"
+        self._last_update = (torch.full((num_samples,), -1, dtype=torch.int32)
+                             if fresh_steps else None)
 
     def channel(self, device: torch.device | str) -> FeedbackChannel | None:
         """The feedback channel that serves losses on ``device`` (None: direct access)."""
@@ -274,8 +328,11 @@ class ESSelector(Selector):
             return False
         return step < self.burn_in * self.total_steps or step >= (1 - self.anneal) * self.total_steps
 
-    def update(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        """Apply the ES rule to the meta-batch's scores; return the sampling weights ``w``."""
+    def update(self, ids: torch.Tensor, losses: torch.Tensor,
+               forwarded: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the ES rule to the meta-batch's scores; return the sampling weights ``w``.
+        With ``forwarded`` (a boolean mask), rows where it is False take their stored score as
+        their loss and keep their score (see "Fresh scores")."""
         ids = as_index(ids)
         self.store.check_ids(ids)
         if ids.device.type == "cpu" and ids.numel() != torch.unique(ids).numel():
@@ -286,8 +343,15 @@ class ESSelector(Selector):
             s = self.store.gather(ids, checked=True).to(l.device, non_blocking=True)
         else:
             s = channel.fetch(ids)
+        fwd = None
+        if forwarded is not None:
+            fwd = torch.as_tensor(forwarded, dtype=torch.bool).to(l.device, non_blocking=True)
+            l = torch.where(fwd, l, s)
         w = self.beta1 * s + (1.0 - self.beta1) * l
         new_scores = self.beta2 * s + (1.0 - self.beta2) * l
+        if fwd is not None:  # exactly the stored score (beta2 s + (1 - beta2) s may round)
+            new_scores = torch.where(fwd, new_scores, s)
+        self._mark_updated(ids, forwarded)
         if channel is None:
             self.store.scatter(ids, new_scores, checked=True)
         else:
@@ -297,9 +361,14 @@ class ESSelector(Selector):
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         return w
 
-    def select(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        ids = self._validate(ids, losses)
-        w = self.update(ids, losses)
+    def select(self, ids: torch.Tensor, losses: torch.Tensor, *, b: int | None = None,
+               forwarded: torch.Tensor | None = None) -> torch.Tensor:
+        """Update the meta-batch's scores and draw ``b`` (default ``batch_size``) of it; the
+        indices, on the losses' device. ``forwarded``: see "Fresh scores" (rows where it is
+        False: ``losses`` there is ignored)."""
+        k = self.batch_size if b is None else positive_int(b, "b", "an integer >= 1")
+        ids = self._validate(ids, losses, k)
+        w = self.update(ids, losses, forwarded)
         uniform = self.is_uniform_step()
         self.step += 1
         n = w.numel()
@@ -311,9 +380,51 @@ class ESSelector(Selector):
             if self.uniform_mix > 0:
                 p = (1.0 - self.uniform_mix) * p + self.uniform_mix / n
             log_p = p.log()
-        chosen = self._top_k(log_p)
-        self.last_weights = (1.0 / (n * log_p[chosen].exp())) if self.reweight else None
+        if self.reweight != "unbiased":
+            chosen = self._keys(log_p).topk(k, sorted=False).indices
+            self.last_weights = (1.0 / (n * log_p[chosen].exp())) if self.reweight else None
+            return chosen
+        if k == n:  # everything is drawn: inclusion probability 1
+            chosen = torch.arange(n, device=w.device)
+            self.last_weights = torch.ones(n, device=w.device)
+            return chosen
+        top = self._keys(log_p).topk(k + 1)  # sorted: the last is kappa, the (b+1)-th key
+        chosen, kappa = top.indices[:k], top.values[k]
+        if uniform:
+            self.last_weights = torch.ones(k, device=w.device)
+        else:  # q_i = 1 - exp(-p_i e^-kappa) = P(key_i > kappa)
+            q = -torch.expm1(-torch.exp(log_p[chosen] - kappa))
+            self.last_weights = k / (n * q)
         return chosen
+
+    def record(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
+        """Score samples trained *without* a selection (a meta-batch trained whole, e.g. at
+        ``b == B``, or a loop that never selects) from their training ``losses`` (detached):
+        the ES rule's update, no scoring forward. Counts as a step."""
+        ids = self._validate(ids, losses, 0)
+        self.update(ids, losses)
+        self.step += 1
+        self.last_weights = None
+
+    def stale(self, ids: Any) -> torch.Tensor:
+        """Which rows of ``ids`` need a scoring forward: a boolean mask on the host, True for a
+        sample whose score this selector has not updated within the last ``fresh_steps`` steps
+        (all True when ``fresh_steps`` is 0). See "Fresh scores"."""
+        ids = as_index(ids)
+        if self._last_update is None:
+            return torch.ones(ids.numel(), dtype=torch.bool)
+        ids = ids.cpu()  # a synchronisation if they were on a device (see the class docstring)
+        self.store.check_ids(ids)
+        last = self._last_update[ids].long()
+        return (last < 0) | (self.step - last > self.fresh_steps)
+
+    def _mark_updated(self, ids: torch.Tensor, forwarded: torch.Tensor | None) -> None:
+        if self._last_update is None:
+            return
+        rows = ids.cpu()
+        if forwarded is not None:
+            rows = rows[torch.as_tensor(forwarded, dtype=torch.bool).cpu()]
+        self._last_update[rows] = self.step
 
     def check_finite(self) -> None:
         """Raise if any loss given on a GPU since the last check was NaN or infinite (syncs)."""
@@ -330,6 +441,8 @@ class ESSelector(Selector):
         self.flush()
         state = super().state_dict()
         state["updated_ids"] = self.store.update_log_state()
+        if self._last_update is not None:
+            state["last_update"] = self._last_update.clone()
         if with_store:
             state["store"] = self.store.state_dict()
         return state
@@ -343,3 +456,62 @@ class ESSelector(Selector):
             self.store.load_state_dict(state["store"])
         if "updated_ids" in state:
             self.store.load_update_log_state(state["updated_ids"])
+        if self._last_update is not None and "last_update" in state:
+            self._last_update = torch.as_tensor(state["last_update"], dtype=torch.int32).clone()
+
+
+def _reweight_mode(reweight: Any) -> bool | str:
+    """``reweight`` as False, ``"approx"`` or ``"unbiased"`` (True is ``"approx"``)."""
+    if reweight is False or reweight is None:
+        return False
+    if reweight is True:
+        return "approx"
+    if reweight in ("approx", "unbiased"):
+        return reweight
+    raise ValueError(f"reweight must be False, 'unbiased' or 'approx' (True), got {reweight!r}")
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """b per step as a function of training progress (ours): selection annealed away, or its
+    reverse. The meta-batch size B stays fixed; b moves linearly between ``b`` and ``B`` over a
+    ``ramp`` fraction of training (rounded to the nearest integer):
+
+    * ``"to_uniform"``: ``b`` at the start, ``B`` from progress ``ramp`` on (select early,
+      train every sample of the meta-batch late: B/b anneals to 1);
+    * ``"from_uniform"``: the time-reverse, ``B`` until progress ``1 - ramp``, then down to
+      ``b`` at the end (uniform early, selective late).
+
+    At ``b == B`` there is nothing to select, so a loop should skip the scoring forward (and may
+    score the samples from their training losses, :meth:`ESSelector.record`).
+
+    Args:
+        kind: ``"to_uniform"`` or ``"from_uniform"``.
+        b: the selective end's b (``1 <= b <= B``).
+        B: the meta-batch size.
+        ramp: fraction of training over which b moves, in (0, 1] (default 0.75).
+    """
+
+    kind: str
+    b: int
+    B: int
+    ramp: float = 0.75
+
+    KINDS = ("to_uniform", "from_uniform")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {', '.join(self.KINDS)}, got {self.kind!r}")
+        b, B = _integer(self.b, "b"), _integer(self.B, "B")
+        if not 1 <= b <= B:
+            raise ValueError(f"need 1 <= b <= B, got b={b}, B={B}")
+        if not 0.0 < self.ramp <= 1.0:
+            raise ValueError(f"ramp must be a fraction in (0, 1], got {self.ramp}")
+
+    def __call__(self, progress: float) -> int:
+        """b at ``progress`` (fraction of training done, clamped to [0, 1])."""
+        progress = min(max(float(progress), 0.0), 1.0)
+        if self.kind == "from_uniform":
+            progress = 1.0 - progress
+        f = min(1.0, progress / self.ramp)
+        return int(math.floor(self.b + (self.B - self.b) * f + 0.5))

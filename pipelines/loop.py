@@ -17,6 +17,19 @@ says how: epochs and their budget, b and B, the learning rate, the seed, the met
   last loss as its score, :class:`InfoBatchPolicy`, kept low-loss samples weighted by
   ``MetaBatch.weights``) also prune the set at epoch ends through Parquet manifests
   (:func:`make_pruner`).
+* **Variants** (:data:`VARIANTS`, issue "Selection that pays"; ES selectors all):
+  ``eswp_rescale``: ES + ``ESWPPolicy(rescale=True)`` (prunes only below-mean scores, keeps each
+  with a known probability and weights the kept ones by its inverse through ``MetaBatch.weights``,
+  taken at the selected rows); ``infobatch_es``: InfoBatch's batches of b and policy, on the
+  ES EMA scores instead of the last loss — the scores come from the training losses of each
+  batch of b (:meth:`ESSelector.record`), **no scoring forward**, so it keeps InfoBatch's cost
+  (an extra B-forward would cost ~0.25 of a training sample, issue 7); ``es_reweight``: ES with
+  ``reweight="unbiased"`` importance weights on the selected losses; ``es_to_uniform`` /
+  ``es_from_uniform``: b per step from a :class:`BatchSchedule` (``b_ramp``); at ``b == B`` the
+  scoring forward is skipped and the scores come from the training losses; ``es_fresh``:
+  ``ESSelector(fresh_steps=fresh_epochs * steps per epoch)``, the scoring forward only on
+  stale samples. The variants score a tail meta-batch of at most b (trained whole) from its
+  training losses; ``es``/``eswp`` leave its scores as they were (as in issue 7).
 * **Schedule.** Adam with a cosine learning rate over the run's progress in epochs (epoch plus
   the fraction of its meta-batches done), so every method ends at lr 0 whatever its steps per
   epoch (pruned epochs have fewer). With ``budget_epochs`` (fractional) the run stops there,
@@ -24,9 +37,10 @@ says how: epochs and their budget, b and B, the learning rate, the seed, the met
 * **Timer.** Training wall-clock: the loop, loader waits and manifest writing, paused while the
   held-out set is evaluated (``evals_per_epoch`` times per epoch, the last at the epoch's end).
   On CUDA it synchronises only at those evaluation points, never per step.
-* **Counts.** ``samples_forwarded`` (read and passed through the model: scoring forwards
-  included, fewer for the pruning methods), ``samples_backpropagated`` (in the loss that was
-  back-propagated), ``steps``.
+* **Counts.** ``samples_forwarded`` (read and passed through the model at least once: scoring
+  forwards included, fewer for the pruning methods and for ``es_fresh``),
+  ``samples_scored`` (through the no-grad scoring forward), ``samples_backpropagated`` (in the
+  loss that was back-propagated), ``steps``.
 * **Already learned.** With the workload's ``learned_loss``, each epoch's ``learned_fraction``:
   the fraction of the samples read that epoch whose loss, under the model just before the step
   that read them, was below it. The losses are the ones the method computes anyway (the scoring
@@ -53,13 +67,19 @@ import torch
 from torch import nn
 
 import es_stream
-from es_stream import (Corpus, ESDataset, ESSelector, LossSelector, SelectiveBackpropSelector,
-                       Selector, TopKSelector, UniformSelector)
+from es_stream import (BatchSchedule, Corpus, ESDataset, ESSelector, LossSelector,
+                       SelectiveBackpropSelector, Selector, TopKSelector, UniformSelector)
 
-METHODS = ("uniform", "es", "eswp", "infobatch", "loss", "selective_backprop", "topk", "random")
-BATCH_OF_B = ("uniform", "infobatch")  # methods that train on every sample of a meta-batch of b
-PRUNING = ("eswp", "infobatch")        # methods that prune at epoch ends
-ES_METHODS = ("es", "eswp")            # methods whose selector is an ESSelector
+VARIANTS = ("eswp_rescale", "infobatch_es", "es_reweight", "es_to_uniform", "es_from_uniform",
+            "es_fresh")
+METHODS = ("uniform", "es", "eswp", "infobatch", "loss", "selective_backprop", "topk",
+           "random") + VARIANTS
+# methods that train on every sample of a meta-batch of b
+BATCH_OF_B = ("uniform", "infobatch", "infobatch_es")
+PRUNING = ("eswp", "infobatch", "eswp_rescale", "infobatch_es")  # prune at epoch ends
+WEIGHTED = ("infobatch", "infobatch_es", "eswp_rescale")  # train on MetaBatch.weights
+ES_METHODS = ("es", "eswp") + VARIANTS  # methods whose selector is an ESSelector
+SCHEDULES = {"es_to_uniform": "to_uniform", "es_from_uniform": "from_uniform"}
 
 
 @dataclass(frozen=True)
@@ -101,7 +121,10 @@ class RunConfig:
     allowed, at most ``epochs``) cuts the run there. With ``run_dir`` the run's manifests are
     kept in ``run_dir/manifests`` (replaced, not merged) and its final scores in
     ``run_dir/scores.npy`` (for ``es-stream inspect/prune``); without it they go to a temporary
-    directory.
+    directory. The variants' options, each read by its method only: ``rescale_min_keep``
+    (``eswp_rescale``: smallest keep probability, weights <= 1/it), ``b_ramp``
+    (``es_to_uniform``/``es_from_uniform``: fraction of training over which b moves) and
+    ``fresh_epochs`` (``es_fresh``: a score updated within this many epochs' steps is fresh).
     """
 
     epochs: int
@@ -119,6 +142,9 @@ class RunConfig:
     run_dir: str | None = None
     budget_epochs: float | None = None
     evals_per_epoch: int = 1
+    rescale_min_keep: float = 0.1
+    b_ramp: float = 0.75
+    fresh_epochs: float = 1.0
 
     @property
     def horizon(self) -> float:
@@ -143,17 +169,26 @@ class RunConfig:
         if not 0 < self.horizon <= self.epochs:
             raise ValueError(f"budget_epochs must be in (0, epochs={self.epochs}], "
                              f"got {self.budget_epochs}")
+        if not 0 < self.rescale_min_keep <= 1:
+            raise ValueError(f"rescale_min_keep must be in (0, 1], got {self.rescale_min_keep}")
+        if not 0 < self.b_ramp <= 1:
+            raise ValueError(f"b_ramp must be in (0, 1], got {self.b_ramp}")
+        if not self.fresh_epochs > 0:
+            raise ValueError(f"fresh_epochs must be > 0, got {self.fresh_epochs}")
 
 
 # ----------------------------------------------------------------------------- the method table
 def make_selector(method: str, corpus: Corpus, b: int, seed: int, total_steps: int,
                   **es_options: Any) -> Selector | None:
-    """The selector of ``method`` (None for the methods of :data:`BATCH_OF_B`). ``es_options``
-    go to :class:`ESSelector` (beta1, beta2, burn_in, anneal, device, ...)."""
+    """The selector of ``method`` (None for ``uniform`` and ``infobatch``; ``infobatch_es``'s
+    only scores). ``es_options`` go to :class:`ESSelector` (beta1, beta2, burn_in, anneal,
+    device, fresh_steps, ...); ``es_reweight`` adds ``reweight="unbiased"``."""
+    if method in ES_METHODS:
+        if method == "es_reweight":
+            es_options = {"reweight": "unbiased", **es_options}
+        return ESSelector(corpus.num_samples, b, seed=seed, total_steps=total_steps, **es_options)
     if method in BATCH_OF_B:
         return None
-    if method in ES_METHODS:
-        return ESSelector(corpus.num_samples, b, seed=seed, total_steps=total_steps, **es_options)
     factories: dict[str, Callable[[], Selector]] = {
         "loss": lambda: LossSelector(b, seed=seed),
         "selective_backprop": lambda: SelectiveBackpropSelector(b, seed=seed),
@@ -167,18 +202,23 @@ def make_selector(method: str, corpus: Corpus, b: int, seed: int, total_steps: i
 
 def make_pruner(method: str, corpus: Corpus, selector: Any, manifests: str, *, eswp_ratio: float,
                 infobatch_ratio: float, prune_anneal: float, prune_burn_in_epochs: int,
-                seed: int) -> Any:
-    """The epoch-end pruner of ``method`` writing to ``manifests`` (None unless ``eswp`` or
-    ``infobatch``): ``eswp`` prunes with :class:`ESWPPolicy` on the ES selector's store;
-    ``infobatch`` with :class:`InfoBatchPolicy` on a store of its own (last losses)."""
+                seed: int, rescale_min_keep: float = 0.1) -> Any:
+    """The epoch-end pruner of ``method`` writing to ``manifests`` (None unless it is in
+    :data:`PRUNING`): ``eswp`` prunes with :class:`ESWPPolicy` on the ES selector's store,
+    ``eswp_rescale`` with ``ESWPPolicy(rescale=True, min_keep=rescale_min_keep)``;
+    ``infobatch`` with :class:`InfoBatchPolicy` on a store of its own (last losses),
+    ``infobatch_es`` on the ES selector's store (EMA of the training losses)."""
     from es_stream import ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore
 
-    if method == "eswp":
+    if method in ("eswp", "eswp_rescale"):
+        rescale = ({"rescale": True, "min_keep": rescale_min_keep}
+                   if method == "eswp_rescale" else {})
         return Pruner(corpus, selector.store, ESWPPolicy(
-            eswp_ratio, anneal=prune_anneal, burn_in_epochs=prune_burn_in_epochs, seed=seed),
-            manifests)
-    if method == "infobatch":
-        return Pruner(corpus, ScoreStore(corpus.num_samples),
+            eswp_ratio, anneal=prune_anneal, burn_in_epochs=prune_burn_in_epochs, seed=seed,
+            **rescale), manifests)
+    if method in ("infobatch", "infobatch_es"):
+        store = selector.store if method == "infobatch_es" else ScoreStore(corpus.num_samples)
+        return Pruner(corpus, store,
                       InfoBatchPolicy(infobatch_ratio, anneal=prune_anneal, seed=seed), manifests)
     return None
 
@@ -245,6 +285,7 @@ class Counts:
     """What a run has done so far."""
 
     forwarded: int = 0
+    scored: int = 0
     backpropagated: int = 0
     steps: int = 0
     epochs_done: float = 0.0
@@ -264,6 +305,13 @@ class _Run:
         options = dict(config.es_options or {})
         if self.dev.type == "cuda" and method in ES_METHODS:
             options.setdefault("device", self.dev)
+        if method == "es_fresh":  # about one epoch: see ESSelector's "Fresh scores"
+            options.setdefault("fresh_steps", max(1, round(config.fresh_epochs * len(ds))))
+        self.schedule = (BatchSchedule(SCHEDULES[method], config.b, config.B, config.b_ramp)
+                         if method in SCHEDULES else None)
+        # samples forwarded only to be trained (fresh ones selected): a device count, read once
+        # at the end so that no step waits on the device
+        self._fresh_trained: torch.Tensor | None = None
         # ES's burn-in/anneal fractions count steps of unpruned epochs (an upper bound for eswp)
         self.selector = make_selector(method, workload.corpus, config.b, config.seed,
                                       config.epochs * len(ds), **options)
@@ -272,7 +320,7 @@ class _Run:
                                   infobatch_ratio=config.infobatch_ratio,
                                   prune_anneal=config.prune_anneal,
                                   prune_burn_in_epochs=config.prune_burn_in_epochs,
-                                  seed=config.seed)
+                                  seed=config.seed, rescale_min_keep=config.rescale_min_keep)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.clock = Clock(self.dev)
         self.counts = Counts()
@@ -299,31 +347,74 @@ class _Run:
         with torch.no_grad():
             return self.workload.losses(self.model, data)
 
-    def weights(self, mb: Any) -> torch.Tensor | None:
-        """Per-sample weights of the back-propagated loss (None: all 1): InfoBatch's rescaling
-        of the kept low-loss samples (``MetaBatch.weights``)."""
-        if self.method == "infobatch" and mb.weights is not None:
-            return mb.weights.to(self.dev)
-        return None
+    def batch_size(self, progress: float) -> int:
+        """b of this step: the schedule's at ``progress`` (fraction of the run), else ``b``."""
+        return self.config.b if self.schedule is None else self.schedule(progress)
 
-    def step(self, mb: Any) -> None:
-        """One meta-batch: score and select b of it (selection methods), then one optimizer
-        step on the mean of the (weighted) per-sample losses."""
-        data, ids = to_device(mb.data, self.dev), mb.ids
+    def select(self, data: Any, ids: torch.Tensor, b: int) -> torch.Tensor:
+        """Score the meta-batch (only its stale rows for ``es_fresh``) and let the selector pick
+        ``b`` of it; the chosen rows, on the device."""
+        sel = self.selector
+        if isinstance(sel, ESSelector) and sel.fresh_steps:
+            stale = sel.stale(ids)  # host ids and mask: no synchronisation
+            rows = stale.nonzero().squeeze(1)
+            losses = torch.zeros(len(ids), device=self.dev)
+            if len(rows) == len(ids):
+                losses = self.score(data)
+                self.observe(losses)
+            elif len(rows):
+                rows_dev = rows.to(self.dev)
+                losses[rows_dev] = self.score(take(data, rows_dev)).float()
+                self.observe(losses[rows_dev])  # fresh rows have no loss under this model
+            self.counts.forwarded += len(rows)
+            self.counts.scored += len(rows)
+            chosen = sel.select(ids, losses, b=b, forwarded=stale)
+            fresh_trained = (~stale).to(self.dev)[chosen].sum()
+            self._fresh_trained = (fresh_trained if self._fresh_trained is None
+                                   else self._fresh_trained + fresh_trained)
+            return chosen
         self.counts.forwarded += len(ids)
-        scored = self.selector is not None and len(ids) > self.config.b
-        if scored:
-            scores = self.score(data)
-            self.observe(scores)
-            chosen = self.selector.select(ids.to(self.dev), scores)
+        self.counts.scored += len(ids)
+        losses = self.score(data)
+        self.observe(losses)
+        if b != self.config.b:  # only ES selectors vary b (BatchSchedule)
+            return sel.select(ids.to(self.dev), losses, b=b)
+        return sel.select(ids.to(self.dev), losses)
+
+    def weights(self, mb: Any, chosen: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Per-sample weights of the back-propagated loss (None: all 1): the pruning policy's
+        (``MetaBatch.weights``: InfoBatch's and ``eswp_rescale``'s rescaled samples, at the
+        ``chosen`` rows) times the selector's importance weights (``es_reweight``)."""
+        w = None
+        if self.method in WEIGHTED and mb.weights is not None:
+            w = mb.weights.to(self.dev)
+            if chosen is not None:
+                w = w[chosen]
+        last = getattr(self.selector, "last_weights", None) if chosen is not None else None
+        if last is not None:
+            w = last if w is None else w * last
+        return w
+
+    def step(self, mb: Any, progress: float = 0.0) -> None:
+        """One meta-batch at ``progress`` (fraction of the run): score and select b of it
+        (selection methods, when b is below the meta-batch's size), then one optimizer step on
+        the mean of the (weighted) per-sample losses."""
+        data, ids = to_device(mb.data, self.dev), mb.ids
+        b = self.batch_size(progress)
+        chosen = None
+        if self.selector is not None and self.method not in BATCH_OF_B and len(ids) > b:
+            chosen = self.select(data, ids, b)
             data = take(data, chosen)
-        # else: a batch of b, or a tail meta-batch of at most b: train on all of it
+        else:  # a batch of b, b == B, or a tail meta-batch of at most b: train on all of it
+            self.counts.forwarded += len(ids)
         losses = self.workload.losses(self.model, data)
-        if not scored:
+        if chosen is None:  # no scoring forward: the training losses are this step's view
             self.observe(losses.detach())
         if self.method == "infobatch":  # its score is each sample's last loss
             self.pruner.store.scatter(ids, losses.detach())
-        weights = self.weights(mb)
+        elif chosen is None and self.method in VARIANTS:  # no scoring forward: train losses
+            self.selector.record(ids, losses.detach())
+        weights = self.weights(mb, chosen)
         loss = losses.mean() if weights is None else (losses * weights).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -357,9 +448,10 @@ class _Run:
                 else None)
         i = 0
         for i, mb in enumerate(dl, start=1):
+            done = epoch + (i - 1) / per_epoch  # epochs of progress before this step
             for group in self.opt.param_groups:
-                group["lr"] = cosine_lr(config.lr, epoch + (i - 1) / per_epoch, config.horizon)
-            self.step(mb)
+                group["lr"] = cosine_lr(config.lr, done, config.horizon)
+            self.step(mb, done / config.horizon)
             if stop is not None and i >= stop:
                 break
             if i in marks:
@@ -382,9 +474,12 @@ class _Run:
         values = [q for _, q in self.counts.curve]
         best = max if self.workload.higher_is_better else min
         quality = self.workload.quality
+        forwarded = self.counts.forwarded
+        if self._fresh_trained is not None:  # the run is over: one synchronisation
+            forwarded += int(self._fresh_trained)
         return {"method": self.method, "seed": self.config.seed,
                 "wall_clock_s": self.clock.elapsed,
-                "samples_forwarded": self.counts.forwarded,
+                "samples_forwarded": forwarded, "samples_scored": self.counts.scored,
                 "samples_backpropagated": self.counts.backpropagated, "steps": self.counts.steps,
                 "epochs_done": self.counts.epochs_done,
                 "params": sum(p.numel() for p in self.model.parameters()),
@@ -397,7 +492,7 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
     """Train one model of ``workload`` with ``method`` and report time, counts and quality.
 
     Returns a dict: ``method, seed, wall_clock_s`` (training wall-clock, evaluation excluded),
-    ``samples_forwarded, samples_backpropagated, steps``, ``epochs_done`` (fractional),
+    ``samples_forwarded, samples_scored, samples_backpropagated, steps``, ``epochs_done`` (fractional),
     ``params``, ``final_<quality>``, ``best_<quality>`` (max, or min when lower is better) and
     ``curve``: ``(wall_clock_s, quality)`` per evaluation, and ``learned_fraction``: per epoch,
     the fraction of the samples read whose loss was below the workload's ``learned_loss``

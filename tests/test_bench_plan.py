@@ -47,6 +47,12 @@ def test_a_run_is_keyed_by_the_fields_its_method_uses(tmp_path: Path) -> None:
         "infobatch": data | {"infobatch_ratio", "prune_anneal"},
         "loss": data | {"B"}, "selective_backprop": data | {"B"}, "random": data | {"B"},
         "budget_es": data | {"budget_epochs"}, "budget_eswp": data | {"budget_epochs"},
+        # the variants: their own option, none of the others'
+        "eswp_rescale": data | es | {"B", "eswp_ratio", "prune_anneal", "prune_burn_in_epochs",
+                                     "rescale_min_keep"},
+        "infobatch_es": data | {"beta1", "beta2", "infobatch_ratio", "prune_anneal"},
+        "es_reweight": data | es | {"B"}, "es_fresh": data | es | {"B", "fresh_epochs"},
+        "es_to_uniform": data | es | {"B", "b_ramp"}, "es_from_uniform": data | es | {"B", "b_ramp"},
     }
     assert set(expected) == set(P.METHODS)
     for method, keys in expected.items():
@@ -57,7 +63,8 @@ def test_a_run_is_keyed_by_the_fields_its_method_uses(tmp_path: Path) -> None:
         "mnist1d", m, seed, P.run_config(c, m, budget))
     for field_, value in [("beta1", 0.5), ("burn_in", 0.1), ("eswp_ratio", 0.5), ("B", 256),
                           ("infobatch_ratio", 0.3), ("prune_anneal", 0.5), ("lr", 1e-3),
-                          ("noise", 0.2), ("threads", 2)]:
+                          ("noise", 0.2), ("threads", 2), ("rescale_min_keep", 0.2),
+                          ("b_ramp", 0.5), ("fresh_epochs", 2.0)]:
         other = {**cfg, field_: value}
         for method, keys in expected.items():
             changed = key(cfg, method, budget=1.5) != key(other, method, budget=1.5)
@@ -179,3 +186,38 @@ def test_a_planned_run_becomes_the_loops_settings(tmp_path: Path) -> None:
     budget = loop_config("budget_es", 0, P.run_config(c, "budget_es", 2.4), False)
     assert (budget.epochs, budget.budget_epochs, budget.b) == (math.ceil(2.4), 2.4, c["b"])
     assert budget.horizon == 2.4 and loop_method("budget_es") == "uniform"
+
+
+def test_the_variants_grid_shares_the_main_runs_and_gives_each_variant_its_options(
+        tmp_path: Path) -> None:
+    exps = by_name(experiments(tmp_path, "--workload", "mnist1d", "--grid", "variants",
+                               "--b-ramp", "0.5", "--fresh-epochs", "2",
+                               "--rescale-min-keep", "0.2"))
+    main, variants = exps["mnist1d-noise0"], exps["variants"]
+    assert not set(P.VARIANTS) & set(main.methods)  # the default --methods: issue 7's tables
+    assert set(P.VARIANTS) <= set(variants.methods)
+    for m in ("uniform", "es", "eswp", "infobatch", "random"):
+        assert P.planned_run(variants, m, 0).key == P.planned_run(main, m, 0).key, m
+    c = variants.config
+    got = {m: loop_config(m, 0, P.run_config(c, m), False) for m in P.VARIANTS}
+    assert got["es_to_uniform"].b_ramp == got["es_from_uniform"].b_ramp == 0.5
+    assert got["es_fresh"].fresh_epochs == 2.0 and got["eswp_rescale"].rescale_min_keep == 0.2
+    assert got["eswp_rescale"].eswp_ratio == c["eswp_ratio"]
+    assert got["infobatch_es"].infobatch_ratio == c["infobatch_ratio"]
+    assert dict(got["infobatch_es"].es_options) == {"beta1": c["beta1"], "beta2": c["beta2"]}
+    with pytest.raises(SystemExit):
+        experiments(tmp_path, "--grid", "variants", "--b-ramp", "0")
+
+
+def test_the_recorded_evidence_still_covers_every_run_of_the_issue_7_plan() -> None:
+    # new methods and options must not re-key a run already measured: `--all` (as BENCHMARKS.md
+    # ran it) finds every run of its experiments other than the variants grid in
+    # docs/evidence/runs.jsonl, nothing to redo
+    store = Store(ROOT / "docs" / "evidence" / "runs.jsonl")
+    if not store.records:
+        pytest.skip("no recorded evidence runs in this checkout")
+    args = P.parse_args(["--all", "--grid-seeds", "0,1", "--out", str(ROOT / "docs" / "evidence")])
+    exps = [e for e in P.plan(args) if e.group != "variants"]
+    runs = [r for e in exps for r in P.measured_runs(e) + P.budget_runs(
+        e, P.budget_cuts(e, store.records))]
+    assert len(runs) > 100 and all(r.key in store.records for r in runs)

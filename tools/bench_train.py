@@ -6,6 +6,7 @@
     python tools/bench_train.py --grid ratio                           # B/b in {2, 4}
     python tools/bench_train.py --grid prune                           # ESWP pruning ratio
     python tools/bench_train.py --grid fixes                           # burn-in/anneal, longer run
+    python tools/bench_train.py --grid variants                        # the selection variants
     python tools/bench_train.py --all                                  # every one of the above
     python tools/bench_train.py --all --dry-run                        # the plan and its estimate
     python tools/bench_train.py --workload mnist1d-long                # a regime (see below)
@@ -76,6 +77,20 @@ uniform, ES and ES's control.
 ``random``          the random-selection control: forward on B, b picked uniformly
 ``budget_es``       the budget-matched control: uniform training cut to ES's wall-clock
 ``budget_eswp``     the same, cut to ESWP's wall-clock
+=================== ===========================================================================
+
+**The variants grid** (``--grid variants``; "Selection that pays", on MNIST-1D at
+``--grid-noise``, beside uniform, ES, ESWP, InfoBatch and random; not in the main tables unless
+named in ``--methods``):
+
+=================== ===========================================================================
+``eswp_rescale``    ESWP pruning only below-mean scores, kept ones weighted 1/pi (unbiased;
+                    ``--rescale-min-keep``)
+``infobatch_es``    InfoBatch on ES's EMA scores, from the training losses (no scoring forward)
+``es_reweight``     ES with unbiased importance weights on the b selected losses
+``es_to_uniform``   ES with b ramped to B over ``--b-ramp`` of training (no scoring at b = B)
+``es_from_uniform`` the reverse: b = B first, ramped down to b at the end
+``es_fresh``        ES scoring only samples not scored within ``--fresh-epochs``
 =================== ===========================================================================
 
 Every run goes through the pipelines' one training loop (``pipelines.loop.train``, with its method

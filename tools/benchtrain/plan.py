@@ -26,12 +26,22 @@ from . import ROOT
 WORKLOADS = ("mnist1d", "textlm")
 #: the regimes the paper claims, each an experiment on one of WORKLOADS (see plan())
 REGIMES = ("mnist1d-long", "mnist1d-finetune", "textlm-long")
-GRIDS = ("betas", "ratio", "prune", "fixes")
-METHODS = ("uniform", "uniform_B", "es", "eswp", "loss", "selective_backprop", "infobatch",
-           "random", "budget_es", "budget_eswp")
-SELECTING = ("es", "eswp", "loss", "selective_backprop", "random")   # forward B, back-propagate b
-ES_METHODS = ("es", "eswp")
+GRIDS = ("betas", "ratio", "prune", "fixes", "variants")
+#: the main tables' methods (issue 7), the default of --methods
+MAIN_METHODS = ("uniform", "uniform_B", "es", "eswp", "loss", "selective_backprop", "infobatch",
+                "random", "budget_es", "budget_eswp")
+#: the method variants of "Selection that pays" (pipelines.loop.VARIANTS): the variants grid
+VARIANTS = ("eswp_rescale", "infobatch_es", "es_reweight", "es_to_uniform", "es_from_uniform",
+            "es_fresh")
+METHODS = MAIN_METHODS + VARIANTS
+# forward B, back-propagate b
+SELECTING = ("es", "eswp", "loss", "selective_backprop", "random", "eswp_rescale", "es_reweight",
+             "es_to_uniform", "es_from_uniform", "es_fresh")
+ES_METHODS = ("es", "eswp") + VARIANTS           # ES's betas
+ES_SELECTING = tuple(m for m in ES_METHODS if m in SELECTING)  # ES's burn-in and anneal
 BUDGET = {"budget_es": "es", "budget_eswp": "eswp"}
+#: the variants' options (pipelines.loop.RunConfig fields), each keying only its method(s)
+VARIANT_OPTIONS = ("rescale_min_keep", "b_ramp", "fresh_epochs")
 
 #: Measured costs on the 2-core development machine (1 torch thread, 0 workers, load average ~2
 #: from other jobs), used only for the up-front estimate: seconds of one uniform run per
@@ -57,7 +67,8 @@ COSTS = {
 #: Relative cost of a method's run against uniform's, for the estimate only.
 COST_FACTOR = {"uniform": 1.0, "uniform_B": 0.8, "es": 0.9, "eswp": 0.75, "loss": 0.9,
                "selective_backprop": 0.9, "infobatch": 0.85, "random": 0.9, "budget_es": 0.9,
-               "budget_eswp": 0.75}
+               "budget_eswp": 0.75, "eswp_rescale": 0.75, "infobatch_es": 0.85,
+               "es_reweight": 0.9, "es_to_uniform": 0.9, "es_from_uniform": 0.9, "es_fresh": 0.8}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -84,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "textlm, and every grid (not the regimes: add --regimes)")
     what.add_argument("--dry-run", action="store_true", help="print the plan and estimate only")
     g = p.add_argument_group("common")
-    g.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: "
+    g.add_argument("--methods", default=",".join(MAIN_METHODS), help="comma-separated, from: "
                    + ",".join(METHODS) + " (budget_X needs uniform and X)")
     g.add_argument("--seeds", default="0,1,2", help="training seeds")
     g.add_argument("--out", default=str(ROOT / "docs" / "evidence"), help="output directory")
@@ -102,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         "infobatch_ratio": "InfoBatch: fraction of below-mean samples pruned",
         "prune_anneal": "ESWP/InfoBatch: fraction of final epochs left unpruned",
         "prune_burn_in_epochs": "ESWP: first epochs left unpruned"})
+    g.add_argument("--rescale-min-keep", type=float, default=0.1,
+                   help="eswp_rescale: smallest keep probability (weights <= 1/it)")
+    g.add_argument("--b-ramp", type=float, default=0.75,
+                   help="es_to_uniform/es_from_uniform: fraction of training over which b moves")
+    g.add_argument("--fresh-epochs", type=float, default=1.0,
+                   help="es_fresh: a score updated within this many epochs is not re-scored")
     g = p.add_argument_group("mnist1d workload")
     g.add_argument("--noise", default="0", help="comma-separated label-noise fractions")
     g.add_argument("--m1d-train", type=int, default=40000, help="train samples")
@@ -201,6 +218,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.fix_epochs < 1:
         parser.error(f"need --fix-epochs >= 1, got {args.fix_epochs}")
     check_regimes(parser, args)
+    for flag, value, ok in (
+            ("--rescale-min-keep", args.rescale_min_keep, 0 < args.rescale_min_keep <= 1),
+            ("--b-ramp", args.b_ramp, 0 < args.b_ramp <= 1),
+            ("--fresh-epochs", args.fresh_epochs, args.fresh_epochs > 0)):
+        if not ok:
+            parser.error(f"{flag} is out of range, got {value}: need (0, 1] for --rescale-min-keep "
+                         "and --b-ramp, > 0 for --fresh-epochs")
     return args
 
 
@@ -251,7 +275,7 @@ def base_config(args: argparse.Namespace, workload: str, **override: Any) -> dic
               "anneal": args.anneal, "eswp_ratio": args.eswp_ratio,
               "infobatch_ratio": args.infobatch_ratio, "prune_anneal": args.prune_anneal,
               "prune_burn_in_epochs": args.prune_burn_in_epochs, "threads": args.threads,
-              "workers": args.workers}
+              "workers": args.workers, **{k: getattr(args, k) for k in VARIANT_OPTIONS}}
     if workload == "mnist1d":
         cfg = {"train": args.m1d_train, "test": args.m1d_test, "noise": 0.0, "data_seed": 42,
                "epochs": args.m1d_epochs, "b": args.m1d_b, "B": args.m1d_B, "lr": args.m1d_lr}
@@ -331,6 +355,13 @@ def plan(args: argparse.Namespace) -> list[Experiment]:
             "mnist1d", {**grid_cfg, "epochs": args.fix_epochs},
             [m for m in methods if m in ("uniform", "es", "budget_es")], list(args.grid_seeds),
             group="fixes"))
+    if "variants" in args.grid:
+        # the variants beside the runs they vary (shared with the main table when the grid's
+        # noise is the main table's): one table on MNIST-1D
+        exps.append(Experiment(
+            "variants", f"MNIST-1D (noise {args.grid_noise:g}), the selection variants", "mnist1d",
+            grid_cfg, ["uniform", "es", "eswp", "infobatch", "random", *VARIANTS],
+            list(args.grid_seeds), group="variants"))
     return exps
 
 
@@ -389,10 +420,13 @@ def regimes(args: argparse.Namespace) -> list[Experiment]:
 # Keys of a run's configuration that matter only to some methods: left out of the others' run
 # keys, so that e.g. the betas grid's uniform cells are the main table's uniform runs.
 _ONLY_FOR = {
-    "beta1": ES_METHODS, "beta2": ES_METHODS, "burn_in": ES_METHODS, "anneal": ES_METHODS,
-    "eswp_ratio": ("eswp",), "prune_burn_in_epochs": ("eswp",),
-    "infobatch_ratio": ("infobatch",), "prune_anneal": ("eswp", "infobatch"),
+    "beta1": ES_METHODS, "beta2": ES_METHODS, "burn_in": ES_SELECTING, "anneal": ES_SELECTING,
+    "eswp_ratio": ("eswp", "eswp_rescale"), "prune_burn_in_epochs": ("eswp", "eswp_rescale"),
+    "infobatch_ratio": ("infobatch", "infobatch_es"),
+    "prune_anneal": ("eswp", "infobatch", "eswp_rescale", "infobatch_es"),
     "B": SELECTING + ("uniform_B",),
+    "rescale_min_keep": ("eswp_rescale",), "b_ramp": ("es_to_uniform", "es_from_uniform"),
+    "fresh_epochs": ("es_fresh",),
     "reference": ("uniform",) + tuple(BUDGET),   # see own_reference in plan()
 }
 

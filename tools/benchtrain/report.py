@@ -358,6 +358,9 @@ def write_tables(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
     for e in regimes:
         sec = section(e, "###")
         lines += sec[:6] + [diagnostics_table(e), ""] + sec[6:]
+    for e in entries.values():
+        if e["group"] == "variants":
+            lines += section(e, "##")
     lines += grid_tables(entries)
     path = out / "tables.md"
     write_text(path, "\n".join(lines))

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from pipelines.common import ES_OPTIONS, PRUNE_OPTIONS, torch_threads
 
-from .plan import BUDGET, Experiment, Run, budget_cuts, budget_runs, measured_runs
+from .plan import (BUDGET, VARIANT_OPTIONS, Experiment, Run, budget_cuts, budget_runs,
+                   measured_runs)
 
 #: the ``quality`` recorded in runs.jsonl for each workload's held-out quality
 QUALITY = {"mnist1d": "test_acc", "textlm": "heldout_bpb"}
@@ -140,7 +141,8 @@ def loop_config(method: str, seed: int, cfg: dict[str, Any], progress: bool):
     return RunConfig(cfg["epochs"] if budget is None else math.ceil(budget), b=b,
                      B=cfg.get("B", b), lr=cfg["lr"], seed=seed, workers=cfg["workers"],
                      progress=progress, es_options={k: cfg[k] for k in ES_OPTIONS if k in cfg},
-                     **{k: cfg[k] for k in PRUNE_OPTIONS if k in cfg}, budget_epochs=budget,
+                     **{k: cfg[k] for k in PRUNE_OPTIONS + VARIANT_OPTIONS if k in cfg},
+                     budget_epochs=budget,
                      evals_per_epoch=cfg.get("evals_per_epoch", 1))
 
 
