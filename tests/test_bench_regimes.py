@@ -231,9 +231,11 @@ def test_regimes_are_new_experiments_and_the_committed_evidence_is_not_redone(
                             "--out", str(ROOT / "docs" / "evidence"),
                             "--data-dir", str(tmp_path / "nodata")])
     parts = res["estimate"]["experiments"]
+    # the variants grid is new too (not in the committed evidence): one run per variant and seed
+    new = {**{name: 30 for name in P.REGIMES}, "variants": 2 * len(P.VARIANTS)}
     for name, part in parts.items():
-        assert part["runs"] == (30 if name in P.REGIMES else 0), name
-    assert res["estimate"]["runs"] == 90
+        assert part["runs"] == new.get(name, 0), name
+    assert res["estimate"]["runs"] == sum(new.values())
     printed = capsys.readouterr().out
     for name in P.REGIMES:
         assert f"  {name}: " in printed
