@@ -16,6 +16,7 @@ from .metabatch import MetaBatch
 from .plan import EpochPlan
 from .policy import ESWPPolicy, InfoBatchPolicy
 from .pruner import Pruner
+from .score import Scorer, ScoreResult, score_corpus
 from .selector import (ESSelector, LossSelector, SelectiveBackpropSelector, Selector, TopKSelector,
                        UniformSelector)
 from .store import ScoreStore
@@ -23,8 +24,8 @@ from .store import ScoreStore
 __all__ = [
     "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
     "FeedbackChannel", "IndexFileError", "InfoBatchPolicy", "LossSelector", "ManifestError",
-    "MetaBatch", "MissingExtraError", "Pruner", "SampleError", "ScoreError", "ScoreStore",
+    "MetaBatch", "MissingExtraError", "Pruner", "SampleError", "ScoreError", "ScoreResult", "ScoreStore", "Scorer",
     "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
-    "__version__", "loader", "merge_rank_scores",
+    "__version__", "loader", "merge_rank_scores", "score_corpus",
 ]

@@ -114,6 +114,45 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from .corpus import Corpus
+    from .score import load_scorer, score_corpus
+
+    corpus = Corpus.load(args.corpus)
+    try:
+        scorer, spec = load_scorer(args.model)
+    except (TypeError, AttributeError) as exc:  # named by load_scorer: shown plainly, exit 2
+        raise ValueError(str(exc)) from exc
+    started_group = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+        started_group = True
+    try:
+        device = args.device or scorer.device
+        result = score_corpus(corpus, scorer, args.out, meta_batch_size=args.meta_batch_size,
+                              num_workers=args.workers, device=device,
+                              scorer=scorer.identity(spec), checkpoint_every=args.checkpoint_every,
+                              progress=not args.no_progress)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+    if result.already_complete:
+        print(f"{args.out}: already complete for scorer {result.scorer}; nothing to do")
+    else:
+        resumed = (f", resumed after {result.resumed_batches} meta-batches"
+                   if result.resumed_batches else "")
+        print(f"scored {result.scored} samples in {result.seconds:.2f}s "
+              f"({result.scored / max(result.seconds, 1e-9):.0f} samples/s{resumed}), scorer "
+              f"{result.scorer} -> {args.out}")
+    return 0
+
+
 def _non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (epochs, seeds)."""
     try:
@@ -122,6 +161,17 @@ def _non_negative_int(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 
@@ -197,6 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="epoch the manifests are for (>= 0)")
     prune.add_argument("--seed", type=_non_negative_int, default=0, help="policy seed (>= 0)")
     prune.set_defaults(func=_cmd_prune)
+
+    score = sub.add_parser(
+        "score", help="score every sample once with a reference model",
+        description="Run a reference model over the whole corpus (every sample exactly once, "
+        "DataLoader workers; under torchrun each rank its part) and write its per-sample loss "
+        "to a memory-mapped score store that records the corpus and the scorer. A killed run, "
+        "started again with the same arguments, resumes from its last progress point.")
+    score.add_argument("--corpus", required=True, help="corpus index (Parquet)")
+    score.add_argument("--model", required=True, help="pkg.module:factory — a function of no "
+                       "arguments returning an es_stream.Scorer (score_fn(batch) -> Tensor[B], "
+                       "optional model, decode, collate, device, name)")
+    score.add_argument("--out", required=True, help="score store to write (.npy; its metadata "
+                       "and progress files go beside it)")
+    score.add_argument("--meta-batch-size", type=_positive_int, default=256,
+                       help="samples per forward (default 256)")
+    score.add_argument("--workers", type=_non_negative_int, default=2,
+                       help="DataLoader workers (default 2; a resume needs the same number)")
+    score.add_argument("--device", default=None, help="device for the batches (default: the "
+                       "scorer's, else the host)")
+    score.add_argument("--checkpoint-every", type=_positive_int, default=100,
+                       help="meta-batches between progress points (default 100)")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score.set_defaults(func=_cmd_score)
 
     comp = sub.add_parser("compact", help="rewrite a corpus with only the kept samples",
                           description="Copy the samples a manifest keeps into new shards "
