@@ -96,22 +96,60 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .pruner import Pruner
     from .store import ScoreStore
 
+    policy = _prune_policy(args)  # argument errors first, before any file is read
     corpus = Corpus.load(args.corpus)
     if not os.path.isfile(args.scores):
         raise FileNotFoundError(f"{args.scores}: no score store (a .npy saved by ScoreStore.save)")
     # the corpus's fingerprint: scores saved for another corpus of the same size are refused
     store = ScoreStore.open(args.scores, corpus.num_samples, fingerprint=corpus.fingerprint)
-    # offline: the decision applies now, so no burn-in and no annealing tail
-    policy = (ESWPPolicy(ratio=args.ratio, anneal=0.0, burn_in_epochs=0, seed=args.seed)
-              if args.policy == "es" else InfoBatchPolicy(ratio=args.ratio, anneal=0.0, seed=args.seed))
+    if policy is None:
+        # offline: the decision applies now, so no burn-in and no annealing tail
+        policy = (ESWPPolicy(ratio=args.ratio, anneal=0.0, burn_in_epochs=0, seed=args.seed)
+                  if args.policy == "es" else InfoBatchPolicy(ratio=args.ratio, anneal=0.0, seed=args.seed))
+    else:
+        from .score import require_complete
+
+        require_complete(store, f"--policy {args.policy}")
+        policy.check(store)  # never-scored, non-finite, or nothing kept: refused before writing
     start = time.perf_counter()
     summary = Pruner(corpus, store, policy, args.out).write(args.epoch, args.epoch + 1)
+    what = (f"policy {args.policy} ratio {args.ratio}" if args.policy in ("es", "infobatch") else
+            f"policy band {args.band} keep {args.keep}, for every epoch" if args.policy == "band"
+            else f"policy threshold [{args.low}, {args.high}], for every epoch")
     print(f"epoch {args.epoch}: kept {summary['kept']} of {summary['samples']} samples "
           f"({100 * summary['kept'] / summary['samples']:.1f}%; {summary['never_scored']} never "
-          f"scored, all kept; {summary['rescaled']} with a loss weight other than 1), policy "
-          f"{args.policy} ratio {args.ratio}, in {time.perf_counter() - start:.2f}s -> "
-          f"{args.out}/epoch={args.epoch:05d}")
+          f"scored, all kept; {summary['rescaled']} with a loss weight other than 1), {what}, "
+          f"in {time.perf_counter() - start:.2f}s -> {args.out}/epoch={args.epoch:05d}")
     return 0
+
+
+def _prune_policy(args: argparse.Namespace):
+    """The band or threshold policy the arguments ask for (None for es/infobatch), checking
+    that each policy got its own arguments and no other's."""
+    from .band import BandPolicy, ThresholdPolicy
+
+    given = {name: getattr(args, name) for name in ("ratio", "band", "keep", "low", "high")
+             if getattr(args, name) is not None}
+    own = {"es": {"ratio"}, "infobatch": {"ratio"}, "band": {"band", "keep"},
+           "threshold": {"low", "high"}}[args.policy]
+    stray = sorted(set(given) - own)
+    if stray:
+        raise ValueError(f"--policy {args.policy} does not take --{stray[0]}; it takes "
+                         + " and ".join(f"--{o}" for o in sorted(own)))
+    if args.policy in ("es", "infobatch"):
+        if args.ratio is None:
+            raise ValueError(f"--policy {args.policy} needs --ratio (the fraction to prune)")
+        return None
+    if args.epoch != 0:
+        raise ValueError(f"--policy {args.policy} decides once for every epoch, written as epoch 0; "
+                         f"drop --epoch {args.epoch}")
+    if args.policy == "band":
+        if args.keep is None or args.band is None:
+            raise ValueError("--policy band needs --band low|middle|high and --keep FRACTION")
+        return BandPolicy(keep=args.keep, band=args.band)
+    if args.low is None and args.high is None:
+        raise ValueError("--policy threshold needs --low, --high or both")
+    return ThresholdPolicy(low=args.low, high=args.high)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -186,6 +224,30 @@ def _prune_ratio(text: str) -> float:
     return value
 
 
+def _keep_fraction(text: str) -> float:
+    """argparse type: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _cmd_compact(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -239,9 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
                            "and write one epoch's shard manifests.")
     prune.add_argument("--scores", required=True, help="score store (.npy from ScoreStore.save)")
     prune.add_argument("--corpus", required=True, help="corpus index (Parquet)")
-    prune.add_argument("--policy", choices=["es", "infobatch"], default="es")
-    prune.add_argument("--ratio", type=_prune_ratio, required=True,
-                       help="fraction to prune, in [0, 1)")
+    prune.add_argument("--policy", choices=["es", "infobatch", "band", "threshold"], default="es",
+                       help="es / infobatch: one epoch's decision from training scores (--ratio); "
+                       "band / threshold: from reference scores (`es-stream score`), decided once "
+                       "for every epoch (written as epoch 0, marked applies_to=all)")
+    prune.add_argument("--ratio", type=_prune_ratio, default=None,
+                       help="es, infobatch: fraction to prune, in [0, 1)")
+    prune.add_argument("--band", choices=["low", "middle", "high"], default=None,
+                       help="band: which part of the score distribution to keep")
+    prune.add_argument("--keep", type=_keep_fraction, default=None,
+                       help="band: fraction of the corpus to keep, in (0, 1]")
+    prune.add_argument("--low", type=_finite_float, default=None,
+                       help="threshold: keep scores >= LOW")
+    prune.add_argument("--high", type=_finite_float, default=None,
+                       help="threshold: keep scores <= HIGH")
     prune.add_argument("--out", required=True, help="manifest directory")
     prune.add_argument("--epoch", type=_non_negative_int, default=0,
                        help="epoch the manifests are for (>= 0)")
