@@ -15,17 +15,19 @@ from .errors import (ESStreamError, IndexFileError, ManifestError, MissingExtraE
 from .metabatch import MetaBatch
 from .plan import EpochPlan
 from .policy import ESWPPolicy, InfoBatchPolicy
+from .band import BandPolicy, ThresholdPolicy
 from .pruner import Pruner
+from .reducible import ReducibleLossSelector
 from .score import Scorer, ScoreResult, score_corpus
 from .selector import (ESSelector, LossSelector, SelectiveBackpropSelector, Selector, TopKSelector,
                        UniformSelector)
 from .store import ScoreStore
 
 __all__ = [
-    "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
+    "BandPolicy", "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
     "FeedbackChannel", "IndexFileError", "InfoBatchPolicy", "LossSelector", "ManifestError",
-    "MetaBatch", "MissingExtraError", "Pruner", "SampleError", "ScoreError", "ScoreResult", "ScoreStore", "Scorer",
+    "MetaBatch", "MissingExtraError", "Pruner", "ReducibleLossSelector", "SampleError", "ScoreError", "ScoreResult", "ScoreStore", "Scorer",
     "SelectiveBackpropSelector", "Selector",
-    "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
+    "ShardError", "ShardInfo", "StaleIndexError", "ThresholdPolicy", "TopKSelector", "UniformSelector",
     "__version__", "loader", "merge_rank_scores", "score_corpus",
 ]
