@@ -235,7 +235,7 @@ def score_corpus(corpus: Corpus, score_fn: ScoreFn | Scorer, store: ScoreStore |
                            "init_process_group) before score_corpus, so the ranks can merge")
     start = time.perf_counter()
 
-    done = _already_complete(corpus, store, scorer, rank)
+    done = _already_complete(corpus, store, scorer, rank, world)
     if done is not None:
         return ScoreResult(done, scorer, 0, 0, time.perf_counter() - start, already_complete=True)
     store = _open_store(corpus, store, scorer, rank)
@@ -253,8 +253,17 @@ def score_corpus(corpus: Corpus, score_fn: ScoreFn | Scorer, store: ScoreStore |
                        progress_file=progress_file)
 
 
-def _already_complete(corpus: Corpus, store: Any, scorer: str, rank: int) -> ScoreStore | None:
-    """The finished store of this scorer at ``store`` (a path), opened; None otherwise."""
+def _already_complete(corpus: Corpus, store: Any, scorer: str, rank: int,
+                      world: int) -> ScoreStore | None:
+    """The finished store of this scorer at ``store`` (a path), opened; None otherwise. Under
+    several ranks with a path, rank 0 alone looks (opening a file another rank may be creating
+    could remove its temporary files) and tells the others."""
+    if world > 1 and not isinstance(store, ScoreStore):
+        flag = [_already_complete(corpus, store, scorer, 0, 1) is not None if rank == 0 else None]
+        dist.broadcast_object_list(flag, src=0)
+        if not flag[0]:
+            return None
+        return ScoreStore.open(os.fspath(store), corpus.num_samples, fingerprint=corpus.fingerprint)
     if isinstance(store, ScoreStore):
         if store.reference and store.reference.get("complete") and store.reference.get("scorer") == scorer:
             store.bind(corpus.fingerprint)
