@@ -15,16 +15,21 @@ from .errors import (ESStreamError, IndexFileError, ManifestError, MissingExtraE
 from .metabatch import MetaBatch
 from .plan import EpochPlan
 from .policy import ESWPPolicy, InfoBatchPolicy
+from .band import BandPolicy, ThresholdPolicy
 from .pruner import Pruner
+from .reducible import ReducibleLossSelector
+from .score import Scorer, ScoreResult, score_corpus
 from .selector import (BatchSchedule, ESSelector, LossSelector, SelectiveBackpropSelector, Selector,
                        TopKSelector, UniformSelector)
 from .store import ScoreStore
 
 __all__ = [
-    "BatchSchedule", "Checkpointer", "Corpus", "ESDataset", "ESSelector", "ESWPPolicy", "EpochPlan", "ESStreamError",
+    "BandPolicy", "BatchSchedule", "Checkpointer", "Corpus", "ESDataset", "ESSelector",
+    "ESWPPolicy", "EpochPlan", "ESStreamError",
     "FeedbackChannel", "IndexFileError", "InfoBatchPolicy", "LossSelector", "ManifestError",
-    "MetaBatch", "MissingExtraError", "Pruner", "SampleError", "ScoreError", "ScoreStore",
-    "SelectiveBackpropSelector", "Selector",
-    "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
-    "__version__", "loader", "merge_rank_scores",
+    "MetaBatch", "MissingExtraError", "Pruner", "ReducibleLossSelector", "SampleError",
+    "ScoreError", "ScoreResult", "ScoreStore", "Scorer", "SelectiveBackpropSelector", "Selector",
+    "ShardError", "ShardInfo", "StaleIndexError", "ThresholdPolicy", "TopKSelector",
+    "UniformSelector",
+    "__version__", "loader", "merge_rank_scores", "score_corpus",
 ]

@@ -98,21 +98,98 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .pruner import Pruner
     from .store import ScoreStore
 
+    policy = _prune_policy(args)  # argument errors first, before any file is read
     corpus = Corpus.load(args.corpus)
     if not os.path.isfile(args.scores):
         raise FileNotFoundError(f"{args.scores}: no score store (a .npy saved by ScoreStore.save)")
     # the corpus's fingerprint: scores saved for another corpus of the same size are refused
     store = ScoreStore.open(args.scores, corpus.num_samples, fingerprint=corpus.fingerprint)
-    # offline: the decision applies now, so no burn-in and no annealing tail
-    policy = (ESWPPolicy(ratio=args.ratio, anneal=0.0, burn_in_epochs=0, seed=args.seed)
-              if args.policy == "es" else InfoBatchPolicy(ratio=args.ratio, anneal=0.0, seed=args.seed))
+    if policy is None:
+        # offline: the decision applies now, so no burn-in and no annealing tail
+        policy = (ESWPPolicy(ratio=args.ratio, anneal=0.0, burn_in_epochs=0, seed=args.seed)
+                  if args.policy == "es" else InfoBatchPolicy(ratio=args.ratio, anneal=0.0, seed=args.seed))
+    else:
+        from .score import require_complete
+
+        require_complete(store, f"--policy {args.policy}")
+        policy.check(store)  # never-scored, non-finite, or nothing kept: refused before writing
     start = time.perf_counter()
     summary = Pruner(corpus, store, policy, args.out).write(args.epoch, args.epoch + 1)
+    what = (f"policy {args.policy} ratio {args.ratio}" if args.policy in ("es", "infobatch") else
+            f"policy band {args.band} keep {args.keep}, for every epoch" if args.policy == "band"
+            else f"policy threshold [{args.low}, {args.high}], for every epoch")
     print(f"epoch {args.epoch}: kept {summary['kept']} of {summary['samples']} samples "
           f"({100 * summary['kept'] / summary['samples']:.1f}%; {summary['never_scored']} never "
-          f"scored, all kept; {summary['rescaled']} with a loss weight other than 1), policy "
-          f"{args.policy} ratio {args.ratio}, in {time.perf_counter() - start:.2f}s -> "
-          f"{args.out}/epoch={args.epoch:05d}")
+          f"scored, all kept; {summary['rescaled']} with a loss weight other than 1), {what}, "
+          f"in {time.perf_counter() - start:.2f}s -> {args.out}/epoch={args.epoch:05d}")
+    return 0
+
+
+def _prune_policy(args: argparse.Namespace):
+    """The band or threshold policy the arguments ask for (None for es/infobatch), checking
+    that each policy got its own arguments and no other's."""
+    from .band import BandPolicy, ThresholdPolicy
+
+    given = {name: getattr(args, name) for name in ("ratio", "band", "keep", "low", "high")
+             if getattr(args, name) is not None}
+    own = {"es": {"ratio"}, "infobatch": {"ratio"}, "band": {"band", "keep"},
+           "threshold": {"low", "high"}}[args.policy]
+    stray = sorted(set(given) - own)
+    if stray:
+        raise ValueError(f"--policy {args.policy} does not take --{stray[0]}; it takes "
+                         + " and ".join(f"--{o}" for o in sorted(own)))
+    if args.policy in ("es", "infobatch"):
+        if args.ratio is None:
+            raise ValueError(f"--policy {args.policy} needs --ratio (the fraction to prune)")
+        return None
+    if args.epoch != 0:
+        raise ValueError(f"--policy {args.policy} decides once for every epoch, written as epoch 0; "
+                         f"drop --epoch {args.epoch}")
+    if args.policy == "band":
+        if args.keep is None or args.band is None:
+            raise ValueError("--policy band needs --band low|middle|high and --keep FRACTION")
+        return BandPolicy(keep=args.keep, band=args.band)
+    if args.low is None and args.high is None:
+        raise ValueError("--policy threshold needs --low, --high or both")
+    return ThresholdPolicy(low=args.low, high=args.high)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from .corpus import Corpus
+    from .score import load_scorer, score_corpus
+
+    corpus = Corpus.load(args.corpus)
+    try:
+        scorer, spec = load_scorer(args.model)
+    except (TypeError, AttributeError) as exc:  # named by load_scorer: shown plainly, exit 2
+        raise ValueError(str(exc)) from exc
+    started_group = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+        started_group = True
+    try:
+        device = args.device or scorer.device
+        result = score_corpus(corpus, scorer, args.out, meta_batch_size=args.meta_batch_size,
+                              num_workers=args.workers, device=device,
+                              scorer=scorer.identity(spec), checkpoint_every=args.checkpoint_every,
+                              progress=not args.no_progress)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+    if result.already_complete:
+        print(f"{args.out}: already complete for scorer {result.scorer}; nothing to do")
+    else:
+        resumed = (f", resumed after {result.resumed_batches} meta-batches"
+                   if result.resumed_batches else "")
+        print(f"scored {result.scored} samples in {result.seconds:.2f}s "
+              f"({result.scored / max(result.seconds, 1e-9):.0f} samples/s{resumed}), scorer "
+              f"{result.scorer} -> {args.out}")
     return 0
 
 
@@ -127,6 +204,17 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _prune_ratio(text: str) -> float:
     """argparse type: a fraction in [0, 1)."""
     try:
@@ -135,6 +223,30 @@ def _prune_ratio(text: str) -> float:
         value = -1.0
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _keep_fraction(text: str) -> float:
+    """argparse type: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
@@ -191,14 +303,48 @@ def build_parser() -> argparse.ArgumentParser:
                            "and write one epoch's shard manifests.")
     prune.add_argument("--scores", required=True, help="score store (.npy from ScoreStore.save)")
     prune.add_argument("--corpus", required=True, help="corpus index (Parquet)")
-    prune.add_argument("--policy", choices=["es", "infobatch"], default="es")
-    prune.add_argument("--ratio", type=_prune_ratio, required=True,
-                       help="fraction to prune, in [0, 1)")
+    prune.add_argument("--policy", choices=["es", "infobatch", "band", "threshold"], default="es",
+                       help="es / infobatch: one epoch's decision from training scores (--ratio); "
+                       "band / threshold: from reference scores (`es-stream score`), decided once "
+                       "for every epoch (written as epoch 0, marked applies_to=all)")
+    prune.add_argument("--ratio", type=_prune_ratio, default=None,
+                       help="es, infobatch: fraction to prune, in [0, 1)")
+    prune.add_argument("--band", choices=["low", "middle", "high"], default=None,
+                       help="band: which part of the score distribution to keep")
+    prune.add_argument("--keep", type=_keep_fraction, default=None,
+                       help="band: fraction of the corpus to keep, in (0, 1]")
+    prune.add_argument("--low", type=_finite_float, default=None,
+                       help="threshold: keep scores >= LOW")
+    prune.add_argument("--high", type=_finite_float, default=None,
+                       help="threshold: keep scores <= HIGH")
     prune.add_argument("--out", required=True, help="manifest directory")
     prune.add_argument("--epoch", type=_non_negative_int, default=0,
                        help="epoch the manifests are for (>= 0)")
     prune.add_argument("--seed", type=_non_negative_int, default=0, help="policy seed (>= 0)")
     prune.set_defaults(func=_cmd_prune)
+
+    score = sub.add_parser(
+        "score", help="score every sample once with a reference model",
+        description="Run a reference model over the whole corpus (every sample exactly once, "
+        "DataLoader workers; under torchrun each rank its part) and write its per-sample loss "
+        "to a memory-mapped score store that records the corpus and the scorer. A killed run, "
+        "started again with the same arguments, resumes from its last progress point.")
+    score.add_argument("--corpus", required=True, help="corpus index (Parquet)")
+    score.add_argument("--model", required=True, help="pkg.module:factory — a function of no "
+                       "arguments returning an es_stream.Scorer (score_fn(batch) -> Tensor[B], "
+                       "optional model, decode, collate, device, name)")
+    score.add_argument("--out", required=True, help="score store to write (.npy; its metadata "
+                       "and progress files go beside it)")
+    score.add_argument("--meta-batch-size", type=_positive_int, default=256,
+                       help="samples per forward (default 256)")
+    score.add_argument("--workers", type=_non_negative_int, default=2,
+                       help="DataLoader workers (default 2; a resume needs the same number)")
+    score.add_argument("--device", default=None, help="device for the batches (default: the "
+                       "scorer's, else the host)")
+    score.add_argument("--checkpoint-every", type=_positive_int, default=100,
+                       help="meta-batches between progress points (default 100)")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score.set_defaults(func=_cmd_score)
 
     comp = sub.add_parser("compact", help="rewrite a corpus with only the kept samples",
                           description="Copy the samples a manifest keeps into new shards "

@@ -8,7 +8,14 @@ Layout (fixed; other tools read it)::
 Columns: ``sample`` (uint32, position in the shard), ``id`` (int64, global id), ``keep`` (bool),
 ``score`` (float32, the score the decision used) and ``weight`` (float32, the loss weight a kept
 sample carries: 1, or InfoBatch's 1/(1-r)). Key-value metadata: ``corpus_fingerprint``,
-``policy``, ``ratio``, ``seed``, ``epoch``, ``es_stream_version``, ``shard``, ``write_id``.
+``policy``, ``ratio``, ``seed``, ``epoch``, ``es_stream_version``, ``shard``, ``write_id``, and
+for a decision made once before training (``es-stream prune --policy band|threshold``)
+``applies_to: all``.
+
+**Pruned once, for every epoch.** Such a decision is written as ``epoch=00000`` like any other;
+its ``applies_to: all`` makes :func:`read_epoch` return it for every epoch that has no directory
+of its own, so one decision serves all epochs without a manifest per epoch, and the layout (one
+hive partition ``epoch=0``) stays what pyarrow and DuckDB read.
 ``sample`` and ``id`` are delta-encoded, so a manifest costs about 4.2 bytes per sample, almost
 all of it the score. Read all epochs as one table with
 ``pyarrow.dataset.dataset(out_dir, partitioning="hive")`` or DuckDB's
@@ -64,6 +71,7 @@ log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 LOCK = ".writer.lock"  # a dot file: pyarrow.dataset, Spark and DuckDB's *.parquet globs skip it
 WRITE_ID = "write_id"
+APPLIES_TO = "applies_to"  # "all": epoch 0's decision holds for every epoch (a reference band)
 _READ_THREADS = min(8, os.cpu_count() or 1)
 
 # column -> (type test, what is expected); the reader needs id, keep and weight
@@ -227,6 +235,10 @@ def read_epoch(out_dir: str | os.PathLike, epoch: int, fingerprint: str,
     """
     directory = epoch_dir(out_dir, epoch)
     if not os.path.isdir(directory):
+        if epoch != 0 and applies_to_all(out_dir):  # a decision made once, for every epoch
+            keep = read_epoch(out_dir, 0, fingerprint, shard_counts)
+            return None if keep is None else EpochKeep(epoch, keep.kept_ids, keep.weights,
+                                                       keep.num_samples)
         return None
     expected_id = _success_write_id(directory)
     counts = [int(c) for c in shard_counts]
@@ -416,6 +428,19 @@ def _all_ones(pf: pq.ParquetFile, column: str) -> bool:
     return md.num_row_groups > 0 and all(
         st is not None and st.has_min_max and st.null_count == 0 and st.min == 1 and st.max == 1
         for st in stats)
+
+
+def applies_to_all(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir/epoch=00000`` holds a decision made once for every epoch (its shard
+    files' metadata says ``applies_to: all``: ``es-stream prune --policy band`` or
+    ``threshold``). Then :func:`read_epoch` gives that decision for any epoch that has no
+    directory of its own; an epoch written later (``epoch=00003``) still takes precedence."""
+    path = shard_file(out_dir, 0, 0)
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (FileNotFoundError, pa.ArrowException, OSError):
+        return False
+    return meta.get(APPLIES_TO.encode()) == b"all"
 
 
 def list_epochs(out_dir: str | os.PathLike) -> list[int]:

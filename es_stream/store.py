@@ -85,11 +85,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     return data
 
 
-def _write_metadata(path: str, num_samples: int, fingerprint: str | None) -> None:
+def _write_metadata(path: str, num_samples: int, fingerprint: str | None,
+                    reference: dict[str, Any] | None = None) -> None:
     meta = {"format": "es-stream score store",
             "encoding": "float32 per sample id; 0.0 = never scored (reads as 1/num_samples)",
             "num_samples": num_samples, "corpus_fingerprint": fingerprint,
             "es_stream_version": __version__}
+    if reference is not None:  # a reference-model pass wrote these scores (es_stream.score)
+        meta["reference"] = reference
     with atomic_write(metadata_path(path)) as tmp:
         with open(tmp, "w") as f:
             f.write(json.dumps(meta, indent=1, sort_keys=True) + "\n")
@@ -315,6 +318,9 @@ class ScoreStore:
         self.initial = 1.0 / self.num_samples
         self.path = _path
         self.fingerprint: str | None = None
+        # who scored: {"scorer": identity, "complete": bool, ...} for a reference-model pass
+        # (es_stream.score_corpus), recorded in the metadata; None for training scores
+        self.reference: dict[str, Any] | None = None
         self._scores: torch.Tensor | None = None
         self._file: _MappedScores | None = None
         self._buffer: WriteBuffer | None = None
@@ -349,8 +355,9 @@ class ScoreStore:
         store = cls(n, _path=path, buffer_size=buffer_size)
         recorded, has_metadata = _file_fingerprint(path, n, fingerprint)
         store.fingerprint = recorded if recorded is not None else fingerprint
+        store.reference = (read_metadata(path) or {}).get("reference") if has_metadata else None
         if has_metadata and recorded is None and fingerprint is not None:
-            _write_metadata(path, n, fingerprint)  # bound to a corpus from now on
+            _write_metadata(path, n, fingerprint, store.reference)  # bound to a corpus from now on
         return store
 
     @classmethod
@@ -361,6 +368,7 @@ class ScoreStore:
         held, _ = saved_length(path)
         store = cls(held, device=device, fingerprint=fingerprint)
         store.restore(path)
+        store.reference = (read_metadata(path) or {}).get("reference")
         return store
 
     @property
@@ -395,8 +403,16 @@ class ScoreStore:
         if self.path is not None:
             recorded, has_metadata = _file_fingerprint(self.path, self.num_samples, fingerprint)
             if has_metadata and recorded is None:
-                _write_metadata(self.path, self.num_samples, fingerprint)
+                _write_metadata(self.path, self.num_samples, fingerprint, self.reference)
         self.fingerprint = fingerprint
+
+    def set_reference(self, reference: dict[str, Any] | None) -> None:
+        """Record who scored this store (a reference-model pass, :func:`es_stream.score_corpus`)
+        in :attr:`reference`; a memory-mapped store rewrites its metadata file at once
+        (atomically), other stores record it at their next :meth:`save`."""
+        self.reference = None if reference is None else dict(reference)
+        if self.path is not None:
+            _write_metadata(self.path, self.num_samples, self.fingerprint, self.reference)
 
     def attach(self, writer: PendingWriter) -> None:
         """Register a holder of in-flight updates, flushed before whole-store reads."""
@@ -544,7 +560,7 @@ class ScoreStore:
                 for a in range(0, self.num_samples, CHUNK):
                     f.write(self._read_raw(a, min(a + CHUNK, self.num_samples)).tobytes())
             # the metadata first: a newly saved .npy never stands without its own
-            _write_metadata(path, self.num_samples, self.fingerprint)
+            _write_metadata(path, self.num_samples, self.fingerprint, self.reference)
 
     def restore(self, path: str | os.PathLike) -> None:
         """Replace every score by those of a file written by :meth:`save` (never-scored samples

@@ -389,3 +389,38 @@ def test_readme_composer_example_runs(tmp_path: Path, monkeypatch):
     assert (tmp_path / "checkpoints" / "latest-rank0.pt").exists()  # what the README resumes from
     assert int(trainer.state.timestamp.epoch) == 4
     assert algorithm.selector.step == int(trainer.state.timestamp.batch)
+
+
+@pytest.mark.parametrize("rule", ["topk", "es"])
+def test_reference_store_selects_by_reducible_loss(tmp_path: Path, data: Path, rule: str):
+    """RHO-LOSS in Composer: samples of class 0 get a huge reference loss, so their reducible
+    loss is very negative: top-k never picks them, and the ES scores hold loss - reference."""
+    n = N
+    corpus = ESStreamingDataset(local=copy_of(data, tmp_path, "probe"), batch_size=B).corpus
+    reference = es.ScoreStore(n, fingerprint=corpus.fingerprint)
+    ref = np.where(np.arange(n) % 4 == 0, 100.0, 0.0).astype(np.float32)
+    reference.write_range(0, ref)
+    reference.set_reference({"scorer": "test", "complete": True})
+    reference.save(tmp_path / "ref.npy")
+    algorithm = EvolvedSampling(batch_size=b, reference_store=tmp_path / "ref.npy",
+                                reference_rule=rule)
+    trainer, record = make_trainer(data, algorithm, epochs=1)
+    trainer.fit()
+    picked = [i for ids in record.selected.values() for i in ids]
+    assert len(picked) == (N // B) * b
+    if rule == "topk":
+        assert all(i % 4 != 0 for i in picked)
+    scores = algorithm.selector.store.to_numpy()
+    assert (scores[::4] < -10).all() and (scores[1::4] > -10).all()  # EMAs of loss - reference
+    trainer.close()
+
+
+def test_reference_store_of_another_corpus_is_refused(tmp_path: Path, data: Path):
+    reference = es.ScoreStore(N, fingerprint="0123456789abcdef")
+    reference.write_range(0, np.ones(N, np.float32))
+    reference.save(tmp_path / "ref.npy")
+    algorithm = EvolvedSampling(batch_size=b, reference_store=tmp_path / "ref.npy")
+    with pytest.raises(es.ScoreError, match="scores of corpus 0123456789abcdef"):
+        make_trainer(data, algorithm, epochs=1)[0].fit()
+    with pytest.raises(ValueError, match="reference_rule must be"):
+        EvolvedSampling(batch_size=b, reference_store=tmp_path / "ref.npy", reference_rule="rho")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 
@@ -96,3 +97,18 @@ def test_torchrun_example_runs_on_two_gloo_ranks(tmp_path):
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=300)
     again = np.load(tmp_path / "scores-rank0.npy")
     assert again.tobytes() == scores[0].tobytes()
+
+
+def test_reference_prune_and_rho_examples_run(tmp_path, monkeypatch):
+    """The reference-model README blocks run as written: score every sample once, keep the
+    middle half for every epoch, then RHO-LOSS selection against the same reference store."""
+    write_clusters(tmp_path, seed=3)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_block("reference-prune"), "README.md", "exec"), scope)
+    assert scope["kept"] == [512, 512, 512]  # ceil(0.5 n), the same decision in every epoch
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["epoch=00000"]
+    assert json.loads((tmp_path / "reference.meta.json").read_text())["reference"] == {
+        "scorer": "reference-mlp-v1", "complete": True}
+    exec(compile(readme_block("rho-loop"), "README.md", "exec"), scope)
+    assert scope["selector"].step == 2 * (1024 // 128)

@@ -30,6 +30,7 @@ from ..corpus import Corpus
 from ..distributed import merge_rank_scores
 from ..policy import InfoBatchPolicy, Policy
 from ..pruner import Pruner
+from ..reducible import ReducibleLossSelector
 from ..selector import ESSelector
 from ..store import ScoreStore, metadata_path
 from .batch import IdKey, default_id_key, split_ids, take_rows
@@ -228,6 +229,14 @@ class EvolvedSampling(Algorithm):
         uniform_mix: mix this share of uniform probability into every draw (see ESSelector).
         floor: smallest sampling weight.
         seed: selector seed; rank r uses ``seed + r``.
+        reference_store: reference-model losses (a :class:`es_stream.ScoreStore`, or the path of
+            one written by ``es-stream score``): selection then ranks the **reducible loss**
+            ``loss - reference[id]`` (RHO-LOSS, :class:`es_stream.ReducibleLossSelector`). The
+            store must be complete, fully scored and of this corpus (checked at ``FIT_START``).
+        reference_rule: with ``reference_store``: ``"es"`` (default) applies the ES rule
+            (scores, burn-in, annealing, pruning as above) to the reducible loss; ``"topk"``
+            back-propagates the b largest reducible losses (RHO-LOSS as published; the ES scores
+            of the reducible loss are still updated, burn-in/annealing do not apply).
     """
 
     def __init__(self, batch_size: int | None = None, keep: float | None = None, *,
@@ -237,7 +246,9 @@ class EvolvedSampling(Algorithm):
                  strip_ids: bool = True, num_samples: int | None = None,
                  corpus: Corpus | None = None, store_path: str | os.PathLike | None = None,
                  keep_snapshots: int = 2, store_device: torch.device | str | None = None,
-                 uniform_mix: float = 0.0, floor: float = 1e-8, seed: int = 0) -> None:
+                 uniform_mix: float = 0.0, floor: float = 1e-8, seed: int = 0,
+                 reference_store: ScoreStore | str | os.PathLike | None = None,
+                 reference_rule: str = "es") -> None:
         if (batch_size is None) == (keep is None):
             raise ValueError("EvolvedSampling: give exactly one of batch_size (b) or keep (b/B), "
                              f"got batch_size={batch_size!r}, keep={keep!r}")
@@ -256,6 +267,13 @@ class EvolvedSampling(Algorithm):
         if policy is not None and not hasattr(policy, "decide"):
             raise TypeError(f"policy must be a pruning policy such as es_stream.ESWPPolicy, got "
                             f"{type(policy).__name__}")
+        if reference_rule not in ("es", "topk"):
+            raise ValueError(f"reference_rule must be 'es' or 'topk', got {reference_rule!r}")
+        if reference_store is not None and not isinstance(reference_store, (ScoreStore, str, os.PathLike)):
+            raise TypeError("reference_store must be an es_stream.ScoreStore or the path of one "
+                            f"(es-stream score --out), got {type(reference_store).__name__}")
+        self.reference_store, self.reference_rule = reference_store, reference_rule
+        self.reducible: ReducibleLossSelector | None = None
         self.scores = ScoreCheckpoint(store_path, keep_snapshots, store_device)
         self.batch_size, self.keep = batch_size, keep
         self.beta1, self.beta2, self.burn_in, self.anneal = beta1, beta2, burn_in, anneal
@@ -317,11 +335,28 @@ class EvolvedSampling(Algorithm):
         elif self.selector.num_samples != n:
             raise ValueError(f"EvolvedSampling was set up for {self.selector.num_samples} samples, "
                              f"this fit's corpus has {n}; use a new EvolvedSampling per corpus")
+        if self.reference_store is not None and self.reducible is None:
+            self.reducible = self._reference(n, corpus)
         if self.policy is not None:
             self.pruner = self._make_pruner(state, dataset, corpus)
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._load(pending)
+
+    def _reference(self, n: int, corpus: Corpus | None) -> ReducibleLossSelector:
+        ref = self.reference_store
+        fingerprint = None if corpus is None else corpus.fingerprint
+        if not isinstance(ref, ScoreStore):
+            path = os.fspath(ref)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"reference_store={path!r}: no such score store (write it "
+                                        "with es-stream score --out)")
+            ref = ScoreStore.open(path, n, fingerprint=fingerprint)
+        elif ref.num_samples != n:
+            raise ValueError(f"reference_store holds {ref.num_samples} scores, this corpus has {n} "
+                             "samples: a reference of another corpus")
+        # rule "topk" here: the reader of reference losses; the ES rule is this algorithm's own
+        return ReducibleLossSelector(ref, 1, rule="topk", fingerprint=fingerprint)
 
     def _make_pruner(self, state: State, dataset: Any, corpus: Corpus | None) -> Pruner:
         if state.max_duration is None or state.max_duration.unit != TimeUnit.EPOCH:
@@ -389,9 +424,15 @@ class EvolvedSampling(Algorithm):
         losses = self._losses(state, batch, size)
         b = self.batch_size if self.batch_size is not None else max(1, int(self.keep * size))
         self.selector.uniform_now = self._uniform_phase(state)
+        if self.reducible is not None:  # RHO-LOSS: rank by loss - reference loss
+            losses = self.reducible.reducible(ids, losses)
         if size <= b:  # an epoch's short tail: train on all of it, still learn its scores
             self.selector.update(ids, losses)
             index = torch.arange(size)
+        elif self.reducible is not None and self.reference_rule == "topk":
+            self.selector.update(ids, losses)
+            self.selector.step += 1
+            index = losses.topk(b, sorted=False).indices.sort().values
         else:
             self.selector.batch_size = b
             index = self.selector.select(ids, losses).sort().values
