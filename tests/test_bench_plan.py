@@ -47,6 +47,7 @@ def test_a_run_is_keyed_by_the_fields_its_method_uses(tmp_path: Path) -> None:
         "infobatch": data | {"infobatch_ratio", "prune_anneal"},
         "loss": data | {"B"}, "selective_backprop": data | {"B"}, "random": data | {"B"},
         "budget_es": data | {"budget_epochs"}, "budget_eswp": data | {"budget_epochs"},
+        "budget_infobatch": data | {"budget_epochs"},
         # the variants: their own option, none of the others'
         "eswp_rescale": data | es | {"B", "eswp_ratio", "prune_anneal", "prune_burn_in_epochs",
                                      "rescale_min_keep"},
@@ -221,3 +222,14 @@ def test_the_recorded_evidence_still_covers_every_run_of_the_issue_7_plan() -> N
     runs = [r for e in exps for r in P.measured_runs(e) + P.budget_runs(
         e, P.budget_cuts(e, store.records))]
     assert len(runs) > 100 and all(r.key in store.records for r in runs)
+
+
+def test_budget_infobatch_is_cut_to_infobatch_and_needs_it(tmp_path: Path) -> None:
+    args = P.parse_args(["--workload", "mnist1d", "--methods", "uniform,infobatch,budget_infobatch",
+                         "--out", str(tmp_path)])
+    (exp,) = P.plan(args)
+    assert "budget_infobatch" in exp.methods
+    assert {r.method for r in P.cut_sources(exp, "budget_infobatch")} == {"uniform", "infobatch"}
+    with pytest.raises(SystemExit):
+        P.parse_args(["--workload", "mnist1d", "--methods", "uniform,budget_infobatch",
+                      "--out", str(tmp_path)])

@@ -77,6 +77,7 @@ uniform, ES and ES's control.
 ``random``          the random-selection control: forward on B, b picked uniformly
 ``budget_es``       the budget-matched control: uniform training cut to ES's wall-clock
 ``budget_eswp``     the same, cut to ESWP's wall-clock
+``budget_infobatch`` the same, cut to InfoBatch's wall-clock (not in the default ``--methods``)
 =================== ===========================================================================
 
 **The variants grid** (``--grid variants``; "Selection that pays", on MNIST-1D at

@@ -16,7 +16,8 @@ from .plan import Experiment
 from .run import machine
 
 LABELS = {"uniform": "uniform (b)", "uniform_B": "uniform (B)", "budget_es": "uniform, ES's budget",
-          "budget_eswp": "uniform, ESWP's budget", "selective_backprop": "selective backprop",
+          "budget_eswp": "uniform, ESWP's budget", "budget_infobatch": "uniform, InfoBatch's budget",
+          "selective_backprop": "selective backprop",
           "random": "random (b of B)"}
 
 
