@@ -27,3 +27,12 @@ def int_at_least(value: Any, minimum: int, argument: str, what: str | None = Non
     if number is None or number < minimum:
         raise ValueError(f"{argument} must be {what or f'an integer >= {minimum}'}, got {value!r}")
     return number
+
+
+def non_negative(value: Any, argument: str) -> int:
+    """``value`` as a Python int >= 0: a ``TypeError`` naming ``argument`` when it is not an
+    integer, a ``ValueError`` when it is negative."""
+    number = integer(value, argument)
+    if number < 0:
+        raise ValueError(f"{argument} must be >= 0, got {number}")
+    return number

@@ -14,12 +14,12 @@ infinite scores (and negative ones for ESWP, whose scores are sampling weights) 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
+from ._check import non_negative
 from .errors import ScoreError
 
 CHUNK = 1 << 22  # 4M scores per chunk: ~50 MB of temporaries
@@ -32,18 +32,6 @@ def _gumbel_keys(scores: np.ndarray, seed: int, epoch: int, chunk: int) -> np.nd
     computed again in a later pass."""
     rng = np.random.default_rng([seed, epoch, 2, chunk])
     return np.log(np.maximum(scores.astype(np.float64), 1e-300)) - np.log(rng.exponential(size=len(scores)))
-
-
-def _non_negative_int(value: object, argument: str) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{argument} must be an integer, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"{argument} must be >= 0, got {number}")
-    return number
 
 
 def checked_reader(read: Read, n: int, source: str = "scores", *,
@@ -181,8 +169,8 @@ class Policy:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
         if not 0.0 <= anneal <= 1.0:
             raise ValueError(f"anneal must be a fraction in [0, 1], got {anneal}")
-        burn_in_epochs = _non_negative_int(burn_in_epochs, "burn_in_epochs")
-        seed = _non_negative_int(seed, "seed")
+        burn_in_epochs = non_negative(burn_in_epochs, "burn_in_epochs")
+        seed = non_negative(seed, "seed")
         self.ratio, self.anneal, self.seed, self.burn_in_epochs = ratio, anneal, seed, burn_in_epochs
 
     def prunes(self, epoch: int, total_epochs: int) -> bool:
@@ -199,9 +187,9 @@ class Policy:
         every sample counts as scored. ``source`` names the scores in error messages (e.g. the
         store's file). Arguments are checked here, before any chunk is decided.
         """
-        n = _non_negative_int(n, "n")
-        epoch = _non_negative_int(epoch, "epoch")
-        total_epochs = _non_negative_int(total_epochs, "total_epochs")
+        n = non_negative(n, "n")
+        epoch = non_negative(epoch, "epoch")
+        total_epochs = non_negative(total_epochs, "total_epochs")
         return self._decide(read, n, epoch, total_epochs, scored, source)
 
     def _decide(self, read: Read, n: int, epoch: int, total_epochs: int, scored: Read | None,

@@ -12,24 +12,14 @@ to the whole meta-batch, or the reverse), for a loop that varies b with ``select
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ._check import integer
 from .feedback import FeedbackChannel
 from .store import ScoreStore, as_index, positive_int
-
-
-def _integer(value: Any, argument: str) -> int:
-    """``value`` as a Python int (numpy integers too), else a TypeError naming ``argument``."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{argument} must be an integer, got {value!r}") from None
 
 
 class Selector:
@@ -42,7 +32,7 @@ class Selector:
 
     def __init__(self, batch_size: int, seed: int = 0) -> None:
         self.batch_size = positive_int(batch_size, "batch_size (b)", "an integer >= 1")
-        self.seed = _integer(seed, "seed")
+        self.seed = integer(seed, "seed")
         self.step = 0
         self._generators: dict[str, torch.Generator] = {}
         self._pending_state: dict[str, torch.Tensor] = {}
@@ -273,7 +263,7 @@ class ESSelector(Selector):
             raise ValueError(f"feedback must be 'auto', 'sync' or 'async', got {feedback!r}")
         max_pending = positive_int(max_pending, "max_pending", "an integer >= 1")
         reweight = _reweight_mode(reweight)
-        fresh_steps = _integer(fresh_steps, "fresh_steps")
+        fresh_steps = integer(fresh_steps, "fresh_steps")
         if fresh_steps < 0:
             raise ValueError(f"fresh_steps must be >= 0 (0: every sample is forwarded), "
                              f"got {fresh_steps}")
@@ -502,7 +492,7 @@ class BatchSchedule:
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
             raise ValueError(f"kind must be one of {', '.join(self.KINDS)}, got {self.kind!r}")
-        b, B = _integer(self.b, "b"), _integer(self.B, "B")
+        b, B = integer(self.b, "b"), integer(self.B, "B")
         if not 1 <= b <= B:
             raise ValueError(f"need 1 <= b <= B, got b={b}, B={B}")
         if not 0.0 < self.ramp <= 1.0:
