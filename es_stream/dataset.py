@@ -90,7 +90,8 @@ class ESDataset(IterableDataset):
             samples are left out of the plan, so they are never read nor decoded (streamed
             ``pipe:`` shards still pass their bytes by, undecoded). An epoch with no directory
             keeps everything (logged once). Loss weights from the manifest (InfoBatch) arrive
-            as ``MetaBatch.weights``.
+            as ``MetaBatch.weights``, a float32 tensor in every epoch (ones where nothing is
+            rescaled), so ``(losses * mb.weights).mean()`` needs no case for unpruned epochs.
         rank, world_size: override what is read from ``torch.distributed`` or the environment
             (``RANK``/``WORLD_SIZE``) when the dataset is created.
     """
@@ -278,7 +279,7 @@ class ESDataset(IterableDataset):
         self.samples_lost += len(lost)
         kept_ids = np.asarray(kept, dtype=np.int64)
         weights = None if keep is None or keep.weights is None else torch.from_numpy(
-            keep.weights[np.searchsorted(keep.kept_ids, kept_ids)])
+            keep.weights[np.searchsorted(keep.kept_ids, kept_ids)].astype(np.float32, copy=False))
         return MetaBatch(ids=torch.from_numpy(kept_ids),
                          data=self.collate(samples) if samples else None, epoch=epoch,
                          lost_ids=torch.tensor(lost, dtype=torch.int64), weights=weights)
