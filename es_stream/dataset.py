@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -26,12 +27,65 @@ from .sources import open_reader
 log = logging.getLogger(__name__)
 
 
-def webdataset_decode() -> Callable[[dict], Any]:
-    """webdataset's default decoding (``.cls`` -> int, ``.txt`` -> str, ``.json``, ``.npy``,
-    ``.pth``, ...; unknown suffixes stay bytes): ``webdataset.autodecode.Decoder([])``."""
-    from webdataset.autodecode import Decoder
+def webdataset_decode(*handlers: str | Callable, partial: bool = False) -> Callable[[dict], Any]:
+    """webdataset's decoding, as ``wds.WebDataset(...).decode(*handlers)`` builds it:
+    ``webdataset.autodecode.Decoder([...])`` whose handlers are ``imagehandler(spec)`` for a
+    string and the callable itself otherwise, between webdataset's default pre-handlers
+    (``.gz``) and post-handlers (``.cls`` -> int, ``.txt`` -> str, ``.json``, ``.npy``,
+    ``.pth``, ...; unknown suffixes stay bytes). No handlers: the default decoding alone.
 
-    return Decoder([])
+    Raises ``ValueError`` listing the valid image specs for an unknown string, ``TypeError``
+    for a handler that is neither a string nor callable."""
+    from webdataset.autodecode import Decoder, imagehandler, imagespecs
+
+    built = []
+    for h in handlers:
+        if isinstance(h, str):
+            if h.lower() not in imagespecs:
+                raise ValueError(f"decode={h!r} is not one of webdataset's image decoder "
+                                 f"shorthands {sorted(imagespecs)}; pass one of them, or a "
+                                 "function sample -> decoded sample")
+            built.append(imagehandler(h.lower()))
+        elif callable(h):
+            built.append(h)
+        else:
+            raise TypeError(f"decode: a handler must be a webdataset image spec (a string such "
+                            f"as 'pil') or a callable (key, data) -> value, got "
+                            f"{type(h).__name__} {h!r:.60}")
+    return Decoder(built, partial=partial)
+
+
+def _as_list(batch: list, *, collate_fn_map: Any = None) -> list:
+    return list(batch)
+
+
+def collate_samples(batch: list) -> Any:
+    """ESDataset's default collation: ``torch.utils.data.default_collate``, except that PIL
+    images (what ``decode="pil"`` gives) stay a list, as webdataset's own collation keeps
+    objects it cannot stack, instead of default_collate's TypeError."""
+    from torch.utils.data._utils.collate import collate, default_collate_fn_map
+
+    image = sys.modules.get("PIL.Image")  # no PIL imported: no PIL image to collate
+    if image is None:
+        return default_collate(batch)
+    return collate(batch, collate_fn_map={**default_collate_fn_map, image.Image: _as_list})
+
+
+def resolve_decode(decode: Any, format: str) -> Callable[[dict], Any] | None:
+    """The per-sample function ``ESDataset(decode=...)`` stands for (see its docstring)."""
+    if decode is None:
+        return webdataset_decode() if format == "wds" else None
+    # MDS columns are typed already: only bytes columns pass the handlers (partial decoding)
+    partial = format == "mds"
+    if isinstance(decode, str):
+        return webdataset_decode(decode, partial=partial)
+    if isinstance(decode, (list, tuple)):
+        return webdataset_decode(*decode, partial=partial)
+    if not callable(decode):
+        raise TypeError(f"decode must be a function sample -> decoded sample, a webdataset image "
+                        f"spec such as 'pil', or a list of specs and webdataset handlers; got "
+                        f"{type(decode).__name__} {decode!r:.60}")
+    return decode
 
 
 class ESDataset(IterableDataset):
@@ -56,9 +110,19 @@ class ESDataset(IterableDataset):
     Args:
         corpus: an indexed :class:`Corpus`.
         meta_batch_size: B, samples per meta-batch.
-        decode: per-sample function; default webdataset's decoder for tar shards, the identity
-            for MDS (whose columns ``MDSWriter`` already typed).
-        collate: list of decoded samples -> batch; default ``torch.utils.data.default_collate``.
+        decode: how to decode a sample. A function ``sample dict -> decoded sample``; or, as
+            with webdataset's ``.decode(...)``, an image spec string (``"pil"``, ``"rgb"``,
+            ``"rgb8"``, ``"torchrgb"``, ``"l"``, ... — webdataset's ``imagespecs``) or a list of
+            such strings and webdataset handlers ``(key, data) -> value``, which build
+            ``webdataset.autodecode.Decoder([imagehandler(spec), ...])`` with webdataset's
+            default handlers after them, exactly as ``wds.WebDataset(url).decode("pil")``
+            decodes. Default: webdataset's default decoder for tar shards, the identity for MDS
+            (whose columns ``MDSWriter`` already typed; with a shorthand, only MDS ``bytes``
+            columns named like a file suffix, e.g. ``jpg``, are decoded). An unknown spec is a
+            ``ValueError`` listing the valid ones, anything else not callable a ``TypeError``,
+            both raised here, not at the first sample.
+        collate: list of decoded samples -> batch; default ``torch.utils.data.default_collate``
+            (PIL images, which it cannot stack, are kept as lists, as webdataset does).
             With the default, dict samples of one meta-batch must all have the same fields (as
             webdataset's collation requires): a sample whose fields differ from those most of
             its meta-batch has is a :class:`~es_stream.errors.SampleError` naming it, its shard
@@ -96,7 +160,8 @@ class ESDataset(IterableDataset):
             (``RANK``/``WORLD_SIZE``) when the dataset is created.
     """
 
-    def __init__(self, corpus: Corpus, meta_batch_size: int, decode: Callable[[dict], Any] | None = None,
+    def __init__(self, corpus: Corpus, meta_batch_size: int,
+                 decode: Callable[[dict], Any] | str | list | tuple | None = None,
                  collate: Callable[[list], Any] | None = None, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, on_error: str = "raise", *, block_size: int = 1 << 18,
                  manifests: str | os.PathLike | None = None, rank: int | None = None,
@@ -117,9 +182,11 @@ class ESDataset(IterableDataset):
         corpus.check_fresh()
         self.corpus = corpus
         self.meta_batch_size = meta_batch_size
-        self.decode = decode if decode is not None else (
-            webdataset_decode() if corpus.format == "wds" else None)
-        self.collate = collate if collate is not None else default_collate
+        self.decode = resolve_decode(decode, corpus.format)
+        if collate is not None and not callable(collate):
+            raise TypeError(f"collate must be a function list of samples -> batch, got "
+                            f"{type(collate).__name__} {collate!r:.60}")
+        self.collate = collate if collate is not None else collate_samples
         self.shuffle, self.seed, self.drop_last, self.on_error = shuffle, seed, drop_last, on_error
         self.block_size = block_size
         self.seekable = corpus.format == "mds" or all(is_local_url(s.name) for s in corpus.shards)
@@ -272,7 +339,7 @@ class ESDataset(IterableDataset):
         under ``on_error="skip"``, in ``lost_ids`` of this very meta-batch — which is yielded
         even when all of its samples were lost, so every rank keeps the same count."""
         samples, kept, kept_shards, lost = self._read_samples(reader, ids, epoch, failed_shards)
-        if self.collate is default_collate:
+        if self.collate is collate_samples or self.collate is default_collate:
             for i in reversed(self._mismatched_fields(samples, kept, kept_shards, epoch)):
                 lost.append(kept.pop(i))
                 del samples[i], kept_shards[i]
