@@ -18,6 +18,7 @@ from .policy import ESWPPolicy, InfoBatchPolicy
 from .pruner import Pruner
 from .selector import (ESSelector, LossSelector, SelectiveBackpropSelector, Selector, TopKSelector,
                        UniformSelector)
+from .state import TrainingState
 from .store import ScoreStore
 
 __all__ = [
@@ -25,6 +26,6 @@ __all__ = [
     "FeedbackChannel", "IndexFileError", "InfoBatchPolicy", "LossSelector", "ManifestError",
     "MetaBatch", "MissingExtraError", "Pruner", "SampleError", "ScoreError", "ScoreStore",
     "SelectiveBackpropSelector", "Selector",
-    "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "UniformSelector",
+    "ShardError", "ShardInfo", "StaleIndexError", "TopKSelector", "TrainingState", "UniformSelector",
     "__version__", "loader", "merge_rank_scores",
 ]

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ._check import int_at_least
 from .corpus import Corpus, is_local_url
@@ -195,6 +195,11 @@ class ESDataset(IterableDataset):
         # worker count of the last iteration started (0: none yet); shared like the epoch
         self._resume = torch.tensor([-1, 0, 0], dtype=torch.int64).share_memory_()
         self._loader_workers = torch.zeros((), dtype=torch.int64).share_memory_()
+        # the epoch an iteration last started in, in any process (-1: none), shared
+        self._started_epoch = torch.full((), -1, dtype=torch.int64).share_memory_()
+        # (epoch, meta-batches of it consumed), counted in this process by es_stream.loader or
+        # by an iteration that runs here; what state_dict() reports without num_batches
+        self._progress: tuple[int, int] | None = None
         self.samples_lost = 0
         self.manifests = None if manifests is None else os.fspath(manifests)
         self._keep_cache: tuple[tuple[int, int], EpochKeep | None] | None = None
@@ -225,9 +230,35 @@ class ESDataset(IterableDataset):
             "shuffle": (self.shuffle, rebuild), "drop_last": (self.drop_last, rebuild),
             "block_size": (self.block_size, rebuild)}
 
-    def state_dict(self, num_batches: int) -> dict[str, Any]:
+    def consumed(self) -> int:
+        """Meta-batches of the current epoch consumed so far, counted from the epoch's start
+        (those consumed before a resume included), as :func:`es_stream.loader` (or an iteration
+        in this process) yielded them; 0 before the epoch's iteration starts.
+
+        Raises ``ValueError`` when an iteration of this epoch ran in DataLoader workers that
+        :func:`es_stream.loader` did not make: this process never saw what they yielded."""
+        epoch = self.epoch
+        if self._progress is not None and self._progress[0] == epoch:
+            return self._progress[1]
+        if int(self._started_epoch) == epoch:
+            raise ValueError(f"epoch {epoch} is being iterated by a DataLoader that does not count "
+                             "the meta-batches it yields: iterate through es_stream.loader(dataset), "
+                             "or pass state_dict(num_batches=...) yourself")
+        return self._resume_base(epoch)
+
+    def _count(self, epoch: int, batches: int) -> None:
+        self._progress = (epoch, batches)
+
+    def _resume_base(self, epoch: int) -> int:
+        """Meta-batches of ``epoch`` a new iteration starts after (the resume point's)."""
+        resume_epoch, resume_batches, _ = self._resume.tolist()
+        return resume_batches if resume_epoch == epoch else 0
+
+    def state_dict(self, num_batches: int | None = None) -> dict[str, Any]:
         """Where this rank stands: ``num_batches`` meta-batches of the current epoch consumed,
-        counted from the epoch's start (those consumed before a resume included).
+        counted from the epoch's start (those consumed before a resume included). Default:
+        :meth:`consumed`, what :func:`es_stream.loader` yielded (torchdata's protocol: the
+        state is that of the last meta-batch handed to the loop).
 
         Works before any iteration (``num_batches=0``) and at the epoch's end
         (``num_batches == len(self)``: the resumed epoch yields nothing, and the trainer goes on
@@ -235,7 +266,7 @@ class ESDataset(IterableDataset):
         that iterated this dataset (1 also stands for main-process iteration).
         """
         total = len(self)
-        num_batches = operator.index(num_batches)
+        num_batches = self.consumed() if num_batches is None else operator.index(num_batches)
         if not 0 <= num_batches <= total:
             raise ValueError(f"num_batches={num_batches} is outside [0, {total}]: pass the meta-batches "
                              f"of the current epoch ({self.epoch}) consumed so far")
@@ -270,6 +301,7 @@ class ESDataset(IterableDataset):
                              "was its pruning manifest rewritten?")
         self.set_epoch(epoch)
         self._resume.copy_(torch.tensor([epoch, batches, max(workers, 1)]))
+        self._progress = (epoch, batches)
         if batches:
             self._loader_workers.fill_(max(workers, 1))
 
@@ -323,13 +355,22 @@ class ESDataset(IterableDataset):
         plan = self.plan(epoch)
         run, skip = self._worker_run(epoch, plan.num_batches, worker, num_workers)
         self._loader_workers.fill_(num_workers)
+        self._started_epoch.fill_(epoch)
         batches = plan.worker_batches(num_workers, run, skip)
         keep = self.epoch_keep(epoch)
         reader = open_reader(self.corpus)
         failed_shards: set[int] = set()  # shards this worker can no longer read, this epoch
+        here = get_worker_info() is None  # iterated in this process: count what it yields
+        done = self._resume_base(epoch)
+        if here:
+            self._count(epoch, done)
         try:
             for ids in batches:
-                yield self._meta_batch(reader, ids, epoch, keep, failed_shards)
+                mb = self._meta_batch(reader, ids, epoch, keep, failed_shards)
+                if here:
+                    done += 1
+                    self._count(epoch, done)
+                yield mb
         finally:
             reader.close()
 
@@ -442,15 +483,48 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
+class _CountingLoader(DataLoader):
+    """A DataLoader that counts, in the training process, the meta-batches it hands out of an
+    :class:`ESDataset` iterated in workers (torchdata's ``Loader`` does the same), so that
+    ``dataset.state_dict()`` knows the place in the epoch without being told."""
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        dataset = self.dataset
+        if not isinstance(dataset, ESDataset) or self.num_workers == 0:
+            return iterator  # counted by the dataset's own iteration, in this process
+        epoch = dataset.epoch
+        done = dataset._resume_base(epoch)
+        dataset._count(epoch, done)  # now: the workers may start before the first next()
+        return _counted(iterator, dataset, epoch, done)
+
+
+def _counted(iterator: Iterator[Any], dataset: ESDataset, epoch: int, done: int) -> Iterator[Any]:
+    for mb in iterator:
+        done += 1
+        dataset._count(epoch, done)
+        yield mb
+
+
 def loader(dataset: ESDataset, num_workers: int = 2, **kwargs: Any) -> DataLoader:
     """A ``DataLoader`` over meta-batches: ``batch_size=None`` (the dataset batches), persistent
     workers when ``num_workers > 0``, ``pin_memory`` when CUDA is available. Any keyword
-    overrides these defaults."""
+    overrides these defaults. It counts the meta-batches it yields of the current epoch, which
+    ``dataset.state_dict()`` (and :class:`es_stream.TrainingState`) report as consumed.
+
+    The workers' base seed is drawn from a generator of the loader's own, seeded from the
+    dataset's ``seed`` and rank (``generator=`` overrides it), not from torch's global
+    generator: starting an iteration then draws nothing from the global generator, so a run
+    resumed with its random state (:class:`es_stream.TrainingState`) makes the same dropout
+    draws as one that never stopped."""
     options: dict[str, Any] = {
         "batch_size": None,
         "num_workers": num_workers,
         "persistent_workers": num_workers > 0,
         "pin_memory": torch.cuda.is_available(),
     }
+    if isinstance(dataset, ESDataset):
+        seed = np.random.SeedSequence([dataset.seed, dataset.rank]).generate_state(1, np.uint64)[0]
+        options["generator"] = torch.Generator().manual_seed(int(seed))
     options.update(kwargs)
-    return DataLoader(dataset, **options)
+    return _CountingLoader(dataset, **options)
