@@ -21,6 +21,7 @@ from .reducible import ReducibleLossSelector
 from .score import Scorer, ScoreResult, score_corpus
 from .selector import (BatchSchedule, ESSelector, LossSelector, SelectiveBackpropSelector, Selector,
                        TopKSelector, UniformSelector)
+from .state import TrainingState
 from .store import ScoreStore
 
 __all__ = [
@@ -30,6 +31,6 @@ __all__ = [
     "MetaBatch", "MissingExtraError", "Pruner", "ReducibleLossSelector", "SampleError",
     "ScoreError", "ScoreResult", "ScoreStore", "Scorer", "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "ThresholdPolicy", "TopKSelector",
-    "UniformSelector",
+    "TrainingState", "UniformSelector",
     "__version__", "loader", "merge_rank_scores", "score_corpus",
 ]

@@ -39,6 +39,7 @@ import torch
 from ._atomic import atomic_write, fsync_path
 from ._check import int_at_least
 from .errors import ScoreError
+from .state import TrainingState
 from .store import ScoreStore, saved_length
 
 LATEST = "latest"
@@ -55,10 +56,13 @@ class Checkpointer:
     """Saves ``(step, state, store)`` checkpoints under ``directory``, keeping the ``keep``
     newest; see the module docstring for the layout and what survives a crash.
 
-    ``state`` is any ``torch.save``-able dict: e.g. ``{"model": model.state_dict(), "optim":
-    optim.state_dict(), "selector": selector.state_dict(with_store=False)}``. The score store
-    is given separately and saved beside it chunk by chunk, so a memory-mapped store of any size
-    is never copied into memory; :meth:`load` restores it the same way.
+    ``state`` is an :class:`es_stream.TrainingState` — dataset, selector, pruner, model,
+    optimizer and store saved and restored together, so a plain loop resumes with
+    ``step = checkpoints.restore(state)`` — or any ``torch.save``-able dict: e.g.
+    ``{"model": model.state_dict(), "optim": optim.state_dict(), "selector":
+    selector.state_dict(with_store=False)}``, with the score store given separately. Either way
+    the store is saved beside the state chunk by chunk, so a memory-mapped store of any size is
+    never copied into memory; :meth:`restore` / :meth:`load` restore it the same way.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2) -> None:
@@ -115,19 +119,43 @@ class Checkpointer:
             raise ValueError(f"{state_path}: cannot be read as a checkpoint state "
                              f"({type(exc).__name__}: {exc}); {self._damaged(name)}") from exc
         if store is not None:
-            scores = os.path.join(step_dir, SCORES)
-            if not os.path.exists(scores):
-                raise FileNotFoundError(f"{scores}: this checkpoint holds no scores (saved "
-                                        "without a store); load it without store=")
-            try:
-                held, _ = saved_length(scores)
-            except ScoreError as exc:
-                raise ScoreError(f"{exc}; {self._damaged(name)}") from exc
-            if held != store.num_samples:
-                raise ValueError(f"{scores}: holds {held} scores, the store has "
-                                 f"{store.num_samples}: a checkpoint of another corpus?")
-            store.restore(scores)
+            self._restore_store(name, store)
         return step, state
+
+    def _restore_store(self, name: str, store: ScoreStore) -> None:
+        """Replace ``store``'s scores by those of checkpoint ``name``."""
+        scores = os.path.join(self.directory, name, SCORES)
+        if not os.path.exists(scores):
+            raise FileNotFoundError(f"{scores}: this checkpoint holds no scores (saved "
+                                    "without a store); load it without store=")
+        try:
+            held, _ = saved_length(scores)
+        except ScoreError as exc:
+            raise ScoreError(f"{exc}; {self._damaged(name)}") from exc
+        if held != store.num_samples:
+            raise ValueError(f"{scores}: holds {held} scores, the store has "
+                             f"{store.num_samples}: a checkpoint of another corpus?")
+        store.restore(scores)
+
+    def restore(self, state: TrainingState, map_location: Any = "cpu") -> int:
+        """Put every part of ``state`` back as the committed checkpoint has it (scores from
+        beside the state, into ``state.store``) and return its step; with no checkpoint yet,
+        change nothing and return 0, so ``step = checkpoints.restore(state)`` starts and
+        resumes alike. A checkpoint whose parts differ from ``state``'s is refused
+        (``ValueError`` naming them) before anything is touched."""
+        if not isinstance(state, TrainingState):
+            raise TypeError(f"restore needs an es_stream.TrainingState, got {type(state).__name__}; "
+                            "for a plain dict state use load()")
+        loaded = self.load(map_location=map_location)
+        if loaded is None:
+            return 0
+        step, saved = loaded
+        name = os.path.basename(self.latest())
+        state.check_parts(saved, where=os.path.join(self.directory, name, STATE))
+        if state.store is not None:
+            self._restore_store(name, state.store)
+        state.load_state_dict(saved)
+        return step
 
     def _damaged(self, name: str) -> str:
         """What to do about a damaged committed checkpoint ``name``."""
@@ -138,10 +166,17 @@ class Checkpointer:
                 f"{os.path.join(self.directory, LATEST)} to train from scratch")
 
     # ------------------------------------------------------------- writing
-    def save(self, step: int, state: dict, store: ScoreStore | None = None) -> str:
+    def save(self, step: int, state: dict | TrainingState, store: ScoreStore | None = None) -> str:
         """Write checkpoint ``step``, commit it by replacing ``latest``, then drop checkpoints
-        beyond the ``keep`` newest. Returns the new step directory."""
+        beyond the ``keep`` newest. Returns the new step directory. With a
+        :class:`~es_stream.TrainingState`, its store is the one saved (``store`` must be
+        omitted) and the dataset's place is what :func:`es_stream.loader` yielded so far."""
         step = int_at_least(step, 0, "step", "a non-negative integer")
+        if isinstance(state, TrainingState):
+            if store is not None:
+                raise TypeError("Checkpointer.save: a TrainingState saves its own store; omit "
+                                "store= (or pass store= to the TrainingState)")
+            state, store = state.state_dict(with_store=False), state.store
         os.makedirs(self.directory, exist_ok=True)
         committed = self._committed()
         if committed is not None and step <= committed[0]:

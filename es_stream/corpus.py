@@ -13,8 +13,11 @@ import hashlib
 import json
 import os
 import tarfile
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pyarrow as pa
@@ -84,23 +87,81 @@ class MDSInfo:
 
 
 def is_local_url(url: str) -> bool:
-    """True for a plain path or a file:// URL, which es-stream reads by seeking."""
-    return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
+    """True for a plain path or a ``file:`` URL, which es-stream reads by seeking."""
+    return url.startswith("file:") or (not url.startswith("pipe:") and "://" not in url)
 
 
 def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    """The path of a local shard: ``url`` itself, or a ``file:`` URL's path read as
+    webdataset's ``gopen`` reads it (``urlparse`` + ``url2pathname``: ``file:///abs/a%20b.tar``
+    is ``/abs/a b.tar``, ``file:rel.tar`` is ``rel.tar``). A ``file://HOST/...`` URL naming a
+    host other than ``localhost`` is refused: it is not a path on this machine."""
+    if not url.startswith("file:"):
+        return url
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ShardError(url, f"a file: URL with host {parsed.netloc!r} is not a local path; "
+                         "write file:///absolute/path.tar or file:relative/path.tar")
+    return url2pathname(parsed.path)
+
+
+# Files a directory of shards may hold that es-stream's tar reader cannot index, with advice.
+_OTHER_SHARDS = (
+    ((".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tar.zstd",
+      ".tar.lz4"),
+     "compressed tar shards", "they cannot be read by seeking: decompress them to .tar, or "
+     "pass them as streamed URLs such as 'pipe:gzip -dc FILE'"),
+    ((".mds", ".mds.zstd", ".mds.zst", ".mds.gz", ".mds.bz2", ".mds.snappy", ".mds.br",
+      "index.json"),
+     "MosaicML MDS files", "index an MDS directory with Corpus.from_mds(local=DIR)"),
+)
+
+
+def _other_shards(directory: str) -> str:
+    """The shard-like files of ``directory`` that are not ``.tar``, described with what to do
+    about them ("" when there are none)."""
+    names = sorted(os.listdir(directory))
+    found = []
+    for suffixes, kind, advice in _OTHER_SHARDS:
+        hits = [n for n in names if n.lower().endswith(suffixes)]
+        if hits:
+            found.append(f"{len(hits)} {kind} ({_listed(hits)}): {advice}")
+    return "; ".join(found)
+
+
+def _listed(names: list[str], limit: int = 4) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _expand_directory(directory: str) -> list[str]:
+    """The ``.tar`` shards of ``directory``, sorted. Shard-like files it cannot read
+    (compressed tar, MDS) are never skipped in silence: with no ``.tar`` beside them they are a
+    :class:`ShardError` saying what was found and what to do, beside ``.tar`` shards a
+    ``UserWarning`` naming them (the corpus is the ``.tar`` shards alone)."""
+    found = sorted(glob.glob(os.path.join(glob.escape(directory), "*.tar")))
+    described = _other_shards(directory)
+    if not found:
+        subdirs = sorted(e.name for e in os.scandir(directory)
+                         if e.is_dir() and glob.glob(os.path.join(glob.escape(e.path), "*.tar")))
+        hint = (f"; subdirectories {_listed(subdirs)} hold .tar shards: pass one of them" if
+                subdirs else "")
+        raise ShardError(directory, "directory holds no .tar shards"
+                         + (f"; it holds {described}" if described else "") + hint)
+    if described:
+        warnings.warn(f"{directory}: indexing its {len(found)} .tar shards only; it also holds "
+                      f"{described}; these are not part of the corpus", UserWarning, stacklevel=4)
+    return found
 
 
 def expand_urls(urls: str | os.PathLike | Sequence[str]) -> list[str]:
-    """A brace pattern, a directory of ``.tar`` files, or a list of paths/URLs -> shard list."""
+    """A brace pattern, a directory of ``.tar`` files (a path or a ``file:`` URL), or a list
+    of paths/URLs -> shard list. A directory's other shard-like files are reported (see
+    :func:`_expand_directory`)."""
     if isinstance(urls, (str, os.PathLike)):
         text = os.fspath(urls)
-        if os.path.isdir(text):
-            found = sorted(glob.glob(os.path.join(text, "*.tar")))
-            if not found:
-                raise ShardError(text, "directory holds no .tar shards")
-            return found
+        if is_local_url(text) and os.path.isdir(_local_path(text)):
+            return _expand_directory(_local_path(text))
         from braceexpand import braceexpand  # a webdataset dependency
 
         return list(braceexpand(text))
@@ -243,16 +304,32 @@ class Corpus:
         return {s.name: s.dropped for s in self.shards if s.dropped is not None}
 
     @classmethod
-    def from_mds(cls, local_dir: str | os.PathLike, remote: str | None = None,
-                 split: str | None = None) -> "Corpus":
+    def from_mds(cls, local_dir: str | os.PathLike | None = None, remote: str | None = None,
+                 split: str | None = None, *, local: str | os.PathLike | None = None) -> "Corpus":
         """Index an MDS dataset written by ``streaming.MDSWriter`` from its ``index.json``.
 
         With ``remote``, ``index.json`` (and later each shard, when first read) is fetched into
-        ``local_dir`` by mosaicml-streaming's own ``Stream``, as a ``StreamingDataset`` would.
+        the local directory by mosaicml-streaming's own ``Stream``, as a ``StreamingDataset``
+        would. The keywords are streaming's: ``Corpus.from_mds(remote="s3://b/ds",
+        local="/cache/ds")``; positionally, ``from_mds(local, remote, split)``.
+
+        Unlike ``StreamingDataset``, the local directory is required (``TypeError`` without
+        it): the index records it, and every reader of the corpus (workers, ranks, a resumed
+        run) must find the shards in the same place, not a temporary directory.
         """
         from .sources.mds import load_mds_index
 
-        local = os.fspath(local_dir)
+        if local_dir is not None and local is not None:
+            raise TypeError("Corpus.from_mds: pass the local directory once, as local= or as "
+                            f"the first argument (got local_dir={local_dir!r}, local={local!r})")
+        if local is None:
+            local = local_dir
+        if local is None:
+            raise TypeError("Corpus.from_mds needs local= (the directory holding index.json "
+                            "and the shards, or the cache they are fetched into from remote=)")
+        if remote is not None:
+            remote = os.fspath(remote)
+        local = os.fspath(local)
         index = load_mds_index(local, remote, split)
         shards = []
         for info in index["shards"]:

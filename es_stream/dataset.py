@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ._check import int_at_least
 from .corpus import Corpus, is_local_url
@@ -26,12 +27,65 @@ from .sources import open_reader
 log = logging.getLogger(__name__)
 
 
-def webdataset_decode() -> Callable[[dict], Any]:
-    """webdataset's default decoding (``.cls`` -> int, ``.txt`` -> str, ``.json``, ``.npy``,
-    ``.pth``, ...; unknown suffixes stay bytes): ``webdataset.autodecode.Decoder([])``."""
-    from webdataset.autodecode import Decoder
+def webdataset_decode(*handlers: str | Callable, partial: bool = False) -> Callable[[dict], Any]:
+    """webdataset's decoding, as ``wds.WebDataset(...).decode(*handlers)`` builds it:
+    ``webdataset.autodecode.Decoder([...])`` whose handlers are ``imagehandler(spec)`` for a
+    string and the callable itself otherwise, between webdataset's default pre-handlers
+    (``.gz``) and post-handlers (``.cls`` -> int, ``.txt`` -> str, ``.json``, ``.npy``,
+    ``.pth``, ...; unknown suffixes stay bytes). No handlers: the default decoding alone.
 
-    return Decoder([])
+    Raises ``ValueError`` listing the valid image specs for an unknown string, ``TypeError``
+    for a handler that is neither a string nor callable."""
+    from webdataset.autodecode import Decoder, imagehandler, imagespecs
+
+    built = []
+    for h in handlers:
+        if isinstance(h, str):
+            if h.lower() not in imagespecs:
+                raise ValueError(f"decode={h!r} is not one of webdataset's image decoder "
+                                 f"shorthands {sorted(imagespecs)}; pass one of them, or a "
+                                 "function sample -> decoded sample")
+            built.append(imagehandler(h.lower()))
+        elif callable(h):
+            built.append(h)
+        else:
+            raise TypeError(f"decode: a handler must be a webdataset image spec (a string such "
+                            f"as 'pil') or a callable (key, data) -> value, got "
+                            f"{type(h).__name__} {h!r:.60}")
+    return Decoder(built, partial=partial)
+
+
+def _as_list(batch: list, *, collate_fn_map: Any = None) -> list:
+    return list(batch)
+
+
+def collate_samples(batch: list) -> Any:
+    """ESDataset's default collation: ``torch.utils.data.default_collate``, except that PIL
+    images (what ``decode="pil"`` gives) stay a list, as webdataset's own collation keeps
+    objects it cannot stack, instead of default_collate's TypeError."""
+    from torch.utils.data._utils.collate import collate, default_collate_fn_map
+
+    image = sys.modules.get("PIL.Image")  # no PIL imported: no PIL image to collate
+    if image is None:
+        return default_collate(batch)
+    return collate(batch, collate_fn_map={**default_collate_fn_map, image.Image: _as_list})
+
+
+def resolve_decode(decode: Any, format: str) -> Callable[[dict], Any] | None:
+    """The per-sample function ``ESDataset(decode=...)`` stands for (see its docstring)."""
+    if decode is None:
+        return webdataset_decode() if format == "wds" else None
+    # MDS columns are typed already: only bytes columns pass the handlers (partial decoding)
+    partial = format == "mds"
+    if isinstance(decode, str):
+        return webdataset_decode(decode, partial=partial)
+    if isinstance(decode, (list, tuple)):
+        return webdataset_decode(*decode, partial=partial)
+    if not callable(decode):
+        raise TypeError(f"decode must be a function sample -> decoded sample, a webdataset image "
+                        f"spec such as 'pil', or a list of specs and webdataset handlers; got "
+                        f"{type(decode).__name__} {decode!r:.60}")
+    return decode
 
 
 class ESDataset(IterableDataset):
@@ -56,9 +110,19 @@ class ESDataset(IterableDataset):
     Args:
         corpus: an indexed :class:`Corpus`.
         meta_batch_size: B, samples per meta-batch.
-        decode: per-sample function; default webdataset's decoder for tar shards, the identity
-            for MDS (whose columns ``MDSWriter`` already typed).
-        collate: list of decoded samples -> batch; default ``torch.utils.data.default_collate``.
+        decode: how to decode a sample. A function ``sample dict -> decoded sample``; or, as
+            with webdataset's ``.decode(...)``, an image spec string (``"pil"``, ``"rgb"``,
+            ``"rgb8"``, ``"torchrgb"``, ``"l"``, ... — webdataset's ``imagespecs``) or a list of
+            such strings and webdataset handlers ``(key, data) -> value``, which build
+            ``webdataset.autodecode.Decoder([imagehandler(spec), ...])`` with webdataset's
+            default handlers after them, exactly as ``wds.WebDataset(url).decode("pil")``
+            decodes. Default: webdataset's default decoder for tar shards, the identity for MDS
+            (whose columns ``MDSWriter`` already typed; with a shorthand, only MDS ``bytes``
+            columns named like a file suffix, e.g. ``jpg``, are decoded). An unknown spec is a
+            ``ValueError`` listing the valid ones, anything else not callable a ``TypeError``,
+            both raised here, not at the first sample.
+        collate: list of decoded samples -> batch; default ``torch.utils.data.default_collate``
+            (PIL images, which it cannot stack, are kept as lists, as webdataset does).
             With the default, dict samples of one meta-batch must all have the same fields (as
             webdataset's collation requires): a sample whose fields differ from those most of
             its meta-batch has is a :class:`~es_stream.errors.SampleError` naming it, its shard
@@ -90,12 +154,14 @@ class ESDataset(IterableDataset):
             samples are left out of the plan, so they are never read nor decoded (streamed
             ``pipe:`` shards still pass their bytes by, undecoded). An epoch with no directory
             keeps everything (logged once). Loss weights from the manifest (InfoBatch) arrive
-            as ``MetaBatch.weights``.
+            as ``MetaBatch.weights``, a float32 tensor in every epoch (ones where nothing is
+            rescaled), so ``(losses * mb.weights).mean()`` needs no case for unpruned epochs.
         rank, world_size: override what is read from ``torch.distributed`` or the environment
             (``RANK``/``WORLD_SIZE``) when the dataset is created.
     """
 
-    def __init__(self, corpus: Corpus, meta_batch_size: int, decode: Callable[[dict], Any] | None = None,
+    def __init__(self, corpus: Corpus, meta_batch_size: int,
+                 decode: Callable[[dict], Any] | str | list | tuple | None = None,
                  collate: Callable[[list], Any] | None = None, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, on_error: str = "raise", *, block_size: int = 1 << 18,
                  manifests: str | os.PathLike | None = None, rank: int | None = None,
@@ -116,9 +182,11 @@ class ESDataset(IterableDataset):
         corpus.check_fresh()
         self.corpus = corpus
         self.meta_batch_size = meta_batch_size
-        self.decode = decode if decode is not None else (
-            webdataset_decode() if corpus.format == "wds" else None)
-        self.collate = collate if collate is not None else default_collate
+        self.decode = resolve_decode(decode, corpus.format)
+        if collate is not None and not callable(collate):
+            raise TypeError(f"collate must be a function list of samples -> batch, got "
+                            f"{type(collate).__name__} {collate!r:.60}")
+        self.collate = collate if collate is not None else collate_samples
         self.shuffle, self.seed, self.drop_last, self.on_error = shuffle, seed, drop_last, on_error
         self.block_size = block_size
         self.seekable = corpus.format == "mds" or all(is_local_url(s.name) for s in corpus.shards)
@@ -127,6 +195,11 @@ class ESDataset(IterableDataset):
         # worker count of the last iteration started (0: none yet); shared like the epoch
         self._resume = torch.tensor([-1, 0, 0], dtype=torch.int64).share_memory_()
         self._loader_workers = torch.zeros((), dtype=torch.int64).share_memory_()
+        # the epoch an iteration last started in, in any process (-1: none), shared
+        self._started_epoch = torch.full((), -1, dtype=torch.int64).share_memory_()
+        # (epoch, meta-batches of it consumed), counted in this process by es_stream.loader or
+        # by an iteration that runs here; what state_dict() reports without num_batches
+        self._progress: tuple[int, int] | None = None
         self.samples_lost = 0
         self.manifests = None if manifests is None else os.fspath(manifests)
         self._keep_cache: tuple[tuple[int, int], EpochKeep | None] | None = None
@@ -157,9 +230,35 @@ class ESDataset(IterableDataset):
             "shuffle": (self.shuffle, rebuild), "drop_last": (self.drop_last, rebuild),
             "block_size": (self.block_size, rebuild)}
 
-    def state_dict(self, num_batches: int) -> dict[str, Any]:
+    def consumed(self) -> int:
+        """Meta-batches of the current epoch consumed so far, counted from the epoch's start
+        (those consumed before a resume included), as :func:`es_stream.loader` (or an iteration
+        in this process) yielded them; 0 before the epoch's iteration starts.
+
+        Raises ``ValueError`` when an iteration of this epoch ran in DataLoader workers that
+        :func:`es_stream.loader` did not make: this process never saw what they yielded."""
+        epoch = self.epoch
+        if self._progress is not None and self._progress[0] == epoch:
+            return self._progress[1]
+        if int(self._started_epoch) == epoch:
+            raise ValueError(f"epoch {epoch} is being iterated by a DataLoader that does not count "
+                             "the meta-batches it yields: iterate through es_stream.loader(dataset), "
+                             "or pass state_dict(num_batches=...) yourself")
+        return self._resume_base(epoch)
+
+    def _count(self, epoch: int, batches: int) -> None:
+        self._progress = (epoch, batches)
+
+    def _resume_base(self, epoch: int) -> int:
+        """Meta-batches of ``epoch`` a new iteration starts after (the resume point's)."""
+        resume_epoch, resume_batches, _ = self._resume.tolist()
+        return resume_batches if resume_epoch == epoch else 0
+
+    def state_dict(self, num_batches: int | None = None) -> dict[str, Any]:
         """Where this rank stands: ``num_batches`` meta-batches of the current epoch consumed,
-        counted from the epoch's start (those consumed before a resume included).
+        counted from the epoch's start (those consumed before a resume included). Default:
+        :meth:`consumed`, what :func:`es_stream.loader` yielded (torchdata's protocol: the
+        state is that of the last meta-batch handed to the loop).
 
         Works before any iteration (``num_batches=0``) and at the epoch's end
         (``num_batches == len(self)``: the resumed epoch yields nothing, and the trainer goes on
@@ -167,7 +266,7 @@ class ESDataset(IterableDataset):
         that iterated this dataset (1 also stands for main-process iteration).
         """
         total = len(self)
-        num_batches = operator.index(num_batches)
+        num_batches = self.consumed() if num_batches is None else operator.index(num_batches)
         if not 0 <= num_batches <= total:
             raise ValueError(f"num_batches={num_batches} is outside [0, {total}]: pass the meta-batches "
                              f"of the current epoch ({self.epoch}) consumed so far")
@@ -202,6 +301,7 @@ class ESDataset(IterableDataset):
                              "was its pruning manifest rewritten?")
         self.set_epoch(epoch)
         self._resume.copy_(torch.tensor([epoch, batches, max(workers, 1)]))
+        self._progress = (epoch, batches)
         if batches:
             self._loader_workers.fill_(max(workers, 1))
 
@@ -255,13 +355,22 @@ class ESDataset(IterableDataset):
         plan = self.plan(epoch)
         run, skip = self._worker_run(epoch, plan.num_batches, worker, num_workers)
         self._loader_workers.fill_(num_workers)
+        self._started_epoch.fill_(epoch)
         batches = plan.worker_batches(num_workers, run, skip)
         keep = self.epoch_keep(epoch)
         reader = open_reader(self.corpus)
         failed_shards: set[int] = set()  # shards this worker can no longer read, this epoch
+        here = get_worker_info() is None  # iterated in this process: count what it yields
+        done = self._resume_base(epoch)
+        if here:
+            self._count(epoch, done)
         try:
             for ids in batches:
-                yield self._meta_batch(reader, ids, epoch, keep, failed_shards)
+                mb = self._meta_batch(reader, ids, epoch, keep, failed_shards)
+                if here:
+                    done += 1
+                    self._count(epoch, done)
+                yield mb
         finally:
             reader.close()
 
@@ -271,14 +380,14 @@ class ESDataset(IterableDataset):
         under ``on_error="skip"``, in ``lost_ids`` of this very meta-batch — which is yielded
         even when all of its samples were lost, so every rank keeps the same count."""
         samples, kept, kept_shards, lost = self._read_samples(reader, ids, epoch, failed_shards)
-        if self.collate is default_collate:
+        if self.collate is collate_samples or self.collate is default_collate:
             for i in reversed(self._mismatched_fields(samples, kept, kept_shards, epoch)):
                 lost.append(kept.pop(i))
                 del samples[i], kept_shards[i]
         self.samples_lost += len(lost)
         kept_ids = np.asarray(kept, dtype=np.int64)
         weights = None if keep is None or keep.weights is None else torch.from_numpy(
-            keep.weights[np.searchsorted(keep.kept_ids, kept_ids)])
+            keep.weights[np.searchsorted(keep.kept_ids, kept_ids)].astype(np.float32, copy=False))
         return MetaBatch(ids=torch.from_numpy(kept_ids),
                          data=self.collate(samples) if samples else None, epoch=epoch,
                          lost_ids=torch.tensor(lost, dtype=torch.int64), weights=weights)
@@ -374,15 +483,50 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
+class _CountingLoader(DataLoader):
+    """A DataLoader that counts, in the training process, the meta-batches it hands out of an
+    :class:`ESDataset` iterated in workers (torchdata's ``Loader`` does the same), so that
+    ``dataset.state_dict()`` knows the place in the epoch without being told."""
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        dataset = self.dataset
+        if not isinstance(dataset, ESDataset) or self.num_workers == 0:
+            return iterator  # counted by the dataset's own iteration, in this process
+        epoch = dataset.epoch
+        done = dataset._resume_base(epoch)
+        dataset._count(epoch, done)  # now: the workers may start before the first next()
+        return _counted(iterator, dataset, epoch, done)
+
+
+def _counted(iterator: Iterator[Any], dataset: ESDataset, epoch: int, done: int) -> Iterator[Any]:
+    for mb in iterator:
+        done += 1
+        dataset._count(epoch, done)
+        yield mb
+
+
 def loader(dataset: ESDataset, num_workers: int = 2, **kwargs: Any) -> DataLoader:
     """A ``DataLoader`` over meta-batches: ``batch_size=None`` (the dataset batches), persistent
     workers when ``num_workers > 0``, ``pin_memory`` when CUDA is available. Any keyword
-    overrides these defaults."""
+    overrides these defaults. It counts the meta-batches it yields of the current epoch, which
+    ``dataset.state_dict()`` (and :class:`es_stream.TrainingState`) report as consumed.
+
+    The workers' base seed is drawn from a generator of the loader's own, seeded from the
+    dataset's ``seed``, rank and current epoch (``generator=`` overrides it), not from torch's global
+    generator: starting an iteration then draws nothing from the global generator, so a run
+    resumed with its random state (:class:`es_stream.TrainingState`) makes the same dropout
+    draws as one that never stopped."""
     options: dict[str, Any] = {
         "batch_size": None,
         "num_workers": num_workers,
         "persistent_workers": num_workers > 0,
         "pin_memory": torch.cuda.is_available(),
     }
+    if isinstance(dataset, ESDataset):
+        # the epoch too: a loader made anew each epoch must not repeat its workers' random draws
+        seed = np.random.SeedSequence([dataset.seed, dataset.rank, dataset.epoch]).generate_state(
+            1, np.uint64)[0]
+        options["generator"] = torch.Generator().manual_seed(int(seed))
     options.update(kwargs)
-    return DataLoader(dataset, **options)
+    return _CountingLoader(dataset, **options)

@@ -134,8 +134,12 @@ class FeedbackChannel:
 
     # ----------------------------------------------------------- writing back
     def commit(self, ids: torch.Tensor, values: torch.Tensor) -> None:
-        """Write ``values`` (on the device) back to the store for ``ids`` without waiting."""
+        """Write ``values`` (on the device) back to the store for ``ids`` without waiting. No
+        ids (an empty meta-batch) is a no-op: an empty update would break :meth:`fetch`'s
+        overlay of pending updates."""
         ids = torch.as_tensor(ids)
+        if ids.numel() == 0:
+            return
         ids_np = ids.cpu().numpy().astype(np.int64, copy=True)
         values = values.detach().to(self.device, torch.float32)
         host = self._buffer(values.numel())

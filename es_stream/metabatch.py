@@ -34,15 +34,23 @@ class MetaBatch:
             this meta-batch only; sum their lengths to count losses when iterating through
             DataLoader workers. ``ids`` and ``lost_ids`` together are the ids the plan gave
             this meta-batch.
-        weights: per-sample loss weights from a pruning manifest (InfoBatch's 1/(1-r) for
-            kept low-score samples, 1 otherwise), or None when the epoch has none.
+        weights: float32 tensor [len(mb)] of per-sample loss weights, always present: a
+            pruning manifest's (InfoBatch's ``1/(1-r)`` for kept low-score samples, 1 for the
+            others), and all ones in an epoch that rescales nothing (no manifest, ESWP, a
+            burn-in or annealing epoch). So ``(losses * mb.weights).mean()`` is right in every
+            epoch; it equals ``losses.mean()`` exactly where nothing is rescaled. Passing
+            ``weights=None`` to the constructor gives the ones.
     """
 
     ids: torch.Tensor
     data: Any
     epoch: int
     lost_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-    weights: torch.Tensor | None = None
+    weights: torch.Tensor = None  # type: ignore[assignment]  # None -> ones, in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.weights is None:  # one code path for the loss whether or not an epoch rescales
+            self.weights = torch.ones(self.ids.shape, dtype=torch.float32, device=self.ids.device)
 
     def __len__(self) -> int:
         return int(self.ids.numel())
@@ -51,10 +59,10 @@ class MetaBatch:
         """Called by ``DataLoader(pin_memory=True)``: pins every tensor."""
         pin = torch.Tensor.pin_memory
         return replace(self, ids=pin(self.ids), data=_map_tensors(self.data, pin),
-                       weights=None if self.weights is None else pin(self.weights))
+                       weights=pin(self.weights))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MetaBatch":
-        """Move ids and every tensor in ``data`` to ``device``."""
+        """Move ids, weights and every tensor in ``data`` to ``device``."""
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return replace(self, ids=move(self.ids), data=_map_tensors(self.data, move),
-                       weights=None if self.weights is None else move(self.weights))
+                       weights=move(self.weights))

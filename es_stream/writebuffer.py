@@ -53,7 +53,10 @@ class WriteBuffer:
         return self.size >= self.capacity
 
     def add(self, ids: np.ndarray, values: np.ndarray) -> None:
-        """Record updates; ``ids`` must be unique within one call."""
+        """Record updates; ``ids`` must be unique within one call. No ids (an empty meta-batch)
+        is a no-op: an empty segment would break :meth:`overlay`'s lookups."""
+        if len(ids) == 0:
+            return
         order = np.argsort(ids, kind="stable")
         segment = (np.asarray(ids, dtype=np.int64)[order], np.asarray(values, np.float32)[order])
         self.segments.append(segment)

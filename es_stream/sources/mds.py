@@ -236,6 +236,16 @@ def load_mds_index(local: str, remote: str | None, split: str | None) -> dict[st
     return index
 
 
+def writable_arrays(sample: dict[str, Any]) -> dict[str, Any]:
+    """``sample`` with its read-only numpy arrays (streaming's ``ndarray`` columns, decoded by
+    ``np.frombuffer`` over immutable bytes) replaced by writable copies, in place: torch warns
+    "The given NumPy array is not writable" when it collates a read-only one."""
+    for key, value in sample.items():
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            sample[key] = value.copy()
+    return sample
+
+
 # ------------------------------------------------------------------------------ shard fetch
 @contextlib.contextmanager
 def shard_lock(path: str) -> Iterator[None]:
@@ -321,14 +331,19 @@ class MDSShardReader:
                 raise ShardError(path, f"cannot fetch shard ({exc})") from exc
 
     def read(self, shard: int, position: int, sample_id: int) -> dict[str, Any]:
-        """Decode one sample to the dict of columns ``MDSWriter`` was given."""
+        """Decode one sample to the dict of columns ``MDSWriter`` was given.
+
+        ``ndarray`` columns come back writable: streaming decodes them with ``np.frombuffer``
+        over the sample's immutable bytes, and torch warns ("The given NumPy array is not
+        writable") when such an array is collated; the copy costs one memcpy of the array."""
         mm, offsets = self._open(shard)
         data = mm[offsets[position]:offsets[position + 1]]
         try:
-            return self.readers[shard].decode_sample(data)
+            sample = self.readers[shard].decode_sample(data)
         except Exception as exc:
             raise SampleError(self.corpus.local_path(shard), f"cannot decode sample ({exc})",
                               sample=sample_id) from exc
+        return writable_arrays(sample)
 
     def close(self) -> None:
         for mm, _ in self.open_shards.values():

@@ -27,7 +27,7 @@ from streaming.base.world import World
 from ..corpus import Corpus
 from ..errors import ShardError
 from ..manifest import EpochKeep, read_epoch
-from .mds import read_mds_index_file
+from .mds import read_mds_index_file, writable_arrays
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,9 @@ class ESStreamingDataset(StreamingDataset):
 
     # ------------------------------------------------------------------ ids
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
-        """The sample's columns plus ``id_key``: its global es-stream id."""
-        sample = super().get_item(sample_id, retry)
+        """The sample's columns plus ``id_key``: its global es-stream id. ``ndarray`` columns
+        come back writable (see :func:`es_stream.sources.mds.writable_arrays`)."""
+        sample = writable_arrays(super().get_item(sample_id, retry))
         if self.id_key in sample:
             raise ValueError(f"{self.corpus.local_path(0)}: the MDS corpus already has a column "
                              f"{self.id_key!r}; pass another id_key= to ESStreamingDataset")
