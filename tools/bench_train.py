@@ -148,8 +148,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchtrain.plan import estimate, experiment_records, parse_args, plan
-from benchtrain.report import (describe, diagnostics_table, markdown_table, plot_experiment,
-                               plot_heatmap, summary_entry, write_tables, write_text)
+from benchtrain.report import (describe, diagnostics_table, goals_table, markdown_table,
+                               plot_experiment, plot_heatmap, summary_entry, write_tables,
+                               write_text)
 from benchtrain.run import Data, Store, execute
 
 
@@ -202,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"\n## {exp.title}\n{describe(entry)}\n\n{markdown_table(entry)}\n", flush=True)
         if exp.group == "regimes":
             print(f"{diagnostics_table(entry)}\n", flush=True)
+    goals = goals_table({e.name: entries[e.name] for e in exps})
+    if goals:
+        print("\n".join(goals), flush=True)
     print(f"bench_train: ran {ran}, skipped {skipped} already finished, in "
           f"{(time.perf_counter() - started) / 60:.1f} min; tables: {out / 'tables.md'}; "
           f"summary: {summary_path}; runs: {store.path}", flush=True)
