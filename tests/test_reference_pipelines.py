@@ -276,3 +276,27 @@ def test_bench_train_counts_the_reference_in_the_wall_clock_and_reuses_it(tmp_pa
     assert res["ran"] + res["skipped"] == 10 and res["skipped"] >= 4
     assert list((tmp_path / "data" / "reference").iterdir()) == refs
     assert json.loads((refs[0] / "meta.json").read_text()) == meta
+
+
+def test_the_mnist1d_pipeline_trains_its_reference_once_and_reports_its_cost(tmp_path: Path) -> None:
+    from pipelines.mnist1d import main
+
+    argv = ["--methods", "uniform,rho,band_low,prune_random", "--train", "300", "--test", "100",
+            "--epochs", "1", "--noise", "0.2", "--reference-heldout", "100",
+            "--reference-epochs", "1", "--workers", "0", "--no-progress", "--out", str(tmp_path)]
+    res = main(argv)
+    runs = {r["method"]: r for r in res["runs"]}
+    (ref_dir,) = (tmp_path / "reference").iterdir()
+    meta = json.loads((ref_dir / "meta.json").read_text())
+    assert res["config"]["reference"] == meta["config"] and meta["config"]["heldout"] == 100
+    for m in ("rho", "band_low"):
+        assert runs[m]["reference_s"] == pytest.approx(meta["train_s"] + meta["score_s"])
+        assert runs[m]["reference_s"] > 0
+    assert runs["uniform"]["reference_s"] == runs["prune_random"]["reference_s"] == 0.0
+    mtime = (ref_dir / "model.pt").stat().st_mtime_ns
+    again = main(argv)   # cached: the same reference, not trained again
+    assert (ref_dir / "model.pt").stat().st_mtime_ns == mtime
+    assert {r["method"]: r["reference_s"] for r in again["runs"]} == {
+        m: r["reference_s"] for m, r in runs.items()}
+    with pytest.raises(SystemExit):
+        main([*argv, "--reference-width", "0"])
