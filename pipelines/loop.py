@@ -30,6 +30,21 @@ says how: epochs and their budget, b and B, the learning rate, the seed, the met
   ``ESSelector(fresh_steps=fresh_epochs * steps per epoch)``, the scoring forward only on
   stale samples. The variants score a tail meta-batch of at most b (trained whole) from its
   training losses; ``es``/``eswp`` leave its scores as they were (as in issue 7).
+* **Reference scores** (:data:`REFERENCE_METHODS`, issue "Reference scores";
+  ``docs/REFERENCE.md``): ``rho`` reads meta-batches of B, and back-propagates the b with the
+  largest reducible loss ``loss - reference`` (:class:`ReducibleLossSelector`, rule ``"topk"``,
+  RHO-LOSS as published); ``rho_es`` the ES rule on the reducible loss (rule ``"es"``, the ES
+  options). ``band_low`` / ``band_middle`` / ``band_high`` train uniform batches of b on the
+  corpus pruned once, before the first step, by ``BandPolicy(keep=prune_keep)`` on the
+  reference scores: the decision goes to ``epoch=00000`` marked ``applies_to: all``, so
+  ESDataset reads only the kept samples in every epoch. ``prune_random`` is their control: the
+  same path over random scores, so exactly as many samples kept at random. All four train
+  ``epochs`` epochs over the kept part: the same training compute (steps, samples) for every
+  band and the control — half of uniform's at keep 0.5; a budget-matched uniform control is the
+  benchmark's ``budget_*``. The reference (:class:`Reference`: a complete score store and what
+  the reference model's training and scoring pass cost, :mod:`pipelines.reference`) is paid
+  before the first step: its seconds are added to the wall-clock and to every curve point of the
+  methods that read it (not ``prune_random``), and reported on their own (``reference_s``).
 * **Schedule.** Adam with a cosine learning rate over the run's progress in epochs (epoch plus
   the fraction of its meta-batches done), so every method ends at lr 0 whatever its steps per
   epoch (pruned epochs have fewer). With ``budget_epochs`` (fractional) the run stops there,
@@ -620,7 +635,9 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
     ``params``, ``final_<quality>``, ``best_<quality>`` (max, or min when lower is better) and
     ``curve``: ``(wall_clock_s, quality)`` per evaluation, and ``learned_fraction``: per epoch,
     the fraction of the samples read whose loss was below the workload's ``learned_loss``
-    (empty without one). Raises ValueError naming the argument
+    (empty without one); ``reference_s``, ``reference_train_s``, ``reference_score_s``: what the
+    reference model cost a method of :data:`REFERENCE_METHODS` (already in ``wall_clock_s`` and
+    the curve; 0 for the others). Raises ValueError naming the argument
     for an unknown method, ``b > B``, ``evals_per_epoch < 1`` or a budget outside
     ``(0, epochs]``.
     """
