@@ -53,6 +53,37 @@ def add_selection_args(group: Any, help: dict[str, str] | None = None) -> None:
                        help=h["prune_burn_in_epochs"])
 
 
+def add_reference_args(group: Any) -> None:
+    """Add the reference model's flags (methods ``rho``, ``rho_es``, ``band_*``; defaults per
+    workload in :data:`pipelines.reference.DEFAULTS`) and ``--prune-keep`` to ``group``."""
+    group.add_argument("--reference-heldout", type=int, default=None,
+                       help="reference: held-out samples it trains on (MNIST-1D: generated with "
+                            "--reference-seed and the same label noise; textlm: sequences of "
+                            "the train shards after those trained on) [mnist1d 10000, textlm 4096]")
+    group.add_argument("--reference-width", type=int, default=None,
+                       help="reference: MNIST-1D CNN width (the target's 32) / textlm GRU hidden "
+                            "size [mnist1d 16, textlm 64]")
+    group.add_argument("--reference-epochs", type=int, default=None,
+                       help="reference: training epochs [mnist1d 10, textlm 2]")
+    group.add_argument("--reference-lr", type=float, default=None,
+                       help="reference: Adam peak LR (cosine) [3e-3]")
+    group.add_argument("--reference-seed", type=int, default=1042,
+                       help="reference: MNIST-1D generation seed of its held-out split")
+    group.add_argument("--prune-keep", type=float, default=0.5,
+                       help="band_* and prune_random: fraction of the corpus kept, decided once")
+
+
+def reference_config(args: argparse.Namespace, workload: str) -> Any:
+    """The :class:`pipelines.reference.ReferenceConfig` of the flags of
+    :func:`add_reference_args` for ``workload`` (b: the run's ``--b``)."""
+    from .reference import ReferenceConfig
+
+    return ReferenceConfig.for_workload(
+        workload, heldout=args.reference_heldout, width=args.reference_width,
+        epochs=args.reference_epochs, lr=args.reference_lr, data_seed=args.reference_seed,
+        b=args.b)
+
+
 def ints(text: Any) -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]`` (empty items skipped)."""
     return [int(v) for v in str(text).split(",") if v.strip()]
@@ -126,11 +157,17 @@ def train_each(args: argparse.Namespace, workload: Any, out: Path,
 
 def train_pipeline(args: argparse.Namespace, build: Callable[[Path], Any],
                    make_workload: Callable[[Any], Any], describe: Callable[[Any, float], str],
+                   reference: Callable[[Path, Any, Any], Any] | None = None,
                    **run: Any) -> tuple[Path, Any, float, list[dict[str, Any]]]:
     """What a pipeline's ``main`` does between parsing and reporting: make ``args.out``, build
     the data with ``build(OUT / "data")`` (timed; ``describe(data, seconds)`` is printed), then
     train every (method, seed) on ``make_workload(data)`` (:func:`train_each`, with ``run``), all
-    with ``args.threads`` torch threads. Returns ``(out, data, data_s, runs)``."""
+    with ``args.threads`` torch threads. When a method reads a reference model
+    (``pipelines.loop.REFERENCE_METHODS``), ``reference(OUT, data, workload)`` trains and scores
+    it first (cached under ``OUT``) and its :class:`pipelines.loop.Reference` goes to those runs.
+    Returns ``(out, data, data_s, runs)``."""
+    from .loop import REFERENCE_METHODS
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with torch_threads(args.threads):
@@ -138,5 +175,10 @@ def train_pipeline(args: argparse.Namespace, build: Callable[[Path], Any],
         data = build(out / "data")
         data_s = time.perf_counter() - t0
         print(describe(data, data_s), flush=True)
-        runs = train_each(args, make_workload(data), out, **run)
+        workload = make_workload(data)
+        if reference is not None and set(args.methods) & set(REFERENCE_METHODS):
+            run["reference"] = reference(out, data, workload)
+        if hasattr(args, "prune_keep"):
+            run["prune_keep"] = args.prune_keep
+        runs = train_each(args, workload, out, **run)
     return out, data, data_s, runs

@@ -30,6 +30,21 @@ says how: epochs and their budget, b and B, the learning rate, the seed, the met
   ``ESSelector(fresh_steps=fresh_epochs * steps per epoch)``, the scoring forward only on
   stale samples. The variants score a tail meta-batch of at most b (trained whole) from its
   training losses; ``es``/``eswp`` leave its scores as they were (as in issue 7).
+* **Reference scores** (:data:`REFERENCE_METHODS`, issue "Reference scores";
+  ``docs/REFERENCE.md``): ``rho`` reads meta-batches of B, and back-propagates the b with the
+  largest reducible loss ``loss - reference`` (:class:`ReducibleLossSelector`, rule ``"topk"``,
+  RHO-LOSS as published); ``rho_es`` the ES rule on the reducible loss (rule ``"es"``, the ES
+  options). ``band_low`` / ``band_middle`` / ``band_high`` train uniform batches of b on the
+  corpus pruned once, before the first step, by ``BandPolicy(keep=prune_keep)`` on the
+  reference scores: the decision goes to ``epoch=00000`` marked ``applies_to: all``, so
+  ESDataset reads only the kept samples in every epoch. ``prune_random`` is their control: the
+  same path over random scores, so exactly as many samples kept at random. All four train
+  ``epochs`` epochs over the kept part: the same training compute (steps, samples) for every
+  band and the control — half of uniform's at keep 0.5; a budget-matched uniform control is the
+  benchmark's ``budget_*``. The reference (:class:`Reference`: a complete score store and what
+  the reference model's training and scoring pass cost, :mod:`pipelines.reference`) is paid
+  before the first step: its seconds are added to the wall-clock and to every curve point of the
+  methods that read it (not ``prune_random``), and reported on their own (``reference_s``).
 * **Schedule.** Adam with a cosine learning rate over the run's progress in epochs (epoch plus
   the fraction of its meta-batches done), so every method ends at lr 0 whatever its steps per
   epoch (pruned epochs have fewer). With ``budget_epochs`` (fractional) the run stops there,
@@ -72,10 +87,20 @@ from es_stream import (BatchSchedule, Corpus, ESDataset, ESSelector, LossSelecto
 
 VARIANTS = ("eswp_rescale", "infobatch_es", "es_reweight", "es_to_uniform", "es_from_uniform",
             "es_fresh")
+#: offline pruning decided once before training (prune-once manifests, ``applies_to: all``):
+#: the reference bands (BandPolicy) and the random-pruning control at the same keep fraction
+BANDS = ("band_low", "band_middle", "band_high")
+ONCE_PRUNING = BANDS + ("prune_random",)
+#: methods that read a reference model's losses (:class:`Reference`): RHO-LOSS and the bands
+RHO = ("rho", "rho_es")
+REFERENCE_METHODS = RHO + BANDS
+#: the methods that need nothing but the corpus (every one runs in tests/test_loop.py)
 METHODS = ("uniform", "es", "eswp", "infobatch", "loss", "selective_backprop", "topk",
-           "random") + VARIANTS
+           "random") + VARIANTS + ("prune_random",)
+#: every method of the loop (the reference methods need ``RunConfig.reference``)
+ALL_METHODS = METHODS + REFERENCE_METHODS
 # methods that train on every sample of a meta-batch of b
-BATCH_OF_B = ("uniform", "infobatch", "infobatch_es")
+BATCH_OF_B = ("uniform", "infobatch", "infobatch_es") + ONCE_PRUNING
 PRUNING = ("eswp", "infobatch", "eswp_rescale", "infobatch_es")  # prune at epoch ends
 WEIGHTED = ("infobatch", "infobatch_es", "eswp_rescale")  # train on MetaBatch.weights
 ES_METHODS = ("es", "eswp") + VARIANTS  # methods whose selector is an ESSelector
@@ -111,6 +136,26 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A reference model's per-sample losses on the training corpus (``docs/REFERENCE.md``),
+    for the methods of :data:`REFERENCE_METHODS`: ``store`` is a complete memory-mapped
+    :class:`~es_stream.ScoreStore` written by :func:`es_stream.score_corpus` (see
+    :mod:`pipelines.reference`), ``train_s`` the reference model's training wall-clock and
+    ``score_s`` the scoring pass's. Their sum (:attr:`seconds`) is paid before such a method's
+    first step, so :func:`train` adds it to the method's ``wall_clock_s`` and to every point of
+    its curve (and reports it on its own as ``reference_s``)."""
+
+    store: str
+    train_s: float = 0.0
+    score_s: float = 0.0
+    name: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return self.train_s + self.score_s
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """How one run trains (see :func:`train`).
 
@@ -125,6 +170,10 @@ class RunConfig:
     (``eswp_rescale``: smallest keep probability, weights <= 1/it), ``b_ramp``
     (``es_to_uniform``/``es_from_uniform``: fraction of training over which b moves) and
     ``fresh_epochs`` (``es_fresh``: a score updated within this many epochs' steps is fresh).
+    ``reference``: the reference losses of ``rho``, ``rho_es`` and the bands (:class:`Reference`);
+    ``prune_keep``: the fraction the bands and ``prune_random`` keep (``ceil(prune_keep * n)``
+    samples, decided once; every epoch then reads only those, so such a run trains ``epochs``
+    epochs over the kept part: the same training compute for every band and the random control).
     """
 
     epochs: int
@@ -145,6 +194,8 @@ class RunConfig:
     rescale_min_keep: float = 0.1
     b_ramp: float = 0.75
     fresh_epochs: float = 1.0
+    reference: Reference | None = None
+    prune_keep: float = 0.5
 
     @property
     def horizon(self) -> float:
@@ -158,8 +209,18 @@ class RunConfig:
 
     def check(self, method: str) -> None:
         """ValueError naming the argument unless ``method`` and the settings make a run."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in ALL_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+        if method in REFERENCE_METHODS and self.reference is None:
+            raise ValueError(f"method {method!r} reads a reference model's losses: give "
+                             "RunConfig(reference=Reference(store=...)) (pipelines.reference "
+                             "trains and scores one)")
+        if method in REFERENCE_METHODS and not os.path.exists(self.reference.store):
+            raise FileNotFoundError(f"reference store {self.reference.store} (method {method!r}) "
+                                    "does not exist; score the corpus first (pipelines.reference "
+                                    "or `es-stream score`)")
+        if not 0.0 < self.prune_keep <= 1.0:
+            raise ValueError(f"prune_keep must be a fraction in (0, 1], got {self.prune_keep}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not 1 <= self.b <= self.B:
@@ -179,10 +240,23 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------- the method table
 def make_selector(method: str, corpus: Corpus, b: int, seed: int, total_steps: int,
-                  **es_options: Any) -> Selector | None:
-    """The selector of ``method`` (None for ``uniform`` and ``infobatch``; ``infobatch_es``'s
-    only scores). ``es_options`` go to :class:`ESSelector` (beta1, beta2, burn_in, anneal,
-    device, fresh_steps, ...); ``es_reweight`` adds ``reweight="unbiased"``."""
+                  reference: Any = None, **es_options: Any) -> Selector | None:
+    """The selector of ``method`` (None for ``uniform``, ``infobatch`` and the prune-once
+    methods; ``infobatch_es``'s only scores). ``es_options`` go to :class:`ESSelector` (beta1,
+    beta2, burn_in, anneal, device, fresh_steps, ...); ``es_reweight`` adds
+    ``reweight="unbiased"``. ``rho`` / ``rho_es``: a :class:`ReducibleLossSelector` on the
+    ``reference`` :class:`~es_stream.ScoreStore`, rule ``"topk"`` (RHO-LOSS as published, no ES
+    options) / ``"es"`` (the ES rule on the reducible loss, with ``es_options``)."""
+    if method in RHO:
+        from es_stream import ReducibleLossSelector
+
+        if reference is None:
+            raise ValueError(f"method {method!r} needs the reference store (RunConfig.reference)")
+        if method == "rho":
+            return ReducibleLossSelector(reference, b, "topk", fingerprint=corpus.fingerprint,
+                                         seed=seed)
+        return ReducibleLossSelector(reference, b, "es", fingerprint=corpus.fingerprint, seed=seed,
+                                     total_steps=total_steps, **es_options)
     if method in ES_METHODS:
         if method == "es_reweight":
             es_options = {"reweight": "unbiased", **es_options}
@@ -202,13 +276,27 @@ def make_selector(method: str, corpus: Corpus, b: int, seed: int, total_steps: i
 
 def make_pruner(method: str, corpus: Corpus, selector: Any, manifests: str, *, eswp_ratio: float,
                 infobatch_ratio: float, prune_anneal: float, prune_burn_in_epochs: int,
-                seed: int, rescale_min_keep: float = 0.1) -> Any:
+                seed: int, rescale_min_keep: float = 0.1, reference: Any = None,
+                prune_keep: float = 0.5) -> Any:
     """The epoch-end pruner of ``method`` writing to ``manifests`` (None unless it is in
     :data:`PRUNING`): ``eswp`` prunes with :class:`ESWPPolicy` on the ES selector's store,
     ``eswp_rescale`` with ``ESWPPolicy(rescale=True, min_keep=rescale_min_keep)``;
     ``infobatch`` with :class:`InfoBatchPolicy` on a store of its own (last losses),
-    ``infobatch_es`` on the ES selector's store (EMA of the training losses)."""
-    from es_stream import ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore
+    ``infobatch_es`` on the ES selector's store (EMA of the training losses).
+
+    The prune-once methods (:data:`ONCE_PRUNING`; the caller writes their one decision with
+    ``pruner.write(0, epochs)`` before training): ``band_<b>`` keeps ``ceil(prune_keep * n)``
+    samples of band ``<b>`` of the ``reference`` store (:class:`BandPolicy`); ``prune_random``
+    keeps as many chosen at random (seeded by ``seed``): the same BandPolicy over a store of
+    random scores, so it goes through exactly the bands' path."""
+    from es_stream import BandPolicy, ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore
+
+    if method in BANDS:
+        if reference is None:
+            raise ValueError(f"method {method!r} needs the reference store (RunConfig.reference)")
+        return Pruner(corpus, reference, BandPolicy(prune_keep, method[len("band_"):]), manifests)
+    if method == "prune_random":
+        return Pruner(corpus, random_scores(corpus, seed), BandPolicy(prune_keep, "low"), manifests)
 
     if method in ("eswp", "eswp_rescale"):
         rescale = ({"rescale": True, "min_keep": rescale_min_keep}
@@ -221,6 +309,31 @@ def make_pruner(method: str, corpus: Corpus, selector: Any, manifests: str, *, e
         return Pruner(corpus, store,
                       InfoBatchPolicy(infobatch_ratio, anneal=prune_anneal, seed=seed), manifests)
     return None
+
+
+def random_scores(corpus: Corpus, seed: int) -> Any:
+    """An in-memory :class:`~es_stream.ScoreStore` of uniform random scores in [0, 1), one per
+    sample of ``corpus``, drawn from ``seed`` (``prune_random``'s: a band of it is a random
+    subset of exactly the band's size)."""
+    from es_stream import ScoreStore
+
+    n = corpus.num_samples
+    store = ScoreStore(n, fingerprint=corpus.fingerprint)
+    g = torch.Generator().manual_seed(seed)
+    store.scatter(torch.arange(n), torch.rand(n, generator=g))
+    return store
+
+
+def open_reference(corpus: Corpus, reference: Reference) -> Any:
+    """The reference :class:`~es_stream.ScoreStore` of ``reference``, memory-mapped and bound to
+    ``corpus`` (a store of another corpus is refused, naming it) and complete (an unfinished
+    scoring pass is refused, naming the store)."""
+    from es_stream import ScoreStore
+    from es_stream.score import require_complete
+
+    store = ScoreStore.open(reference.store, corpus.num_samples, fingerprint=corpus.fingerprint)
+    require_complete(store, "this run")
+    return store
 
 
 def save_scores(run_dir: str | None, pruner: Any, selector: Any) -> None:
@@ -303,7 +416,7 @@ class _Run:
         self.model, self.ds, self.bar = model, ds, bar
         self.dev = torch.device(workload.device)
         options = dict(config.es_options or {})
-        if self.dev.type == "cuda" and method in ES_METHODS:
+        if self.dev.type == "cuda" and method in ES_METHODS + ("rho_es",):
             options.setdefault("device", self.dev)
         if method == "es_fresh":  # about one epoch: see ESSelector's "Fresh scores"
             options.setdefault("fresh_steps", max(1, round(config.fresh_epochs * len(ds))))
@@ -313,14 +426,20 @@ class _Run:
         # at the end so that no step waits on the device
         self._fresh_trained: torch.Tensor | None = None
         # ES's burn-in/anneal fractions count steps of unpruned epochs (an upper bound for eswp)
+        self.reference = (open_reference(workload.corpus, config.reference)
+                          if method in REFERENCE_METHODS else None)
+        if method == "rho":  # the published rule takes no ES options
+            options = {}
         self.selector = make_selector(method, workload.corpus, config.b, config.seed,
-                                      config.epochs * len(ds), **options)
+                                      config.epochs * len(ds), reference=self.reference,
+                                      **options)
         self.pruner = make_pruner(method, workload.corpus, self.selector, manifests,
                                   eswp_ratio=config.eswp_ratio,
                                   infobatch_ratio=config.infobatch_ratio,
                                   prune_anneal=config.prune_anneal,
                                   prune_burn_in_epochs=config.prune_burn_in_epochs,
-                                  seed=config.seed, rescale_min_keep=config.rescale_min_keep)
+                                  seed=config.seed, rescale_min_keep=config.rescale_min_keep,
+                                  reference=self.reference, prune_keep=config.prune_keep)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.clock = Clock(self.dev)
         self.counts = Counts()
@@ -373,10 +492,14 @@ class _Run:
             self._fresh_trained = (fresh_trained if self._fresh_trained is None
                                    else self._fresh_trained + fresh_trained)
             return chosen
+        if self.method in RHO:  # start the reference losses' copy before the forward
+            sel.prefetch(ids, self.dev)
         self.counts.forwarded += len(ids)
         self.counts.scored += len(ids)
         losses = self.score(data)
         self.observe(losses)
+        if self.method in RHO:  # host ids: the reference is read through its prefetch
+            return sel.select(ids, losses)
         if b != self.config.b:  # only ES selectors vary b (BatchSchedule)
             return sel.select(ids.to(self.dev), losses, b=b)
         return sel.select(ids.to(self.dev), losses)
@@ -463,14 +586,28 @@ class _Run:
         # ceil(horizon) - 1: no decision there. (Comparing with `epochs` instead, as the MNIST-1D
         # loop once did, made a budget-cut pruning run decide, time and keep manifests for an
         # epoch it never ran, and with a decaying pruner change the scores it saves.)
-        if self.pruner is not None and epoch + 1 < config.epochs_run:
+        if (self.pruner is not None and self.method not in ONCE_PRUNING
+                and epoch + 1 < config.epochs_run):
             self.pruner.on_epoch_end(epoch, config.epochs)
         clock.stop()
         self.close_epoch_diagnostics()
         self.evaluate()  # timer paused
 
+    def prune_once(self) -> None:
+        """The prune-once methods' one decision, before the first epoch: written to
+        ``epoch=00000`` and marked ``applies_to: all``, so ESDataset reads only the kept samples
+        in every epoch. Timed: it is part of the method's cost."""
+        if self.method in ONCE_PRUNING:
+            self.clock.start()
+            self.pruner.policy.check(self.pruner.store)  # refused before anything is written
+            self.pruner.write(0, self.config.epochs)
+            self.clock.stop()
+
     def result(self) -> dict[str, Any]:
         """The result dict of :func:`train`."""
+        ref = self.config.reference if self.method in REFERENCE_METHODS else None
+        extra = ref.seconds if ref is not None else 0.0   # paid before the first step
+        curve = [(t + extra, q) for t, q in self.counts.curve]
         values = [q for _, q in self.counts.curve]
         best = max if self.workload.higher_is_better else min
         quality = self.workload.quality
@@ -478,14 +615,16 @@ class _Run:
         if self._fresh_trained is not None:  # the run is over: one synchronisation
             forwarded += int(self._fresh_trained)
         return {"method": self.method, "seed": self.config.seed,
-                "wall_clock_s": self.clock.elapsed,
+                "wall_clock_s": self.clock.elapsed + extra, "reference_s": extra,
+                "reference_train_s": ref.train_s if ref is not None else 0.0,
+                "reference_score_s": ref.score_s if ref is not None else 0.0,
                 "samples_forwarded": forwarded, "samples_scored": self.counts.scored,
                 "samples_backpropagated": self.counts.backpropagated, "steps": self.counts.steps,
                 "epochs_done": self.counts.epochs_done,
                 "params": sum(p.numel() for p in self.model.parameters()),
                 f"final_{quality}": values[-1] if values else float("nan"),
                 f"best_{quality}": best(values, default=float("nan")),
-                "curve": self.counts.curve, "learned_fraction": self.counts.learned_fraction}
+                "curve": curve, "learned_fraction": self.counts.learned_fraction}
 
 
 def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
@@ -496,7 +635,9 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
     ``params``, ``final_<quality>``, ``best_<quality>`` (max, or min when lower is better) and
     ``curve``: ``(wall_clock_s, quality)`` per evaluation, and ``learned_fraction``: per epoch,
     the fraction of the samples read whose loss was below the workload's ``learned_loss``
-    (empty without one). Raises ValueError naming the argument
+    (empty without one); ``reference_s``, ``reference_train_s``, ``reference_score_s``: what the
+    reference model cost a method of :data:`REFERENCE_METHODS` (already in ``wall_clock_s`` and
+    the curve; 0 for the others). Raises ValueError naming the argument
     for an unknown method, ``b > B``, ``evals_per_epoch < 1`` or a budget outside
     ``(0, epochs]``.
     """
@@ -511,11 +652,13 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
         ds = ESDataset(workload.corpus,
                        meta_batch_size=config.b if method in BATCH_OF_B else config.B,
                        decode=workload.decode, collate=workload.collate, shuffle=True,
-                       seed=config.seed, manifests=manifests if method in PRUNING else None)
+                       seed=config.seed,
+                       manifests=manifests if method in PRUNING + ONCE_PRUNING else None)
         dl = es_stream.loader(ds, num_workers=config.workers)
         bar = tqdm(total=config.epochs_run, desc=f"{method} seed {config.seed}", unit="epoch",
                    disable=not config.progress, dynamic_ncols=True, leave=False, mininterval=1.0)
         run = _Run(workload, method, config, model, ds, manifests, bar)
+        run.prune_once()
         try:
             for epoch in range(config.epochs_run):
                 run.epoch(epoch, dl)
@@ -523,5 +666,6 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
         finally:
             bar.close()
             del dl  # stop persistent workers before the manifest directory goes
-        save_scores(config.run_dir, run.pruner, run.selector)
+        if method not in ONCE_PRUNING:  # their store is the reference's (or random): not theirs
+            save_scores(config.run_dir, run.pruner, run.selector)
     return run.result()

@@ -54,6 +54,12 @@ def test_a_run_is_keyed_by_the_fields_its_method_uses(tmp_path: Path) -> None:
         "infobatch_es": data | {"beta1", "beta2", "infobatch_ratio", "prune_anneal"},
         "es_reweight": data | es | {"B"}, "es_fresh": data | es | {"B", "fresh_epochs"},
         "es_to_uniform": data | es | {"B", "b_ramp"}, "es_from_uniform": data | es | {"B", "b_ramp"},
+        # the reference-score methods: the reference model keys only those that read it
+        "rho": data | {"B", "ref_model"}, "rho_es": data | es | {"B", "ref_model"},
+        "band_low": data | {"ref_model", "prune_keep"},
+        "band_middle": data | {"ref_model", "prune_keep"},
+        "band_high": data | {"ref_model", "prune_keep"}, "prune_random": data | {"prune_keep"},
+        "budget_rho": data | {"budget_epochs"},
     }
     assert set(expected) == set(P.METHODS)
     for method, keys in expected.items():
@@ -65,7 +71,8 @@ def test_a_run_is_keyed_by_the_fields_its_method_uses(tmp_path: Path) -> None:
     for field_, value in [("beta1", 0.5), ("burn_in", 0.1), ("eswp_ratio", 0.5), ("B", 256),
                           ("infobatch_ratio", 0.3), ("prune_anneal", 0.5), ("lr", 1e-3),
                           ("noise", 0.2), ("threads", 2), ("rescale_min_keep", 0.2),
-                          ("b_ramp", 0.5), ("fresh_epochs", 2.0)]:
+                          ("b_ramp", 0.5), ("fresh_epochs", 2.0), ("prune_keep", 0.3),
+                          ("ref_model", {**cfg["ref_model"], "width": 8})]:
         other = {**cfg, field_: value}
         for method, keys in expected.items():
             changed = key(cfg, method, budget=1.5) != key(other, method, budget=1.5)
@@ -233,3 +240,37 @@ def test_budget_infobatch_is_cut_to_infobatch_and_needs_it(tmp_path: Path) -> No
     with pytest.raises(SystemExit):
         P.parse_args(["--workload", "mnist1d", "--methods", "uniform,budget_infobatch",
                       "--out", str(tmp_path)])
+
+
+def test_reference_flags_key_only_the_methods_that_read_the_reference(tmp_path: Path) -> None:
+    methods = "uniform,es,eswp,infobatch,rho,rho_es,band_low,band_middle,band_high,prune_random"
+    base = by_name(experiments(tmp_path, "--workload", "mnist1d", "--methods", methods))
+    other = by_name(experiments(tmp_path, "--workload", "mnist1d", "--methods", methods,
+                                "--reference-heldout", "500", "--reference-width", "8",
+                                "--reference-epochs", "3", "--reference-lr", "1e-3",
+                                "--reference-seed", "7"))
+    a, o = base["mnist1d-noise0"], other["mnist1d-noise0"]
+    assert a.config["ref_model"] == {"heldout": 10000, "width": 16, "epochs": 10, "b": 64,
+                                     "lr": 3e-3, "seed": 0, "data_seed": 1042}
+    for run_a, run_o in zip(P.measured_runs(a), P.measured_runs(o)):
+        assert (run_a.key != run_o.key) == (run_a.method in P.USES_REFERENCE), run_a.method
+    # textlm's defaults are its own
+    text = by_name(experiments(tmp_path, "--workload", "textlm", "--methods", "uniform,rho"))
+    assert text["textlm"].config["ref_model"]["width"] == 64
+    assert text["textlm"].config["ref_model"]["heldout"] == 4096
+    # the new methods are opt-in: the default --methods is issue 7's
+    assert not set(P.REFERENCE_METHODS) & set(P.parse_args(["--all"]).methods)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--reference-epochs", "0"], "--reference-epochs"),
+    (["--reference-heldout", "0"], "--reference-heldout"),
+    (["--reference-seed", "42"], "--reference-seed"),
+    (["--prune-keep", "0"], "--prune-keep"),
+    (["--methods", "uniform,budget_rho"], "budget_rho"),
+])
+def test_bad_reference_flags_are_refused_naming_the_flag(
+        tmp_path: Path, capsys: pytest.CaptureFixture, flags: list, named: str) -> None:
+    with pytest.raises(SystemExit):
+        P.parse_args(["--workload", "mnist1d", "--out", str(tmp_path), *flags])
+    assert named in capsys.readouterr().err

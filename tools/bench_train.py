@@ -12,6 +12,12 @@
     python tools/bench_train.py --workload mnist1d-long                # a regime (see below)
     python tools/bench_train.py --regimes                              # every regime
 
+    # issue "Reference scores": the one command for its goals (reference methods are opt-in)
+    python tools/bench_train.py --workload mnist1d --noise 0,0.2,0.4 \
+        --methods uniform,rho,rho_es,band_low,band_middle,band_high,prune_random,budget_rho
+    python tools/bench_train.py --workload textlm \
+        --methods uniform,rho,band_low,band_middle,band_high,prune_random,budget_rho
+
 ``--all`` is the issue-7 evidence committed in ``docs/evidence`` (its dry run finds every run
 done); the regimes are new experiments with run keys of their own, run with ``--regimes`` (or
 ``--all --regimes`` for everything).
@@ -94,6 +100,36 @@ named in ``--methods``):
 ``es_fresh``        ES scoring only samples not scored within ``--fresh-epochs``
 =================== ===========================================================================
 
+**The reference-score methods** (issue "Reference scores", ``docs/REFERENCE.md``; opt-in, so
+the issue-7 run keys stay as committed):
+
+=================== ===========================================================================
+``rho``             RHO-LOSS: forward on B, back-propagate the b with the largest reducible loss
+                    (loss minus the reference model's loss; ``ReducibleLossSelector`` "topk")
+``rho_es``          the ES rule (Gumbel-top-k on EMA scores) on the reducible loss
+``band_low``,       uniform batches of b on the ``--prune-keep`` 0.5 of the corpus in the low /
+``band_middle``,    middle / high band of the reference losses, pruned once before training
+``band_high``       (prune-once manifests), ``epochs`` epochs over the kept part
+``prune_random``    the control: as many samples kept at random, the same path and epochs (the
+                    same training compute as each band by construction)
+``budget_rho``      uniform cut to RHO-LOSS's wall-clock, reference included
+=================== ===========================================================================
+
+The reference model (``pipelines.reference``; RHO-LOSS's protocol) trains on a held-out split
+with the training set's label noise and no clean label: MNIST-1D samples generated with
+``--reference-seed`` 1042 (never the corpus's 42), textlm train shards after those trained on. Its
+size, held-out size, epochs and LR are the ``--reference-*`` flags (defaults per workload:
+MNIST-1D a width-16 CNN on 10,000 samples for 10 epochs, textlm a GRU of hidden size 64 on 4,096
+sequences for 2 epochs); they key only the runs of ``rho``, ``rho_es`` and the bands. It is
+trained and the corpus scored (``es_stream.score_corpus``, the pass of ``es-stream score``) once
+per (data, reference config), cached in ``DATA/reference``; its training and scoring seconds
+are **added** to each of those methods' wall-clock and time to target (every run pays it in
+full) and shown on their own (the ``of it ref s`` column and a line above the table). The
+**Goals** table after the experiments reads, per method: under label noise, the fraction of the
+accuracy noise costs uniform that it wins back (needs the clean ``--noise 0`` experiment in the
+same invocation) and its wall-clock to uniform's final accuracy over uniform's (goal: >= 0.5 and
+<= 0.6x); clean MNIST-1D and textlm: lossless in <= 0.8x; each band against random pruning.
+
 Every run goes through the pipelines' one training loop (``pipelines.loop.train``, with its method
 table ``make_selector`` / ``make_pruner``) on the pipelines' workloads
 (``pipelines.mnist1d.train.workload``, ``pipelines.textlm.train.workload``), so the benchmark
@@ -148,8 +184,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchtrain.plan import estimate, experiment_records, parse_args, plan
-from benchtrain.report import (describe, diagnostics_table, markdown_table, plot_experiment,
-                               plot_heatmap, summary_entry, write_tables, write_text)
+from benchtrain.report import (describe, diagnostics_table, goals_table, markdown_table,
+                               plot_experiment, plot_heatmap, summary_entry, write_tables,
+                               write_text)
 from benchtrain.run import Data, Store, execute
 
 
@@ -202,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"\n## {exp.title}\n{describe(entry)}\n\n{markdown_table(entry)}\n", flush=True)
         if exp.group == "regimes":
             print(f"{diagnostics_table(entry)}\n", flush=True)
+    goals = goals_table({e.name: entries[e.name] for e in exps})
+    if goals:
+        print("\n".join(goals), flush=True)
     print(f"bench_train: ran {ran}, skipped {skipped} already finished, in "
           f"{(time.perf_counter() - started) / 60:.1f} min; tables: {out / 'tables.md'}; "
           f"summary: {summary_path}; runs: {store.path}", flush=True)

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..common import add_selection_args, check_batch, ints, parse_methods, train_pipeline
-from ..loop import METHODS
+from ..common import (add_reference_args, add_selection_args, check_batch, ints, parse_methods,
+                      reference_config, train_pipeline)
+from ..loop import ALL_METHODS as METHODS
 from ..report import fmt, plot_curves, runs_table, stats, write_results
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--B", type=int, default=128, help="meta-batch size for the selection methods")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam peak learning rate (cosine decay)")
     add_selection_args(p)
+    add_reference_args(p.add_argument_group(
+        "reference model (rho, rho_es, band_*: trained once on a held-out split with the same "
+        "label noise, cached in OUT/reference; its cost is in those methods' wall-clock)"))
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--format", choices=("wds", "mds"), default="wds", help="shard format")
     p.add_argument("--workers", type=int, default=2,
@@ -77,6 +81,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.epochs < 1 or args.train < 1 or args.test < 1:
         parser.error("--epochs, --train and --test must be >= 1")
     check_batch(parser, args)
+    if not 0.0 < args.prune_keep <= 1.0:
+        parser.error(f"--prune-keep must be a fraction in (0, 1], got {args.prune_keep}")
+    try:
+        args.reference = reference_config(args, "mnist1d")
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 
@@ -118,6 +128,7 @@ def plot(runs: list[dict[str, Any]], methods: list[str], path: Path, title: str)
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the pipeline with command-line ``argv`` (default ``sys.argv[1:]``); return the
     results (config, runs, summary, table, paths) also written to ``OUT/results.json``."""
+    from ..reference import mnist1d_reference
     from .data import build
     from .train import workload
 
@@ -127,14 +138,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args, lambda root: build(root, args.train, args.test, args.noise, args.data_seed, args.format),
         lambda d: workload(d.corpus, d.test_x, d.test_y),
         lambda d, s: (f"corpus: {d.corpus} in {d.directory} ({s:.1f} s); "
-                      f"{int(d.noisy.sum())} noisy labels; test {len(d.test_y)}"))
+                      f"{int(d.noisy.sum())} noisy labels; test {len(d.test_y)}"),
+        reference=lambda out, d, w: mnist1d_reference(
+            out / "data", out / "reference", d, args.noise, args.data_seed, args.reference,
+            progress=not args.no_progress)[0])
 
     summary = summarize(runs, args.methods)
     text = table(runs, args.methods, summary)
     png = out / "accuracy_vs_time.png"
     plot(runs, args.methods, png, f"MNIST-1D, {args.train} train, noise {args.noise:g}, "
          f"{args.epochs} epochs, b={args.b}, B={args.B}")
-    results = {"config": vars(args), "data_dir": str(data.directory), "data_s": data_s,
+    results = {"config": {**vars(args), "reference": args.reference.to_dict()},
+               "data_dir": str(data.directory), "data_s": data_s,
                "noisy_labels": int(data.noisy.sum()), "runs": runs, "summary": summary,
                "table": text, "plot": str(png), "total_s": time.perf_counter() - started}
     write_results(out, results)

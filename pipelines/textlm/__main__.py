@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..common import add_selection_args, check_batch, ints, parse_methods, train_pipeline
-from ..loop import METHODS
+from ..common import (add_reference_args, add_selection_args, check_batch, ints, parse_methods,
+                      reference_config, train_pipeline)
+from ..loop import ALL_METHODS as METHODS
 from ..report import plot_curves, runs_table, write_results
 from .train import ARCHS
 
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--evals-per-epoch", type=int, default=d["evals_per_epoch"],
                    help="held-out evaluations per epoch (timer paused)")
     add_selection_args(g)
+    add_reference_args(p.add_argument_group(
+        "reference model (rho, rho_es, band_*: a GRU trained once on train shards not trained "
+        "on, cached in OUT/reference; its cost is in those methods' wall-clock)"))
     g = p.add_argument_group("run")
     g.add_argument("--seeds", default="0", help="comma-separated training seeds")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers")
@@ -100,6 +104,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.epochs < 1 or args.seq_len < 2 or args.eval_sequences < 0 or args.train_mb < 0:
         parser.error("need --epochs >= 1, --seq-len >= 2, --eval-sequences >= 0, --train-mb >= 0")
     check_batch(parser, args)
+    if not 0.0 < args.prune_keep <= 1.0:
+        parser.error(f"--prune-keep must be a fraction in (0, 1], got {args.prune_keep}")
+    try:
+        args.reference = reference_config(args, "textlm")
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 
@@ -127,6 +137,7 @@ def build_data(args: argparse.Namespace, root: Path, log: Any = print):
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the pipeline with command-line ``argv`` (default ``sys.argv[1:]``); return the
     results (config, corpus, runs, table, paths), also written to ``OUT/results.json``."""
+    from ..reference import textlm_reference
     from .train import eval_subset, workload
 
     args = parse_args(argv)
@@ -149,14 +160,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out, (data, heldout), data_s, runs = train_pipeline(
         args, build, lambda built: workload(built[0].corpus, built[1], args.arch, args.hidden,
                                             args.embed, args.layers, device=args.device),
-        describe, evals_per_epoch=args.evals_per_epoch)
+        describe, evals_per_epoch=args.evals_per_epoch,
+        reference=lambda out, built, w: textlm_reference(
+            out / "reference", built[0], built[1], w, args.reference,
+            progress=not args.no_progress)[0])
 
     text = table(runs, args.methods)
     png = out / "bpb_vs_time.png"
     plot(runs, args.methods, png, f"byte LM ({args.arch} {args.hidden}), "
          f"{data.train_bytes / 2**20:.2f} MiB of stdlib text, {args.epochs} epochs, "
          f"b={args.b}, B={args.B}")
-    results = {"config": vars(args), "data_dir": str(data.directory), "data_s": data_s,
+    results = {"config": {**vars(args), "reference": args.reference.to_dict()},
+               "data_dir": str(data.directory), "data_s": data_s,
                "corpus": data.meta, "train_shards": data.train_shards,
                "train_sequences": data.corpus.num_samples, "eval_sequences": len(heldout),
                "runs": runs, "table": text, "plot": str(png),

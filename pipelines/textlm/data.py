@@ -294,3 +294,23 @@ class Collate:
     def __call__(self, samples: list[bytes]) -> torch.Tensor:
         buf = bytearray(b"".join(samples))
         return torch.frombuffer(buf, dtype=torch.uint8).view(len(samples), self.seq_len)
+
+
+def reference_corpus(data: TextLM, sequences: int) -> Corpus:
+    """A held-out slice of the training distribution for a reference model
+    (``pipelines.reference``): the train shards right after the ``data.train_shards`` that
+    ``data.corpus`` trains on, enough whole shards for ``sequences`` sequences. The same text
+    source and split as the training corpus (train-split files, so never the evaluation set),
+    and not one of its sequences. ValueError, naming the sizes, when the build has too few train
+    shards left (lower ``--train-mb`` or the reference's held-out size)."""
+    if sequences < 1:
+        raise ValueError(f"reference held-out size must be >= 1 sequence, got {sequences}")
+    shards = _shards(data.directory / "train")
+    need = math.ceil(sequences / int(data.meta["shard_sequences"]))
+    first = data.train_shards
+    if first + need > len(shards):
+        raise ValueError(f"{data.directory}: a reference held-out slice of {sequences} sequences "
+                         f"needs {need} train shard(s) beyond the {first} trained on, but the "
+                         f"build has {len(shards) - first} left of {len(shards)}; lower the "
+                         "training size (--train-mb) or the reference's (--reference-heldout)")
+    return _index(data.directory / f"reference-k{first}-m{need}.parquet", shards[first:first + need])

@@ -36,13 +36,22 @@ VARIANTS = ("eswp_rescale", "infobatch_es", "es_reweight", "es_to_uniform", "es_
 #: controls beyond issue 7's: uniform cut to InfoBatch's wall-clock (InfoBatch was the one method
 #: near lossless there, so its time saving needs the same budget-matched bar as ES's)
 EXTRA_CONTROLS = ("budget_infobatch",)
-METHODS = MAIN_METHODS + VARIANTS + EXTRA_CONTROLS
+#: the reference-score methods (issue "Reference scores"; pipelines.loop): RHO-LOSS online
+#: selection (top-b, and the ES rule on the reducible loss), offline band pruning at keep
+#: --prune-keep and the random-pruning control at the same keep; and uniform cut to RHO-LOSS's
+#: wall-clock (reference included). Opt-in: not in the default --methods.
+BANDS = ("band_low", "band_middle", "band_high")
+USES_REFERENCE = ("rho", "rho_es") + BANDS       # the reference model's cost is in their time
+ONCE_PRUNING = BANDS + ("prune_random",)          # prune-once manifests, keep --prune-keep
+REFERENCE_METHODS = USES_REFERENCE + ("prune_random", "budget_rho")
+METHODS = MAIN_METHODS + VARIANTS + EXTRA_CONTROLS + REFERENCE_METHODS
 # forward B, back-propagate b
 SELECTING = ("es", "eswp", "loss", "selective_backprop", "random", "eswp_rescale", "es_reweight",
-             "es_to_uniform", "es_from_uniform", "es_fresh")
+             "es_to_uniform", "es_from_uniform", "es_fresh", "rho", "rho_es")
 ES_METHODS = ("es", "eswp") + VARIANTS           # ES's betas
 ES_SELECTING = tuple(m for m in ES_METHODS if m in SELECTING)  # ES's burn-in and anneal
-BUDGET = {"budget_es": "es", "budget_eswp": "eswp", "budget_infobatch": "infobatch"}
+BUDGET = {"budget_es": "es", "budget_eswp": "eswp", "budget_infobatch": "infobatch",
+          "budget_rho": "rho"}
 #: the variants' options (pipelines.loop.RunConfig fields), each keying only its method(s)
 VARIANT_OPTIONS = ("rescale_min_keep", "b_ramp", "fresh_epochs")
 
@@ -72,7 +81,12 @@ COST_FACTOR = {"uniform": 1.0, "uniform_B": 0.8, "es": 0.9, "eswp": 0.75, "loss"
                "selective_backprop": 0.9, "infobatch": 0.85, "random": 0.9, "budget_es": 0.9,
                "budget_eswp": 0.75, "eswp_rescale": 0.75, "infobatch_es": 0.85,
                "es_reweight": 0.9, "es_to_uniform": 0.9, "es_from_uniform": 0.9, "es_fresh": 0.8,
-               "budget_infobatch": 0.85}
+               "budget_infobatch": 0.85, "rho": 0.9, "rho_es": 0.9, "band_low": 0.5,
+               "band_middle": 0.5, "band_high": 0.5, "prune_random": 0.5, "budget_rho": 0.9}
+#: a reference model's cost, for the estimate only: its width halves the CNN's channels (the
+#: GRU's hidden size is a third), so a training sample costs about this much of the target's;
+#: the scoring pass costs one forward (~0.35 of a training sample) per corpus sample
+REFERENCE_COST = {"train_per_sample": 0.4, "score_per_sample": 0.35}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -123,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="es_to_uniform/es_from_uniform: fraction of training over which b moves")
     g.add_argument("--fresh-epochs", type=float, default=1.0,
                    help="es_fresh: a score updated within this many epochs is not re-scored")
+    g = p.add_argument_group(
+        "reference model (rho, rho_es, band_*; defaults per workload: "
+        "pipelines.reference.DEFAULTS)")
+    g.add_argument("--reference-heldout", type=int, default=None,
+                   help="held-out samples it trains on (MNIST-1D: generated with "
+                        "--reference-seed and the same label noise; textlm: sequences of the "
+                        "train shards after those trained on) [mnist1d 10000, textlm 4096]")
+    g.add_argument("--reference-width", type=int, default=None,
+                   help="its size: MNIST-1D CNN width (the target's 32), textlm GRU hidden size "
+                        "(the target's --text-hidden) [mnist1d 16, textlm 64]")
+    g.add_argument("--reference-epochs", type=int, default=None,
+                   help="its training epochs [mnist1d 10, textlm 2]")
+    g.add_argument("--reference-lr", type=float, default=None,
+                   help="its Adam peak LR (cosine) [3e-3]")
+    g.add_argument("--reference-seed", type=int, default=1042,
+                   help="MNIST-1D: generation seed of the held-out split (not the corpus's 42)")
+    g.add_argument("--prune-keep", type=float, default=0.5,
+                   help="band_* and prune_random: fraction of the corpus kept, decided once")
     g = p.add_argument_group("mnist1d workload")
     g.add_argument("--noise", default="0", help="comma-separated label-noise fractions")
     g.add_argument("--m1d-train", type=int, default=40000, help="train samples")
@@ -222,6 +254,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.fix_epochs < 1:
         parser.error(f"need --fix-epochs >= 1, got {args.fix_epochs}")
     check_regimes(parser, args)
+    check_reference(parser, args)
     for flag, value, ok in (
             ("--rescale-min-keep", args.rescale_min_keep, 0 < args.rescale_min_keep <= 1),
             ("--b-ramp", args.b_ramp, 0 < args.b_ramp <= 1),
@@ -230,6 +263,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"{flag} is out of range, got {value}: need (0, 1] for --rescale-min-keep "
                          "and --b-ramp, > 0 for --fresh-epochs")
     return args
+
+
+def reference_config(args: argparse.Namespace, workload: str) -> dict[str, Any]:
+    """The reference model of ``workload`` (a :class:`pipelines.reference.ReferenceConfig` as
+    a dict: it keys the runs of the methods that read it, and only theirs)."""
+    from pipelines.reference import ReferenceConfig
+
+    return ReferenceConfig.for_workload(
+        workload, heldout=args.reference_heldout, width=args.reference_width,
+        epochs=args.reference_epochs, lr=args.reference_lr, data_seed=args.reference_seed,
+        b=args.m1d_b if workload == "mnist1d" else args.text_b).to_dict()
+
+
+def check_reference(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` naming the flag for a reference setting that makes no reference."""
+    if not 0.0 < args.prune_keep <= 1.0:
+        parser.error(f"--prune-keep must be a fraction in (0, 1], got {args.prune_keep}")
+    if args.reference_seed == 42:
+        parser.error("--reference-seed 42 is the MNIST-1D corpus's generation seed: the held-out "
+                     "split would repeat its training samples; give another")
+    for workload in WORKLOADS:
+        try:
+            reference_config(args, workload)
+        except ValueError as e:
+            parser.error(str(e))
 
 
 def check_regimes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -279,7 +337,8 @@ def base_config(args: argparse.Namespace, workload: str, **override: Any) -> dic
               "anneal": args.anneal, "eswp_ratio": args.eswp_ratio,
               "infobatch_ratio": args.infobatch_ratio, "prune_anneal": args.prune_anneal,
               "prune_burn_in_epochs": args.prune_burn_in_epochs, "threads": args.threads,
-              "workers": args.workers, **{k: getattr(args, k) for k in VARIANT_OPTIONS}}
+              "workers": args.workers, **{k: getattr(args, k) for k in VARIANT_OPTIONS},
+              "ref_model": reference_config(args, workload), "prune_keep": args.prune_keep}
     if workload == "mnist1d":
         cfg = {"train": args.m1d_train, "test": args.m1d_test, "noise": 0.0, "data_seed": 42,
                "epochs": args.m1d_epochs, "b": args.m1d_b, "B": args.m1d_B, "lr": args.m1d_lr}
@@ -424,7 +483,8 @@ def regimes(args: argparse.Namespace) -> list[Experiment]:
 # Keys of a run's configuration that matter only to some methods: left out of the others' run
 # keys, so that e.g. the betas grid's uniform cells are the main table's uniform runs.
 _ONLY_FOR = {
-    "beta1": ES_METHODS, "beta2": ES_METHODS, "burn_in": ES_SELECTING, "anneal": ES_SELECTING,
+    "beta1": ES_METHODS + ("rho_es",), "beta2": ES_METHODS + ("rho_es",),
+    "burn_in": ES_SELECTING + ("rho_es",), "anneal": ES_SELECTING + ("rho_es",),
     "eswp_ratio": ("eswp", "eswp_rescale"), "prune_burn_in_epochs": ("eswp", "eswp_rescale"),
     "infobatch_ratio": ("infobatch", "infobatch_es"),
     "prune_anneal": ("eswp", "infobatch", "eswp_rescale", "infobatch_es"),
@@ -432,6 +492,9 @@ _ONLY_FOR = {
     "rescale_min_keep": ("eswp_rescale",), "b_ramp": ("es_to_uniform", "es_from_uniform"),
     "fresh_epochs": ("es_fresh",),
     "reference": ("uniform",) + tuple(BUDGET),   # see own_reference in plan()
+    # the reference model keys only the methods that read it (not the random-pruning control,
+    # nor RHO-LOSS's budget control, which is keyed by its cut)
+    "ref_model": USES_REFERENCE, "prune_keep": ONCE_PRUNING,
 }
 
 
@@ -538,6 +601,7 @@ def estimate(exps: list[Experiment], records: dict[str, dict[str, Any]],
     scale = _cost_scale(records)
     counted: set[str] = set()
     pretrained: set[str] = set()
+    references: set[str] = set()
     todo, seconds, builds = 0, 0.0, set()
     parts: dict[str, dict[str, float]] = {}
     for exp in exps:
@@ -572,6 +636,12 @@ def estimate(exps: list[Experiment], records: dict[str, dict[str, Any]],
                 cost = _pretrain_cost(exp.config["pretrain"], data_root, scale)
                 seconds += cost
                 part["seconds"] += cost
+            ref = json.dumps([_data_id(exp), exp.config.get("ref_model")], sort_keys=True)
+            if run.method in USES_REFERENCE and ref not in references:
+                references.add(ref)   # trained and scored once, before its first run
+                cost = _reference_cost(exp, per)
+                seconds += cost
+                part["seconds"] += cost
     return {"runs": todo, "seconds": seconds, "experiments": parts}
 
 
@@ -579,6 +649,14 @@ def cost_kind(workload: str, cfg: dict[str, Any]) -> str:
     """The ``COSTS`` entry of a run: its workload, ``textlm-transformer`` for the Transformer LM
     (same data, another model, another cost per sample)."""
     return "textlm-transformer" if workload == "textlm" and cfg.get("arch") == "transformer" else workload
+
+
+def _reference_cost(exp: Experiment, per: float) -> float:
+    """Seconds to train and score a reference model (:data:`REFERENCE_COST`; a cached one is
+    counted too: the estimate does not look into the reference cache)."""
+    ref = exp.config["ref_model"]
+    return per * (REFERENCE_COST["train_per_sample"] * ref["heldout"] * ref["epochs"]
+                  + REFERENCE_COST["score_per_sample"] * _samples(exp.workload, exp.config))
 
 
 def _pretrain_cost(pretrain: dict[str, Any], data_root: Path, scale: dict[str, float]) -> float:

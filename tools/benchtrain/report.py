@@ -18,7 +18,10 @@ from .run import machine
 LABELS = {"uniform": "uniform (b)", "uniform_B": "uniform (B)", "budget_es": "uniform, ES's budget",
           "budget_eswp": "uniform, ESWP's budget", "budget_infobatch": "uniform, InfoBatch's budget",
           "selective_backprop": "selective backprop",
-          "random": "random (b of B)"}
+          "random": "random (b of B)", "rho": "RHO-LOSS (top b of B)",
+          "rho_es": "ES rule on reducible loss", "band_low": "band low (pruned once)",
+          "band_middle": "band middle (pruned once)", "band_high": "band high (pruned once)",
+          "prune_random": "random pruning (once)", "budget_rho": "uniform, RHO-LOSS's budget"}
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -81,6 +84,9 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], tolerance: float) 
         learned = learned_by_epoch(rs)
         if learned is not None:
             row["learned_fraction"] = learned
+        if any("reference_s" in r for r in rs):   # included in wall_clock_s and the curves
+            for k in ("reference_s", "reference_train_s", "reference_score_s"):
+                row[k] = _stats([float(r.get(k, 0.0)) for r in rs])
         rows[method] = row
     plateau_entry = None
     if exp.plateau_window:
@@ -150,19 +156,27 @@ def markdown_table(entry: dict[str, Any]) -> str:
     if not s.get("methods"):
         return "(no uniform run yet)"
     q = "acc" if s["higher_is_better"] else "bpb"
+    # the reference model's cost, a column of its own where a method paid one (it is also in
+    # "train s" and "to target s": the reference is trained and scored before the first step)
+    has_ref = any("reference_s" in row for row in s["methods"].values())
     head = ["method", "seeds", "train s", "× unif", "forwarded", "× unif", "backprop", "× unif",
             f"final {q}", f"best {q}", "to target s", "× unif", "lossless"]
+    if has_ref:
+        head.insert(3, "of it ref s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     digits = 4
     for m, row in s["methods"].items():
         r, t = row["ratio_to_uniform"], row["time_to_target_s"]
         tt = "never" if t["mean"] is None else f"{t['mean']:.1f} ({t['reached']}/{t['of']})"
-        lines.append("| " + " | ".join([
+        cells = [
             LABELS.get(m, m), str(len(row["seeds"])), _pm(row["wall_clock_s"], 1),
             _x(r["wall_clock_s"]), f"{row['samples_forwarded']['mean']:,.0f}",
             _x(r["samples_forwarded"]), f"{row['samples_backpropagated']['mean']:,.0f}",
             _x(r["samples_backpropagated"]), _pm(row["final"], digits), _pm(row["best"], digits),
-            tt, _x(r["time_to_target_s"]), "yes" if row["lossless"] else "no"]) + " |")
+            tt, _x(r["time_to_target_s"]), "yes" if row["lossless"] else "no"]
+        if has_ref:
+            cells.insert(3, f"{row['reference_s']['mean']:.1f}" if "reference_s" in row else "—")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -228,6 +242,18 @@ def describe(entry: dict[str, Any]) -> str:
                      f"method's wall-clock; at the start of fine-tuning: target test accuracy "
                      f"{st['test_acc']:.4f}, target train samples classified correctly "
                      f"{st['correct']:.3f}, with loss below ln 2 {st['learned']:.3f}")
+    refs = {m: row for m, row in s.get("methods", {}).items() if "reference_s" in row}
+    if refs:
+        row = next(iter(refs.values()))
+        ref = c["ref_model"]
+        lines.append(f"reference model (RHO-LOSS's protocol: a held-out split with the same label "
+                     f"noise, no clean label): {ref['heldout']} held-out samples, width "
+                     f"{ref['width']}, {ref['epochs']} epochs; trained in "
+                     f"{row['reference_train_s']['mean']:.1f} s and the corpus scored in "
+                     f"{row['reference_score_s']['mean']:.1f} s, counted in full in the wall-clock "
+                     f"(and time to target) of {', '.join(refs)}; the bands and random pruning "
+                     f"keep {c['prune_keep']:g} of the corpus, decided once, and train "
+                     f"{c['epochs']} epochs over it (the same training compute for each)")
     for m, cut in entry["budget_cuts"].items():
         lines.append(f"{m}: {cut['epochs']:.3f} epochs = {c['epochs']} x {cut['mean_train_s_of']:.2f} s "
                      f"({cut['of']}) / {cut['mean_train_s_uniform']:.2f} s (uniform)"
@@ -264,6 +290,66 @@ def diagnostics_table(entry: dict[str, Any]) -> str:
                       _x(row["ratio_to_uniform"].get("time_to_plateau_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _time_to_uniform_final(row: dict[str, Any], uniform_s: float) -> float | None:
+    """Mean over the seeds that reached uniform's mean final quality of the wall-clock to it, as
+    a fraction of uniform's mean wall-clock (None: no seed reached it)."""
+    reached = [t for t in row["time_to_uniform_mean_final_s"]["per_seed"] if t is not None]
+    return statistics.fmean(reached) / uniform_s if reached and uniform_s else None
+
+
+def goals_table(entries: dict[str, dict[str, Any]]) -> list[str]:
+    """The goals of issue "Reference scores", per main experiment that ran a reference method,
+    one row per method. Label noise (an MNIST-1D experiment at noise p > 0, with the clean one
+    in ``entries``): the fraction of the accuracy noise costs uniform that the method wins back,
+    ``(final - uniform_p) / (uniform_0 - uniform_p)``, and the wall-clock (reference included)
+    to reach uniform_p's mean final accuracy over uniform_p's; met when >= 0.5 and <= 0.6x.
+    Clean MNIST-1D and the byte LM: lossless and <= 0.8x of uniform's wall-clock. The bands
+    also against random pruning at the same keep (final minus prune_random's)."""
+    from .plan import REFERENCE_METHODS
+
+    main = [e for e in entries.values() if e["group"] == "main"
+            and any(m in REFERENCE_METHODS for m in e["summary"].get("methods", {}))]
+    if not main:
+        return []
+    clean = {e["config"]["train"]: e for e in entries.values() if e["group"] == "main"
+             and e["workload"] == "mnist1d" and e["config"]["noise"] == 0
+             and "uniform" in e["summary"].get("methods", {})}
+    head = ["experiment", "method", "final − uniform", "noise cost won back",
+            "to uniform's final × unif", "vs random pruning", "goal"]
+    out = ["## Goals (reference scores)", "",
+           "Noise: won back >= 0.5 of the accuracy label noise costs uniform and uniform's final "
+           "accuracy in <= 0.6x its wall-clock (reference included). Clean MNIST-1D and the byte "
+           "LM: lossless in <= 0.8x. Bands: final minus random pruning's at the same keep.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in main:
+        rows = e["summary"]["methods"]
+        u = rows.get("uniform")
+        if u is None:
+            continue
+        noisy = e["workload"] == "mnist1d" and e["config"]["noise"] > 0
+        ref = clean.get(e["config"]["train"]) if noisy else None
+        cost = (ref["summary"]["methods"]["uniform"]["final"]["mean"] - u["final"]["mean"]
+                if ref is not None else None)
+        for m, row in rows.items():
+            if m == "uniform":
+                continue
+            ratio = _time_to_uniform_final(row, u["wall_clock_s"]["mean"])
+            won = row["final_minus_uniform"] / cost if cost and cost > 0 else None
+            if noisy:
+                met = won is not None and won >= 0.5 and ratio is not None and ratio <= 0.6
+            else:
+                met = row["lossless"] and row["ratio_to_uniform"]["wall_clock_s"] <= 0.8
+            rnd = rows.get("prune_random")
+            vs = (f"{row['final']['mean'] - rnd['final']['mean']:+.4f}"
+                  if m.startswith("band_") and rnd is not None else "")
+            out.append("| " + " | ".join([
+                e["name"], LABELS.get(m, m), f"{row['final_minus_uniform']:+.4f}",
+                "—" if won is None else f"{won:.2f}", _x(ratio), vs,
+                "yes" if met else "no"]) + " |")
+    out.append("")
+    return out
 
 
 def grid_tables(entries: dict[str, dict[str, Any]]) -> list[str]:
@@ -362,6 +448,7 @@ def write_tables(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
     for e in entries.values():
         if e["group"] == "variants":
             lines += section(e, "##")
+    lines += goals_table(entries)
     lines += grid_tables(entries)
     path = out / "tables.md"
     write_text(path, "\n".join(lines))

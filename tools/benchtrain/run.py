@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from pipelines.common import ES_OPTIONS, PRUNE_OPTIONS, torch_threads
 
-from .plan import (BUDGET, VARIANT_OPTIONS, Experiment, Run, budget_cuts, budget_runs,
-                   measured_runs)
+from .plan import (BUDGET, USES_REFERENCE, VARIANT_OPTIONS, Experiment, Run, budget_cuts,
+                   budget_runs, measured_runs)
 
 #: the ``quality`` recorded in runs.jsonl for each workload's held-out quality
 QUALITY = {"mnist1d": "test_acc", "textlm": "heldout_bpb"}
@@ -111,6 +111,33 @@ class Data:
                                "pretrain_key": meta["key"]}
         return self.cache[key]
 
+    def reference(self, name: str, cfg: dict[str, Any]):
+        """The reference of workload ``name`` under run config ``cfg`` (``cfg["ref_model"]``,
+        a :class:`pipelines.reference.ReferenceConfig`): a :class:`pipelines.loop.Reference`,
+        trained and scored under ``root/reference`` the first time (the MNIST-1D held-out split
+        built under ``root/mnist1d``), then reused by every method and seed."""
+        from pipelines.reference import ReferenceConfig, mnist1d_reference, textlm_reference
+
+        config = ReferenceConfig(**cfg["ref_model"])
+        if name == "mnist1d":
+            key = json.dumps(["reference", name, cfg["train"], cfg["test"], cfg["noise"],
+                              cfg["data_seed"], config.to_dict()])
+        else:
+            fields = ("source", "min_mb", "max_mb", "seq_len", "shard_sequences",
+                      "heldout_fraction", "data_seed", "train_mb", "eval_sequences", "device")
+            key = json.dumps(["reference", name, [cfg[f] for f in fields], config.to_dict()])
+        if key not in self.cache:
+            if name == "mnist1d":
+                ref, _ = mnist1d_reference(self.root / "mnist1d", self.root / "reference",
+                                           self.mnist1d(cfg), cfg["noise"], cfg["data_seed"],
+                                           config)
+            else:
+                data, heldout = self.textlm(cfg)
+                target = self.workload(name, {k: v for k, v in cfg.items() if k != "pretrain"})
+                ref, _ = textlm_reference(self.root / "reference", data, heldout, target, config)
+            self.cache[key] = ref
+        return self.cache[key]
+
     def workload(self, name: str, cfg: dict[str, Any]):
         """The :class:`pipelines.loop.Workload` of workload ``name`` under run config ``cfg``
         (with ``cfg["pretrain"]``: starting from that pre-trained model)."""
@@ -128,12 +155,14 @@ class Data:
                         cfg["layers"], device=cfg["device"])
 
 
-def loop_config(method: str, seed: int, cfg: dict[str, Any], progress: bool):
+def loop_config(method: str, seed: int, cfg: dict[str, Any], progress: bool,
+                reference: Any = None):
     """The shared loop's :class:`pipelines.loop.RunConfig` of one benchmark run (``cfg``: its
     :func:`~.plan.run_config`). ``uniform_B`` trains uniform batches of B; a budget control
     trains uniform batches of b for ``ceil(budget_epochs)`` epochs, cut at ``budget_epochs``
     (the schedule spans the cut). Options a method does not use are not in ``cfg``: the loop's
-    defaults stand, unused."""
+    defaults stand, unused. ``reference``: the :class:`pipelines.loop.Reference` of a method
+    that reads one."""
     from pipelines.loop import RunConfig
 
     b = cfg["B"] if method == "uniform_B" else cfg["b"]
@@ -143,7 +172,8 @@ def loop_config(method: str, seed: int, cfg: dict[str, Any], progress: bool):
                      progress=progress, es_options={k: cfg[k] for k in ES_OPTIONS if k in cfg},
                      **{k: cfg[k] for k in PRUNE_OPTIONS + VARIANT_OPTIONS if k in cfg},
                      budget_epochs=budget,
-                     evals_per_epoch=cfg.get("evals_per_epoch", 1))
+                     evals_per_epoch=cfg.get("evals_per_epoch", 1), reference=reference,
+                     prune_keep=cfg.get("prune_keep", 0.5))
 
 
 def loop_method(method: str) -> str:
@@ -157,8 +187,9 @@ def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, 
     """Train one (method, seed) through the shared loop and return its normalised result."""
     from pipelines.loop import train
 
-    config = loop_config(method, seed, cfg, progress)
     with torch_threads(cfg["threads"]):
+        reference = data.reference(workload, cfg) if method in USES_REFERENCE else None
+        config = loop_config(method, seed, cfg, progress, reference)
         w = data.workload(workload, cfg)
         r = train(w, loop_method(method), config)
     out = {"wall_clock_s": r["wall_clock_s"], "samples_forwarded": r["samples_forwarded"],
@@ -170,6 +201,10 @@ def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, 
            "learned_fraction": r["learned_fraction"]}
     if "pretrain" in cfg:
         out["start"] = data.start(cfg)
+    if reference is not None:   # in wall_clock_s and the curve already (the loop adds it)
+        out.update(reference_s=r["reference_s"], reference_train_s=r["reference_train_s"],
+                   reference_score_s=r["reference_score_s"], reference_name=reference.name,
+                   train_wall_clock_s=r["wall_clock_s"] - r["reference_s"])
     return out
 
 
@@ -183,6 +218,9 @@ def execute(exp: Experiment, store: Store, data: Data, progress: bool,
         with torch_threads(exp.config["threads"]):  # before the runs: in no run's run_s
             data.pretrained(exp.config)
     for run in measured_runs(exp):
+        if run.method in USES_REFERENCE and run.key not in store.records:
+            with torch_threads(exp.config["threads"]):  # before the run: in no run's run_s
+                data.reference(exp.workload, run.config)
         _run_missing(exp, run, store, data, progress, log, counts)
     cuts = budget_cuts(exp, store.records)
     missing = [m for m in exp.methods if m in BUDGET and m not in cuts]
