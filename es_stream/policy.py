@@ -385,18 +385,10 @@ class InfoBatchPolicy(Policy):
             yield from self._keep_all(n, scored)
             return
         read = checked_reader(read, n, source)
-        total, counted = 0.0, 0
-        for start in range(0, n, CHUNK):
-            stop = min(start + CHUNK, n)
-            scores, never = read(start, stop), _never(scored, start, stop)
-            if never is not None:
-                scores = scores[~never]
-            total += float(scores.astype(np.float64).sum())
-            counted += len(scores)
-        if counted == 0:
+        mean = _scored_mean(read, n, scored)
+        if math.isnan(mean):  # nothing scored yet: nothing to compare with
             yield from self._keep_all(n, scored)
             return
-        mean = total / counted
         for i, start in enumerate(range(0, n, CHUNK)):
             stop = min(start + CHUNK, n)
             scores, never = read(start, stop), _never(scored, start, stop)

@@ -107,6 +107,18 @@ ES_METHODS = ("es", "eswp") + VARIANTS  # methods whose selector is an ESSelecto
 SCHEDULES = {"es_to_uniform": "to_uniform", "es_from_uniform": "from_uniform"}
 
 
+class CapturingFactory:
+    """A model factory that keeps the model it made: :func:`train` trains that model in place,
+    so whoever builds a model to keep (a pre-trained or reference model) reads it here after."""
+
+    def __init__(self, factory: Callable[[], nn.Module]) -> None:
+        self.factory, self.model = factory, None
+
+    def __call__(self) -> nn.Module:
+        self.model = self.factory()
+        return self.model
+
+
 @dataclass(frozen=True)
 class Workload:
     """What a pipeline supplies to :func:`train`.

@@ -49,7 +49,7 @@ from torch import nn
 
 from es_stream._atomic import atomic_write
 
-from .loop import Reference, RunConfig, Workload, train
+from .loop import CapturingFactory, Reference, RunConfig, Workload, train
 
 #: bumped when what a cached reference means changes, so an old cache is not reused
 CACHE_VERSION = 1
@@ -104,17 +104,6 @@ class ReferenceConfig:
         return dataclasses.asdict(self)
 
 
-class _Capture:
-    """Model factory that keeps the model it made (the loop trains it in place)."""
-
-    def __init__(self, factory: Callable[[], nn.Module]) -> None:
-        self.factory, self.model = factory, None
-
-    def __call__(self) -> nn.Module:
-        self.model = self.factory()
-        return self.model
-
-
 def cache_key(identity: dict[str, Any], config: ReferenceConfig, target: Workload,
               heldout: Workload) -> str:
     """The digest naming a cached reference (see the module docstring)."""
@@ -138,7 +127,7 @@ def _fit(directory: Path, heldout: Workload, config: ReferenceConfig,
         model = heldout.make_model()
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
         return model, json.loads(train_path.read_text())
-    capture = _Capture(heldout.make_model)
+    capture = CapturingFactory(heldout.make_model)
     r = train(dataclasses.replace(heldout, make_model=capture), "uniform",
               RunConfig(config.epochs, b=config.b, B=config.b, lr=config.lr, seed=config.seed,
                         progress=progress))

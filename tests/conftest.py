@@ -64,6 +64,18 @@ def _clean_streaming_shm():
         pass
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test, as the pipelines' CLIs use: more only contend on a busy
+    2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def all_sizes_total() -> int:
     return sum(SHARD_SIZES)
 

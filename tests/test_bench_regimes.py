@@ -36,12 +36,7 @@ from pipelines.textlm.train import TransformerLM  # noqa: E402
 b, B = 16, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def common(tmp_path: Path, *extra: str) -> list[str]:

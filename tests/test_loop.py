@@ -28,13 +28,7 @@ b, B, EPOCHS = 16, 48, 3
 SELECTING = ("es", "loss", "selective_backprop", "topk", "random")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # as the CLIs do: more threads only contend on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

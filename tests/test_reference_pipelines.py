@@ -33,12 +33,7 @@ TRAIN, TEST, NOISE, HELDOUT = 300, 100, 0.2, 200
 b, B, EPOCHS = 16, 48, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -268,12 +268,7 @@ from pipelines.mnist1d import train as m1d  # noqa: E402
 b, B, EPOCHS = 16, 48, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

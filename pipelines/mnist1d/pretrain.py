@@ -41,6 +41,7 @@ from torch import nn
 
 from es_stream._atomic import atomic_write
 
+from ..loop import CapturingFactory
 from .data import SEQ_LEN, build, check_classes
 from .train import CNN1D, LEARNED_LOSS, accuracy, workload
 
@@ -104,17 +105,6 @@ class Pretrained:
         return model
 
 
-class _Capture:
-    """Model factory that keeps the model it made (the loop trains it in place)."""
-
-    def __init__(self, factory: Callable[[], nn.Module]) -> None:
-        self.factory, self.model = factory, None
-
-    def __call__(self) -> nn.Module:
-        self.model = self.factory()
-        return self.model
-
-
 def cache_dir(root: str | os.PathLike, config: PretrainConfig) -> Path:
     """Where the model of ``config`` is cached under ``root``."""
     return Path(root) / f"cnn1d-{config.key()}"
@@ -135,7 +125,7 @@ def pretrain(root: str | os.PathLike, data_root: str | os.PathLike, config: Pret
     t0 = time.perf_counter()
     source = build(data_root, config.source_train, config.source_test, 0.0, config.source_seed,
                    "wds", classes=config.classes)
-    capture = _Capture(CNN1D)
+    capture = CapturingFactory(CNN1D)
     w = workload(source.corpus, source.test_x, source.test_y, make_model=capture)
     result = train(w, "uniform", RunConfig(config.epochs, b=config.b, B=config.b, lr=config.lr,
                                            seed=config.seed, progress=progress))
