@@ -41,6 +41,21 @@ def write_mds(directory: Path, n: int = 50, size_limit: int = 1 << 10) -> Path:
     return directory
 
 
+def write_clusters(directory: Path, n: int = 200, classes: int = 4, maxcount: int = 45) -> None:
+    """``n`` samples of ``classes`` Gaussian clusters, ``"npy": float32[8]`` and ``"cls"``, in
+    shards of ``maxcount``: a corpus a tiny model learns in a few steps (resume tests)."""
+    import io
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(classes, 8)).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(directory / "train-%06d.tar"), maxcount=maxcount, verbose=0) as w:
+        for i in range(n):
+            buf = io.BytesIO()
+            np.save(buf, centers[i % classes] + rng.normal(size=8).astype(np.float32))
+            w.write({"__key__": f"{i:06d}", "npy": buf.getvalue(), "cls": i % classes})
+
+
 @pytest.fixture
 def wds_dir(tmp_path: Path) -> Path:
     write_wds(tmp_path / "wds")

@@ -4,18 +4,16 @@ scores and manifests, compared with a run that never stopped."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import webdataset as wds
 
 from es_stream import Corpus
+from conftest import write_clusters
 
 HERE = Path(__file__).parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -36,14 +34,7 @@ def steps(path: Path) -> list[dict]:
 def reference(tmp_path_factory):
     """The corpus (200 samples, 4 classes, "npy": float[8]) and an uninterrupted run."""
     root = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(4, 8)).astype(np.float32)
-    (root / "data").mkdir()
-    with wds.ShardWriter(str(root / "data" / "train-%06d.tar"), maxcount=45, verbose=0) as w:
-        for i in range(200):
-            buf = io.BytesIO()
-            np.save(buf, centers[i % 4] + rng.normal(size=8).astype(np.float32))
-            w.write({"__key__": f"{i:06d}", "npy": buf.getvalue(), "cls": i % 4})
+    write_clusters(root / "data")
     Corpus.from_webdataset(str(root / "data")).save(root / "corpus.parquet")
     assert run(root / "corpus.parquet", root / "ref", "steps.jsonl") == 0
     return root

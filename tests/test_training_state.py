@@ -5,16 +5,14 @@ bit-identical model parameters, scores and manifests as a run that never stopped
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 
 import es_stream as es
+from conftest import write_clusters
 
 EPOCHS, META_BATCH, BATCH, EVERY = 4, 16, 6, 5
 
@@ -23,14 +21,7 @@ EPOCHS, META_BATCH, BATCH, EVERY = 4, 16, 6, 5
 def corpus_path(tmp_path_factory) -> Path:
     """200 samples, 4 classes, "npy": float[8], in shards of 45."""
     root = tmp_path_factory.mktemp("state")
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(4, 8)).astype(np.float32)
-    (root / "data").mkdir()
-    with wds.ShardWriter(str(root / "data" / "train-%06d.tar"), maxcount=45, verbose=0) as w:
-        for i in range(200):
-            buf = io.BytesIO()
-            np.save(buf, centers[i % 4] + rng.normal(size=8).astype(np.float32))
-            w.write({"__key__": f"{i:06d}", "npy": buf.getvalue(), "cls": i % 4})
+    write_clusters(root / "data")
     es.Corpus.from_webdataset(str(root / "data")).save(root / "corpus.parquet")
     return root / "corpus.parquet"
 

@@ -5,7 +5,6 @@ each against its definition, and in the shared training loop on real shards."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from es_stream import BatchSchedule, ESSelector, ESWPPolicy, Pruner, ScoreStore
+from test_selector import exact_inclusion
 
 
 def decide(policy, scores, epoch=1, total=4, scored=None):
@@ -120,16 +120,6 @@ def test_rescaled_eswp_bad_arguments_are_named(kwargs, error, match):
 
 
 # ----------------------------------------------------------------------------- ES importance weights
-def exact_inclusion(weights: np.ndarray, b: int) -> np.ndarray:
-    """P(i among the first b draws) of successive sampling without replacement, p ∝ weights."""
-    incl = np.zeros(len(weights))
-    for order in itertools.permutations(range(len(weights)), b):
-        p, left = 1.0, weights.sum()
-        for i in order:
-            p *= weights[i] / left
-            left -= weights[i]
-        incl[list(order)] += p
-    return incl
 
 
 LOSSES = torch.tensor([0.2, 0.5, 1.0, 3.0, 8.0])
