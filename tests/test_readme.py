@@ -8,7 +8,9 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 
@@ -112,3 +114,43 @@ def test_reference_prune_and_rho_examples_run(tmp_path, monkeypatch):
         "scorer": "reference-mlp-v1", "complete": True}
     exec(compile(readme_block("rho-loop"), "README.md", "exec"), scope)
     assert scope["selector"].step == 2 * (1024 // 128)
+
+
+def test_resume_example_killed_and_rerun_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    """The TrainingState README block, run to the end in one directory; in another, stopped
+    mid-epoch after step 17 (its last checkpoint is step 15) and run again as written: the
+    second run resumes and ends with the same model, scores and manifests, bit for bit."""
+    source = readme_block("resume-loop")
+    results = {}
+    for name, stop_at in (("whole", None), ("resumed", 17)):
+        directory = tmp_path / name
+        directory.mkdir()
+        write_clusters(directory, seed=4)
+        monkeypatch.chdir(directory)
+        if stop_at is not None:
+            class Stop(Exception):
+                pass
+
+            def stop(step: int) -> None:
+                if step == stop_at:
+                    raise Stop
+            interrupted = source.replace("        step += 1\n", "        step += 1\n        stop(step)\n")
+            assert interrupted != source
+            with pytest.raises(Stop):
+                exec(compile(interrupted, "README.md", "exec"), {"stop": stop})
+            assert (directory / "checkpoints" / "latest").read_text().strip() == "step-000000000015"
+        seen: list[int] = []  # the steps this run takes: a resumed run starts after step 15
+        scope: dict = {"seen": seen}
+        counted = source.replace("        step += 1\n", "        step += 1\n        seen.append(step)\n")
+        exec(compile(counted, "README.md", "exec"), scope)
+        assert seen[0] == (1 if stop_at is None else 16) and seen[-1] == scope["step"]
+        # the files' metadata name the shards by path, which differs between the directories
+        manifests = {p.relative_to(directory / "manifests"): pq.read_table(p).to_pydict()
+                     for p in sorted((directory / "manifests").rglob("*.parquet"))}
+        results[name] = (scope["step"], [p.detach().clone() for p in scope["model"].parameters()],
+                         scope["selector"].store.to_numpy(), manifests)
+    (step_a, params_a, scores_a, man_a), (step_b, params_b, scores_b, man_b) = results.values()
+    assert step_a == step_b > 17
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert scores_a.tobytes() == scores_b.tobytes()
+    assert man_a == man_b and len(man_a) > 0
