@@ -32,7 +32,13 @@ _BINS = 1 << 16
 _COLLECT = 1 << 22  # a bin this small is cut exactly in memory (~50 MB at most)
 
 
-def _refuse_never_scored(scored: Read | None, n: int, source: str, chunk: int) -> None:
+def refuse_never_scored(scored: Read | None, n: int, source: str,
+                        advice: str = "a reference band needs every sample's score — finish the "
+                        "scoring pass (`es-stream score` again) before pruning",
+                        chunk: int = CHUNK) -> None:
+    """Raise :class:`ScoreError` naming ``source``, how many of the ``n`` samples were never
+    scored and the first of them, unless ``scored(start, stop)`` is True everywhere (a
+    reference store must hold every sample's score; None: nothing to check)."""
     if scored is None:
         return
     missing, first = 0, None
@@ -43,8 +49,7 @@ def _refuse_never_scored(scored: Read | None, n: int, source: str, chunk: int) -
         missing += len(never)
     if missing:
         raise ScoreError(f"{source}: {missing} of {n} samples were never scored (the first: sample "
-                         f"id {first}); a reference band needs every sample's score — finish the "
-                         "scoring pass (`es-stream score` again) before pruning")
+                         f"id {first}); {advice}")
 
 
 def rank_cut(read: Read, n: int, r: int, chunk: int = CHUNK) -> tuple[float, int]:
@@ -167,7 +172,7 @@ class BandPolicy(_OncePolicy):
         return first, first + k
 
     def _decide(self, read, n, epoch, total_epochs, scored, source) -> Iterator[Decision]:
-        _refuse_never_scored(scored, n, source, CHUNK)
+        refuse_never_scored(scored, n, source)
         read = checked_reader(read, n, source)
         first, stop = self.bounds(n)
         lo_cut = rank_cut(read, n, first) if first > 0 else None
@@ -213,7 +218,7 @@ class ThresholdPolicy(_OncePolicy):
         return keep
 
     def _decide(self, read, n, epoch, total_epochs, scored, source) -> Iterator[Decision]:
-        _refuse_never_scored(scored, n, source, CHUNK)
+        refuse_never_scored(scored, n, source)
         read = checked_reader(read, n, source)
         if not any(self._mask(read(a, min(a + CHUNK, n))).any() for a in range(0, n, CHUNK)):
             raise ValueError(f"{source}: no score lies in [{self.low}, {self.high}]: the "

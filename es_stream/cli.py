@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -211,39 +212,24 @@ def _int_at_least(minimum: int):
 _non_negative_int, _positive_int = _int_at_least(0), _int_at_least(1)
 
 
-def _prune_ratio(text: str) -> float:
-    """argparse type: a fraction in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
+def _float_in(ok, wanted: str):
+    """argparse type: a number for which ``ok(value)`` holds, else an error saying ``wanted``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan  # fails every check below
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = wanted  # what argparse names in its messages
+    return parse
 
 
-def _keep_fraction(text: str) -> float:
-    """argparse type: a fraction in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    """argparse type: a finite number."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+_prune_ratio = _float_in(lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
+_keep_fraction = _float_in(lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
+_finite_float = _float_in(math.isfinite, "a finite number")
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from .errors import ScoreError
+from .band import refuse_never_scored
 from .feedback import FeedbackChannel
 from .score import require_complete
 from .selector import ESSelector, Selector
-from .store import CHUNK, ScoreStore, as_index
+from .store import ScoreStore, as_index
 
 __all__ = ["ReducibleLossSelector"]
 
@@ -61,7 +60,9 @@ class ReducibleLossSelector(Selector):
         if fingerprint is not None:
             reference.bind(fingerprint)  # refuses a reference of another corpus
         require_complete(reference, "ReducibleLossSelector")
-        _refuse_never_scored(reference)
+        refuse_never_scored(reference.scored_range, reference.num_samples,
+                            reference.describe(), "they have no reference loss: score the whole "
+                            "corpus first (es-stream score)")
         self.reference, self.rule, self.feedback = reference, rule, feedback
         self.max_pending = max_pending
         self.es: ESSelector | None = None
@@ -161,16 +162,3 @@ class ReducibleLossSelector(Selector):
         super().load_state_dict(state)
         if self.es is not None and "es" in state:
             self.es.load_state_dict(state["es"])
-
-
-def _refuse_never_scored(reference: ScoreStore) -> None:
-    n, missing, first = reference.num_samples, 0, None
-    for a in range(0, n, CHUNK):
-        never = np.flatnonzero(~reference.scored_range(a, min(a + CHUNK, n)))
-        if len(never) and first is None:
-            first = a + int(never[0])
-        missing += len(never)
-    if missing:
-        raise ScoreError(f"{reference.describe()}: {missing} of {n} samples have no reference loss "
-                         f"(the first: sample id {first}); score the whole corpus first "
-                         "(es-stream score)")

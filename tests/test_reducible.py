@@ -85,7 +85,7 @@ def test_refuses_a_reference_of_another_corpus_or_unfinished(ref, tmp_path):
         ReducibleLossSelector(store, 2, fingerprint=other.fingerprint)
     partial = ScoreStore(corpus.num_samples)
     partial.scatter(torch.arange(30), torch.rand(30))
-    with pytest.raises(ScoreError, match="20 of 50 samples have no reference loss.*sample id 30"):
+    with pytest.raises(ScoreError, match="20 of 50 samples were never scored.*sample id 30.*no reference loss"):
         ReducibleLossSelector(partial, 2)
     unfinished = ScoreStore(corpus.num_samples)
     unfinished.scatter(torch.arange(50), torch.rand(50))
