@@ -84,6 +84,18 @@ def reference_config(args: argparse.Namespace, workload: str) -> Any:
         b=args.b)
 
 
+def check_reference_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                         workload: str) -> None:
+    """Validate :func:`add_reference_args`'s flags (``parser.error`` naming the flag) and set
+    ``args.reference`` to their :class:`pipelines.reference.ReferenceConfig`."""
+    if not 0.0 < args.prune_keep <= 1.0:
+        parser.error(f"--prune-keep must be a fraction in (0, 1], got {args.prune_keep}")
+    try:
+        args.reference = reference_config(args, workload)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def ints(text: Any) -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]`` (empty items skipped)."""
     return [int(v) for v in str(text).split(",") if v.strip()]

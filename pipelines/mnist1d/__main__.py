@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..common import (add_reference_args, add_selection_args, check_batch, ints, parse_methods,
-                      reference_config, train_pipeline)
+                      check_reference_args, train_pipeline)
 from ..loop import ALL_METHODS as METHODS
 from ..report import fmt, plot_curves, runs_table, stats, write_results
 
@@ -81,12 +81,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.epochs < 1 or args.train < 1 or args.test < 1:
         parser.error("--epochs, --train and --test must be >= 1")
     check_batch(parser, args)
-    if not 0.0 < args.prune_keep <= 1.0:
-        parser.error(f"--prune-keep must be a fraction in (0, 1], got {args.prune_keep}")
-    try:
-        args.reference = reference_config(args, "mnist1d")
-    except ValueError as e:
-        parser.error(str(e))
+    check_reference_args(parser, args, "mnist1d")
     return args
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..common import (add_reference_args, add_selection_args, check_batch, ints, parse_methods,
-                      reference_config, train_pipeline)
+                      check_reference_args, train_pipeline)
 from ..loop import ALL_METHODS as METHODS
 from ..report import plot_curves, runs_table, write_results
 from .train import ARCHS
@@ -104,12 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.epochs < 1 or args.seq_len < 2 or args.eval_sequences < 0 or args.train_mb < 0:
         parser.error("need --epochs >= 1, --seq-len >= 2, --eval-sequences >= 0, --train-mb >= 0")
     check_batch(parser, args)
-    if not 0.0 < args.prune_keep <= 1.0:
-        parser.error(f"--prune-keep must be a fraction in (0, 1], got {args.prune_keep}")
-    try:
-        args.reference = reference_config(args, "textlm")
-    except ValueError as e:
-        parser.error(str(e))
+    check_reference_args(parser, args, "textlm")
     return args
 
 
