@@ -51,7 +51,11 @@ says how: epochs and their budget, b and B, the learning rate, the seed, the met
   mid-epoch, and the schedule spans that many epochs instead of ``epochs``.
 * **Timer.** Training wall-clock: the loop, loader waits and manifest writing, paused while the
   held-out set is evaluated (``evals_per_epoch`` times per epoch, the last at the epoch's end).
-  On CUDA it synchronises only at those evaluation points, never per step.
+  On CUDA it synchronises only at those evaluation points, never per step. Beside it, over the
+  same intervals, the CPU seconds of this process and its finished children
+  (:func:`cpu_seconds`): with one torch thread and no DataLoader workers that is the wall-clock
+  the run would take on an idle core, and it does not grow when other work shares the machine
+  (``cpu_s``, ``cpu_curve``; the benchmark's time basis, ``tools/benchtrain``).
 * **Counts.** ``samples_forwarded`` (read and passed through the model at least once: scoring
   forwards included, fewer for the pruning methods and for ``es_fresh``),
   ``samples_scored`` (through the no-grad scoring forward), ``samples_backpropagated`` (in the
@@ -161,10 +165,17 @@ class Reference:
     train_s: float = 0.0
     score_s: float = 0.0
     name: str = ""
+    train_cpu_s: float | None = None   # CPU seconds of the same (None: not measured; the
+    score_cpu_s: float | None = None   # wall-clock stands in)
 
     @property
     def seconds(self) -> float:
         return self.train_s + self.score_s
+
+    @property
+    def cpu_seconds(self) -> float:
+        train = self.train_s if self.train_cpu_s is None else self.train_cpu_s
+        return train + (self.score_s if self.score_cpu_s is None else self.score_cpu_s)
 
 
 @dataclass(frozen=True)
@@ -386,23 +397,36 @@ def take(data: Any, rows: torch.Tensor) -> Any:
                     "collate must return tensors (or a tuple, list or dict of them)")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have ended (DataLoader
+    workers once joined): a cost that, unlike wall-clock, does not grow when other processes
+    share the CPUs."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class Clock:
-    """Training wall-clock: runs between :meth:`start` and :meth:`stop`, stopped while evaluating.
-    On CUDA, :meth:`stop` synchronises first (kernels queued by the steps count as training);
-    nothing else does, so steps never wait on the device."""
+    """Training wall-clock (``elapsed``) and CPU time (``cpu``, :func:`cpu_seconds`): both run
+    between :meth:`start` and :meth:`stop`, stopped while evaluating. On CUDA, :meth:`stop`
+    synchronises first (kernels queued by the steps count as training); nothing else does, so
+    steps never wait on the device."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.elapsed = 0.0
+        self.cpu = 0.0
         self._start = 0.0
+        self._cpu_start = 0.0
 
     def start(self) -> None:
         self._start = time.perf_counter()
+        self._cpu_start = cpu_seconds()
 
     def stop(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.elapsed += time.perf_counter() - self._start
+        self.cpu += cpu_seconds() - self._cpu_start
 
 
 @dataclass
@@ -415,6 +439,7 @@ class Counts:
     steps: int = 0
     epochs_done: float = 0.0
     curve: list[tuple[float, float]] = field(default_factory=list)
+    cpu_curve: list[tuple[float, float]] = field(default_factory=list)
     learned_fraction: list[float] = field(default_factory=list)
 
 
@@ -565,6 +590,7 @@ class _Run:
         value = self.workload.evaluate(self.model)
         self.model.train()
         self.counts.curve.append((self.clock.elapsed, value))
+        self.counts.cpu_curve.append((self.clock.cpu, value))
         self.bar.set_postfix({self.workload.quality: f"{value:.3f}",
                               "s": f"{self.clock.elapsed:.1f}"})
 
@@ -619,6 +645,7 @@ class _Run:
         """The result dict of :func:`train`."""
         ref = self.config.reference if self.method in REFERENCE_METHODS else None
         extra = ref.seconds if ref is not None else 0.0   # paid before the first step
+        extra_cpu = ref.cpu_seconds if ref is not None else 0.0
         curve = [(t + extra, q) for t, q in self.counts.curve]
         values = [q for _, q in self.counts.curve]
         best = max if self.workload.higher_is_better else min
@@ -628,6 +655,7 @@ class _Run:
             forwarded += int(self._fresh_trained)
         return {"method": self.method, "seed": self.config.seed,
                 "wall_clock_s": self.clock.elapsed + extra, "reference_s": extra,
+                "cpu_s": self.clock.cpu + extra_cpu, "reference_cpu_s": extra_cpu,
                 "reference_train_s": ref.train_s if ref is not None else 0.0,
                 "reference_score_s": ref.score_s if ref is not None else 0.0,
                 "samples_forwarded": forwarded, "samples_scored": self.counts.scored,
@@ -636,7 +664,8 @@ class _Run:
                 "params": sum(p.numel() for p in self.model.parameters()),
                 f"final_{quality}": values[-1] if values else float("nan"),
                 f"best_{quality}": best(values, default=float("nan")),
-                "curve": curve, "learned_fraction": self.counts.learned_fraction}
+                "curve": curve, "learned_fraction": self.counts.learned_fraction,
+                "cpu_curve": [(t + extra_cpu, q) for t, q in self.counts.cpu_curve]}
 
 
 def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ directory with ``meta.json`` is complete and is reused as it is (no retraining, 
 run killed while scoring keeps the trained model and resumes the scoring pass.
 
 **Cost.** ``train_s`` (training wall-clock, evaluation excluded) and ``score_s`` (the scoring
-pass) are in ``meta.json`` and in the returned :class:`pipelines.loop.Reference`; the loop adds
+pass), and their CPU seconds ``train_cpu_s`` and ``score_cpu_s``, are in ``meta.json`` and in the returned :class:`pipelines.loop.Reference`; the loop adds
 their sum to the wall-clock of every method that reads the reference — each run pays it in full,
 as a single run of the method would — and reports it on its own (``reference_s``).
 """
@@ -49,10 +49,10 @@ from torch import nn
 
 from es_stream._atomic import atomic_write
 
-from .loop import CapturingFactory, Reference, RunConfig, Workload, train
+from .loop import CapturingFactory, Reference, RunConfig, Workload, cpu_seconds, train
 
 #: bumped when what a cached reference means changes, so an old cache is not reused
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json carries the CPU seconds of training and scoring
 #: the reference settings per workload when a flag is not given (see ReferenceConfig)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist1d": {"heldout": 10000, "width": 16, "epochs": 10, "b": 64, "lr": 3e-3},
@@ -133,7 +133,7 @@ def _fit(directory: Path, heldout: Workload, config: ReferenceConfig,
                         progress=progress))
     with atomic_write(model_path) as tmp:
         torch.save(capture.model.state_dict(), tmp)
-    trained = {"train_s": r["wall_clock_s"], "quality": heldout.quality,
+    trained = {"train_s": r["wall_clock_s"], "train_cpu_s": r["cpu_s"], "quality": heldout.quality,
                "final": r[f"final_{heldout.quality}"], "params": r["params"],
                "heldout_samples": heldout.corpus.num_samples}
     _write_json(train_path, trained)  # after model.pt: train.json means the model is there
@@ -155,7 +155,8 @@ def reference_scores(root: str | os.PathLike, identity: dict[str, Any], target: 
     meta_path, store = directory / "meta.json", directory / "scores.npy"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        return Reference(str(store), meta["train_s"], meta["score_s"], meta["scorer"]), meta
+        return Reference(str(store), meta["train_s"], meta["score_s"], meta["scorer"],
+                         meta.get("train_cpu_s"), meta.get("score_cpu_s")), meta
     directory.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, trained = _fit(directory, heldout, config, progress)
@@ -164,18 +165,21 @@ def reference_scores(root: str | os.PathLike, identity: dict[str, Any], target: 
     scorer = Scorer(score_fn=functools.partial(target.losses, model), model=model,
                     decode=target.decode, collate=target.collate,
                     device=None if target.device == "cpu" else target.device, name=name)
+    cpu0 = cpu_seconds()
     result = score_corpus(target.corpus, scorer, store, meta_batch_size=1024, num_workers=0,
                           progress=progress)
+    score_cpu_s = cpu_seconds() - cpu0
     meta = {"key": key, "scorer": name, "store": str(store.resolve()),
             "config": config.to_dict(), "identity": identity, **trained,
-            "score_s": result.seconds, "scored_samples": target.corpus.num_samples,
+            "score_s": result.seconds, "score_cpu_s": score_cpu_s, "scored_samples": target.corpus.num_samples,
             "total_s": time.perf_counter() - t0}
     _write_json(meta_path, meta)
     log(f"reference for {target.name}: trained on {trained['heldout_samples']} held-out samples "
         f"({trained['params']} params, {config.epochs} epochs) in {trained['train_s']:.1f} s, "
         f"{trained['quality']} {trained['final']:.4f}; scored {target.corpus.num_samples} "
         f"training samples in {result.seconds:.1f} s; cached in {directory}")
-    return Reference(str(store), trained["train_s"], result.seconds, name), meta
+    return Reference(str(store), trained["train_s"], result.seconds, name,
+                     trained["train_cpu_s"], score_cpu_s), meta
 
 
 def mnist1d_reference(data_root: str | os.PathLike, root: str | os.PathLike, data: Any,

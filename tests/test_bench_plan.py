@@ -274,3 +274,22 @@ def test_bad_reference_flags_are_refused_naming_the_flag(
     with pytest.raises(SystemExit):
         P.parse_args(["--workload", "mnist1d", "--out", str(tmp_path), *flags])
     assert named in capsys.readouterr().err
+
+
+def test_time_basis_rewrites_every_time_of_a_record_and_leaves_old_records_on_wall():
+    from benchtrain.run import on_time_basis
+
+    rec = {"key": "k", "result": {"wall_clock_s": 10.0, "cpu_s": 6.0, "curve": [[5.0, 0.5], [10.0, 0.9]],
+                                  "cpu_curve": [[3.0, 0.5], [6.0, 0.9]], "reference_s": 2.0,
+                                  "reference_cpu_s": 1.5, "train_wall_clock_s": 8.0}}
+    cpu = on_time_basis(rec, "cpu")["result"]
+    assert (cpu["wall_clock_s"], cpu["curve"], cpu["reference_s"]) == (6.0, [[3.0, 0.5], [6.0, 0.9]], 1.5)
+    assert cpu["train_wall_clock_s"] == 4.5 and cpu["measured_wall_clock_s"] == 10.0
+    assert cpu["time_basis"] == "cpu" and rec["result"]["wall_clock_s"] == 10.0  # not mutated
+    wall = on_time_basis(rec, "wall")["result"]
+    assert (wall["wall_clock_s"], wall["time_basis"]) == (10.0, "wall")
+    old = {"key": "o", "result": {"wall_clock_s": 7.0, "curve": [[7.0, 0.8]]}}
+    assert on_time_basis(old, "cpu")["result"]["time_basis"] == "wall"
+    assert on_time_basis(old, "cpu")["result"]["wall_clock_s"] == 7.0
+    with pytest.raises(ValueError, match="time basis"):
+        on_time_basis(rec, "gpu")

@@ -187,7 +187,7 @@ def test_long_regime_reports_the_time_to_uniforms_plateau(tmp_path: Path) -> Non
     assert s["plateau"]["value"] == pytest.approx(value)
     assert s["plateau"]["target"] == pytest.approx(value - 0.002)
     for method in ("uniform", "es", "budget_es"):
-        curves = [r["result"]["curve"] for r in runs if r["method"] == method]
+        curves = [r["result"]["cpu_curve"] for r in runs if r["method"] == method]  # CPU basis
         per_seed = [next((t for t, q in c if q >= value - 0.002), None) for c in curves]
         assert s["methods"][method]["time_to_plateau_s"]["per_seed"] == per_seed
     tables = (tmp_path / "evidence" / "tables.md").read_text()

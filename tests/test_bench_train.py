@@ -53,11 +53,18 @@ def test_bench_mnist1d_two_seeds_budget_control_and_resume(tmp_path: Path, capsy
             assert by[m, seed]["samples_backpropagated"] == EPOCHS * TRAIN // 2
         assert by["eswp", seed]["samples_forwarded"] < EPOCHS * TRAIN  # epoch 1 pruned 30%
 
-    # the budget-matched control: cut to ES's mean wall-clock over uniform's, in epochs
+    # both times recorded: the CPU seconds beside the wall-clock, a curve point per evaluation
+    for r in by.values():
+        assert r["cpu_s"] > 0 and len(r["cpu_curve"]) == len(r["curve"])
+        assert [q for _, q in r["cpu_curve"]] == [q for _, q in r["curve"]]
+
+    # the budget-matched control: cut to ES's mean time over uniform's, in epochs, on the default
+    # time basis (CPU seconds)
     entry = json.loads((out / "summary.json").read_text())["mnist1d-noise0"]
+    assert entry["time_basis"] == ["cpu"]
     cut = entry["budget_cuts"]["budget_es"]
     mean = lambda m, k: sum(by[m, s][k] for s in (0, 1)) / 2  # noqa: E731
-    raw = EPOCHS * mean("es", "wall_clock_s") / mean("uniform", "wall_clock_s")
+    raw = EPOCHS * mean("es", "cpu_s") / mean("uniform", "cpu_s")
     assert cut["epochs"] == round(min(raw, EPOCHS), 3) and 0 < cut["epochs"] <= EPOCHS
     per_epoch = TRAIN // b
     full = math.floor(cut["epochs"])
@@ -83,7 +90,7 @@ def test_bench_mnist1d_two_seeds_budget_control_and_resume(tmp_path: Path, capsy
         ttt = row["time_to_target_s"]
         assert ttt["of"] == 2 and ttt["reached"] == sum(t is not None for t in ttt["per_seed"])
         for seed, t in zip((0, 1), ttt["per_seed"]):
-            reach = [p[0] for p in by[m, seed]["curve"] if p[1] >= s["target"]]
+            reach = [p[0] for p in by[m, seed]["cpu_curve"] if p[1] >= s["target"]]
             assert t == (reach[0] if reach else None)
         assert isinstance(row["lossless"], bool)
         assert row["time_to_uniform_mean_final_s"]["of"] == 2
@@ -92,10 +99,10 @@ def test_bench_mnist1d_two_seeds_budget_control_and_resume(tmp_path: Path, capsy
 
     # the scoring forward's cost, read off the random control: random/uniform = F/T + b/B
     sc = s["scoring_cost"]
-    r = mean("random", "wall_clock_s") / mean("uniform", "wall_clock_s")
+    r = mean("random", "cpu_s") / mean("uniform", "cpu_s")
     assert sc["random_over_uniform"] == pytest.approx(r)
     assert sc["forward_over_train_per_sample"] == pytest.approx(r - b / B)
-    assert sc["selection_overhead"] == pytest.approx(mean("es", "wall_clock_s") / mean("random", "wall_clock_s"))
+    assert sc["selection_overhead"] == pytest.approx(mean("es", "cpu_s") / mean("random", "cpu_s"))
 
     table = (out / "tables.md").read_text()
     assert "scoring forward per sample = " in table

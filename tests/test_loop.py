@@ -42,7 +42,8 @@ def workloads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, loop.Worklo
 
 
 def without_time(r: dict) -> dict:
-    return {**r, "wall_clock_s": None, "curve": [q for _, q in r["curve"]]}
+    return {**r, "wall_clock_s": None, "cpu_s": None, "curve": [q for _, q in r["curve"]],
+            "cpu_curve": [q for _, q in r["cpu_curve"]]}
 
 
 @pytest.mark.parametrize("name", ["mnist1d", "textlm"])

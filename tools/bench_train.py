@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     command = "python tools/bench_train.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    store = Store(out / "runs.jsonl")
+    store = Store(out / "runs.jsonl", args.time)
     exps = plan(args)
     est = estimate(exps, store.records, Path(args.data_dir))
     print(f"bench_train: {len(exps)} experiment(s), {est['runs']} run(s) to do "

@@ -190,7 +190,19 @@ def summary_entry(exp: Experiment, records: list[dict[str, Any]], cuts: dict[str
             "updated": datetime.datetime.now().isoformat(timespec="seconds"),
             "train_samples": records[0]["result"].get("train_samples") if records else None,
             "summary": summarize(exp, records, tolerance),
+            "time_basis": sorted({r["result"].get("time_basis", "wall") for r in records}),
             "runs": [r["key"] for r in records]}
+
+
+def _time_basis_line(bases: list[str]) -> str:
+    """What the seconds of an experiment's table are (see ``benchtrain.run.on_time_basis``)."""
+    if bases == ["cpu"]:
+        return ("times: CPU seconds of the training process (its wall-clock on an idle core; "
+                "unaffected by other load on the machine)")
+    if bases == ["wall"]:
+        return "times: wall-clock seconds as measured"
+    return ("times: MIXED — some runs on CPU seconds, some (recorded before CPU time was) on "
+            "wall-clock; compare with care")
 
 
 def describe(entry: dict[str, Any]) -> str:
@@ -212,7 +224,7 @@ def describe(entry: dict[str, Any]) -> str:
     what += (f"; ES beta1 {c['beta1']:g}, beta2 {c['beta2']:g}, burn-in {c['burn_in']:g}, "
              f"anneal {c['anneal']:g}; ESWP ratio {c['eswp_ratio']:g}; InfoBatch ratio "
              f"{c['infobatch_ratio']:g}; {c['threads']} torch thread(s), {c['workers']} workers")
-    lines = [what]
+    lines = [what, _time_basis_line(entry.get("time_basis", ["wall"]))]
     if s.get("target") is not None:
         sign = "minus" if s["higher_is_better"] else "plus"
         lines.append(f"target = uniform's mean final {s['quality']} {sign} {s['tolerance']:g} "

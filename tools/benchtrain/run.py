@@ -22,12 +22,37 @@ from .plan import (BUDGET, USES_REFERENCE, VARIANT_OPTIONS, Experiment, Run, bud
 QUALITY = {"mnist1d": "test_acc", "textlm": "heldout_bpb"}
 
 
+TIME_BASES = ("cpu", "wall")
+
+
+def on_time_basis(rec: dict[str, Any], basis: str) -> dict[str, Any]:
+    """``rec`` with its result's times (``wall_clock_s``, ``curve``, ``reference_s``,
+    ``train_wall_clock_s``) on ``basis``: ``"cpu"`` puts the run's CPU seconds there
+    (:func:`pipelines.loop.cpu_seconds`; the wall-clock moves to ``measured_wall_clock_s``),
+    ``"wall"`` leaves them. A run recorded before CPU time was (no ``cpu_s``) stays on wall-clock.
+    ``result["time_basis"]`` says which the record is on; the planning and the report read only
+    the rewritten keys, so every comparison is on one basis."""
+    r = rec["result"]
+    if basis not in TIME_BASES:
+        raise ValueError(f"time basis must be one of {TIME_BASES}, got {basis!r}")
+    if basis == "wall" or "cpu_s" not in r:
+        return {**rec, "result": {**r, "time_basis": "wall"}}
+    out = {**r, "time_basis": "cpu", "measured_wall_clock_s": r["wall_clock_s"],
+           "wall_clock_s": r["cpu_s"], "curve": r["cpu_curve"]}
+    if "reference_s" in r:
+        out.update(reference_s=r["reference_cpu_s"],
+                   train_wall_clock_s=r["cpu_s"] - r["reference_cpu_s"])
+    return {**rec, "result": out}
+
+
 class Store:
     """``runs.jsonl``: one line per finished run, appended and flushed as it ends. A line cut
-    short by a kill is ignored (and that run redone)."""
+    short by a kill is ignored (and that run redone). ``records`` are on ``time_basis``
+    (:func:`on_time_basis`); the file keeps both times as measured."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, time_basis: str = "cpu") -> None:
         self.path = path
+        self.time_basis = time_basis
         self.records: dict[str, dict[str, Any]] = {}
         if path.exists():
             for line in path.read_text().splitlines():
@@ -36,7 +61,7 @@ class Store:
                 except json.JSONDecodeError:
                     continue
                 if isinstance(rec, dict) and "key" in rec and "result" in rec:
-                    self.records[rec["key"]] = rec
+                    self.records[rec["key"]] = on_time_basis(rec, time_basis)
 
     def add(self, rec: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +72,7 @@ class Store:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.records[rec["key"]] = rec
+        self.records[rec["key"]] = on_time_basis(rec, self.time_basis)
 
 
 class Data:
@@ -192,7 +217,8 @@ def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, 
         config = loop_config(method, seed, cfg, progress, reference)
         w = data.workload(workload, cfg)
         r = train(w, loop_method(method), config)
-    out = {"wall_clock_s": r["wall_clock_s"], "samples_forwarded": r["samples_forwarded"],
+    out = {"wall_clock_s": r["wall_clock_s"], "cpu_s": r["cpu_s"],
+           "cpu_curve": [list(p) for p in r["cpu_curve"]], "samples_forwarded": r["samples_forwarded"],
            "samples_backpropagated": r["samples_backpropagated"], "steps": r["steps"],
            "epochs": config.epochs if config.budget_epochs is None else config.budget_epochs,
            "train_samples": w.corpus.num_samples, "quality": QUALITY[workload],
@@ -204,6 +230,7 @@ def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, 
     if reference is not None:   # in wall_clock_s and the curve already (the loop adds it)
         out.update(reference_s=r["reference_s"], reference_train_s=r["reference_train_s"],
                    reference_score_s=r["reference_score_s"], reference_name=reference.name,
+                   reference_cpu_s=r["reference_cpu_s"],
                    train_wall_clock_s=r["wall_clock_s"] - r["reference_s"])
     return out
 
@@ -247,7 +274,8 @@ def _run_missing(exp: Experiment, run: Run, store: Store, data: Data, progress: 
            "machine": machine()}
     store.add(rec)
     counts["ran"] += 1
-    log(f"[{exp.name}] {run.method} seed {run.seed}: train {result['wall_clock_s']:.1f} s, "
+    log(f"[{exp.name}] {run.method} seed {run.seed}: train {result['wall_clock_s']:.1f} s "
+        f"({result['cpu_s']:.1f} CPU s), "
         f"final {result['final']:.4f}, best {result['best']:.4f} (run {rec['run_s']:.1f} s)")
 
 
