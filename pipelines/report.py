@@ -56,26 +56,63 @@ def runs_table(runs: list[dict[str, Any]], methods: list[str], quality: str,
     return align(rows)
 
 
+def seed_band(curves: list[list[list[float]]], points: int = 100) -> tuple[Any, Any, Any, Any]:
+    """Seeds' curves ``[[t, q], ...]`` on one time grid: ``(t, mean, min, max)`` arrays.
+
+    Seeds are evaluated at different wall-clock times, so each curve is linearly interpolated
+    onto ``points`` times from the latest first evaluation to the earliest last one: the band
+    covers only times every seed measured (nothing extrapolated). Seeds whose times do not
+    overlap give empty arrays. The band is min..max over seeds (with 2-3 seeds a ±std band
+    would claim a spread the data cannot show)."""
+    import numpy as np
+
+    curves = [c for c in curves if c]
+    if not curves:
+        return (np.empty(0),) * 4
+    start, stop = max(c[0][0] for c in curves), min(c[-1][0] for c in curves)
+    if stop < start:
+        return (np.empty(0),) * 4
+    t = np.linspace(start, stop, points if stop > start else 1)
+    q = np.stack([np.interp(t, [p[0] for p in c], [p[1] for p in c]) for c in curves])
+    return t, q.mean(axis=0), q.min(axis=0), q.max(axis=0)
+
+
 def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, title: str,
-                ylabel: str) -> None:
-    """Each run's ``curve`` (quality against training wall-clock), one colour per method, one
-    line per seed."""
+                ylabel: str, *, labels: dict[str, str] | None = None,
+                target: float | None = None, ylim: tuple[float, float] | None = None) -> None:
+    """Quality against training wall-clock, one colour per method: the mean over seeds as a
+    line, the min..max over seeds shaded (:func:`seed_band`, over the times every seed
+    measured), each seed a thin line with its evaluations as dots (so the ends outside the
+    band, a single seed, or seeds that never overlap still show). ``runs``: results
+    with ``method`` and ``curve`` (``[[t, quality], ...]``); ``labels``: legend names of the
+    methods; ``target``: a dashed horizontal line; ``ylim``: the quality axis's range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for i, m in enumerate(methods):
-        for j, r in enumerate(rs for rs in runs if rs["method"] == m):
-            t, q = zip(*r["curve"]) if r["curve"] else ((), ())
-            ax.plot(t, q, marker="o", ms=3, color=f"C{i}", alpha=0.9 if j == 0 else 0.5,
-                    label=m if j == 0 else None)
+        curves = [r["curve"] for r in runs if r["method"] == m and r["curve"]]
+        color, label = f"C{i % 10}", (labels or {}).get(m, m)
+        seeds = f" ({len(curves)} seeds)" if len(curves) > 1 else ""
+        for c in curves:  # each seed thin: the band covers only where all seeds measured
+            ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.35, lw=0.7,
+                    marker=".", ms=3)
+        t, mean, lo, hi = seed_band(curves)
+        if len(t) > 1:
+            ax.fill_between(t, lo, hi, color=color, alpha=0.18, lw=0)
+        ax.plot(t, mean, color=color, lw=1.8, label=label + seeds)
+    if target is not None:
+        ax.axhline(target, color="k", ls="--", lw=1, label="target")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel("training wall-clock (s, evaluation excluded)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title + "\nbold: mean over seeds; band: min..max over seeds; thin: each seed",
+                 fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, ncol=2 if len(methods) > 5 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
