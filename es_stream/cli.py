@@ -75,7 +75,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     per_shard: dict[int, list[float]] = {}
     kept_fraction: dict[int, float] = {}
     pruned: dict[int, int] = {}
-    print(f"{'epoch':>5} {'samples':>10} {'kept':>10} {'kept %':>7}  per-shard kept % min/median/max")
+    print(f"{'epoch':>5} {'samples':>10} {'kept':>10} {'kept %':>7}  "
+          "per-shard kept % min/median/max")
     for e in epochs:
         rows = epoch_col == e
         directory = epoch_dir(args.manifests, e)
@@ -272,11 +273,21 @@ def _cmd_compact(args: argparse.Namespace) -> int:
                       corpus.shard_counts)
     if kept is None:
         raise FileNotFoundError(f"{args.manifest}: no such manifest directory")
-    mapping = compact(corpus, kept.kept_ids, args.out, args.format, progress=tqdm,
+    # a bar on a terminal only: in a log or a pipe its redraws are thousands of lines of noise
+    progress = tqdm if sys.stderr.isatty() else None
+    mapping = compact(corpus, kept.kept_ids, args.out, args.format, progress=progress,
                       overwrite=args.overwrite)
     print(f"wrote {len(kept.kept_ids)} of {corpus.num_samples} samples to {args.out} "
           f"({args.format or corpus.format}); id mapping: {mapping}")
     return 0
+
+
+_DESCRIPTION = ("Evolved Sampling over sharded corpora, offline: index shards, score them with a "
+                "reference model, prune from saved scores, inspect and compact the manifests.")
+_DEBUG_HELP = "on an error, show the full traceback instead of one line"
+_EPILOG = """exit status: 0 success; 1 an error of the inputs or the run (one line on stderr
+naming the file or argument, the traceback with --debug); 2 a command line argparse
+refuses (usage). A bare `es-stream` prints this help and exits 0, as pip does."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     accepted before or after the sub-command."""
     from ._version import __version__
 
-    parser = argparse.ArgumentParser(prog="es-stream", description=__doc__, epilog=_EPILOG,
+    parser = argparse.ArgumentParser(prog="es-stream", description=_DESCRIPTION, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"es-stream {__version__}",
                         help="print the version and exit")
@@ -399,12 +410,6 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         command.set_defaults(parser=command)  # main() reports argument conflicts through it
     return parser
-
-
-_DEBUG_HELP = "on an error, show the full traceback instead of one line"
-_EPILOG = """exit status: 0 success; 1 an error of the inputs or the run (one line on stderr
-naming the file or argument, the traceback with --debug); 2 a command line argparse
-refuses (usage). A bare `es-stream` prints this help and exits 0, as pip does."""
 
 
 def main(argv: list[str] | None = None) -> int:

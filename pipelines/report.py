@@ -83,9 +83,10 @@ def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, titl
     """Quality against training wall-clock, one colour per method: the mean over seeds as a
     line, the min..max over seeds shaded (:func:`seed_band`, over the times every seed
     measured), each seed a thin line with its evaluations as dots (so the ends outside the
-    band, a single seed, or seeds that never overlap still show). ``runs``: results
-    with ``method`` and ``curve`` (``[[t, quality], ...]``); ``labels``: legend names of the
-    methods; ``target``: a dashed horizontal line; ``ylim``: the quality axis's range."""
+    band, or seeds that never overlap, still show); a method run with one seed: its curve.
+    ``runs``: results with ``method`` and ``curve`` (``[[t, quality], ...]``); ``labels``:
+    legend names of the methods; ``target``: a dashed horizontal line; ``ylim``: the quality
+    axis's range."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,28 +95,40 @@ def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, titl
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, m in enumerate(methods):
         curves = [r["curve"] for r in runs if r["method"] == m and r["curve"]]
-        color, label = f"C{i % 10}", (labels or {}).get(m, m)
-        seeds = f" ({len(curves)} seeds)" if len(curves) > 1 else ""
-        for c in curves:  # each seed thin: the band covers only where all seeds measured
-            ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.35, lw=0.7,
-                    marker=".", ms=3)
-        t, mean, lo, hi = seed_band(curves)
-        if len(t) > 1:
-            ax.fill_between(t, lo, hi, color=color, alpha=0.18, lw=0)
-        ax.plot(t, mean, color=color, lw=1.8, label=label + seeds)
+        _draw_method(ax, curves, f"C{i % 10}", (labels or {}).get(m, m))
     if target is not None:
         ax.axhline(target, color="k", ls="--", lw=1, label="target")
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.set_xlabel("training wall-clock (s, evaluation excluded)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title + "\nbold: mean over seeds; band: min..max over seeds; thin: each seed",
-                 fontsize=9)
+    most = max([sum(r["method"] == m for r in runs) for m in methods], default=0)
+    how = ("bold: mean over seeds; band: min..max over seeds; thin: each seed" if most > 1
+           else "one seed per method: no band (run more seeds for one)")
+    ax.set_title(f"{title}\n{how}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(methods) > 5 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _draw_method(ax, curves: list[list[list[float]]], color: str, label: str) -> None:
+    """One method's curves: one seed bold with its evaluations as dots; several seeds thin,
+    with their mean bold and min..max shaded where every seed measured (:func:`seed_band`)."""
+    if len(curves) == 1:
+        c = curves[0]
+        ax.plot([p[0] for p in c], [p[1] for p in c], color=color, lw=1.8, marker="o", ms=3,
+                label=label)
+        return
+    for c in curves:
+        ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.35, lw=0.7,
+                marker=".", ms=3)
+    t, mean, lo, hi = seed_band(curves)
+    label += f" ({len(curves)} seeds" + (")" if len(t) else ", no common times)")
+    if len(t) > 1:
+        ax.fill_between(t, lo, hi, color=color, alpha=0.18, lw=0)
+    ax.plot(t, mean, color=color, lw=1.8, label=label)
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:

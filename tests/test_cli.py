@@ -136,6 +136,7 @@ def test_compact_wds_keeps_exactly_the_kept_samples_byte_identical(wds_dir, tmp_
     result = run("compact", "--corpus", str(index), "--manifest", str(tmp_path / "m" / "epoch=00000"),
                  "--out", str(tmp_path / "new"))
     assert result.returncode == 0, result.stderr
+    assert "%|" not in result.stderr  # no progress bar redraws when stderr is not a terminal
     new = Corpus.from_webdataset(str(tmp_path / "new"))
     assert new.num_samples == len(kept)
     old = dict(tar_members(wds_dir))
