@@ -92,10 +92,12 @@ def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    many = len(methods) > 4  # then: legend beside the axes, fainter bands (they overlap)
+    fig, ax = plt.subplots(figsize=(11, 5.5) if many else (8, 5))
     for i, m in enumerate(methods):
         curves = [r["curve"] for r in runs if r["method"] == m and r["curve"]]
-        _draw_method(ax, curves, f"C{i % 10}", (labels or {}).get(m, m))
+        _draw_method(ax, curves, f"C{i % 10}", (labels or {}).get(m, m),
+                     band_alpha=0.08 if many else 0.18)
     if target is not None:
         ax.axhline(target, color="k", ls="--", lw=1, label="target")
     if ylim is not None:
@@ -107,13 +109,17 @@ def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, titl
            else "one seed per method: no band (run more seeds for one)")
     ax.set_title(f"{title}\n{how}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2 if len(methods) > 5 else 1)
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _draw_method(ax, curves: list[list[list[float]]], color: str, label: str) -> None:
+def _draw_method(ax, curves: list[list[list[float]]], color: str, label: str,
+                 band_alpha: float) -> None:
     """One method's curves: one seed bold with its evaluations as dots; several seeds thin,
     with their mean bold and min..max shaded where every seed measured (:func:`seed_band`)."""
     if len(curves) == 1:
@@ -122,12 +128,12 @@ def _draw_method(ax, curves: list[list[list[float]]], color: str, label: str) ->
                 label=label)
         return
     for c in curves:
-        ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.35, lw=0.7,
-                marker=".", ms=3)
+        ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.3, lw=0.6,
+                marker=".", ms=2.5)
     t, mean, lo, hi = seed_band(curves)
     label += f" ({len(curves)} seeds" + (")" if len(t) else ", no common times)")
     if len(t) > 1:
-        ax.fill_between(t, lo, hi, color=color, alpha=0.18, lw=0)
+        ax.fill_between(t, lo, hi, color=color, alpha=band_alpha, lw=0)
     ax.plot(t, mean, color=color, lw=1.8, label=label)
 
 
