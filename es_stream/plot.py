@@ -8,10 +8,13 @@ matplotlib (an optional dependency) is imported only by :func:`plot_manifests`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from ._atomic import atomic_write
 
 
 @dataclass(frozen=True)
@@ -131,9 +134,18 @@ def plot_manifests(path: str, epochs: Sequence[int], kept_fraction: Mapping[int,
     _kept_per_shard(fig, axes[1], epochs, per_shard)
     excluded = _score_histogram(axes[2], hist_epoch, kept_scores, pruned_scores)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return excluded
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
+    """``fig.savefig`` through :func:`es_stream._atomic.atomic_write`: a reader (an image
+    viewer, a docs build) never sees half a PNG; the format follows the extension (png, pdf,
+    svg), PNG when there is none."""
+    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=fmt)
 
 
 def _kept_per_epoch(ax, epochs, kept_fraction, phases: Phases, last: int,
@@ -152,8 +164,9 @@ def _kept_per_epoch(ax, epochs, kept_fraction, phases: Phases, last: int,
     ticks = integer_ticks(first, last)
     ax.set_xticks(ticks)
     ax.set_xlim(first - 0.5, last + 0.5)
-    ax.set(title="kept fraction per epoch", xlabel="epoch", ylabel="kept fraction",
-           ylim=(0, 1.05))
+    title = "kept fraction per epoch" + ("" if missing_keeps_all else
+                                         "\n(epoch 0's decision holds for every epoch)")
+    ax.set(title=title, xlabel="epoch", ylabel="kept fraction", ylim=(0, 1.05))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower left")
 

@@ -92,6 +92,8 @@ def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from es_stream.plot import save_figure
+
     many = len(methods) > 4  # then: legend beside the axes, fainter bands (they overlap)
     fig, ax = plt.subplots(figsize=(11, 5.5) if many else (8, 5))
     for i, m in enumerate(methods):
@@ -114,7 +116,7 @@ def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, titl
     else:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)  # atomic: a half-written PNG is never seen
     plt.close(fig)
 
 

@@ -422,3 +422,15 @@ def test_duckdb_query_returns_integer_epochs_in_order(wds_dir, tmp_path):
     assert [e for e, _ in got] == list(range(1, 12))
     for e, kept in got:
         assert kept == pytest.approx(kept_ids(tmp_path / "m", e).size / corpus.num_samples)
+
+
+def test_inspect_of_a_decision_for_every_epoch_has_no_burn_in(wds_dir, tmp_path):
+    _, index, scores = indexed_with_scores(wds_dir, tmp_path)
+    assert run("prune", "--scores", str(scores), "--corpus", str(index), "--policy", "band",
+               "--band", "middle", "--keep", "0.5", "--out", str(tmp_path / "m")).returncode == 0
+    result = run("inspect", str(tmp_path / "m"), "--plot", str(tmp_path / "plots" / "b.svg"))
+    assert result.returncode == 0, result.stderr
+    assert "phases: one decision, written as epoch 0, for every epoch (applies_to: all)" \
+        in result.stdout
+    assert (tmp_path / "plots" / "b.svg").read_text().lstrip().startswith("<?xml")  # by extension
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["b.svg"]  # no temporary left
