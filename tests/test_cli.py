@@ -434,3 +434,35 @@ def test_inspect_of_a_decision_for_every_epoch_has_no_burn_in(wds_dir, tmp_path)
         in result.stdout
     assert (tmp_path / "plots" / "b.svg").read_text().lstrip().startswith("<?xml")  # by extension
     assert [p.name for p in (tmp_path / "plots").iterdir()] == ["b.svg"]  # no temporary left
+
+
+def test_index_shows_a_bar_on_a_terminal_over_many_shards(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    write_wds(tmp_path / "many", sizes=(1,) * PROGRESS_MIN_SHARDS)
+    leader, follower = pty.openpty()  # stderr a terminal, as in an interactive shell
+    # a new pty is 0 columns wide, which tqdm draws as an empty bar: make it 100
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([EXE, "index", str(tmp_path / "many"), "-o", str(tmp_path / "c.pq")],
+                            stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)  # read while it runs: a closed terminal's unread output can be lost
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed its end, all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(leader)
+        proc.wait()
+    assert proc.returncode == 0
+    assert b"index: 100%" in seen, seen
+    assert f"{PROGRESS_MIN_SHARDS}/{PROGRESS_MIN_SHARDS}".encode() in seen
+    assert Corpus.load(tmp_path / "c.pq").num_shards == PROGRESS_MIN_SHARDS
