@@ -7,8 +7,12 @@ import math
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .errors import ESStreamError
+
+if TYPE_CHECKING:
+    from .plot import Phases
 
 
 class _UsageError(ValueError):
@@ -18,7 +22,8 @@ class _UsageError(ValueError):
 PROGRESS_MIN_SHARDS = 32  # fewer local shards index in well under a second: no bar needed
 
 
-def index_progress(urls: list[str], *, disabled: bool, tty: bool):
+def index_progress(urls: list[str], *, disabled: bool,
+                   tty: bool) -> Callable[[list[str]], Iterable[str]] | None:
     """The progress wrapper ``es-stream index`` scans shards through, or None for no bar.
 
     A bar over many shards (>= ``PROGRESS_MIN_SHARDS``) or over any streamed one (``pipe:`` or
@@ -105,7 +110,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_phases(phases, once: bool) -> str:
+def _describe_phases(phases: "Phases", once: bool) -> str:
     """One line: which epochs pruned, and the burn-in and annealing around them."""
     if not phases.pruned:
         return "phases: no epoch pruned any sample"
@@ -326,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.set_defaults(func=_cmd_index)
 
     inspect = sub.add_parser("inspect", parents=[common], help="summarise pruning manifests",
-                             description="Kept fraction per epoch and per shard, and the score "
-                             "distribution, of a manifest directory.")
+                             description="Kept fraction per epoch and per shard of a manifest "
+                             "directory, which epochs pruned (burn-in before, annealing after: "
+                             "epochs that pruned nothing), and one epoch's score distribution.")
     inspect.add_argument("manifests", help="manifest directory (holding epoch=EEEEE/)")
     inspect.add_argument("--plot", default=None, metavar="PNG",
                          help="also write a PNG: kept fraction per epoch (burn-in and annealing "
