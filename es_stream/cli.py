@@ -7,32 +7,68 @@ import math
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .errors import ESStreamError
 
+if TYPE_CHECKING:
+    from .plot import Phases
+
+
+class _UsageError(ValueError):
+    """Arguments that parse but do not go together: reported as a usage error (exit 2)."""
+
+
+PROGRESS_MIN_SHARDS = 32  # fewer local shards index in well under a second: no bar needed
+
+
+def index_progress(urls: list[str], *, disabled: bool,
+                   tty: bool) -> Callable[[list[str]], Iterable[str]] | None:
+    """The progress wrapper ``es-stream index`` scans shards through, or None for no bar.
+
+    A bar over many shards (>= ``PROGRESS_MIN_SHARDS``) or over any streamed one (``pipe:`` or
+    a URL: each is read in full, so even a few can take minutes); never with
+    ``--no-progress`` or when stderr is not a terminal (logs and pipes get no bar lines)."""
+    from .corpus import is_local_url
+
+    if disabled or not tty:
+        return None
+    if len(urls) < PROGRESS_MIN_SHARDS and all(is_local_url(u) for u in urls):
+        return None
+    from tqdm import tqdm
+
+    return lambda shards: tqdm(shards, desc="index", unit="shard", file=sys.stderr)
+
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .corpus import Corpus
+    from .corpus import Corpus, expand_urls
 
     start = time.perf_counter()
     if args.format == "mds" or (args.format == "auto" and len(args.shards) == 1
                                 and os.path.exists(os.path.join(args.shards[0], "index.json"))):
         corpus = Corpus.from_mds(args.shards[0], remote=args.remote)
     else:
-        corpus = Corpus.from_webdataset(args.shards[0] if len(args.shards) == 1 else args.shards,
-                                        allow_truncated=args.allow_truncated)
+        urls = expand_urls(args.shards[0] if len(args.shards) == 1 else args.shards)
+        progress = index_progress(urls, disabled=args.no_progress, tty=sys.stderr.isatty())
+        corpus = Corpus.from_webdataset(urls, allow_truncated=args.allow_truncated,
+                                        progress=progress)
     corpus.save(args.output)
     print(f"indexed {corpus.num_samples} samples in {corpus.num_shards} {corpus.format} shards "
-          f"in {time.perf_counter() - start:.2f}s -> {args.output} (fingerprint {corpus.fingerprint})")
+          f"in {time.perf_counter() - start:.2f}s -> {args.output} "
+          f"(fingerprint {corpus.fingerprint})")
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import numpy as np
     import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
 
-    from .manifest import list_epochs
+    from .manifest import applies_to_all, epoch_dir, list_epochs
+    from .plot import histogram_epoch, plot_manifests, pruning_phases
 
+    if not os.path.isdir(args.manifests):
+        raise FileNotFoundError(f"{args.manifests}: no such manifest directory")
     epochs = list_epochs(args.manifests)
     if not epochs:
         raise ValueError(f"{args.manifests}: no finished epoch directories (epoch=EEEEE/_SUCCESS)")
@@ -41,56 +77,50 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     epoch_col = table.column("epoch").to_numpy()
     keep = table.column("keep").to_numpy(zero_copy_only=False)
     score = table.column("score").to_numpy()
-    files = pads.dataset(args.manifests, partitioning="hive", format="parquet").files
     per_shard: dict[int, list[float]] = {}
-    print(f"{'epoch':>5} {'samples':>10} {'kept':>10} {'kept %':>7}  per-shard kept % min/median/max")
+    kept_fraction: dict[int, float] = {}
+    pruned: dict[int, int] = {}
+    print(f"{'epoch':>5} {'samples':>10} {'kept':>10} {'kept %':>7}  "
+          "per-shard kept % min/median/max")
     for e in epochs:
         rows = epoch_col == e
-        shard_fracs = []
-        for f in files:
-            if f"epoch={e:05d}" in f:
-                t = pads.dataset(f, format="parquet").to_table(columns=["keep"])
-                shard_fracs.append(float(np.mean(t.column("keep").to_numpy(zero_copy_only=False))))
-        per_shard[e] = shard_fracs
+        directory = epoch_dir(args.manifests, e)
+        per_shard[e] = [float(np.mean(pq.read_table(os.path.join(directory, f),
+                                                    columns=["keep"]).column("keep").to_numpy()))
+                        for f in sorted(os.listdir(directory)) if f.endswith(".parquet")]
         k = keep[rows]
+        kept_fraction[e], pruned[e] = float(k.mean()), int((~k).sum())
+        shard_fracs = per_shard[e]
         print(f"{e:>5} {int(rows.sum()):>10} {int(k.sum()):>10} {100 * k.mean():>6.1f}%  "
               f"{100 * min(shard_fracs):.1f} / {100 * float(np.median(shard_fracs)):.1f} / "
               f"{100 * max(shard_fracs):.1f}")
-    last = epoch_col == epochs[-1]
-    q = np.quantile(score[last], [0, 0.1, 0.5, 0.9, 1])
-    print(f"scores (epoch {epochs[-1]}): min {q[0]:.4g}  p10 {q[1]:.4g}  median {q[2]:.4g}  "
+    once = applies_to_all(args.manifests)
+    phases = pruning_phases(pruned, missing_keeps_all=not once)
+    print(_describe_phases(phases, once))
+    shown = histogram_epoch(epochs, phases.pruned, args.epoch)
+    sel = epoch_col == shown
+    q = np.quantile(score[sel], [0, 0.1, 0.5, 0.9, 1])
+    print(f"scores (epoch {shown}): min {q[0]:.4g}  p10 {q[1]:.4g}  median {q[2]:.4g}  "
           f"p90 {q[3]:.4g}  max {q[4]:.4g}")
     if args.plot:
-        _plot_manifests(args.plot, epochs, keep, epoch_col, score, per_shard)
-        print(f"plot: {args.plot}")
+        excluded = plot_manifests(args.plot, epochs, kept_fraction, per_shard, phases, shown,
+                                  score[sel & keep], score[sel & ~keep], missing_keeps_all=not once)
+        note = f" ({excluded} scores <= 0 left off the log axis)" if excluded else ""
+        print(f"plot: {args.plot} (score histogram of epoch {shown}){note}")
     return 0
 
 
-def _plot_manifests(path, epochs, keep, epoch_col, score, per_shard) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("--plot needs matplotlib: pip install matplotlib") from exc
-    import numpy as np
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(epochs, [keep[epoch_col == e].mean() for e in epochs], marker="o")
-    axes[0].set(title="kept fraction per epoch", xlabel="epoch", ylabel="kept", ylim=(0, 1.05))
-    for e in epochs:
-        axes[1].plot(per_shard[e], marker=".", label=f"epoch {e}")
-    axes[1].set(title="kept fraction per shard", xlabel="shard", ylabel="kept", ylim=(0, 1.05))
-    axes[1].legend(fontsize="small")
-    last = epoch_col == epochs[-1]
-    bins = np.histogram_bin_edges(score[last], bins=50)
-    axes[2].hist(score[last & keep], bins=bins, alpha=0.7, label="kept")
-    axes[2].hist(score[last & ~keep], bins=bins, alpha=0.7, label="pruned")
-    axes[2].set(title=f"score distribution, epoch {epochs[-1]}", xlabel="score", ylabel="samples")
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def _describe_phases(phases: "Phases", once: bool) -> str:
+    """One line: which epochs pruned, and the burn-in and annealing around them."""
+    if not phases.pruned:
+        return "phases: no epoch pruned any sample"
+    if once:
+        return "phases: one decision, written as epoch 0, for every epoch (applies_to: all)"
+    parts = [f"pruning in {len(phases.pruned)} epoch(s), {phases.pruned[0]}..{phases.pruned[-1]}"]
+    for name, (a, b) in (("burn-in", phases.burn_in), ("annealing", phases.annealing)):
+        if b > a:
+            parts.append(f"{name} epochs {a}..{b - 1} (nothing pruned)")
+    return "phases: " + "; ".join(parts)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -137,21 +167,21 @@ def _prune_policy(args: argparse.Namespace):
            "threshold": {"low", "high"}}[args.policy]
     stray = sorted(set(given) - own)
     if stray:
-        raise ValueError(f"--policy {args.policy} does not take --{stray[0]}; it takes "
+        raise _UsageError(f"--policy {args.policy} does not take --{stray[0]}; it takes "
                          + " and ".join(f"--{o}" for o in sorted(own)))
     if args.policy in ("es", "infobatch"):
         if args.ratio is None:
-            raise ValueError(f"--policy {args.policy} needs --ratio (the fraction to prune)")
+            raise _UsageError(f"--policy {args.policy} needs --ratio (the fraction to prune)")
         return None
     if args.epoch != 0:
-        raise ValueError(f"--policy {args.policy} decides once for every epoch, written as epoch 0; "
+        raise _UsageError(f"--policy {args.policy} decides once for every epoch, written as epoch 0; "
                          f"drop --epoch {args.epoch}")
     if args.policy == "band":
         if args.keep is None or args.band is None:
-            raise ValueError("--policy band needs --band low|middle|high and --keep FRACTION")
+            raise _UsageError("--policy band needs --band low|middle|high and --keep FRACTION")
         return BandPolicy(keep=args.keep, band=args.band)
     if args.low is None and args.high is None:
-        raise ValueError("--policy threshold needs --low, --high or both")
+        raise _UsageError("--policy threshold needs --low, --high or both")
     return ThresholdPolicy(low=args.low, high=args.high)
 
 
@@ -165,7 +195,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     corpus = Corpus.load(args.corpus)
     try:
         scorer, spec = load_scorer(args.model)
-    except (TypeError, AttributeError) as exc:  # named by load_scorer: shown plainly, exit 2
+    except (TypeError, AttributeError) as exc:  # named by load_scorer: shown plainly, exit 1
         raise ValueError(str(exc)) from exc
     started_group = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun
@@ -248,17 +278,41 @@ def _cmd_compact(args: argparse.Namespace) -> int:
                       corpus.shard_counts)
     if kept is None:
         raise FileNotFoundError(f"{args.manifest}: no such manifest directory")
-    mapping = compact(corpus, kept.kept_ids, args.out, args.format, progress=tqdm,
+    # a bar on a terminal only: in a log or a pipe its redraws are thousands of lines of noise
+    progress = tqdm if sys.stderr.isatty() else None
+    mapping = compact(corpus, kept.kept_ids, args.out, args.format, progress=progress,
                       overwrite=args.overwrite)
     print(f"wrote {len(kept.kept_ids)} of {corpus.num_samples} samples to {args.out} "
           f"({args.format or corpus.format}); id mapping: {mapping}")
     return 0
 
 
+_DESCRIPTION = ("Evolved Sampling over sharded corpora, offline: index shards, score them with a "
+                "reference model, prune from saved scores, inspect and compact the manifests.")
+_DEBUG_HELP = "on an error, show the full traceback instead of one line"
+_EPILOG = """exit status: 0 success; 1 an error of the inputs or the run (one line on stderr
+naming the file or argument, the traceback with --debug); 2 a command line argparse
+refuses (usage). A bare `es-stream` prints this help and exits 0, as pip does."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="es-stream", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    index = sub.add_parser("index", help="index WebDataset or MDS shards into a Parquet file",
+    """The ``es-stream`` parser: one sub-command per task, ``--version``, and ``--debug``
+    accepted before or after the sub-command."""
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(prog="es-stream", description=_DESCRIPTION, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"es-stream {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    # SUPPRESS: a sub-command's --debug, when not given, must not reset the top-level one
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=_DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                title="commands (es-stream COMMAND --help for each)")
+    index = sub.add_parser("index", parents=[common],
+                           help="index WebDataset or MDS shards into a Parquet file",
                            description="Scan shard headers and write the corpus index (one row "
                            "per sample, with stable ids and byte offsets) as Parquet.")
     index.add_argument("shards", nargs="+", help="brace pattern, directory of .tar files, list of "
@@ -271,16 +325,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="index a tar shard that lacks its end-of-archive marker (cut short) "
                        "instead of refusing it: its last sample, which may be incomplete, is "
                        "dropped, with a warning, and the count is kept in the index")
+    index.add_argument("--no-progress", action="store_true",
+                       help=f"no progress bar (shown on a terminal over {PROGRESS_MIN_SHARDS} or "
+                       "more shards, or any pipe:/remote shard)")
     index.set_defaults(func=_cmd_index)
 
-    inspect = sub.add_parser("inspect", help="summarise pruning manifests",
-                             description="Kept fraction per epoch and per shard, and the score "
-                             "distribution, of a manifest directory.")
+    inspect = sub.add_parser("inspect", parents=[common], help="summarise pruning manifests",
+                             description="Kept fraction per epoch and per shard of a manifest "
+                             "directory, which epochs pruned (burn-in before, annealing after: "
+                             "epochs that pruned nothing), and one epoch's score distribution.")
     inspect.add_argument("manifests", help="manifest directory (holding epoch=EEEEE/)")
-    inspect.add_argument("--plot", default=None, help="also write a PNG with the three views")
+    inspect.add_argument("--plot", default=None, metavar="PNG",
+                         help="also write a PNG: kept fraction per epoch (burn-in and annealing "
+                         "shaded), per epoch and shard, and one epoch's scores on a log axis "
+                         "(needs matplotlib)")
+    inspect.add_argument("--epoch", type=_non_negative_int, default=None,
+                         help="epoch whose scores to summarise and plot (default: the last epoch "
+                         "that pruned any sample, else the last epoch)")
     inspect.set_defaults(func=_cmd_inspect)
 
-    prune = sub.add_parser("prune", help="write manifests from saved scores, offline",
+    prune = sub.add_parser("prune", parents=[common],
+                           help="write manifests from saved scores, offline",
                            description="Decide which samples to keep from a saved score store "
                            "and write one epoch's shard manifests.")
     prune.add_argument("--scores", required=True, help="score store (.npy from ScoreStore.save)")
@@ -306,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(func=_cmd_prune)
 
     score = sub.add_parser(
-        "score", help="score every sample once with a reference model",
+        "score", parents=[common], help="score every sample once with a reference model",
         description="Run a reference model over the whole corpus (every sample exactly once, "
         "DataLoader workers; under torchrun each rank its part) and write its per-sample loss "
         "to a memory-mapped score store that records the corpus and the scorer. A killed run, "
@@ -328,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(func=_cmd_score)
 
-    comp = sub.add_parser("compact", help="rewrite a corpus with only the kept samples",
+    comp = sub.add_parser("compact", parents=[common],
+                          help="rewrite a corpus with only the kept samples",
                           description="Copy the samples a manifest keeps into new shards "
                           "(payloads byte-identical) and write mapping.parquet (old_id, new_id). "
                           "The output is written into a hidden sibling of --out and renamed into "
@@ -347,17 +413,35 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--format", choices=["wds", "mds"], default=None,
                       help="output format (default: the corpus's own)")
     comp.set_defaults(func=_cmd_compact)
+    for command in sub.choices.values():
+        command.set_defaults(parser=command)  # main() reports argument conflicts through it
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (see ``es-stream --help``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
+    except _UsageError as exc:
+        args.parser.error(str(exc))  # usage line + message, exit 2 (argparse's convention)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"es-stream {args.command}: interrupted", file=sys.stderr)
+        return 130
     # our errors name the file or argument: show them plainly, one line, no traceback
     except (ESStreamError, OSError, ValueError, ImportError) as exc:
-        print(f"es-stream {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__  # one line, always
+        print(f"es-stream {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 2  # (unreachable: parser.error exits)
 
 
 if __name__ == "__main__":

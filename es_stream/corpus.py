@@ -15,7 +15,7 @@ import os
 import tarfile
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -273,7 +273,8 @@ class Corpus:
     # ------------------------------------------------------------ builders
     @classmethod
     def from_webdataset(cls, urls: str | os.PathLike | Sequence[str], *,
-                        allow_truncated: bool = False) -> "Corpus":
+                        allow_truncated: bool = False,
+                        progress: Callable[[list[str]], Iterable[str]] | None = None) -> "Corpus":
         """Index WebDataset tar shards: a brace pattern, a list of paths/URLs, or a directory.
 
         Local shards are scanned header by header, seeking past payloads; ``pipe:`` commands and
@@ -286,10 +287,13 @@ class Corpus:
         ``allow_truncated`` is set, which keeps such a shard minus its last (possibly
         incomplete) sample, warns naming the shard and the dropped key, and records the count
         in :attr:`truncated` (saved with the index).
+
+        ``progress``: wraps the list of shard URLs, e.g. ``tqdm.tqdm`` for a progress bar.
         """
         layouts: list[ShardLayout] = []
         shards: list[ShardInfo] = []
-        for url in expand_urls(urls):
+        expanded = expand_urls(urls)
+        for url in (expanded if progress is None else progress(expanded)):
             scan = _scan_local if is_local_url(url) else _scan_stream
             layout, size, mtime_ns = scan(url, allow_truncated)
             dropped = len(layout.dropped) if layout.truncated else None

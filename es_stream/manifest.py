@@ -18,8 +18,10 @@ of its own, so one decision serves all epochs without a manifest per epoch, and 
 hive partition ``epoch=0``) stays what pyarrow and DuckDB read.
 ``sample`` and ``id`` are delta-encoded, so a manifest costs about 4.2 bytes per sample, almost
 all of it the score. Read all epochs as one table with
-``pyarrow.dataset.dataset(out_dir, partitioning="hive")`` or DuckDB's
-``read_parquet('out_dir/*/*.parquet', hive_partitioning=true)``.
+``pyarrow.dataset.dataset(out_dir, partitioning="hive")`` (``epoch`` int32) or DuckDB's
+``read_parquet('out_dir/*/*.parquet', hive_partitioning=true, hive_types={'epoch': INTEGER})``
+(without ``hive_types`` DuckDB reads ``epoch`` as the string ``'00002'``; add ``order by epoch``
+for the epochs in order).
 
 **Rewritten by other tools.** :func:`read_epoch` places rows by their ``id``, not by row
 position, so a manifest re-ordered (or filtered and re-written) by pyarrow, DuckDB or Spark reads

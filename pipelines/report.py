@@ -56,29 +56,87 @@ def runs_table(runs: list[dict[str, Any]], methods: list[str], quality: str,
     return align(rows)
 
 
+def seed_band(curves: list[list[list[float]]], points: int = 100) -> tuple[Any, Any, Any, Any]:
+    """Seeds' curves ``[[t, q], ...]`` on one time grid: ``(t, mean, min, max)`` arrays.
+
+    Seeds are evaluated at different wall-clock times, so each curve is linearly interpolated
+    onto ``points`` times from the latest first evaluation to the earliest last one: the band
+    covers only times every seed measured (nothing extrapolated). Seeds whose times do not
+    overlap give empty arrays. The band is min..max over seeds (with 2-3 seeds a ±std band
+    would claim a spread the data cannot show)."""
+    import numpy as np
+
+    curves = [c for c in curves if c]
+    if not curves:
+        return (np.empty(0),) * 4
+    start, stop = max(c[0][0] for c in curves), min(c[-1][0] for c in curves)
+    if stop < start:
+        return (np.empty(0),) * 4
+    t = np.linspace(start, stop, points if stop > start else 1)
+    q = np.stack([np.interp(t, [p[0] for p in c], [p[1] for p in c]) for c in curves])
+    return t, q.mean(axis=0), q.min(axis=0), q.max(axis=0)
+
+
 def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, title: str,
-                ylabel: str) -> None:
-    """Each run's ``curve`` (quality against training wall-clock), one colour per method, one
-    line per seed."""
+                ylabel: str, *, labels: dict[str, str] | None = None,
+                target: float | None = None, ylim: tuple[float, float] | None = None) -> None:
+    """Quality against training wall-clock, one colour per method: the mean over seeds as a
+    line, the min..max over seeds shaded (:func:`seed_band`, over the times every seed
+    measured), each seed a thin line with its evaluations as dots (so the ends outside the
+    band, or seeds that never overlap, still show); a method run with one seed: its curve.
+    ``runs``: results with ``method`` and ``curve`` (``[[t, quality], ...]``); ``labels``:
+    legend names of the methods; ``target``: a dashed horizontal line; ``ylim``: the quality
+    axis's range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from es_stream.plot import save_figure
+
+    many = len(methods) > 4  # then: legend beside the axes, fainter bands (they overlap)
+    fig, ax = plt.subplots(figsize=(11, 5.5) if many else (8, 5))
     for i, m in enumerate(methods):
-        for j, r in enumerate(rs for rs in runs if rs["method"] == m):
-            t, q = zip(*r["curve"]) if r["curve"] else ((), ())
-            ax.plot(t, q, marker="o", ms=3, color=f"C{i}", alpha=0.9 if j == 0 else 0.5,
-                    label=m if j == 0 else None)
+        curves = [r["curve"] for r in runs if r["method"] == m and r["curve"]]
+        _draw_method(ax, curves, f"C{i % 10}", (labels or {}).get(m, m),
+                     band_alpha=0.08 if many else 0.18)
+    if target is not None:
+        ax.axhline(target, color="k", ls="--", lw=1, label="target")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel("training wall-clock (s, evaluation excluded)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    most = max([sum(r["method"] == m for r in runs) for m in methods], default=0)
+    how = ("bold: mean over seeds; band: min..max over seeds; thin: each seed" if most > 1
+           else "one seed per method: no band (run more seeds for one)")
+    ax.set_title(f"{title}\n{how}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)  # atomic: a half-written PNG is never seen
     plt.close(fig)
+
+
+def _draw_method(ax, curves: list[list[list[float]]], color: str, label: str,
+                 band_alpha: float) -> None:
+    """One method's curves: one seed bold with its evaluations as dots; several seeds thin,
+    with their mean bold and min..max shaded where every seed measured (:func:`seed_band`)."""
+    if len(curves) == 1:
+        c = curves[0]
+        ax.plot([p[0] for p in c], [p[1] for p in c], color=color, lw=1.8, marker="o", ms=3,
+                label=label)
+        return
+    for c in curves:
+        ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.3, lw=0.6,
+                marker=".", ms=2.5)
+    t, mean, lo, hi = seed_band(curves)
+    label += f" ({len(curves)} seeds" + (")" if len(t) else ", no common times)")
+    if len(t) > 1:
+        ax.fill_between(t, lo, hi, color=color, alpha=band_alpha, lw=0)
+    ax.plot(t, mean, color=color, lw=1.8, label=label)
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:

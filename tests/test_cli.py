@@ -36,7 +36,7 @@ def test_index_mds_and_pipe_urls(wds_dir, mds_dir, tmp_path):
 
 def test_index_error_names_the_file(tmp_path):
     result = run("index", str(tmp_path / "nope-{0..1}.tar"), "-o", str(tmp_path / "x.parquet"))
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "nope-0.tar" in result.stderr and "no such shard" in result.stderr
     assert not (tmp_path / "x.parquet").exists()
 
@@ -108,15 +108,15 @@ def test_prune_refuses_a_store_of_another_corpus(wds_dir, tmp_path):
     ScoreStore(7).save(tmp_path / "small.npy")
     result = run("prune", "--scores", str(tmp_path / "small.npy"), "--corpus", str(index),
                  "--ratio", "0.5", "--out", str(tmp_path / "m"))
-    assert result.returncode == 2 and "small.npy" in result.stderr
+    assert result.returncode == 1 and "small.npy" in result.stderr
     result = run("prune", "--scores", str(tmp_path / "none.npy"), "--corpus", str(index),
                  "--ratio", "0.5", "--out", str(tmp_path / "m"))
-    assert result.returncode == 2 and "none.npy" in result.stderr
+    assert result.returncode == 1 and "none.npy" in result.stderr
 
 
 def test_inspect_empty_directory_is_an_error(tmp_path):
     result = run("inspect", str(tmp_path))
-    assert result.returncode == 2 and "no finished epoch" in result.stderr
+    assert result.returncode == 1 and "no finished epoch" in result.stderr
 
 
 def tar_members(directory: Path) -> list[tuple[str, bytes]]:
@@ -136,6 +136,7 @@ def test_compact_wds_keeps_exactly_the_kept_samples_byte_identical(wds_dir, tmp_
     result = run("compact", "--corpus", str(index), "--manifest", str(tmp_path / "m" / "epoch=00000"),
                  "--out", str(tmp_path / "new"))
     assert result.returncode == 0, result.stderr
+    assert "%|" not in result.stderr  # no progress bar redraws when stderr is not a terminal
     new = Corpus.from_webdataset(str(tmp_path / "new"))
     assert new.num_samples == len(kept)
     old = dict(tar_members(wds_dir))
@@ -180,14 +181,14 @@ def test_compact_mds_to_wds_is_refused(mds_dir, tmp_path):
                "--out", str(tmp_path / "m")).returncode == 0
     result = run("compact", "--corpus", str(index), "--manifest", str(tmp_path / "m" / "epoch=00000"),
                  "--out", str(tmp_path / "new"), "--format", "wds")
-    assert result.returncode == 2 and "--format mds" in result.stderr
+    assert result.returncode == 1 and "--format mds" in result.stderr
 
 
 def test_compact_needs_an_epoch_directory(wds_dir, tmp_path):
     _, index, _ = indexed_with_scores(wds_dir, tmp_path)
     result = run("compact", "--corpus", str(index), "--manifest", str(tmp_path),
                  "--out", str(tmp_path / "new"))
-    assert result.returncode == 2 and "epoch=EEEEE" in result.stderr
+    assert result.returncode == 1 and "epoch=EEEEE" in result.stderr
 
 
 @pytest.mark.parametrize("command", ["inspect", "prune", "compact"])
@@ -231,7 +232,7 @@ def test_prune_refuses_scores_of_another_corpus_of_the_same_size(wds_dir, tmp_pa
     store.scatter(torch.arange(other.num_samples), torch.rand(other.num_samples) + 0.1)
     store.save(tmp_path / "other-scores.npy")
     result = prune(index, tmp_path / "other-scores.npy", tmp_path / "m")
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert (f"other-scores.npy: scores of corpus {other.fingerprint}" in result.stderr
             and f"this corpus is {corpus.fingerprint}" in result.stderr)
     assert not (tmp_path / "m").exists()
@@ -240,7 +241,7 @@ def test_prune_refuses_scores_of_another_corpus_of_the_same_size(wds_dir, tmp_pa
 def test_prune_refuses_a_file_that_is_not_a_score_store(wds_dir, tmp_path):
     _, index = indexed(wds_dir, tmp_path)
     result = prune(index, index, tmp_path / "m")  # the Parquet index given as --scores
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert f"{index}: not a .npy score file" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -250,7 +251,7 @@ def test_prune_refuses_nan_scores_naming_the_file_and_sample(wds_dir, tmp_path):
     scores[21] = np.nan
     np.save(tmp_path / "mine.npy", scores)  # made with numpy: no metadata, a warning
     result = prune(index, tmp_path / "mine.npy", tmp_path / "m")
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "no mine.meta.json beside it" in result.stderr
     assert "mine.npy: 1 of 50 scores are NaN or infinite (the first: sample id 21" in result.stderr
 
@@ -274,5 +275,194 @@ def test_a_stale_index_is_one_line_naming_the_shard(wds_dir, tmp_path):
     os.utime(shard, ns=(0, 0))  # same bytes, another mtime: the index no longer vouches for it
     result = run("compact", "--corpus", str(index), "--manifest", str(tmp_path / "m" / "epoch=00000"),
                  "--out", str(tmp_path / "out"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{shard}: shard changed since it was indexed" in result.stderr
+
+
+# --- conventions: --version, bare help, help on every flag, exit codes, --debug ---------------
+
+import argparse  # noqa: E402
+
+from es_stream import ESWPPolicy, Pruner, __version__  # noqa: E402
+from es_stream.cli import build_parser, index_progress, PROGRESS_MIN_SHARDS  # noqa: E402
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"es-stream {__version__}"
+
+
+def test_bare_command_prints_help_and_exits_0():
+    # as pip does (git exits 1): asking with no command is asking what there is
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: es-stream")
+    assert all(c in result.stdout for c in ("index", "inspect", "prune", "score", "compact"))
+    assert "exit status" in result.stdout
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_flag_and_command_has_help():
+    parsers = list(_parsers(build_parser()))
+    assert len(parsers) == 6  # es-stream and its five commands
+    for parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                assert all(a.help for a in action._choices_actions), parser.prog
+            else:
+                assert action.help and action.help != argparse.SUPPRESS, \
+                    f"{parser.prog} {'/'.join(action.option_strings) or action.dest}: no help"
+
+
+def test_usage_errors_exit_2_runtime_errors_exit_1_in_one_line(tmp_path):
+    # usage: argparse's convention, 2, with the usage line
+    for args in (["inspect"], ["inspect", str(tmp_path), "--epoch", "x"], ["nope"],
+                 ["prune", "--scores", "s", "--corpus", "c", "--out", "o", "--policy", "band",
+                  "--ratio", "0.5"]):
+        result = run(*args)
+        assert result.returncode == 2 and result.stderr.startswith("usage: es-stream"), args
+    # runtime: 1, one line naming the input, no traceback
+    missing = tmp_path / "no-such-manifests"
+    result = run("inspect", str(missing))
+    assert result.returncode == 1
+    assert result.stderr == f"es-stream inspect: error: {missing}: no such manifest directory\n"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(tmp_path, where):
+    missing = str(tmp_path / "no-such-manifests")
+    args = ["--debug", "inspect", missing] if where == "before" else ["inspect", missing, "--debug"]
+    result = run(*args)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert f"FileNotFoundError: {missing}: no such manifest directory" in result.stderr
+
+
+def test_index_progress_only_on_a_terminal_over_many_or_streamed_shards():
+    few, many = ["a.tar"] * 3, ["a.tar"] * PROGRESS_MIN_SHARDS
+    assert index_progress(few, disabled=False, tty=True) is None
+    assert index_progress(many, disabled=False, tty=True) is not None
+    assert index_progress(["pipe:cat a.tar"], disabled=False, tty=True) is not None
+    assert index_progress(many, disabled=False, tty=False) is None  # a log, a pipe
+    assert index_progress(many, disabled=True, tty=True) is None  # --no-progress
+    bar = index_progress(["pipe:cat a.tar", "b.tar"], disabled=False, tty=True)
+    assert list(bar(["x", "y"])) == ["x", "y"]  # wraps the shards, yielding each once
+
+
+def test_index_with_no_progress_writes_the_same_corpus(wds_dir, tmp_path):
+    result = run("index", str(wds_dir), "-o", str(tmp_path / "c.parquet"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert Corpus.load(tmp_path / "c.parquet").fingerprint == \
+        Corpus.from_webdataset(str(wds_dir)).fingerprint
+
+
+# --- inspect: burn-in and annealing, --epoch, the plot -----------------------------------------
+
+def training_manifests(wds_dir: Path, out: Path, epochs: int = 8) -> Corpus:
+    """Manifests as a training run writes them: ESWP with 2 burn-in epochs and an annealing
+    quarter, epochs 1..epochs-1 (epoch 0 has none: it keeps everything). Scores spread over
+    four decades, as losses do."""
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    store = ScoreStore(corpus.num_samples)
+    scores = 10 ** np.random.default_rng(0).uniform(-3, 1, corpus.num_samples)
+    store.scatter(torch.arange(corpus.num_samples), torch.from_numpy(scores.astype(np.float32)))
+    pruner = Pruner(corpus, store, ESWPPolicy(ratio=0.5, anneal=0.25, burn_in_epochs=2), out)
+    for e in range(1, epochs):
+        pruner.write(e, epochs)
+    return corpus
+
+
+def test_inspect_names_burn_in_and_annealing_and_plots_the_last_pruned_epoch(wds_dir, tmp_path):
+    training_manifests(wds_dir, tmp_path / "m")
+    result = run("inspect", str(tmp_path / "m"), "--plot", str(tmp_path / "m.png"))
+    assert result.returncode == 0, result.stderr
+    assert ("phases: pruning in 4 epoch(s), 2..5; burn-in epochs 0..1 (nothing pruned); "
+            "annealing epochs 6..7 (nothing pruned)") in result.stdout
+    # the default histogram: the last epoch that pruned, not the (annealing) last epoch
+    assert "scores (epoch 5)" in result.stdout
+    assert "(score histogram of epoch 5)" in result.stdout
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_epoch_chooses_the_histogram(wds_dir, tmp_path):
+    training_manifests(wds_dir, tmp_path / "m", epochs=5)
+    result = run("inspect", str(tmp_path / "m"), "--epoch", "2", "--plot", str(tmp_path / "e.png"))
+    assert result.returncode == 0, result.stderr
+    assert "scores (epoch 2)" in result.stdout and (tmp_path / "e.png").exists()
+    result = run("inspect", str(tmp_path / "m"), "--epoch", "9", "--plot", str(tmp_path / "x.png"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--epoch 9: no finished manifest for that epoch; epochs with one: 1-4" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+# --- the README's DuckDB query ---------------------------------------------------------------
+
+README_DUCKDB = ("select epoch, avg(keep::int) as kept from read_parquet('{m}/*/*.parquet', "
+                 "hive_partitioning=true, hive_types={{'epoch': INTEGER}}) "
+                 "group by epoch order by epoch")
+
+
+def test_duckdb_query_returns_integer_epochs_in_order(wds_dir, tmp_path):
+    corpus = training_manifests(wds_dir, tmp_path / "m", epochs=12)  # epochs 1..11: 10 > 9
+    # the README's pyarrow reading types the hive partition itself
+    assert str(pads.dataset(str(tmp_path / "m"), partitioning="hive").schema.field("epoch").type) \
+        == "int32"
+    duckdb = pytest.importorskip("duckdb")
+    rows = duckdb.sql(README_DUCKDB.format(m=tmp_path / "m"))
+    assert rows.types == ["INTEGER", "DOUBLE"]
+    got = rows.fetchall()
+    assert [e for e, _ in got] == list(range(1, 12))
+    for e, kept in got:
+        assert kept == pytest.approx(kept_ids(tmp_path / "m", e).size / corpus.num_samples)
+
+
+def test_inspect_of_a_decision_for_every_epoch_has_no_burn_in(wds_dir, tmp_path):
+    _, index, scores = indexed_with_scores(wds_dir, tmp_path)
+    assert run("prune", "--scores", str(scores), "--corpus", str(index), "--policy", "band",
+               "--band", "middle", "--keep", "0.5", "--out", str(tmp_path / "m")).returncode == 0
+    result = run("inspect", str(tmp_path / "m"), "--plot", str(tmp_path / "plots" / "b.svg"))
+    assert result.returncode == 0, result.stderr
+    assert "phases: one decision, written as epoch 0, for every epoch (applies_to: all)" \
+        in result.stdout
+    assert (tmp_path / "plots" / "b.svg").read_text().lstrip().startswith("<?xml")  # by extension
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["b.svg"]  # no temporary left
+
+
+def test_index_shows_a_bar_on_a_terminal_over_many_shards(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    write_wds(tmp_path / "many", sizes=(1,) * PROGRESS_MIN_SHARDS)
+    leader, follower = pty.openpty()  # stderr a terminal, as in an interactive shell
+    # a new pty is 0 columns wide, which tqdm draws as an empty bar: make it 100
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([EXE, "index", str(tmp_path / "many"), "-o", str(tmp_path / "c.pq")],
+                            stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)  # read while it runs: a closed terminal's unread output can be lost
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed its end, all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(leader)
+        proc.wait()
+    assert proc.returncode == 0
+    assert b"index: 100%" in seen, seen
+    assert f"{PROGRESS_MIN_SHARDS}/{PROGRESS_MIN_SHARDS}".encode() in seen
+    assert Corpus.load(tmp_path / "c.pq").num_shards == PROGRESS_MIN_SHARDS

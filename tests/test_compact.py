@@ -92,9 +92,9 @@ def test_cli_refuses_a_non_empty_out_naming_it(wds_dir, tmp_path):
     args = ["compact", "--corpus", str(index), "--manifest", str(manifest), "--out", str(out),
             "--format", "mds"]
     result = run(*args)
-    assert result.returncode == 2 and str(out) in result.stderr and "not empty" in result.stderr
+    assert result.returncode == 1 and str(out) in result.stderr and "not empty" in result.stderr
     result = run(*args, "--overwrite")
-    assert result.returncode == 2 and "keep-me.txt" in result.stderr
+    assert result.returncode == 1 and "keep-me.txt" in result.stderr
     assert (out / "keep-me.txt").read_text() == "precious" and sorted(os.listdir(out)) == ["keep-me.txt"]
     assert "--overwrite" in run("compact", "--help").stdout
 
@@ -125,7 +125,7 @@ def test_cli_refuses_compacting_into_the_source(mds_dir, tmp_path):
     before = snapshot(mds_dir)
     result = run("compact", "--corpus", str(index), "--manifest", str(manifest),
                  "--out", str(mds_dir), "--overwrite")
-    assert result.returncode == 2 and "is the source directory" in result.stderr
+    assert result.returncode == 1 and "is the source directory" in result.stderr
     assert snapshot(mds_dir) == before
 
 

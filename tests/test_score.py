@@ -182,7 +182,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_store(setup):
     # an unfinished reference store is refused by prune
     pruned = cli(tmp_path, "prune", "--scores", str(out), "--corpus", str(tmp_path / "corpus.parquet"),
                  "--policy", "band", "--band", "low", "--keep", "0.5", "--out", str(tmp_path / "m"))
-    assert pruned.returncode == 2 and "unfinished reference scoring pass" in pruned.stderr
+    assert pruned.returncode == 1 and "unfinished reference scoring pass" in pruned.stderr
 
     for f in log.glob("*.txt"):
         f.unlink()
@@ -210,7 +210,7 @@ def test_resume_with_other_workers_is_refused_naming_the_progress_file(setup):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     result = cli(tmp_path, *score_args(tmp_path, out, "--workers", "3"))
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert str(progress) in result.stderr and "num_workers" in result.stderr
 
 
@@ -260,7 +260,7 @@ def test_bad_model_spec_is_named(setup, spec, message):
     corpus, tmp_path = setup
     result = cli(tmp_path, "score", "--corpus", str(tmp_path / "corpus.parquet"), "--model", spec,
                  "--out", str(tmp_path / "s.npy"))
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "s.npy").exists()
 

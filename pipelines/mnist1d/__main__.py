@@ -116,7 +116,8 @@ def table(runs: list[dict[str, Any]], methods: list[str], summary: dict[str, Any
 
 
 def plot(runs: list[dict[str, Any]], methods: list[str], path: Path, title: str) -> None:
-    """Test accuracy against training wall-clock, one colour per method, one line per seed."""
+    """Test accuracy against training wall-clock, one colour per method: the mean over seeds
+    with a min..max band (:func:`pipelines.report.plot_curves`)."""
     plot_curves(runs, methods, path, title, "test accuracy")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from es_stream._atomic import atomic_write
+from pipelines.report import plot_curves
 from pipelines.report import stats as _stats
 
 from .plan import Experiment
@@ -477,46 +478,26 @@ def write_text(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------- plots
 def plot_experiment(exp: Experiment, records: list[dict[str, Any]], summary: dict[str, Any],
                     path: Path) -> None:
-    """Quality against training wall-clock: per method the mean curve (when its seeds have the
-    same evaluation points) bold, each seed thin; the target dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, m in enumerate(exp.methods):
-        curves = [r["result"]["curve"] for r in records if r["method"] == m]
-        if not curves:
-            continue
-        color = f"C{i % 10}"
-        for c in curves:
-            ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.3, lw=0.8)
-        if len({len(c) for c in curves}) == 1:
-            t = [statistics.fmean(c[j][0] for c in curves) for j in range(len(curves[0]))]
-            q = [statistics.fmean(c[j][1] for c in curves) for j in range(len(curves[0]))]
-            ax.plot(t, q, color=color, lw=2, marker="o", ms=3, label=LABELS.get(m, m))
-        else:
-            ax.plot([], [], color=color, lw=2, label=LABELS.get(m, m))
+    """Quality against training wall-clock through :func:`pipelines.report.plot_curves` (one
+    plotting implementation: mean over seeds, min..max band, each evaluation a dot), with the
+    target dashed and the axis zoomed on the finals' neighbourhood."""
+    runs = [{"method": r["method"], "curve": r["result"]["curve"]} for r in records]
+    ylim = None
     if summary.get("target") is not None:
-        ax.axhline(summary["target"], color="k", ls="--", lw=1, label="target")
         # zoom on the interesting range: from a bit below the target's neighbourhood
         finals = [r["result"]["final"] for r in records]
         lo, hi = min(finals), max(finals)
         span = max(hi - lo, abs(summary["tolerance"]) * 4, 1e-3)
-        if summary["higher_is_better"]:
-            ax.set_ylim(lo - 3 * span, hi + span)
-        else:
-            ax.set_ylim(lo - span, hi + 3 * span)
-    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
-    ax.set_ylabel("test accuracy" if summary.get("higher_is_better", True)
-                  else "held-out bits per byte (lower is better)")
-    ax.set_title(exp.title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ylim = ((lo - 3 * span, hi + span) if summary["higher_is_better"]
+                else (lo - span, hi + 3 * span))
+        # ... but not past the data: an accuracy axis down to -0.2 is empty space
+        qs = [q for r in runs for _, q in r["curve"]] + [summary["target"]]
+        pad = 0.05 * (max(qs) - min(qs) or 1e-3)
+        ylim = (max(ylim[0], min(qs) - pad), min(ylim[1], max(qs) + pad))
+    ylabel = ("test accuracy" if summary.get("higher_is_better", True)
+              else "held-out bits per byte (lower is better)")
+    plot_curves(runs, [m for m in exp.methods if any(r["method"] == m for r in runs)], path,
+                exp.title, ylabel, labels=LABELS, target=summary.get("target"), ylim=ylim)
 
 
 def plot_heatmap(entries: dict[str, dict[str, Any]], path: Path) -> bool:
