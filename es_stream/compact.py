@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._atomic import fsync_path
+from ._atomic import fsync_path, public_mode
 from ._version import __version__
 from .corpus import Corpus, _local_path, is_local_url
 from .sources import open_reader
@@ -86,6 +86,7 @@ def compact(corpus: Corpus, kept_ids: np.ndarray, out_dir: str | os.PathLike, fm
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    public_mode(tmp, directory=True)  # it becomes --out: readable as a mkdir'd directory is
     try:
         _write_all(corpus, kept_ids, tmp, fmt, max_count, progress)
         _move_into_place(tmp, target, replaces)

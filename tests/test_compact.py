@@ -293,3 +293,22 @@ def test_non_utf8_key_to_mds_is_refused_naming_it_and_to_wds_kept(tmp_path):
     compact(corpus, np.arange(2), tmp_path / "wds", "wds")
     back = Corpus.from_webdataset(str(tmp_path / "wds"))
     assert [back.tar.key(i) for i in range(2)] == ["plain", "caf\udce9"]
+
+
+def test_outputs_get_the_umask_mode_not_the_private_temporary_one(wds_dir, tmp_path):
+    """mkstemp/mkdtemp make 0600/0700 files and directories; what atomic_write renames into place
+    and compact's --out must be readable as a plain open()/mkdir() would make them."""
+    import stat
+
+    from es_stream import _atomic
+
+    file_mode, dir_mode = 0o666 & ~_atomic._UMASK, 0o777 & ~_atomic._UMASK
+    assert file_mode & 0o044, "this test needs a umask that lets others read"
+    with _atomic.atomic_write(tmp_path / "f.json") as tmp:
+        Path(tmp).write_text("{}")
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == file_mode
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    out = tmp_path / "compacted"
+    compact(corpus, np.arange(0, corpus.num_samples, 2), out)
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode
+    assert stat.S_IMODE((out / "mapping.parquet").stat().st_mode) == file_mode
