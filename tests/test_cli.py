@@ -405,9 +405,14 @@ def test_inspect_epoch_chooses_the_histogram(wds_dir, tmp_path):
 
 # --- the README's DuckDB query ---------------------------------------------------------------
 
-README_DUCKDB = ("select epoch, avg(keep::int) as kept from read_parquet('{m}/*/*.parquet', "
-                 "hive_partitioning=true, hive_types={{'epoch': INTEGER}}) "
-                 "group by epoch order by epoch")
+def readme_duckdb_query() -> str:
+    """The DuckDB query of the README's manifest section, as written there."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"```sql\n(.*?)```", text, re.S)
+    assert match, "README: the DuckDB query (a sql block) is gone"
+    return " ".join(line.strip() for line in match.group(1).splitlines())
 
 
 def test_duckdb_query_returns_integer_epochs_in_order(wds_dir, tmp_path):
@@ -416,7 +421,8 @@ def test_duckdb_query_returns_integer_epochs_in_order(wds_dir, tmp_path):
     assert str(pads.dataset(str(tmp_path / "m"), partitioning="hive").schema.field("epoch").type) \
         == "int32"
     duckdb = pytest.importorskip("duckdb")
-    rows = duckdb.sql(README_DUCKDB.format(m=tmp_path / "m"))
+    query = readme_duckdb_query().replace("'manifests/", f"'{tmp_path / 'm'}/")
+    rows = duckdb.sql(query)
     assert rows.types == ["INTEGER", "DOUBLE"]
     got = rows.fetchall()
     assert [e for e, _ in got] == list(range(1, 12))
