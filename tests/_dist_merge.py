@@ -21,6 +21,20 @@ from es_stream.distributed import merge_rank_scores
 N = 50
 
 
+def updates(rank: int) -> list[int]:
+    """The ids rank ``rank`` scores (with 1000 rank + id + 1)."""
+    return list(range(rank, 40, 2)) + [41]
+
+
+def expected_scores() -> np.ndarray:
+    """Both ranks' stores after the merge: every rank's updates, the higher rank's on id 41."""
+    out = np.full(N, 1.0 / N, np.float32)
+    for rank in range(2):
+        ids = np.array(updates(rank))
+        out[ids] = 1000.0 * rank + ids + 1
+    return out
+
+
 def main() -> None:
     device, backing, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     dist.init_process_group("gloo")
@@ -29,7 +43,7 @@ def main() -> None:
         store = ScoreStore.open(out / f"store{rank}.npy", N)
     else:
         store = ScoreStore(N, device=device)
-    ids = torch.tensor(list(range(rank, 40, 2)) + [41], device=store.device)
+    ids = torch.tensor(updates(rank), device=store.device)
     store.scatter(ids, (1000.0 * rank + ids + 1).float())
     applied = merge_rank_scores(store, chunk=7)
     again = merge_rank_scores(store, chunk=7)  # nothing new since: nothing sent
