@@ -126,8 +126,13 @@ def chunked_top_k_mask(read: Read, n: int, k: int, seed: int, epoch: int, chunk:
     bracket (about 1% of n), among which the cut is exact. Should the bracket miss (the count
     says so), a histogram pass finds the bin of the k-th key and the pass is made again: the
     result is the same either way, only slower. Memory: ``n / 8`` bytes of bits (125 MB at 1e9)
-    plus the bracket's keys; changed in es-stream 0.x from float64 keys of another random
-    stream and four passes (the same distribution, other draws for a seed).
+    plus the bracket's keys.
+
+    **Change of definition** (issue 17): the keys were float64 (``numpy``'s exponential draws,
+    seed domain 2) and found in four passes (329 s at 1e9). They are now float32, from raw PCG64
+    bits (seed domain 8): the same distribution (successive sampling), other draws for a given
+    seed, so a seed's kept set differs from before. Tested: the kept set is the one-shot
+    top-k of the same float32 keys, with or without the sampled bracket and its fix-up.
     """
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
@@ -494,6 +499,10 @@ class InfoBatchPolicy(Policy):
 
     Never-scored samples are kept with weight 1 and left out of the mean (their ``1/n`` is not
     a loss); with none scored, everything is kept. Scores must be finite.
+
+    The drops are float32 uniforms from raw PCG64 bits (:func:`uniform32`; float64 draws of
+    another stream before issue 17): the same rule, other draws for a given seed. Two passes
+    over the scores (the mean, the decision), memory bounded by one chunk.
     """
 
     name = "infobatch"
