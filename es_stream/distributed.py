@@ -70,31 +70,45 @@ def merge_rank_scores(store: "ScoreStore", group: dist.ProcessGroup | None = Non
     if world == 1:
         return 0
     store.sync()
-    ids = store.take_update_log()
+    ids = store.take_update_log()  # host numpy whatever the store's device
     scores = store.gather_numpy(ids) if len(ids) else np.empty(0, np.float32)
-    device = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(ids)], dtype=torch.int64, device=device), group=group)
-    sizes_np = [int(s.item()) for s in sizes]  # once per epoch, not per step
+    wire = wire_device(dist.get_backend(group))
+    sizes = [int(s[0]) for s in all_gather_host(torch.tensor([len(ids)]), world, wire, group)]
     applied = 0
-    for start in range(0, max(sizes_np), chunk):
-        width = min(chunk, max(sizes_np) - start)
+    for start in range(0, max(sizes), chunk):
+        width = min(chunk, max(sizes) - start)
         mine = slice(start, min(start + width, len(ids)))
         send_ids = torch.full((width,), -1, dtype=torch.int64)
         send_scores = torch.zeros(width, dtype=torch.float32)
         n_mine = max(0, mine.stop - mine.start)
         send_ids[:n_mine] = torch.from_numpy(ids[mine])
         send_scores[:n_mine] = torch.from_numpy(scores[mine])
-        got_ids = [torch.empty(width, dtype=torch.int64, device=device) for _ in range(world)]
-        got_scores = [torch.empty(width, dtype=torch.float32, device=device) for _ in range(world)]
-        dist.all_gather(got_ids, send_ids.to(device), group=group)
-        dist.all_gather(got_scores, send_scores.to(device), group=group)
+        got_ids = all_gather_host(send_ids, world, wire, group)
+        got_scores = all_gather_host(send_scores, world, wire, group)
         for rank in range(world):
-            valid = max(0, min(width, sizes_np[rank] - start))
-            if valid:
-                store.scatter(got_ids[rank][:valid].cpu(), got_scores[rank][:valid].cpu(), checked=True)
+            valid = max(0, min(width, sizes[rank] - start))
+            if valid:  # host tensors: the store moves them to its device (and checks them)
+                store.scatter(got_ids[rank][:valid], got_scores[rank][:valid], checked=True)
                 applied += valid
     store.take_update_log()  # what was just applied came from the merge, not from training
     return applied
+
+
+def wire_device(backend: str) -> torch.device:
+    """Where a collective's tensors must live: this rank's current GPU for NCCL, else the CPU
+    (gloo). Independent of where the score store lives: the merge reads and writes the store
+    through host arrays, so a CUDA store under gloo and a CPU store under NCCL both work."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_host(tensor: torch.Tensor, world: int, wire: torch.device,
+                    group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape and dtype on every rank), gathered over ``wire`` and
+    returned on the host: the one place the merge moves data between devices (once per merge
+    chunk, never per step)."""
+    sent = tensor.to(wire)
+    got = [torch.empty_like(sent) for _ in range(world)]
+    dist.all_gather(got, sent, group=group)
+    return [g.cpu() for g in got]

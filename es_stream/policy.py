@@ -23,15 +23,46 @@ from ._check import non_negative
 from .errors import ScoreError
 
 CHUNK = 1 << 22  # 4M scores per chunk: ~50 MB of temporaries
+# The sample that places the top-k threshold before the one pass over the keys:
+# SAMPLE_WINDOWS random runs of SAMPLE_WIDTH consecutive samples (runs, not single ids, so a
+# memory-mapped store reads a few thousand pages, not a million).
+SAMPLE_WINDOWS, SAMPLE_WIDTH = 4096, 256
 
 Read = Callable[[int, int], np.ndarray]
 
+_TINY32 = np.float32(np.finfo(np.float32).tiny)
+_BELOW_ONE = np.float32(1.0 - 2.0 ** -24)  # [1, 2) minus this is (0, 1): never 0, never 1
+# domains of the generators' seeds: 8 the keys (2: ESWP's float64 keys before), 10 InfoBatch's
+# drops (3: its float64 draws before)
+_KEYS, _DROPS = 8, 10
+
+
+def uniform32(seed_words: list[int], size: int) -> np.ndarray:
+    """``size`` float32 uniforms in (0, 1), from a PCG64 stream of its own seeded by
+    ``seed_words``: 23 random bits each, at the midpoints ``(j + 1/2) 2^-23``, so neither 0 nor
+    1 can occur. Raw generator bits shifted into a float's mantissa: about 3x faster than
+    ``Generator.random(dtype=np.float32)`` (the decision's hot loop at 1e9 samples)."""
+    raw = np.random.PCG64(np.random.SeedSequence(seed_words)).random_raw((size + 1) // 2)
+    bits = raw.view(np.uint32)[:size]
+    bits >>= 9
+    bits |= 0x3F800000  # exponent of [1, 2)
+    u = bits.view(np.float32)
+    u -= _BELOW_ONE
+    return u
+
 
 def _gumbel_keys(scores: np.ndarray, seed: int, epoch: int, chunk: int) -> np.ndarray:
-    """log(score) + Gumbel(0,1), with a generator of its own per chunk so a chunk's keys can be
-    computed again in a later pass."""
-    rng = np.random.default_rng([seed, epoch, 2, chunk])
-    return np.log(np.maximum(scores.astype(np.float64), 1e-300)) - np.log(rng.exponential(size=len(scores)))
+    """float32 ``log(score) + G``, ``G = -log(-log U)`` a Gumbel(0,1) draw, with a generator of
+    its own per chunk so a chunk's keys can be computed again in a later pass. Scores below the
+    smallest normal float32 (0 included) count as that value, so they still get distinct keys."""
+    g = uniform32([seed, epoch, _KEYS, chunk], len(scores))
+    np.log(g, out=g)
+    np.negative(g, out=g)
+    np.log(g, out=g)  # log E, E = -log U ~ Exponential(1): the key is log s - log E
+    keys = np.maximum(np.asarray(scores, dtype=np.float32), _TINY32)
+    np.log(keys, out=keys)
+    keys -= g
+    return keys
 
 
 def checked_reader(read: Read, n: int, source: str = "scores", *,
@@ -80,7 +111,8 @@ def _bad_scores(read: Read, n: int, source: str, non_negative: bool) -> ScoreErr
 def chunked_top_k_mask(read: Read, n: int, k: int, seed: int, epoch: int, chunk: int = CHUNK,
                        scored: Read | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, keep mask)`` per chunk, where the kept samples are exactly the k largest
-    Gumbel keys ``log s_i + G_i`` over all n: a draw of k without replacement with probability
+    float32 Gumbel keys ``log s_i + G_i`` over all n (ties, which float32 makes possible at
+    1e9 samples, go to the lower id): a draw of k without replacement with probability
     proportional to the scores (successive sampling). ``read(start, stop)`` returns scores.
 
     With ``scored`` (``scored(start, stop)``: True where a sample was ever scored), the samples
@@ -88,64 +120,158 @@ def chunked_top_k_mask(read: Read, n: int, k: int, seed: int, epoch: int, chunk:
     is the k largest keys among scored samples. (Keys are still drawn for every sample, so
     each scored sample's key is the one it would have with every sample scored.)
 
-    Three passes over the chunks, memory bounded by one chunk: the keys' range, a histogram
-    that locates the k-th largest key's bin, then the exact cut inside that bin.
+    One pass over the keys: a sample of ``SAMPLE_WINDOWS x SAMPLE_WIDTH`` scores (with keys of
+    their own) places a bracket ``[lo, hi]`` around the k-th largest key; the pass counts the
+    keys above ``hi``, keeps one bit per sample (kept for sure) and collects the keys inside the
+    bracket (about 1% of n), among which the cut is exact. Should the bracket miss (the count
+    says so), a histogram pass finds the bin of the k-th key and the pass is made again: the
+    result is the same either way, only slower. Memory: ``n / 8`` bytes of bits (125 MB at 1e9)
+    plus the bracket's keys.
+
+    **Change of definition** (issue 17): the keys were float64 (``numpy``'s exponential draws,
+    seed domain 2) and found in four passes (329 s at 1e9). They are now float32, from raw PCG64
+    bits (seed domain 8): the same distribution (successive sampling), other draws for a given
+    seed, so a seed's kept set differs from before. Tested: the kept set is the one-shot
+    top-k of the same float32 keys, with or without the sampled bracket and its fix-up.
     """
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
-    starts = range(0, n, chunk)
-
-    def keys(i: int, start: int) -> np.ndarray:
-        return _gumbel_keys(read(start, min(start + chunk, n)), seed, epoch, i)
-
-    def eligible(start: int) -> np.ndarray | None:
-        return None if scored is None else scored(start, min(start + chunk, n))
-
-    def among(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        return values if mask is None else values[mask]
-
     if scored is None and k in (0, n):
-        for start in starts:
+        for start in range(0, n, chunk):
             yield start, np.full(min(chunk, n - start), k == n)
         return
-    lo, hi, m = math.inf, -math.inf, 0
-    for i, start in enumerate(starts):
-        kk = among(keys(i, start), eligible(start))
-        m += len(kk)
-        if len(kk):
-            lo, hi = min(lo, float(kk.min())), max(hi, float(kk.max()))
-    k = max(0, k - (n - m))  # what is left for scored samples once never-scored are kept
-    if k in (0, m):
-        for start in starts:
-            e = eligible(start)
-            keep = np.full(min(chunk, n - start), k == m)
-            yield start, keep if e is None else keep | ~e
+    lo, hi = _sampled_bracket(read, n, k, seed, epoch, scored)
+    found = _Bracketed.collect(read, n, chunk, seed, epoch, scored, lo, hi)
+    k = max(0, k - (n - found.scored))  # what is left for scored samples once never-scored are kept
+    if k in (0, found.scored):
+        yield from _all_or_none(n, chunk, scored, k == found.scored)
         return
-    edges = np.linspace(lo, hi, (1 << 16) + 1)
-    hist = np.zeros(len(edges) - 1, dtype=np.int64)
-    for i, start in enumerate(starts):
-        hist += np.histogram(among(keys(i, start), eligible(start)), bins=edges)[0]
+    if not found.holds(k):  # the sample misled the bracket: place it exactly, pass again
+        lo, hi = _histogram_bracket(read, n, chunk, seed, epoch, scored, k)
+        found = _Bracketed.collect(read, n, chunk, seed, epoch, scored, lo, hi)
+        assert found.holds(k), "the histogram's bin must hold the k-th key"
+    yield from found.masks(k)
+
+
+def _all_or_none(n: int, chunk: int, scored: Read | None,
+                 every: bool) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        keep = np.full(stop - start, every)
+        yield start, keep if scored is None else keep | ~scored(start, stop)
+
+
+def _sampled_bracket(read: Read, n: int, k: int, seed: int, epoch: int,
+                     scored: Read | None) -> tuple[float, float]:
+    """``(lo, hi)`` keys that, with high probability, have the k-th largest key between them
+    (k counting the never-scored samples, as :func:`chunked_top_k_mask` takes it): quantiles of
+    the keys of a sample of scores, with fresh noise, ``4 sqrt(m)`` sample ranks either side
+    (about 9 standard deviations). A small n gets ``(-inf, inf)``: every key is collected."""
+    m = SAMPLE_WINDOWS * SAMPLE_WIDTH
+    if n <= 4 * m:
+        return -math.inf, math.inf
+    rng = np.random.default_rng([seed, epoch, 9])
+    sample: list[np.ndarray] = []
+    for a in np.sort(rng.integers(0, n - SAMPLE_WIDTH + 1, SAMPLE_WINDOWS)).tolist():
+        s = np.asarray(read(a, a + SAMPLE_WIDTH), np.float64)
+        keys = np.log(np.maximum(s, float(_TINY32))) + rng.gumbel(size=len(s))
+        sample.append(keys if scored is None else keys[scored(a, a + SAMPLE_WIDTH)])
+    keys = -np.sort(-np.concatenate(sample))  # descending
+    if len(keys) == 0:  # no scored sample: bracket nothing; the count decides (or the fallback)
+        return math.inf, math.inf
+    # scored samples above the cut, in the sample's terms: k - never scored, over n, times m
+    rank = len(keys) - m * (n - k) / n
+    delta = 4.0 * math.sqrt(m)
+    top, bottom = math.floor(rank - delta), math.ceil(rank + delta)
+    hi = math.inf if top < 0 else float(keys[min(top, len(keys) - 1)])
+    lo = -math.inf if bottom >= len(keys) else float(keys[max(bottom, 0)])
+    return lo, hi
+
+
+def _ordered(keys: np.ndarray) -> np.ndarray:
+    """float32 keys as uint32 in the same order (the sign flips the rest of the bits)."""
+    bits = keys.view(np.uint32)
+    return np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))
+
+
+def _from_ordered(value: int) -> float:
+    bits = value & 0x7FFFFFFF if value >> 31 else ~value & 0xFFFFFFFF
+    return float(np.array([bits], np.uint32).view(np.float32)[0])
+
+
+def _histogram_bracket(read: Read, n: int, chunk: int, seed: int, epoch: int,
+                       scored: Read | None, k: int) -> tuple[float, float]:
+    """The exact bracket: the bin of the 65536 (the keys' top 16 bits, in order) holding the
+    k-th largest scored key, widened by one float either side."""
+    hist = np.zeros(1 << 16, np.int64)
+    for i, start in enumerate(range(0, n, chunk)):
+        stop = min(start + chunk, n)
+        keys = _gumbel_keys(read(start, stop), seed, epoch, i)
+        if scored is not None:
+            keys = keys[scored(start, stop)]
+        hist += np.bincount(_ordered(keys) >> 16, minlength=1 << 16)
     above = np.cumsum(hist[::-1])[::-1]  # above[j]: keys in bins j and higher
-    j = int(np.nonzero(above >= k)[0][-1])  # the bin holding the k-th largest key
-    need = k - (int(above[j + 1]) if j + 1 < len(hist) else 0)
-    # exact cut inside bin j: collect that bin's keys (a small fraction of n)
-    inside: list[np.ndarray] = []
-    for i, start in enumerate(starts):
-        kk = among(keys(i, start), eligible(start))
-        inside.append(kk[_bin_of(kk, edges, len(hist)) == j])
-    boundary = np.concatenate(inside)
-    cut = np.partition(boundary, len(boundary) - need)[len(boundary) - need]
-    for i, start in enumerate(starts):
-        kk = keys(i, start)
-        b = _bin_of(kk, edges, len(hist))
-        keep = (b > j) | ((b == j) & (kk >= cut))
-        e = eligible(start)
-        yield start, keep if e is None else np.where(e, keep, True)
+    j = int(np.nonzero(above >= k)[0][-1])
+    lo, hi = _from_ordered(j << 16), _from_ordered((j << 16) | 0xFFFF)
+    return float(np.nextafter(np.float32(lo), np.float32(-np.inf))), \
+        float(np.nextafter(np.float32(hi), np.float32(np.inf)))
 
 
-def _bin_of(keys: np.ndarray, edges: np.ndarray, bins: int) -> np.ndarray:
-    # same convention as np.histogram: right-closed last bin
-    return np.clip(np.searchsorted(edges, keys, side="right") - 1, 0, bins - 1)
+@dataclass
+class _Bracketed:
+    """One pass over the keys against a bracket ``[lo, hi]``: per chunk, the bits of the samples
+    kept for sure (never scored, or a key above ``hi``), and the ids and keys inside."""
+
+    chunk: int
+    n: int
+    bits: list[np.ndarray]
+    ids: np.ndarray
+    keys: np.ndarray
+    above: int  # scored keys above hi
+    scored: int  # scored samples in all
+
+    @classmethod
+    def collect(cls, read: Read, n: int, chunk: int, seed: int, epoch: int,
+                scored: Read | None, lo: float, hi: float) -> "_Bracketed":
+        bits, ids, keys, above, counted = [], [], [], 0, 0
+        lo32, hi32 = np.float32(lo), np.float32(hi)
+        for i, start in enumerate(range(0, n, chunk)):
+            stop = min(start + chunk, n)
+            key = _gumbel_keys(read(start, stop), seed, epoch, i)
+            sure, inside = key > hi32, key >= lo32
+            inside &= ~sure
+            if scored is None:
+                counted += stop - start
+            else:
+                e = scored(start, stop)
+                counted += int(np.count_nonzero(e))
+                sure &= e
+                inside &= e
+            above += int(np.count_nonzero(sure))
+            if scored is not None:
+                sure |= ~e
+            at = np.flatnonzero(inside)
+            ids.append(at + start)
+            keys.append(key[at])
+            bits.append(np.packbits(sure))
+        return cls(chunk, n, bits, np.concatenate(ids), np.concatenate(keys), above, counted)
+
+    def holds(self, k: int) -> bool:
+        """Whether the k-th largest scored key lies in the bracket."""
+        return self.above <= k <= self.above + len(self.ids)
+
+    def masks(self, k: int) -> Iterator[tuple[int, np.ndarray]]:
+        """The keep masks: the sure bits, and the largest ``k - above`` keys inside the bracket
+        (ties to the lower id)."""
+        best = np.lexsort((self.ids, -self.keys))[:k - self.above]
+        winners = np.sort(self.ids[best])
+        for i, start in enumerate(range(0, self.n, self.chunk)):
+            stop = min(start + self.chunk, self.n)
+            keep = np.unpackbits(self.bits[i], count=stop - start).view(bool)
+            a, b = np.searchsorted(winners, [start, stop])
+            keep[winners[a:b] - start] = True
+            self.bits[i] = np.empty(0, np.uint8)  # yielded: free it
+            yield start, keep
 
 
 @dataclass
@@ -324,7 +450,7 @@ def _scored_mean(read: Read, n: int, scored: Read | None) -> float:
         scores, never = read(start, stop), _never(scored, start, stop)
         if never is not None:
             scores = scores[~never]
-        total += float(scores.astype(np.float64).sum())
+        total += float(scores.sum(dtype=np.float64))
         counted += len(scores)
     return total / counted if counted else math.nan
 
@@ -373,6 +499,10 @@ class InfoBatchPolicy(Policy):
 
     Never-scored samples are kept with weight 1 and left out of the mean (their ``1/n`` is not
     a loss); with none scored, everything is kept. Scores must be finite.
+
+    The drops are float32 uniforms from raw PCG64 bits (:func:`uniform32`; float64 draws of
+    another stream before issue 17): the same rule, other draws for a given seed. Two passes
+    over the scores (the mean, the decision), memory bounded by one chunk.
     """
 
     name = "infobatch"
@@ -395,6 +525,10 @@ class InfoBatchPolicy(Policy):
             below = scores < mean
             if never is not None:
                 below &= ~never
-            drop = below & (np.random.default_rng([self.seed, epoch, 3, i]).random(len(scores)) < self.ratio)
-            weight = np.where(below & ~drop, 1.0 / (1.0 - self.ratio), 1.0).astype(np.float32)
-            yield Decision(start, ~drop, weight, 0 if never is None else int(never.sum()))
+            # in place and in float32: this loop is most of the decision's time at 1e9
+            keep = uniform32([self.seed, epoch, _DROPS, i], len(scores)) >= self.ratio
+            keep |= ~below  # only below-mean samples are ever dropped
+            below &= keep  # now: the kept below-mean samples, rescaled
+            weight = np.ones(len(keep), np.float32)  # (np.where with scalars: 10x slower)
+            weight[below] = np.float32(1.0 / (1.0 - self.ratio))
+            yield Decision(start, keep, weight, 0 if never is None else int(never.sum()))

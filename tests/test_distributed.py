@@ -117,3 +117,40 @@ def test_two_ranks_eswp_stores_agree_and_kept_samples_train_once(wds_dir, tmp_pa
         stores = [np.load(tmp_path / f"rank{r}-epoch{epoch}.npy") for r in range(2)]
         assert stores[0].tobytes() == stores[1].tobytes(), f"ranks disagree after epoch {epoch}"
         assert stores[0].tobytes() == reference.numpy().tobytes()
+
+
+def run_merge(device: str, backing: str, tmp: Path) -> list[dict]:
+    """tests/_dist_merge.py on 2 gloo ranks; their records, with the merged stores."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(HERE / "_dist_merge.py"), device, backing,
+                               str(tmp)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, "a rank failed or hung"
+    import numpy as np
+
+    return [dict(json.loads((tmp / f"rank{r}.json").read_text()),
+                 scores=np.load(tmp / f"rank{r}.npy")) for r in range(2)]
+
+
+@pytest.mark.parametrize("device,backing", [
+    ("cpu", "memory"), ("cpu", "memmap"),
+    pytest.param("cuda", "memory", marks=pytest.mark.skipif(
+        not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU "
+        "(tools/gpu_check.py runs this merge with the store on the GPU)"))])
+def test_merge_gives_both_ranks_every_update_in_chunks(device, backing, tmp_path):
+    """The merge on its own, 2 real gloo ranks: each rank's updates (in chunks of 7 pairs, one
+    rank sending more chunks than the other) reach the other, an id both updated takes the
+    higher rank's value, a second merge sends nothing, and the store stays on its device."""
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    from _dist_merge import expected_scores
+
+    records = run_merge(device, backing, tmp_path)
+    for r in records:
+        np.testing.assert_array_equal(r["scores"], expected_scores())
+        assert (r["applied"], r["again"]) == (21 + 21, 0)
+    if backing == "memory":
+        assert [r["device"].split(":")[0] for r in records] == [device, device]

@@ -405,3 +405,23 @@ def test_a_second_writer_of_the_same_epoch_is_refused(wds_dir, tmp_path):
         assert (out / "epoch=00001" / name).read_bytes() == (alone / "epoch=00001" / name).read_bytes()
     np.testing.assert_array_equal(ESDataset(corpus, 4, manifests=out).epoch_keep(1).kept_ids,
                                   ESDataset(corpus, 4, manifests=alone).epoch_keep(1).kept_ids)
+
+
+def test_a_shard_file_that_cannot_be_written_fails_the_write_and_publishes_nothing(wds_dir, tmp_path):
+    """Shard files are written by a pool of threads: a failure in one of them still reaches the
+    caller, after the others finished, and ``_SUCCESS`` is never written."""
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    out = tmp_path / "manifests"
+    from pathlib import Path
+
+    from es_stream.manifest import shard_file
+
+    blocked = Path(shard_file(out, 1, 1))
+    blocked.mkdir(parents=True)  # a directory where shard 1's file goes: its rename fails
+    pruner = Pruner(corpus, scored_store(corpus), ESWPPolicy(ratio=0.5, burn_in_epochs=0,
+                                                              anneal=0.0), out)
+    with pytest.raises(OSError):
+        pruner.write(1, 4)
+    assert not (out / "epoch=00001" / "_SUCCESS").exists()
+    assert blocked.is_dir() and not list(blocked.iterdir())  # nothing of ours was lost there
+    assert not [p for p in (out / "epoch=00001").iterdir() if p.name.endswith(".tmp")]

@@ -218,3 +218,93 @@ def test_integer_arguments_accept_numpy_and_refuse_the_rest():
         ESWPPolicy(burn_in_epochs=1.5)
     with pytest.raises(ValueError, match="epoch must be >= 0, got -1"):
         policy.decide(lambda a, b: scores[a:b], 200, -1, 4)
+
+
+# ---- the one-pass decision (issue 17): float32 keys, a sampled bracket, an exact fix-up ----
+
+def one_shot_top_k(scores, k, chunk, scored=None):
+    """The definition, computed at once: the k largest float32 keys (ties to the lower id)."""
+    n = len(scores)
+    keys = np.concatenate([_gumbel_keys(scores[a:a + chunk], 1, 2, i)
+                           for i, a in enumerate(range(0, n, chunk))])
+    eligible = np.ones(n, bool) if scored is None else scored
+    k = max(0, k - int((~eligible).sum()))
+    ids = np.flatnonzero(eligible)
+    best = ids[np.lexsort((ids, -keys[ids]))[:k]]
+    mask = ~eligible
+    mask[best] = True
+    return mask
+
+
+def masks(scores, k, chunk, scored=None):
+    kwargs = {} if scored is None else {"scored": lambda a, b: scored[a:b]}
+    return np.concatenate([m for _, m in chunked_top_k_mask(
+        lambda a, b: scores[a:b], len(scores), k, 1, 2, chunk=chunk, **kwargs)])
+
+
+@pytest.fixture
+def small_sample(monkeypatch):
+    """A sample of 8 x 16 scores, so that n = 20000 takes the sampled bracket (n > 4 x 128)."""
+    monkeypatch.setattr("es_stream.policy.SAMPLE_WINDOWS", 8)
+    monkeypatch.setattr("es_stream.policy.SAMPLE_WIDTH", 16)
+
+
+@pytest.mark.parametrize("k", [1, 6000, 14000, 19999])
+@pytest.mark.parametrize("with_never", [False, True])
+def test_sampled_bracket_decides_the_exact_top_k_of_the_float32_keys(small_sample, k, with_never):
+    n, chunk = 20000, 3001
+    rng = np.random.default_rng(k)
+    scores = (rng.random(n) ** 3).astype(np.float32)
+    scored = rng.random(n) < 0.95 if with_never else None
+    mask = masks(scores, k, chunk, scored)
+    np.testing.assert_array_equal(mask, one_shot_top_k(scores, k, chunk, scored))
+    assert mask.sum() == max(k, 0 if scored is None else int((~scored).sum()))
+
+
+def test_a_missed_bracket_is_fixed_by_the_histogram_pass(small_sample, monkeypatch):
+    """A bracket that holds nothing near the cut (here forced; in life: a sample that misread
+    the scores) costs a histogram pass and a second pass, and the decision is the same."""
+    from es_stream import policy
+
+    n, k, chunk = 20000, 14000, 3001
+    scores = np.random.default_rng(0).random(n).astype(np.float32)
+    expected = masks(scores, k, chunk)
+    calls = []
+    real = policy._histogram_bracket
+    monkeypatch.setattr(policy, "_sampled_bracket", lambda *a: (50.0, 60.0))
+    monkeypatch.setattr(policy, "_histogram_bracket", lambda *a: calls.append(1) or real(*a))
+    np.testing.assert_array_equal(masks(scores, k, chunk), expected)
+    assert calls == [1]
+
+
+def test_tied_keys_go_to_the_lower_id(monkeypatch):
+    """float32 keys tie at 1e9 samples; a tie at the cut keeps exactly k, the lower ids first."""
+    from es_stream import policy
+
+    real = policy._gumbel_keys
+    monkeypatch.setattr(policy, "_gumbel_keys",
+                        lambda *a: np.round(real(*a), 0).astype(np.float32))  # a few levels
+    n, k, chunk = 3000, 1234, 700
+    scores = np.random.default_rng(3).random(n).astype(np.float32)
+    mask = masks(scores, k, chunk)
+    keys = np.concatenate([policy._gumbel_keys(scores[a:a + chunk], 1, 2, i)
+                           for i, a in enumerate(range(0, n, chunk))])
+    cut = keys[mask].min()
+    assert mask.sum() == k and (keys[~mask] <= cut).all()
+    tied = np.flatnonzero(keys == cut)
+    assert mask[tied].all() or not mask[tied[np.argmax(~mask[tied]):]].any()  # a prefix of ids
+
+
+def test_float32_keys_are_gumbel_distributed():
+    """The keys are log s + Gumbel(0, 1): mean log s + Euler's gamma, variance pi^2 / 6; the
+    uniforms behind them lie strictly inside (0, 1)."""
+    from es_stream.policy import uniform32
+
+    u = uniform32([4, 5], 1 << 20)
+    assert u.dtype == np.float32 and 0 < u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.002
+    keys = _gumbel_keys(np.full(1 << 20, 0.25, np.float32), 7, 1, 0).astype(np.float64)
+    assert abs(keys.mean() - (math.log(0.25) + 0.5772156649)) < 0.01
+    assert abs(keys.var() - math.pi ** 2 / 6) < 0.02
+    zeros = _gumbel_keys(np.zeros(1000, np.float32), 7, 1, 0)
+    assert np.isfinite(zeros).all() and len(np.unique(zeros)) > 990  # 0 scores still ranked

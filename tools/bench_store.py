@@ -8,9 +8,10 @@ its own): the memory-mapped store (``ScoreStore.open``) and, side by side, the i
 (each timed), the rate in ids/s, resident memory after the loop (``RssAnon``: private memory;
 ``RssFile``: file pages mapped by the process, reclaimable page cache), the peak (``VmHWM``) —
 each as the increase over the process before the store existed —
-a chunked ``save``, and ESWP's chunked decision (``ESWPPolicy.decide``, ratio 0.3) over the
-memory-mapped store.
-Goals (issue 5): creation in seconds, >= 1M ids/s gather and scatter, bounded memory at 1e9.
+a chunked ``save``, and ESWP's and InfoBatch's chunked decisions (``decide``, ratios 0.3 and
+0.5) over the memory-mapped store.
+Goals (issue 5): creation in seconds, >= 1M ids/s gather and scatter, bounded memory at 1e9;
+(issue 17) each decision over 1e9 scores in <= 30 s.
 
 Part 2: the feedback channel per training step: one step of the pipeline's 1D CNN (no-grad
 forward on B, forward+backward+SGD on b) next to ``ESSelector.select`` (with ``prefetch``) for
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `pipelines`
 
-from es_stream import ESSelector, ESWPPolicy, ScoreStore  # noqa: E402
+from es_stream import ESSelector, ESWPPolicy, InfoBatchPolicy, ScoreStore  # noqa: E402
 
 from _timing import median_ms  # noqa: E402  (tools/_timing.py)
 
@@ -88,13 +89,18 @@ def measure_size(n: int, total_ids: int, batch: int, directory: str, backing: st
     store.save(os.path.join(directory, "saved.npy"))
     save_s = time.perf_counter() - t0
     os.unlink(os.path.join(directory, "saved.npy"))
-    decide_s = float("nan")
+    decide_s = decide_ib_s = float("nan")
     if decide:
         t0 = time.perf_counter()
         kept = sum(int(d.keep.sum()) for d in ESWPPolicy(ratio=0.3, burn_in_epochs=0, anneal=0.0)
                    .decide(store.read_range, n, epoch=1, total_epochs=4))
         decide_s = time.perf_counter() - t0
         assert kept == int(np.ceil(0.7 * n))
+        t0 = time.perf_counter()
+        for _ in InfoBatchPolicy(ratio=0.5, anneal=0.0).decide(store.read_range, n, epoch=1,
+                                                                total_epochs=4):
+            pass
+        decide_ib_s = time.perf_counter() - t0
     mem_end = memory()
     if backing == "memmap":
         del store
@@ -103,7 +109,7 @@ def measure_size(n: int, total_ids: int, batch: int, directory: str, backing: st
             "gather_per_s": done / gather_s, "scatter_per_s": done / (scatter_s + sync_s),
             "rss_anon_mib": mem_loop["RssAnon"] - base["RssAnon"],
             "rss_file_mib": mem_loop["RssFile"] - base["RssFile"],
-            "save_s": save_s, "decide_s": decide_s, "peak_mib": mem_end["VmHWM"] - base["VmHWM"]}
+            "save_s": save_s, "decide_s": decide_s, "decide_ib_s": decide_ib_s, "peak_mib": mem_end["VmHWM"] - base["VmHWM"]}
 
 
 def part1(args: argparse.Namespace) -> None:
@@ -111,7 +117,7 @@ def part1(args: argparse.Namespace) -> None:
           "and backing in a fresh process\n")
     head = (f"{'n':>14} {'backing':<8} {'create s':>9} {'disk MB':>8} {'gather/s':>10} "
             f"{'scatter/s':>10} {'RssAnon MB':>11} {'RssFile MB':>11} {'save s':>7} "
-            f"{'decide s':>9} {'peak MB':>8}")
+            f"{'ESWP s':>7} {'InfoB s':>7} {'peak MB':>8}")
     print(head)
     print("-" * len(head))
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
@@ -126,7 +132,7 @@ def part1(args: argparse.Namespace) -> None:
                 print(f"{r['n']:>14,} {r['backing']:<8} {r['create_s']:>9.3f} "
                       f"{r['disk_bytes'] / 1e6:>8.2f} {r['gather_per_s']:>10.3g} "
                       f"{r['scatter_per_s']:>10.3g} {r['rss_anon_mib']:>11.0f} "
-                      f"{r['rss_file_mib']:>11.0f} {r['save_s']:>7.2f} {r['decide_s']:>9.1f} "
+                      f"{r['rss_file_mib']:>11.0f} {r['save_s']:>7.2f} {r['decide_s']:>7.1f} {r['decide_ib_s']:>7.1f} "
                       f"{r['peak_mib']:>8.0f}", flush=True)
     print()
 
