@@ -48,6 +48,8 @@ def test_a_run_is_keyed_by_the_fields_its_method_uses(tmp_path: Path) -> None:
         "loss": data | {"B"}, "selective_backprop": data | {"B"}, "random": data | {"B"},
         "budget_es": data | {"budget_epochs"}, "budget_eswp": data | {"budget_epochs"},
         "budget_infobatch": data | {"budget_epochs"},
+        "budget_infobatch_es": data | {"budget_epochs"},
+        "budget_eswp_rescale": data | {"budget_epochs"},
         # the variants: their own option, none of the others'
         "eswp_rescale": data | es | {"B", "eswp_ratio", "prune_anneal", "prune_burn_in_epochs",
                                      "rescale_min_keep"},

@@ -34,8 +34,9 @@ MAIN_METHODS = ("uniform", "uniform_B", "es", "eswp", "loss", "selective_backpro
 VARIANTS = ("eswp_rescale", "infobatch_es", "es_reweight", "es_to_uniform", "es_from_uniform",
             "es_fresh")
 #: controls beyond issue 7's: uniform cut to InfoBatch's wall-clock (InfoBatch was the one method
-#: near lossless there, so its time saving needs the same budget-matched bar as ES's)
-EXTRA_CONTROLS = ("budget_infobatch",)
+#: near lossless there, so its time saving needs the same budget-matched bar as ES's), and to
+#: the two unbiased pruning variants' (the candidates for the recommended default)
+EXTRA_CONTROLS = ("budget_infobatch", "budget_infobatch_es", "budget_eswp_rescale")
 #: the reference-score methods (issue "Reference scores"; pipelines.loop): RHO-LOSS online
 #: selection (top-b, and the ES rule on the reducible loss), offline band pruning at keep
 #: --prune-keep and the random-pruning control at the same keep; and uniform cut to RHO-LOSS's
@@ -51,7 +52,8 @@ SELECTING = ("es", "eswp", "loss", "selective_backprop", "random", "eswp_rescale
 ES_METHODS = ("es", "eswp") + VARIANTS           # ES's betas
 ES_SELECTING = tuple(m for m in ES_METHODS if m in SELECTING)  # ES's burn-in and anneal
 BUDGET = {"budget_es": "es", "budget_eswp": "eswp", "budget_infobatch": "infobatch",
-          "budget_rho": "rho"}
+          "budget_rho": "rho", "budget_infobatch_es": "infobatch_es",
+          "budget_eswp_rescale": "eswp_rescale"}
 #: the variants' options (pipelines.loop.RunConfig fields), each keying only its method(s)
 VARIANT_OPTIONS = ("rescale_min_keep", "b_ramp", "fresh_epochs")
 
@@ -81,7 +83,8 @@ COST_FACTOR = {"uniform": 1.0, "uniform_B": 0.8, "es": 0.9, "eswp": 0.75, "loss"
                "selective_backprop": 0.9, "infobatch": 0.85, "random": 0.9, "budget_es": 0.9,
                "budget_eswp": 0.75, "eswp_rescale": 0.75, "infobatch_es": 0.85,
                "es_reweight": 0.9, "es_to_uniform": 0.9, "es_from_uniform": 0.9, "es_fresh": 0.8,
-               "budget_infobatch": 0.85, "rho": 0.9, "rho_es": 0.9, "band_low": 0.5,
+               "budget_infobatch": 0.85, "budget_infobatch_es": 0.85,
+               "budget_eswp_rescale": 0.75, "rho": 0.9, "rho_es": 0.9, "band_low": 0.5,
                "band_middle": 0.5, "band_high": 0.5, "prune_random": 0.5, "budget_rho": 0.9}
 #: a reference model's cost, for the estimate only: its width halves the CNN's channels (the
 #: GRU's hidden size is a third), so a training sample costs about this much of the target's;

@@ -22,7 +22,9 @@ LABELS = {"uniform": "uniform (b)", "uniform_B": "uniform (B)", "budget_es": "un
           "random": "random (b of B)", "rho": "RHO-LOSS (top b of B)",
           "rho_es": "ES rule on reducible loss", "band_low": "band low (pruned once)",
           "band_middle": "band middle (pruned once)", "band_high": "band high (pruned once)",
-          "prune_random": "random pruning (once)", "budget_rho": "uniform, RHO-LOSS's budget"}
+          "prune_random": "random pruning (once)", "budget_rho": "uniform, RHO-LOSS's budget",
+          "budget_infobatch_es": "uniform, InfoBatch-on-ES's budget",
+          "budget_eswp_rescale": "uniform, rescaled ESWP's budget"}
 
 
 # ----------------------------------------------------------------------------- summaries
