@@ -45,6 +45,10 @@ says how: epochs and their budget, b and B, the learning rate, the seed, the met
   the reference model's training and scoring pass cost, :mod:`pipelines.reference`) is paid
   before the first step: its seconds are added to the wall-clock and to every curve point of the
   methods that read it (not ``prune_random``), and reported on their own (``reference_s``).
+  ``prune_chance`` prunes once the same way with ``ThresholdPolicy(high=workload.chance_loss)``:
+  it drops the samples on which the reference model does worse than a uniform guess (loss
+  above ln(classes)) — likely mislabelled or unlearnable, a rule that needs no noise rate and
+  no keep fraction.
 * **Schedule.** Adam with a cosine learning rate over the run's progress in epochs (epoch plus
   the fraction of its meta-batches done), so every method ends at lr 0 whatever its steps per
   epoch (pruned epochs have fewer). With ``budget_epochs`` (fractional) the run stops there,
@@ -94,10 +98,11 @@ VARIANTS = ("eswp_rescale", "infobatch_es", "es_reweight", "es_to_uniform", "es_
 #: offline pruning decided once before training (prune-once manifests, ``applies_to: all``):
 #: the reference bands (BandPolicy) and the random-pruning control at the same keep fraction
 BANDS = ("band_low", "band_middle", "band_high")
-ONCE_PRUNING = BANDS + ("prune_random",)
-#: methods that read a reference model's losses (:class:`Reference`): RHO-LOSS and the bands
+ONCE_PRUNING = BANDS + ("prune_chance", "prune_random")
+#: methods that read a reference model's losses (:class:`Reference`): RHO-LOSS, the bands and
+#: the chance-level threshold
 RHO = ("rho", "rho_es")
-REFERENCE_METHODS = RHO + BANDS
+REFERENCE_METHODS = RHO + BANDS + ("prune_chance",)
 #: the methods that need nothing but the corpus (every one runs in tests/test_loop.py)
 METHODS = ("uniform", "es", "eswp", "infobatch", "loss", "selective_backprop", "topk",
            "random") + VARIANTS + ("prune_random",)
@@ -149,6 +154,7 @@ class Workload:
     clip: float = 0.0
     device: str = "cpu"
     learned_loss: float | None = None
+    chance_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -300,7 +306,7 @@ def make_selector(method: str, corpus: Corpus, b: int, seed: int, total_steps: i
 def make_pruner(method: str, corpus: Corpus, selector: Any, manifests: str, *, eswp_ratio: float,
                 infobatch_ratio: float, prune_anneal: float, prune_burn_in_epochs: int,
                 seed: int, rescale_min_keep: float = 0.1, reference: Any = None,
-                prune_keep: float = 0.5) -> Any:
+                prune_keep: float = 0.5, chance_loss: float | None = None) -> Any:
     """The epoch-end pruner of ``method`` writing to ``manifests`` (None unless it is in
     :data:`PRUNING`): ``eswp`` prunes with :class:`ESWPPolicy` on the ES selector's store,
     ``eswp_rescale`` with ``ESWPPolicy(rescale=True, min_keep=rescale_min_keep)``;
@@ -312,7 +318,7 @@ def make_pruner(method: str, corpus: Corpus, selector: Any, manifests: str, *, e
     samples of band ``<b>`` of the ``reference`` store (:class:`BandPolicy`); ``prune_random``
     keeps as many chosen at random (seeded by ``seed``): the same BandPolicy over a store of
     random scores, so it goes through exactly the bands' path."""
-    from es_stream import BandPolicy, ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore
+    from es_stream import BandPolicy, ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore, ThresholdPolicy
 
     if method in BANDS:
         if reference is None:
@@ -320,6 +326,11 @@ def make_pruner(method: str, corpus: Corpus, selector: Any, manifests: str, *, e
         return Pruner(corpus, reference, BandPolicy(prune_keep, method[len("band_"):]), manifests)
     if method == "prune_random":
         return Pruner(corpus, random_scores(corpus, seed), BandPolicy(prune_keep, "low"), manifests)
+    if method == "prune_chance":
+        if reference is None or chance_loss is None:
+            raise ValueError("method 'prune_chance' needs the reference store (RunConfig."
+                             "reference) and the workload's chance_loss")
+        return Pruner(corpus, reference, ThresholdPolicy(high=chance_loss), manifests)
 
     if method in ("eswp", "eswp_rescale"):
         rescale = ({"rescale": True, "min_keep": rescale_min_keep}
@@ -476,7 +487,8 @@ class _Run:
                                   prune_anneal=config.prune_anneal,
                                   prune_burn_in_epochs=config.prune_burn_in_epochs,
                                   seed=config.seed, rescale_min_keep=config.rescale_min_keep,
-                                  reference=self.reference, prune_keep=config.prune_keep)
+                                  reference=self.reference, prune_keep=config.prune_keep,
+                                  chance_loss=workload.chance_loss)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.clock = Clock(self.dev)
         self.counts = Counts()

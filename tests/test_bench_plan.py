@@ -60,6 +60,7 @@ def test_a_run_is_keyed_by_the_fields_its_method_uses(tmp_path: Path) -> None:
         "rho": data | {"B", "ref_model"}, "rho_es": data | es | {"B", "ref_model"},
         "band_low": data | {"ref_model", "prune_keep"},
         "band_middle": data | {"ref_model", "prune_keep"},
+        "prune_chance": data | {"ref_model"}, "budget_prune_chance": data | {"budget_epochs"},
         "band_high": data | {"ref_model", "prune_keep"}, "prune_random": data | {"prune_keep"},
         "budget_rho": data | {"budget_epochs"},
     }

@@ -227,6 +227,22 @@ def test_prune_once_methods_train_on_exactly_the_kept_half_every_epoch(
     assert kept == set(order[first:first + k].tolist())
 
 
+def test_prune_chance_keeps_exactly_what_the_reference_predicts_no_worse_than_chance(
+        built, tmp_path: Path) -> None:
+    corpus, workload = built["data"].corpus, built["workload"]
+    assert workload.chance_loss == pytest.approx(math.log(10))
+    config = loop.RunConfig(EPOCHS, b=b, B=B, progress=False, reference=built["ref"],
+                            run_dir=str(tmp_path / "run"), seed=1)
+    r = loop.train(workload, "prune_chance", config)
+    keep = read_epoch(tmp_path / "run" / "manifests", 0, corpus.fingerprint, corpus.shard_counts)
+    scores = reference_scores(built["ref"])
+    expected = np.flatnonzero(scores <= math.log(10))
+    assert 0 < len(expected) < TRAIN          # the tiny reference leaves both kinds here
+    assert sorted(keep.kept_ids.tolist()) == expected.tolist()
+    assert r["samples_backpropagated"] == EPOCHS * len(expected)
+    assert r["reference_s"] > 0                # it read the reference: it pays for it
+
+
 def test_reference_methods_without_a_reference_are_refused_naming_it(built, tmp_path) -> None:
     for method in loop.REFERENCE_METHODS:
         with pytest.raises(ValueError, match="reference"):

@@ -79,7 +79,7 @@ def workload(corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tensor,
                     evaluate=functools.partial(accuracy, x=test_x, y=test_y),
                     quality="acc", higher_is_better=True, collate=Collate(corpus.format),
                     decode=DecodeWDS() if corpus.format == "wds" else None,
-                    learned_loss=LEARNED_LOSS)
+                    learned_loss=LEARNED_LOSS, chance_loss=math.log(10))
 
 
 def train(method: str, corpus: Corpus, test_x: torch.Tensor, test_y: torch.Tensor, epochs: int,

@@ -120,7 +120,8 @@ def workload(corpus: Corpus, heldout: torch.Tensor, arch: str = "gru", hidden: i
                     losses=sequence_losses,
                     evaluate=functools.partial(bits_per_byte, seqs=heldout, device=device),
                     quality="bpb", higher_is_better=False, collate=Collate(seq_len),
-                    decode=Decode(seq_len), clip=clip, device=device, learned_loss=LN2)
+                    decode=Decode(seq_len), clip=clip, device=device, learned_loss=LN2,
+                    chance_loss=math.log(256))  # a uniform guess over byte values
 
 
 def train(method: str, corpus: Corpus, heldout: torch.Tensor, epochs: int, b: int = 32,

@@ -39,12 +39,14 @@ VARIANTS = ("eswp_rescale", "infobatch_es", "es_reweight", "es_to_uniform", "es_
 EXTRA_CONTROLS = ("budget_infobatch", "budget_infobatch_es", "budget_eswp_rescale")
 #: the reference-score methods (issue "Reference scores"; pipelines.loop): RHO-LOSS online
 #: selection (top-b, and the ES rule on the reducible loss), offline band pruning at keep
-#: --prune-keep and the random-pruning control at the same keep; and uniform cut to RHO-LOSS's
-#: wall-clock (reference included). Opt-in: not in the default --methods.
+#: --prune-keep and the random-pruning control at the same keep; pruning once what the reference
+#: predicts worse than chance (``prune_chance``: no keep fraction, no noise rate); and uniform
+#: cut to RHO-LOSS's and to chance-pruning's time (reference included). Opt-in: not in the
+#: default --methods.
 BANDS = ("band_low", "band_middle", "band_high")
-USES_REFERENCE = ("rho", "rho_es") + BANDS       # the reference model's cost is in their time
-ONCE_PRUNING = BANDS + ("prune_random",)          # prune-once manifests, keep --prune-keep
-REFERENCE_METHODS = USES_REFERENCE + ("prune_random", "budget_rho")
+USES_REFERENCE = ("rho", "rho_es") + BANDS + ("prune_chance",)  # reference cost in their time
+KEEP_FRACTION = BANDS + ("prune_random",)         # prune-once manifests, keep --prune-keep
+REFERENCE_METHODS = USES_REFERENCE + ("prune_random", "budget_rho", "budget_prune_chance")
 METHODS = MAIN_METHODS + VARIANTS + EXTRA_CONTROLS + REFERENCE_METHODS
 # forward B, back-propagate b
 SELECTING = ("es", "eswp", "loss", "selective_backprop", "random", "eswp_rescale", "es_reweight",
@@ -53,7 +55,7 @@ ES_METHODS = ("es", "eswp") + VARIANTS           # ES's betas
 ES_SELECTING = tuple(m for m in ES_METHODS if m in SELECTING)  # ES's burn-in and anneal
 BUDGET = {"budget_es": "es", "budget_eswp": "eswp", "budget_infobatch": "infobatch",
           "budget_rho": "rho", "budget_infobatch_es": "infobatch_es",
-          "budget_eswp_rescale": "eswp_rescale"}
+          "budget_eswp_rescale": "eswp_rescale", "budget_prune_chance": "prune_chance"}
 #: the variants' options (pipelines.loop.RunConfig fields), each keying only its method(s)
 VARIANT_OPTIONS = ("rescale_min_keep", "b_ramp", "fresh_epochs")
 
@@ -85,7 +87,8 @@ COST_FACTOR = {"uniform": 1.0, "uniform_B": 0.8, "es": 0.9, "eswp": 0.75, "loss"
                "es_reweight": 0.9, "es_to_uniform": 0.9, "es_from_uniform": 0.9, "es_fresh": 0.8,
                "budget_infobatch": 0.85, "budget_infobatch_es": 0.85,
                "budget_eswp_rescale": 0.75, "rho": 0.9, "rho_es": 0.9, "band_low": 0.5,
-               "band_middle": 0.5, "band_high": 0.5, "prune_random": 0.5, "budget_rho": 0.9}
+               "band_middle": 0.5, "band_high": 0.5, "prune_random": 0.5, "budget_rho": 0.9,
+               "prune_chance": 0.65, "budget_prune_chance": 0.65}
 #: a reference model's cost, for the estimate only: its width halves the CNN's channels (the
 #: GRU's hidden size is a third), so a training sample costs about this much of the target's;
 #: the scoring pass costs one forward (~0.35 of a training sample) per corpus sample
@@ -502,7 +505,7 @@ _ONLY_FOR = {
     "reference": ("uniform",) + tuple(BUDGET),   # see own_reference in plan()
     # the reference model keys only the methods that read it (not the random-pruning control,
     # nor RHO-LOSS's budget control, which is keyed by its cut)
-    "ref_model": USES_REFERENCE, "prune_keep": ONCE_PRUNING,
+    "ref_model": USES_REFERENCE, "prune_keep": KEEP_FRACTION,
 }
 
 

@@ -24,7 +24,9 @@ LABELS = {"uniform": "uniform (b)", "uniform_B": "uniform (B)", "budget_es": "un
           "band_middle": "band middle (pruned once)", "band_high": "band high (pruned once)",
           "prune_random": "random pruning (once)", "budget_rho": "uniform, RHO-LOSS's budget",
           "budget_infobatch_es": "uniform, InfoBatch-on-ES's budget",
-          "budget_eswp_rescale": "uniform, rescaled ESWP's budget"}
+          "budget_eswp_rescale": "uniform, rescaled ESWP's budget",
+          "prune_chance": "reference loss < chance (pruned once)",
+          "budget_prune_chance": "uniform, chance-pruning's budget"}
 
 
 # ----------------------------------------------------------------------------- summaries
