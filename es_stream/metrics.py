@@ -123,9 +123,9 @@ class SelectionStats:
 
     * ``steps``: meta-batches seen; ``uniform_steps``: those drawn uniformly (burn-in,
       annealing, or a meta-batch trained whole, e.g. ``ESSelector.record``);
-    * ``samples``: samples in those meta-batches (B each); ``selected``: samples selected
-      (b each); ``selected_fraction``: ``selected / samples``;
-    * ``never_scored_fraction``: share of ``samples`` whose score had never been set when their
+    * ``samples_seen``: samples in those meta-batches (B each); ``samples_selected``: samples
+      selected (b each); ``selected_fraction``: ``samples_selected / samples_seen``;
+    * ``never_scored_fraction``: share of ``samples_seen`` whose score had never been set when their
       meta-batch arrived (for an ES store: a score that read as the store's initial ``1/n``);
     * ``weight_min``, ``weight_p50``, ``weight_max``: the loss weights handed out with the
       selected samples (``last_weights``; 1 for each selected sample when there are none);
@@ -177,7 +177,7 @@ class SelectionStats:
         nan = math.nan
         never = float(self._never)
         out = {"steps": float(self.steps), "uniform_steps": float(self.uniform_steps),
-               "samples": float(self.samples), "selected": float(self.selected),
+               "samples_seen": float(self.samples), "samples_selected": float(self.selected),
                "selected_fraction": self.selected / self.samples if self.samples else nan,
                "never_scored_fraction": never / self.samples if self.samples else nan,
                "weight_min": float(self._wmin) if self._wmin is not None else nan,

@@ -66,9 +66,9 @@ def test_es_stats_equal_a_direct_computation_per_epoch(tmp_path: Path, caplog) -
         with caplog.at_level(logging.INFO, logger="es_stream"):
             stats = sel.log_stats()
         w, wt = np.concatenate(seen_w), np.concatenate(weights)
-        assert stats["steps"] == steps_per_epoch and stats["samples"] == samples
+        assert stats["steps"] == steps_per_epoch and stats["samples_seen"] == samples
         assert stats["uniform_steps"] == uniform
-        assert stats["selected"] == steps_per_epoch * b
+        assert stats["samples_selected"] == steps_per_epoch * b
         assert stats["selected_fraction"] == b / B
         assert stats["never_scored_fraction"] == never / samples
         assert stats["weight_min"] == pytest.approx(wt.min(), rel=1e-6)
@@ -93,7 +93,7 @@ def test_record_counts_a_whole_meta_batch_as_uniform(tmp_path: Path) -> None:
     sel.select(ids, torch.tensor([1.0, 1.0, 1.0]))
     stats = sel.stats()
     assert stats["steps"] == 2 and stats["uniform_steps"] == 1
-    assert stats["selected"] == 3 + 2 and stats["samples"] == 6
+    assert stats["samples_selected"] == 3 + 2 and stats["samples_seen"] == 6
     assert stats["never_scored_fraction"] == 0.5  # the second meta-batch was scored by record
     assert stats["weight_min"] == stats["weight_max"] == 1.0  # no reweight: weights are 1
 
@@ -122,7 +122,7 @@ def test_stats_resume_bit_identical_beyond_the_reservoir(tmp_path: Path) -> None
     assert a.stats() == resumed.stats()
     # 120 scores seen, 16 kept: a sample of them, not the first or last 16
     kept = a.metrics._scores.values
-    assert kept.numel() == 16 and a.stats()["samples"] == 120
+    assert kept.numel() == 16 and a.stats()["samples_seen"] == 120
     fresh = make()
     for ids, l in batches:
         fresh.select(ids, l)
@@ -218,8 +218,8 @@ def test_loop_records_each_epochs_stats(tmp_path: Path) -> None:
     steps = full + (tail > 8)
     assert len(result["stats"]) == 2
     for stats in result["stats"]:  # per epoch: the stats were reset at each epoch end
-        assert stats["steps"] == steps and stats["selected"] == 8 * steps
-        assert stats["samples"] == 24 * full + (tail if tail > 8 else 0)
+        assert stats["steps"] == steps and stats["samples_selected"] == 8 * steps
+        assert stats["samples_seen"] == 24 * full + (tail if tail > 8 else 0)
     assert result["stats"][0]["never_scored_fraction"] == 1.0
     assert result["stats"][1]["never_scored_fraction"] < 1.0
 
@@ -238,5 +238,5 @@ def test_cuda_stats_make_no_host_sync_per_step() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     stats = sel.stats()  # the one sync
-    assert stats["steps"] == 12 and stats["samples"] == 12 * big_b
+    assert stats["steps"] == 12 and stats["samples_seen"] == 12 * big_b
     assert 0 < stats["never_scored_fraction"] <= 1 and stats["weight_min"] > 0
