@@ -102,6 +102,12 @@ class Selector:
         """Gumbel-top-k: b indices drawn without replacement with p proportional to exp(log w)."""
         return self._keys(log_weights).topk(self.batch_size, sorted=False).indices
 
+    def _observe(self, losses: torch.Tensor, uniform: bool = False) -> None:
+        """Stats of a loss-ranking selector's step: b of the meta-batch, ranked by its losses,
+        no loss weights, no store (so nothing is never scored)."""
+        self.metrics.observe(samples=losses.numel(), selected=self.batch_size, uniform=uniform,
+                             scores=losses.detach())
+
     # ------------------------------------------------------------ interface
     def select(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """Indices (into the meta-batch) of the b samples to back-propagate."""
@@ -152,6 +158,7 @@ class UniformSelector(Selector):
         self._validate(ids, losses)
         self.step += 1
         self.last_weights = None
+        self._observe(losses, uniform=True)  # the losses it was given, though it ignores them
         return self._top_k(torch.zeros_like(losses, dtype=torch.float32))
 
 
@@ -168,6 +175,7 @@ class LossSelector(Selector):
     def select(self, ids: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         self._validate(ids, losses)
         self.step += 1
+        self._observe(losses)
         return self._top_k(losses.detach().float().clamp_min(self.floor).log())
 
 
@@ -178,6 +186,7 @@ class TopKSelector(Selector):
     def select(self, ids: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         self._validate(ids, losses)
         self.step += 1
+        self._observe(losses)
         return losses.detach().topk(self.batch_size, sorted=False).indices
 
 
@@ -191,6 +200,7 @@ class SelectiveBackpropSelector(Selector):
     def select(self, ids: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         self._validate(ids, losses)
         self.step += 1
+        self._observe(losses)
         n = losses.numel()
         keep = self.batch_size / n
         rank = torch.empty_like(losses, dtype=torch.long)

@@ -240,3 +240,19 @@ def test_cuda_stats_make_no_host_sync_per_step() -> None:
     stats = sel.stats()  # the one sync
     assert stats["steps"] == 12 and stats["samples_seen"] == 12 * big_b
     assert 0 < stats["never_scored_fraction"] <= 1 and stats["weight_min"] > 0
+
+
+@pytest.mark.parametrize("make,uniform", [(lambda: es.UniformSelector(2), 1),
+                                          (lambda: es.LossSelector(2), 0),
+                                          (lambda: es.TopKSelector(2), 0),
+                                          (lambda: es.SelectiveBackpropSelector(2), 0)],
+                         ids=["uniform", "loss", "topk", "selective-backprop"])
+def test_loss_ranking_selectors_report_their_losses(make, uniform) -> None:
+    sel = make()
+    seen = [torch.rand(6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    for l in seen:
+        sel.select(None, l)
+    stats = sel.stats()
+    assert stats["steps"] == 4 and stats["uniform_steps"] == 4 * uniform
+    assert stats["selected_fraction"] == 2 / 6 and stats["never_scored_fraction"] == 0.0
+    assert stats["score_p50"] == pytest.approx(np.median(torch.cat(seen).numpy()), rel=1e-6)
