@@ -59,12 +59,16 @@ class _Reservoir:
     """A uniform random sample, without replacement, of at most ``capacity`` of the values
     added so far (priority sampling: every value gets a uniform random key, the ``capacity``
     largest keys stay), kept on the values' device. Exact while fewer values than ``capacity``
-    were added. Shapes depend only on host-known counts: no synchronisation."""
+    were added. Values are appended to a buffer of ``4 * capacity`` and cut back to the
+    ``capacity`` largest keys only when it fills (one top-k every few steps, not one per step);
+    shapes depend only on host-known counts: no synchronisation."""
 
     def __init__(self, capacity: int, seed: int) -> None:
         self.capacity, self.seed = capacity, seed
-        self.values: torch.Tensor | None = None
+        self.seen = 0  # values added (host count)
+        self.values: torch.Tensor | None = None  # the buffer; rows [0, fill) are in use
         self.keys: torch.Tensor | None = None
+        self.fill = 0
         self._gen: torch.Generator | None = None
         self._gen_state: torch.Tensor | None = None
 
@@ -79,32 +83,88 @@ class _Reservoir:
 
     def add(self, values: torch.Tensor) -> None:
         values = values.detach().reshape(-1).float()
-        if values.numel() == 0:
+        m = values.numel()
+        if m == 0:
             return
+        self.seen += m
         # own generator: the selector's draws are the same with or without the stats
-        keys = torch.rand(values.numel(), device=values.device,
-                          generator=self._generator(values.device))
-        if self.values is not None:
-            values = torch.cat([self.values.to(values.device), values])
-            keys = torch.cat([self.keys.to(values.device), keys])
-        if values.numel() > self.capacity:
-            top = keys.topk(self.capacity, sorted=False).indices
-            values, keys = values[top], keys[top]
-        self.values, self.keys = values, keys
+        keys = torch.rand(m, device=values.device, generator=self._generator(values.device))
+        size = 4 * self.capacity
+        if self.values is None or self.values.device != values.device:
+            old_v, old_k = self._used()
+            self.values = torch.empty(size, device=values.device)
+            self.keys = torch.empty(size, device=values.device)
+            self.fill = 0
+            if old_v is not None:
+                self._put(old_v.to(values.device), old_k.to(values.device))
+        if self.fill + m > size:  # full: keep the capacity largest keys of all, then append
+            v, k = self._used()
+            v, k = self._top(torch.cat([v, values]), torch.cat([k, keys]))
+            self.fill = 0
+            self._put(v, k)
+            return
+        self._put(values, keys)
+
+    def _put(self, values: torch.Tensor, keys: torch.Tensor) -> None:
+        if values.numel() > self.values.numel():
+            values, keys = self._top(values, keys)
+        end = self.fill + values.numel()
+        self.values[self.fill:end] = values
+        self.keys[self.fill:end] = keys
+        self.fill = end
+
+    def _top(self, values: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if values.numel() <= self.capacity:
+            return values, keys
+        top = keys.topk(self.capacity, sorted=False).indices
+        return values[top], keys[top]
+
+    def _used(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.values is None:
+            return None, None
+        return self.values[:self.fill], self.keys[:self.fill]
+
+    def sample(self) -> torch.Tensor | None:
+        """The values kept: the ``capacity`` with the largest keys (all, while fewer)."""
+        v, k = self._used()
+        if v is None or v.numel() == 0:
+            return None
+        return self._top(v, k)[0]
 
     def quantiles(self, qs: tuple[float, ...]) -> list[float]:
-        if self.values is None:
+        sample = self.sample()
+        if sample is None:
             return [math.nan] * len(qs)
-        q = torch.tensor(qs, dtype=torch.float64, device=self.values.device)
-        return torch.quantile(self.values.double(), q).tolist()  # the one sync
+        q = torch.tensor(qs, dtype=torch.float64, device=sample.device)
+        return torch.quantile(sample.double(), q).tolist()  # the one sync
 
     def state_dict(self) -> dict[str, Any]:
         gen = self._gen.get_state() if self._gen is not None else self._gen_state
-        return {"values": self.values, "keys": self.keys, "generator": gen}
+        v, k = self._used()
+        return {"values": None if v is None else v.clone(), "keys": None if k is None else k.clone(),
+                "seen": self.seen, "generator": gen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.values, self.keys = state["values"], state["keys"]
+        self.values = self.keys = None
+        self.fill, self.seen = 0, int(state.get("seen", 0))
         self._gen, self._gen_state = None, state["generator"]
+        if state["values"] is not None:
+            v, k = state["values"], state["keys"]
+            self.values = torch.empty(4 * self.capacity, device=v.device)
+            self.keys = torch.empty(4 * self.capacity, device=v.device)
+            self._put(v, k)
+
+
+def _median_with_ones(sample: torch.Tensor | None, seen: int, ones: int) -> float:
+    """Median of ``seen`` values represented by ``sample`` and ``ones`` values equal to 1: the
+    weighted median (each sampled value stands for ``seen / len(sample)`` values)."""
+    if sample is None:
+        return 1.0 if ones else math.nan
+    values, order = torch.sort(torch.cat([sample.double(), sample.new_ones(1, dtype=torch.float64)]))
+    mass = torch.cat([torch.full_like(sample, seen / sample.numel(), dtype=torch.float64),
+                      torch.tensor([float(ones)], dtype=torch.float64, device=sample.device)])[order]
+    cum = mass.cumsum(0)
+    return float(values[int(torch.searchsorted(cum, cum[-1] / 2))])
 
 
 class SelectionStats:
@@ -128,7 +188,9 @@ class SelectionStats:
     * ``never_scored_fraction``: share of ``samples_seen`` whose score had never been set when their
       meta-batch arrived (for an ES store: a score that read as the store's initial ``1/n``);
     * ``weight_min``, ``weight_p50``, ``weight_max``: the loss weights handed out with the
-      selected samples (``last_weights``; 1 for each selected sample when there are none);
+      selected samples (``last_weights``; 1 for each selected sample when there are none,
+      counted on the host rather than stored; when both kinds occur, ``weight_p50`` is the
+      weighted median of the weights' sample and the ones);
     * ``score_p10``, ``score_p50``, ``score_p90``: the scores the selection ranked, one per
       sample of each meta-batch (ES: the sampling weight ``w``; top-k rules: what they rank).
     """
@@ -147,6 +209,7 @@ class SelectionStats:
         self._never: torch.Tensor | int = 0  # a device count once observed on a device
         self._wmin: torch.Tensor | None = None
         self._wmax: torch.Tensor | None = None
+        self._unit_weights = 0  # selected samples handed no weight (1 each): counted, not stored
         self._weights = _Reservoir(self.capacity, self.seed * 2 + 1)
         self._scores = _Reservoir(self.capacity, self.seed * 2 + 2)
 
@@ -160,16 +223,16 @@ class SelectionStats:
         self.uniform_steps += int(uniform)
         self.samples += int(samples)
         self.selected += int(selected)
-        device = scores.device
         if never_scored is not None:
             self._never = self._never + never_scored.sum()
-        w = (weights.detach().float() if weights is not None
-             else torch.ones(int(selected), device=device))
-        if w.numel():
+        if weights is None:
+            self._unit_weights += int(selected)
+        elif weights.numel():
+            w = weights.detach().float()
             lo, hi = w.min(), w.max()
             self._wmin = lo if self._wmin is None else torch.minimum(self._wmin, lo.to(self._wmin.device))
             self._wmax = hi if self._wmax is None else torch.maximum(self._wmax, hi.to(self._wmax.device))
-        self._weights.add(w)
+            self._weights.add(w)
         self._scores.add(scores)
 
     def compute(self) -> dict[str, float]:
@@ -180,23 +243,36 @@ class SelectionStats:
                "samples_seen": float(self.samples), "samples_selected": float(self.selected),
                "selected_fraction": self.selected / self.samples if self.samples else nan,
                "never_scored_fraction": never / self.samples if self.samples else nan,
-               "weight_min": float(self._wmin) if self._wmin is not None else nan,
-               "weight_p50": self._weights.quantiles((0.5,))[0],
-               "weight_max": float(self._wmax) if self._wmax is not None else nan}
+               **self._weight_stats()}
         for q, v in zip(self.QUANTILES, self._scores.quantiles(self.QUANTILES)):
             out[f"score_p{round(q * 100)}"] = v
         return out
+
+    def _weight_stats(self) -> dict[str, float]:
+        lo = float(self._wmin) if self._wmin is not None else math.inf
+        hi = float(self._wmax) if self._wmax is not None else -math.inf
+        if self._unit_weights:
+            lo, hi = min(lo, 1.0), max(hi, 1.0)
+        if self._unit_weights == 0:
+            p50 = self._weights.quantiles((0.5,))[0]
+        else:  # some steps handed out no weights (1 each) among weighted ones
+            p50 = _median_with_ones(self._weights.sample(), self._weights.seen, self._unit_weights)
+        if math.isinf(lo):
+            lo = hi = math.nan
+        return {"weight_min": lo, "weight_p50": p50, "weight_max": hi}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything observed, so a resumed run reports what an uninterrupted one would."""
         return {"steps": self.steps, "uniform_steps": self.uniform_steps, "samples": self.samples,
                 "selected": self.selected, "never": self._never, "wmin": self._wmin,
-                "wmax": self._wmax, "weights": self._weights.state_dict(),
+                "wmax": self._wmax, "unit_weights": self._unit_weights,
+                "weights": self._weights.state_dict(),
                 "scores": self._scores.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("steps", "uniform_steps", "samples", "selected"):
             setattr(self, key, int(state[key]))
         self._never, self._wmin, self._wmax = state["never"], state["wmin"], state["wmax"]
+        self._unit_weights = int(state.get("unit_weights", 0))
         self._weights.load_state_dict(state["weights"])
         self._scores.load_state_dict(state["scores"])

@@ -121,7 +121,7 @@ def test_stats_resume_bit_identical_beyond_the_reservoir(tmp_path: Path) -> None
         resumed.select(ids, l)
     assert a.stats() == resumed.stats()
     # 120 scores seen, 16 kept: a sample of them, not the first or last 16
-    kept = a.metrics._scores.values
+    kept = a.metrics._scores.sample()
     assert kept.numel() == 16 and a.stats()["samples_seen"] == 120
     fresh = make()
     for ids, l in batches:
@@ -134,7 +134,7 @@ def test_reservoir_keeps_a_uniform_sample_and_exact_extremes() -> None:
     values = torch.arange(1000, dtype=torch.float32)
     for chunk in values.split(10):
         stats.observe(samples=10, selected=2, uniform=False, scores=chunk, weights=chunk[:2])
-    kept = stats._scores.values
+    kept = stats._scores.sample()
     assert kept.numel() == 64 and len(set(kept.tolist())) == 64
     assert set(kept.tolist()) <= set(values.tolist())
     # a uniform sample of 0..999: its median is near 500 (sd of a 64-sample median ~36)
@@ -256,3 +256,19 @@ def test_loss_ranking_selectors_report_their_losses(make, uniform) -> None:
     assert stats["steps"] == 4 and stats["uniform_steps"] == 4 * uniform
     assert stats["selected_fraction"] == 2 / 6 and stats["never_scored_fraction"] == 0.0
     assert stats["score_p50"] == pytest.approx(np.median(torch.cat(seen).numpy()), rel=1e-6)
+
+
+def test_weight_median_mixes_unweighted_steps_as_ones() -> None:
+    """A reweighting selector's record() hands out no weights (1 each): the median counts them."""
+    sel = es.ESSelector(50, 2, reweight="approx", seed=3)
+    handed = []
+    for i in range(4):
+        ids = torch.arange(5 * i, 5 * i + 5)
+        sel.select(ids, torch.rand(5, generator=torch.Generator().manual_seed(i)) + 0.1)
+        handed.append(sel.last_weights.numpy())
+    sel.record(torch.arange(40, 47), torch.rand(7))  # 7 samples trained with weight 1
+    all_weights = np.sort(np.concatenate(handed + [np.ones(7, np.float32)]))
+    stats = sel.stats()
+    assert stats["weight_p50"] == pytest.approx(all_weights[math.ceil(len(all_weights) / 2) - 1])
+    assert stats["weight_min"] == pytest.approx(all_weights[0])
+    assert stats["weight_max"] == pytest.approx(all_weights[-1])
