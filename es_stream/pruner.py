@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from ._version import __version__
 from .corpus import Corpus
 from .distributed import merge_rank_scores
+from .metrics import LogFn, check_log_fn, emit
 from .manifest import (WRITE_ID, clear_success, epoch_writer, mark_success, read_epoch, shard_file,
                        write_shard)
 from .policy import CHUNK, Decision, Policy
@@ -26,6 +28,8 @@ from .store import ScoreStore
 WRITERS = min(4, os.cpu_count() or 1)
 
 log = logging.getLogger(__name__)
+
+SCORE_SAMPLE = 1 << 20  # scores sampled for the summary's quantiles (exact up to this corpus size)
 
 
 class Pruner:
@@ -46,15 +50,24 @@ class Pruner:
             manifests recording the scores before it); 0 (default) leaves them as they were.
 
     The store is bound to the corpus (:meth:`ScoreStore.bind`): a store that belongs to another
-    corpus is refused. Each decision's counts are returned by :meth:`write`, logged by
-    :meth:`on_epoch_end` (logger ``es_stream.pruner``, INFO) and kept in :attr:`last_summary`:
-    ``{"epoch", "samples", "kept", "pruned", "rescaled", "never_scored"}``, where ``rescaled``
-    counts kept samples whose loss weight is not 1 and ``never_scored`` samples kept because
-    they were never scored (see :class:`ScoreStore`).
+    corpus is refused. Each decision's summary is returned by :meth:`write`, logged by it
+    (logger ``es_stream.pruner``, INFO), given to ``log_fn`` (keys prefixed ``es/prune/``, step:
+    the epoch decided) and kept in :attr:`last_summary`: ``{"epoch", "samples", "kept",
+    "pruned", "rescaled", "never_scored", "score_p10", "score_p50", "score_p90"}``, where
+    ``rescaled`` counts kept samples whose loss weight is not 1, ``never_scored`` samples kept
+    because they were never scored (see :class:`ScoreStore`), and the quantiles are those of the
+    scored samples' scores the decision read (NaN if none; exact up to ``SCORE_SAMPLE`` = 2^20
+    samples, above it of every ``ceil(n / 2^20)``-th id: a fixed, evenly spread sample, read
+    from the chunks the decision reads anyway).
+
+    ``log_fn``: optional ``(metrics: dict[str, float], step: int) -> None``, e.g.
+    ``lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()]`` (TensorBoard) or
+    ``lambda m, step: wandb.log(m)`` (W&B; its own step, as the epoch is not the run's step).
     """
 
     def __init__(self, corpus: Corpus, store: ScoreStore, policy: Policy,
-                 out_dir: str | os.PathLike, decay: float = 0.0) -> None:
+                 out_dir: str | os.PathLike, decay: float = 0.0,
+                 log_fn: LogFn | None = None) -> None:
         if not isinstance(corpus, Corpus):
             raise TypeError(f"corpus must be an es_stream.Corpus, got {type(corpus).__name__}")
         if not isinstance(store, ScoreStore):
@@ -71,7 +84,8 @@ class Pruner:
         self.corpus, self.store, self.policy = corpus, store, policy
         self.out_dir = os.fspath(out_dir)
         self.decay = decay
-        self.last_summary: dict[str, int] | None = None
+        self.log_fn = check_log_fn(log_fn)
+        self.last_summary: dict[str, float] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """What decides the manifests. A pruner keeps no other state: each epoch's decision is
@@ -99,12 +113,7 @@ class Pruner:
             merge_rank_scores(self.store)
         mean = self._mean() if self.decay > 0 else 0.0  # of the scores the decision sees
         if not distributed or dist.get_rank() == 0:
-            self.write(target, total_epochs)
-            summary = self.last_summary  # (read here: a subclass's write may return nothing)
-            if summary is not None and summary["epoch"] == target:
-                log.info("epoch %d: kept %d of %d samples (%d pruned, %d rescaled, %d never "
-                         "scored and kept)", target, summary["kept"], summary["samples"],
-                         summary["pruned"], summary["rescaled"], summary["never_scored"])
+            self.write(target, total_epochs)  # logs its summary
         if distributed:
             dist.barrier()
         if self.decay > 0:  # every rank, from the written decision, so stores stay equal
@@ -130,9 +139,10 @@ class Pruner:
                 values[pruned] = (1 - self.decay) * values[pruned] + self.decay * mean
                 self.store.write_range(a, values, where=pruned)  # the rest stay as they are
 
-    def write(self, epoch: int, total_epochs: int) -> dict[str, int]:
+    def write(self, epoch: int, total_epochs: int) -> dict[str, float]:
         """Decide epoch ``epoch`` from the current scores and write its manifests; returns the
-        decision's counts (see the class docstring), also kept in :attr:`last_summary`.
+        decision's summary (see the class docstring), also kept in :attr:`last_summary`,
+        logged and given to ``log_fn``.
 
         Works chunk by chunk (see :mod:`es_stream.policy`): a shard's file is written as soon as
         the chunks covering it are decided, so memory stays bounded for any corpus size.
@@ -145,7 +155,16 @@ class Pruner:
             summary = self._write_locked(epoch, total_epochs, write_id)
             mark_success(self.out_dir, epoch, write_id)
         self.last_summary = summary
+        self._log(summary)
         return summary
+
+    def _log(self, summary: dict[str, float]) -> None:
+        log.info("epoch %d: kept %d of %d samples (%d pruned, %d rescaled, %d never scored and "
+                 "kept); scores p10/p50/p90 %.6g/%.6g/%.6g", summary["epoch"], summary["kept"],
+                 summary["samples"], summary["pruned"], summary["rescaled"],
+                 summary["never_scored"], summary["score_p10"], summary["score_p50"],
+                 summary["score_p90"])
+        emit(summary, int(summary["epoch"]), self.log_fn, None, "es/prune/")
 
     def write_id(self, epoch: int, total_epochs: int) -> str:
         """The id of the decision for ``epoch``: a digest of everything that decides it (corpus,
@@ -167,11 +186,13 @@ class Pruner:
             h.update(np.packbits(reader.scored(a, b)).tobytes())
         return h.hexdigest()
 
-    def _write_locked(self, epoch: int, total_epochs: int, write_id: str) -> dict[str, int]:
+    def _write_locked(self, epoch: int, total_epochs: int, write_id: str) -> dict[str, float]:
         reader = self.store.range_reader()  # scores and never-scored masks, one read per chunk
         n, read = self.store.num_samples, reader.scores
-        summary = {"epoch": int(epoch), "samples": n, "kept": 0, "pruned": 0, "rescaled": 0,
-                   "never_scored": 0}
+        summary: dict[str, float] = {"epoch": int(epoch), "samples": n, "kept": 0, "pruned": 0,
+                                     "rescaled": 0, "never_scored": 0}
+        stride = max(1, math.ceil(n / SCORE_SAMPLE))
+        sampled: list[np.ndarray] = []
         meta = {"corpus_fingerprint": self.corpus.fingerprint, "epoch": str(epoch),
                 "es_stream_version": __version__, **self.policy.describe(), WRITE_ID: write_id}
         clear_success(self.out_dir, epoch)
@@ -189,9 +210,11 @@ class Pruner:
                 end = buf_start + len(buf_keep)
                 while shard < self.corpus.num_shards and starts[shard + 1] <= end:
                     a, b = int(starts[shard]), int(starts[shard + 1])
+                    scores = read(a, b)
+                    sampled.append(_scored_sample(scores, reader.scored(a, b), a, stride))
                     pending.append(pool.submit(
                         write_shard, shard_file(self.out_dir, epoch, shard), a,
-                        buf_keep[a - buf_start:b - buf_start], read(a, b),
+                        buf_keep[a - buf_start:b - buf_start], scores,
                         buf_weight[a - buf_start:b - buf_start],
                         {**meta, "shard": self.corpus.shards[shard].name}))
                     while len(pending) > 2 * WRITERS:
@@ -201,7 +224,23 @@ class Pruner:
                 buf_keep, buf_weight, buf_start = buf_keep[done:], buf_weight[done:], buf_start + done
             while pending:  # every shard file is in place before _SUCCESS is written
                 pending.popleft().result()
+        summary.update(_score_quantiles(sampled))
         return summary
+
+
+def _scored_sample(scores: np.ndarray, scored: np.ndarray, start: int, stride: int) -> np.ndarray:
+    """The scores of the scored samples among ids ``start ..`` that are multiples of
+    ``stride`` (all of them at stride 1)."""
+    first = -start % stride
+    return scores[first::stride][scored[first::stride]]
+
+
+def _score_quantiles(sampled: list[np.ndarray]) -> dict[str, float]:
+    values = np.concatenate(sampled) if sampled else np.empty(0, np.float32)
+    if values.size == 0:
+        return {"score_p10": math.nan, "score_p50": math.nan, "score_p90": math.nan}
+    p10, p50, p90 = np.quantile(values.astype(np.float64), [0.1, 0.5, 0.9])
+    return {"score_p10": float(p10), "score_p50": float(p50), "score_p90": float(p90)}
 
 
 def _count(summary: dict[str, int], d: Decision) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from .band import refuse_never_scored
 from .feedback import FeedbackChannel
+from .metrics import LogFn
 from .score import require_complete
 from .selector import ESSelector, Selector
 from .store import ScoreStore, as_index
@@ -42,12 +43,18 @@ class ReducibleLossSelector(Selector):
     store; a :class:`~es_stream.ScoreError` names the store and the first missing id). With
     ``fingerprint`` (the corpus's ``Corpus.fingerprint``) a reference of another corpus is
     refused (:meth:`ScoreStore.bind`).
+
+    **Stats** (:meth:`stats`, :meth:`log_stats`, ``log_fn``: as :class:`ESSelector`): the
+    scores are the reducible losses ranked (``"topk"``; its ``never_scored_fraction`` is 0, the
+    reference being complete) or the ES rule's sampling weights of them (``"es"``, whose
+    ESSelector keeps the stats).
     """
 
     def __init__(self, reference: ScoreStore, batch_size: int, rule: str = "topk", *,
                  fingerprint: str | None = None, seed: int = 0, feedback: str = "auto",
-                 max_pending: int = 16, **es_kwargs: Any) -> None:
-        super().__init__(batch_size, seed)
+                 max_pending: int = 16, log_fn: LogFn | None = None,
+                 **es_kwargs: Any) -> None:
+        super().__init__(batch_size, seed, log_fn)
         if not isinstance(reference, ScoreStore):
             raise TypeError(f"reference must be an es_stream.ScoreStore of reference losses "
                             f"(es-stream score), got {type(reference).__name__}")
@@ -69,6 +76,7 @@ class ReducibleLossSelector(Selector):
         if rule == "es":
             self.es = ESSelector(reference.num_samples, batch_size, seed=seed, feedback=feedback,
                                  max_pending=max_pending, fingerprint=fingerprint, **es_kwargs)
+            self.metrics = self.es.metrics  # one record of the steps, kept where they happen
         self._channels: dict[torch.device, FeedbackChannel] = {}
 
     @property
@@ -124,6 +132,8 @@ class ReducibleLossSelector(Selector):
         self.step += 1
         if self.es is None:
             self.last_weights = None
+            self.metrics.observe(samples=r.numel(), selected=self.batch_size, uniform=False,
+                                 scores=r)
             return r.topk(self.batch_size, sorted=False).indices
         self.es.batch_size = self.batch_size
         chosen = self.es.select(ids, r)

@@ -19,21 +19,35 @@ import torch
 
 from ._check import integer
 from .feedback import FeedbackChannel
+from .metrics import LogFn, SelectionStats, check_log_fn, emit
 from .store import ScoreStore, as_index, positive_int
 
 
 class Selector:
-    """Base class: validation, the random generator, and the step counter.
+    """Base class: validation, the random generator, the step counter and the stats.
+
+    **Stats.** :meth:`stats` reports what the selector did since it was built or since
+    :meth:`reset_stats` (see :class:`es_stream.metrics.SelectionStats` for the keys and how the
+    quantiles are kept: on the device, no per-step synchronisation; :meth:`stats` syncs once).
+    :meth:`log_stats` (call it at each epoch end) logs them at INFO on the ``es_stream`` logger,
+    hands them to ``log_fn`` with keys prefixed ``es/`` and resets. The stats travel in
+    :meth:`state_dict`, so a resumed run reports what an uninterrupted one would.
+    ``log_fn=lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()]``
+    (TensorBoard) or ``log_fn=wandb.log`` (W&B) plug in as one line.
 
     Args:
         batch_size: b, samples to select from each meta-batch.
         seed: seed of the selector's own generator (independent of torch's global one).
+        log_fn: optional ``(metrics: dict[str, float], step: int) -> None`` that
+            :meth:`log_stats` calls.
     """
 
-    def __init__(self, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, batch_size: int, seed: int = 0, log_fn: LogFn | None = None) -> None:
         self.batch_size = positive_int(batch_size, "batch_size (b)", "an integer >= 1")
         self.seed = integer(seed, "seed")
         self.step = 0
+        self.log_fn = check_log_fn(log_fn)
+        self.metrics = SelectionStats(seed=self.seed)
         self._generators: dict[str, torch.Generator] = {}
         self._pending_state: dict[str, torch.Tensor] = {}
         self.last_weights: torch.Tensor | None = None
@@ -88,22 +102,52 @@ class Selector:
         """Gumbel-top-k: b indices drawn without replacement with p proportional to exp(log w)."""
         return self._keys(log_weights).topk(self.batch_size, sorted=False).indices
 
+    def _observe(self, losses: torch.Tensor, uniform: bool = False) -> None:
+        """Stats of a loss-ranking selector's step: b of the meta-batch, ranked by its losses,
+        no loss weights, no store (so nothing is never scored)."""
+        self.metrics.observe(samples=losses.numel(), selected=self.batch_size, uniform=uniform,
+                             scores=losses.detach())
+
     # ------------------------------------------------------------ interface
     def select(self, ids: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """Indices (into the meta-batch) of the b samples to back-propagate."""
         raise NotImplementedError
 
+    def stats(self) -> dict[str, float]:
+        """What the selector did since it was built or last :meth:`reset_stats` (see
+        :class:`es_stream.metrics.SelectionStats`); synchronises with the device once."""
+        return self.metrics.compute()
+
+    def reset_stats(self) -> None:
+        """Start a new stats period (e.g. an epoch)."""
+        self.metrics.reset()
+
+    def log_stats(self, step: int | None = None, reset: bool = True) -> dict[str, float]:
+        """:meth:`stats`, logged at INFO (logger ``es_stream``) and given to ``log_fn`` (keys
+        prefixed ``es/``, at ``step``, default the selector's step); then, with ``reset``,
+        :meth:`reset_stats`. Returns the stats (unprefixed)."""
+        stats = self.stats()
+        step = self.step if step is None else step
+        emit(stats, step, self.log_fn, f"{type(self).__name__} step {step}", "es/")
+        if reset:
+            self.reset_stats()
+        return stats
+
     def state_dict(self) -> dict[str, Any]:
-        """Step and generator states; a restored selector makes the same selections."""
+        """Step, generator states and stats; a restored selector makes the same selections
+        and reports the same stats."""
         gens = {k: g.get_state() for k, g in self._generators.items()}
         gens.update({k: v for k, v in self._pending_state.items() if k not in gens})
-        return {"step": self.step, "seed": self.seed, "generators": gens}
+        return {"step": self.step, "seed": self.seed, "generators": gens,
+                "stats": self.metrics.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.seed = int(state["seed"])
         self._generators.clear()
         self._pending_state = dict(state["generators"])
+        if "stats" in state:  # (states saved before the stats existed have none)
+            self.metrics.load_state_dict(state["stats"])
 
 
 class UniformSelector(Selector):
@@ -114,6 +158,7 @@ class UniformSelector(Selector):
         self._validate(ids, losses)
         self.step += 1
         self.last_weights = None
+        self._observe(losses, uniform=True)  # the losses it was given, though it ignores them
         return self._top_k(torch.zeros_like(losses, dtype=torch.float32))
 
 
@@ -130,6 +175,7 @@ class LossSelector(Selector):
     def select(self, ids: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         self._validate(ids, losses)
         self.step += 1
+        self._observe(losses)
         return self._top_k(losses.detach().float().clamp_min(self.floor).log())
 
 
@@ -140,6 +186,7 @@ class TopKSelector(Selector):
     def select(self, ids: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         self._validate(ids, losses)
         self.step += 1
+        self._observe(losses)
         return losses.detach().topk(self.batch_size, sorted=False).indices
 
 
@@ -153,6 +200,7 @@ class SelectiveBackpropSelector(Selector):
     def select(self, ids: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         self._validate(ids, losses)
         self.step += 1
+        self._observe(losses)
         n = losses.numel()
         keep = self.batch_size / n
         rank = torch.empty_like(losses, dtype=torch.long)
@@ -241,8 +289,8 @@ class ESSelector(Selector):
                  seed: int = 0, store: ScoreStore | None = None,
                  device: torch.device | str | None = None, feedback: str = "auto",
                  max_pending: int = 16, fingerprint: str | None = None,
-                 fresh_steps: int = 0) -> None:
-        super().__init__(batch_size, seed)
+                 fresh_steps: int = 0, log_fn: LogFn | None = None) -> None:
+        super().__init__(batch_size, seed, log_fn)
         num_samples = positive_int(num_samples, "num_samples")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= beta <= 1.0:
@@ -285,6 +333,8 @@ class ESSelector(Selector):
         # step of each sample's last real update (-1: none), on the host: see "Fresh scores"
         self._last_update = (torch.full((num_samples,), -1, dtype=torch.int32)
                              if fresh_steps else None)
+        # which rows of the last update()'s meta-batch had never been scored (for the stats)
+        self.last_never_scored: torch.Tensor | None = None
 
     def channel(self, device: torch.device | str) -> FeedbackChannel | None:
         """The feedback channel that serves losses on ``device`` (None: direct access)."""
@@ -333,6 +383,8 @@ class ESSelector(Selector):
             s = self.store.gather(ids, checked=True).to(l.device, non_blocking=True)
         else:
             s = channel.fetch(ids)
+        # never scored reads as exactly the initial 1/n (see ScoreStore); a device comparison
+        self.last_never_scored = s == self.store.initial
         fwd = None
         if forwarded is not None:
             fwd = torch.as_tensor(forwarded, dtype=torch.bool).to(l.device, non_blocking=True)
@@ -370,18 +422,26 @@ class ESSelector(Selector):
             if self.uniform_mix > 0:
                 p = (1.0 - self.uniform_mix) * p + self.uniform_mix / n
             log_p = p.log()
+        chosen = self._draw(log_p, k, uniform)
+        self.metrics.observe(samples=n, selected=k, uniform=uniform, scores=w,
+                             weights=self.last_weights, never_scored=self.last_never_scored)
+        return chosen
+
+    def _draw(self, log_p: torch.Tensor, k: int, uniform: bool) -> torch.Tensor:
+        """k of the meta-batch with ``p = exp(log_p)``; sets :attr:`last_weights`."""
+        n = log_p.numel()
         if self.reweight != "unbiased":
             chosen = self._keys(log_p).topk(k, sorted=False).indices
             self.last_weights = (1.0 / (n * log_p[chosen].exp())) if self.reweight else None
             return chosen
         if k == n:  # everything is drawn: inclusion probability 1
-            chosen = torch.arange(n, device=w.device)
-            self.last_weights = torch.ones(n, device=w.device)
+            chosen = torch.arange(n, device=log_p.device)
+            self.last_weights = torch.ones(n, device=log_p.device)
             return chosen
         top = self._keys(log_p).topk(k + 1)  # sorted: the last is kappa, the (b+1)-th key
         chosen, kappa = top.indices[:k], top.values[k]
         if uniform:
-            self.last_weights = torch.ones(k, device=w.device)
+            self.last_weights = torch.ones(k, device=log_p.device)
         else:  # q_i = 1 - exp(-p_i e^-kappa) = P(key_i > kappa)
             q = -torch.expm1(-torch.exp(log_p[chosen] - kappa))
             self.last_weights = k / (n * q)
@@ -392,9 +452,11 @@ class ESSelector(Selector):
         ``b == B``, or a loop that never selects) from their training ``losses`` (detached):
         the ES rule's update, no scoring forward. Counts as a step."""
         ids = self._validate(ids, losses, 0)
-        self.update(ids, losses)
+        w = self.update(ids, losses)
         self.step += 1
         self.last_weights = None
+        self.metrics.observe(samples=w.numel(), selected=w.numel(), uniform=True, scores=w,
+                             never_scored=self.last_never_scored)
 
     def stale(self, ids: Any) -> torch.Tensor:
         """Which rows of ``ids`` need a scoring forward: a boolean mask on the host, True for a

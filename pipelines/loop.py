@@ -452,6 +452,7 @@ class Counts:
     curve: list[tuple[float, float]] = field(default_factory=list)
     cpu_curve: list[tuple[float, float]] = field(default_factory=list)
     learned_fraction: list[float] = field(default_factory=list)
+    stats: list[dict[str, float]] = field(default_factory=list)
 
 
 class _Run:
@@ -641,6 +642,8 @@ class _Run:
             self.pruner.on_epoch_end(epoch, config.epochs)
         clock.stop()
         self.close_epoch_diagnostics()
+        if self.selector is not None:  # the epoch's selection stats (one sync, clock stopped)
+            self.counts.stats.append(self.selector.log_stats())
         self.evaluate()  # timer paused
 
     def prune_once(self) -> None:
@@ -677,7 +680,8 @@ class _Run:
                 f"final_{quality}": values[-1] if values else float("nan"),
                 f"best_{quality}": best(values, default=float("nan")),
                 "curve": curve, "learned_fraction": self.counts.learned_fraction,
-                "cpu_curve": [(t + extra_cpu, q) for t, q in self.counts.cpu_curve]}
+                "cpu_curve": [(t + extra_cpu, q) for t, q in self.counts.cpu_curve],
+                "stats": self.counts.stats}
 
 
 def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
@@ -688,7 +692,8 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
     ``params``, ``final_<quality>``, ``best_<quality>`` (max, or min when lower is better) and
     ``curve``: ``(wall_clock_s, quality)`` per evaluation, and ``learned_fraction``: per epoch,
     the fraction of the samples read whose loss was below the workload's ``learned_loss``
-    (empty without one); ``reference_s``, ``reference_train_s``, ``reference_score_s``: what the
+    (empty without one); ``stats``: per epoch, the selector's :meth:`~es_stream.ESSelector.stats`
+    for that epoch (empty without a selector; steps 0 for selectors that keep none); ``reference_s``, ``reference_train_s``, ``reference_score_s``: what the
     reference model cost a method of :data:`REFERENCE_METHODS` (already in ``wall_clock_s`` and
     the curve; 0 for the others). Raises ValueError naming the argument
     for an unknown method, ``b > B``, ``evals_per_epoch < 1`` or a budget outside

@@ -22,7 +22,7 @@ pytest.importorskip("streaming")
 import torch.nn.functional as F  # noqa: E402
 from composer import Callback, Trainer  # noqa: E402
 from composer.core import Algorithm, Event, State  # noqa: E402
-from composer.loggers import Logger  # noqa: E402
+from composer.loggers import InMemoryLogger, Logger  # noqa: E402
 from composer.models import ComposerClassifier, ComposerModel  # noqa: E402
 
 import es_stream as es  # noqa: E402
@@ -176,10 +176,44 @@ def test_eswp_writes_manifests_and_the_next_epoch_trains_only_kept_samples(data:
     trainer.close()
 
 
+def test_epoch_end_logs_selection_stats_and_pruning_summary(data: Path, tmp_path: Path):
+    """Composer's loggers get, per epoch, the selector's stats as es/<key> and the pruning
+    decision as es/prune/<key>: checked against what the run did and the manifests say."""
+    manifests = tmp_path / "manifests"
+    policy = es.ESWPPolicy(ratio=0.5, burn_in_epochs=1, anneal=0.0, seed=3)
+    algorithm = EvolvedSampling(batch_size=b, policy=policy, burn_in=0.2)
+    memory = InMemoryLogger()
+    trainer, record = make_trainer(data, algorithm, epochs=3, manifests=manifests, loggers=[memory])
+    trainer.fit()
+    logged = {k: [v for _, v in values] for k, values in memory.data.items()}
+    batches = [N // B, (N // 2) // B, (N // 2) // B]
+    assert logged["es/steps"] == batches  # one entry per epoch: reset at each epoch end
+    assert logged["es/samples_seen"] == [B * n for n in batches]
+    assert logged["es/samples_selected"] == [b * n for n in batches]
+    assert logged["es/selected_fraction"] == [b / B] * 3
+    # burn_in=0.2 of 3 epochs: epoch 0 (elapsed 0) is uniform, the others are not
+    assert logged["es/uniform_steps"] == [batches[0], 0, 0]
+    # epoch 0 meets every sample for the first time; later epochs only scored ones
+    assert logged["es/never_scored_fraction"] == [1.0, 0.0, 0.0]
+    assert logged["es/weight_min"] == logged["es/weight_max"] == [1.0] * 3  # no reweighting
+    for e in range(3):
+        assert logged["es/score_p10"][e] <= logged["es/score_p50"][e] <= logged["es/score_p90"][e]
+    corpus = es.Corpus.from_mds(data)
+    assert logged["es/prune/epoch"] == [1.0, 2.0, 3.0]
+    for e in (1, 2, 3):
+        keep = es.manifest.read_epoch(manifests, e, corpus.fingerprint, corpus.shard_counts)
+        assert logged["es/prune/kept"][e - 1] == len(keep.kept_ids)
+    assert logged["es/prune/never_scored"] == [0.0] * 3
+    # per-step keys are still there, one per step
+    assert len(logged["es/selected"]) == sum(batches)
+    trainer.close()
+
+
 def resume_case(tmp_path: Path, data: Path, *, policy: bool, save_interval: str, crash_at: int,
                 epochs: int):
     """Run once uninterrupted; run again, checkpointing at ``save_interval`` and dying at batch
-    ``crash_at``; resume from the last checkpoint. Returns both runs' selections and states."""
+    ``crash_at``; resume from the last checkpoint. Returns both runs' selections and states, and
+    the uninterrupted run's InMemoryLogger."""
 
     def algorithm():
         p = es.ESWPPolicy(ratio=0.5, burn_in_epochs=1, anneal=0.0, seed=3) if policy else None
@@ -187,7 +221,8 @@ def resume_case(tmp_path: Path, data: Path, *, policy: bool, save_interval: str,
 
     full_alg = algorithm()
     full, full_rec = make_trainer(copy_of(data, tmp_path, "a"), full_alg, epochs=epochs,
-                                  manifests=tmp_path / "man-a" if policy else None)
+                                  manifests=tmp_path / "man-a" if policy else None,
+                                  loggers=[full_log := InMemoryLogger()])
     full.fit()
     full_params = [p.detach().clone() for p in full.state.model.parameters()]
     full.close()
@@ -204,10 +239,10 @@ def resume_case(tmp_path: Path, data: Path, *, policy: bool, save_interval: str,
     saved = sorted(checkpoints.glob("ba*.pt"), key=lambda p: int(re.findall(r"\d+", p.name)[0]))
     resumed_alg = algorithm()
     resumed, resumed_rec = make_trainer(data_b, resumed_alg, epochs=epochs, manifests=manifests_b,
-                                        load_path=str(saved[-1]))
+                                        load_path=str(saved[-1]), loggers=[InMemoryLogger()])
     start = int(resumed.state.timestamp.batch)
     resumed.fit()
-    return full_alg, full_rec, full_params, resumed, resumed_alg, resumed_rec, start
+    return full_alg, full_rec, full_params, resumed, resumed_alg, resumed_rec, start, full_log
 
 
 @pytest.mark.parametrize("policy,save_interval,crash_at,expect_start", [
@@ -219,7 +254,7 @@ def test_resume_selects_what_an_uninterrupted_run_selects(tmp_path: Path, data: 
                                                           save_interval: str, crash_at: int,
                                                           expect_start: int):
     epochs = 3 if policy else 2
-    full_alg, full_rec, full_params, resumed, resumed_alg, resumed_rec, start = resume_case(
+    full_alg, full_rec, full_params, resumed, resumed_alg, resumed_rec, start, full_log = resume_case(
         tmp_path, data, policy=policy, save_interval=save_interval, crash_at=crash_at,
         epochs=epochs)
     assert start == expect_start
@@ -229,6 +264,15 @@ def test_resume_selects_what_an_uninterrupted_run_selects(tmp_path: Path, data: 
         len(v) for v in full_rec.selected.values()) / b * B)
     np.testing.assert_array_equal(resumed_alg.selector.store.to_numpy(),
                                   full_alg.selector.store.to_numpy())
+    # the stats of the epoch the checkpoint cut (and later ones) are those of the uninterrupted
+    # run: the steps before the checkpoint travelled in it
+    resumed_log = next(d for d in resumed.logger.destinations if isinstance(d, InMemoryLogger))
+    stat_keys = [k for k in full_log.data if k.startswith("es/") and k.count("/") == 1
+                 and k not in ("es/meta_batch", "es/selected", "es/uniform")]
+    assert "es/score_p50" in stat_keys
+    for key in stat_keys:
+        tail = [v for _, v in resumed_log.data[key]]
+        assert tail == [v for _, v in full_log.data[key]][-len(tail):], key
     for p, q in zip(resumed.state.model.parameters(), full_params):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
     if policy:

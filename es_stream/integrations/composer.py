@@ -162,9 +162,13 @@ class EvolvedSampling(Algorithm):
       those b rows of every per-sample field (tuple and dict batches, nested ones too), in
       their original order. A meta-batch of at most b samples (an epoch's tail) is trained
       whole; its scores are still updated. :attr:`last_ids` holds the selected ids.
-    * ``EPOCH_END``: with a ``policy``, :class:`es_stream.Pruner` writes the next epoch's
-      manifests (ranks first merge their scores); without one, under several ranks, the ranks
-      merge their scores (:func:`es_stream.merge_rank_scores`).
+    * ``EPOCH_END``: the selector's stats for the epoch (:meth:`ESSelector.stats`: selected
+      fraction, uniform steps, never-scored share, weight and score quantiles) go to Composer's
+      loggers as ``es/<key>`` (and to the ``es_stream`` logger), then restart; with a
+      ``policy``, :class:`es_stream.Pruner` writes the next epoch's manifests (ranks first merge
+      their scores) and its summary goes to the loggers as ``es/prune/<key>`` (rank 0, which
+      decides); without one, under several ranks, the ranks merge their scores
+      (:func:`es_stream.merge_rank_scores`).
     * ``FIT_START`` / ``EPOCH_START``: with pruning on an ``ESStreamingDataset``, the trainer's
       ``dataloader_len`` is re-read from ``len(dataloader)``, i.e. from the epoch's kept count.
 
@@ -310,7 +314,7 @@ class EvolvedSampling(Algorithm):
         elif event == Event.AFTER_DATALOADER:
             self._select(state, logger)
         elif event == Event.EPOCH_END:
-            self._end_epoch(state)
+            self._end_epoch(state, logger)
 
     # ------------------------------------------------------------------ setup
     def _train_dataset(self, state: State) -> Any:
@@ -427,11 +431,15 @@ class EvolvedSampling(Algorithm):
         if self.reducible is not None:  # RHO-LOSS: rank by loss - reference loss
             losses = self.reducible.reducible(ids, losses)
         if size <= b:  # an epoch's short tail: train on all of it, still learn its scores
-            self.selector.update(ids, losses)
+            w = self.selector.update(ids, losses)
+            self.selector.metrics.observe(samples=size, selected=size, uniform=True, scores=w,
+                                          never_scored=self.selector.last_never_scored)
             index = torch.arange(size)
         elif self.reducible is not None and self.reference_rule == "topk":
             self.selector.update(ids, losses)
             self.selector.step += 1
+            self.selector.metrics.observe(samples=size, selected=b, uniform=False, scores=losses,
+                                          never_scored=self.selector.last_never_scored)
             index = losses.topk(b, sorted=False).indices.sort().values
         else:
             self.selector.batch_size = b
@@ -443,12 +451,18 @@ class EvolvedSampling(Algorithm):
                             "es/uniform": int(self.selector.uniform_now)})
 
     # ------------------------------------------------------------------ epochs
-    def _end_epoch(self, state: State) -> None:
+    def _end_epoch(self, state: State, logger: Logger) -> None:
         if self.selector is None:
             return
+        # this epoch's selection stats, then a fresh period (one device sync per epoch)
+        stats = self.selector.log_stats(step=int(state.timestamp.batch))
+        logger.log_metrics({f"es/{k}": v for k, v in stats.items()})
         if self.pruner is not None:
             finished = int(state.timestamp.epoch) - 1  # the timestamp has moved on already
             self.pruner.on_epoch_end(finished, int(state.max_duration.value))
+            summary = self.pruner.last_summary  # rank 0's decision (the others do not write)
+            if summary is not None and summary["epoch"] == finished + 1:
+                logger.log_metrics({f"es/prune/{k}": float(v) for k, v in summary.items()})
         elif composer_dist.get_world_size() > 1:
             merge_rank_scores(self.selector.store)
 
