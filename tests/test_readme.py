@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -38,6 +39,57 @@ def write_clusters(directory: Path, n: int = 1024, seed: int = 0) -> np.ndarray:
             w.write({"__key__": f"{i:06d}", "npy": buf.getvalue(), "cls": i % 10})
     Corpus.from_webdataset(str(directory)).save(directory / "corpus.parquet")
     return centers
+
+
+def test_first_screen_example_writes_shards_and_trains_with_infobatch(tmp_path, monkeypatch):
+    """The README's first block, run as written in an empty directory: it writes its own shards,
+    trains, prunes the middle epochs by score, and the model learns the toy classes."""
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_block("first-screen"), "README.md", "exec"), scope)
+    corpus, model = scope["corpus"], scope["model"]
+    assert corpus.num_samples == 4000 and corpus.num_shards == 4
+    epochs = sorted(p.name for p in (tmp_path / "manifests").iterdir())
+    assert epochs == [f"epoch={e:05d}" for e in range(1, 7)]
+    t = pads.dataset(str(tmp_path / "manifests"), partitioning="hive").to_table()
+    keep, epoch = t.column("keep").to_numpy(zero_copy_only=False), t.column("epoch").to_numpy()
+    kept = {int(e): int(keep[epoch == e].sum()) for e in range(1, 7)}
+    assert kept[1] < 4000 and kept[6] == 4000     # pruned in the middle, all read in the tail
+    weights = t.column("weight").to_numpy()
+    assert (weights[keep & (epoch == 1)] > 1).any()  # the kept low-loss samples are up-weighted
+    rng = np.random.default_rng(1)                  # fresh images of the same ten classes
+    labels = np.arange(1000) % 10
+    images = rng.normal(60, 30, size=(1000, 16, 16))
+    images[np.arange(1000), labels] += 120
+    x = torch.from_numpy(images.clip(0, 255).astype(np.uint8).astype(np.float32) / 255)  # "torchl"
+    with torch.no_grad():
+        acc = (model(x).argmax(1).numpy() == labels).mean()
+    assert acc >= 0.9, acc
+
+
+def test_metrics_example_logs_stats_and_pruning_summaries(tmp_path, monkeypatch, caplog):
+    import logging
+
+    write_clusters(tmp_path, seed=3)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    with caplog.at_level(logging.INFO, logger="es_stream"):
+        exec(compile(readme_block("metrics"), "README.md", "exec"), scope)
+    history, selector = scope["history"], scope["selector"]
+    stats = [(step, m) for step, m in history if "es/selected_fraction" in m]
+    prunes = [(step, m) for step, m in history if "es/prune/kept" in m]
+    assert [step for step, _ in stats] == [0, 1, 2]
+    steps_per_epoch = [1024 // 128, math.ceil(0.7 * 1024) // 128, 1024 // 128]  # epoch 1 pruned
+    for (_, m), steps in zip(stats, steps_per_epoch):
+        assert m["es/steps"] == steps and m["es/samples_selected"] == 32 * steps
+        assert m["es/selected_fraction"] == pytest.approx(32 / 128)
+        assert m["es/score_p10"] <= m["es/score_p50"] <= m["es/score_p90"]
+    assert stats[0][1]["es/never_scored_fraction"] > stats[2][1]["es/never_scored_fraction"]
+    assert prunes and prunes[0][1]["es/prune/kept"] == math.ceil(0.7 * 1024)
+    assert scope["pruner"].last_summary["kept"] == 1024       # the annealed last decision
+    assert scope["stats"] == {k[3:]: v for k, v in stats[-1][1].items()}
+    assert any("selected_fraction" in r.getMessage() for r in caplog.records)
+    assert selector.stats()["steps"] == 0                      # log_stats reset it
 
 
 def test_plain_loop_example_trains(tmp_path, monkeypatch):
