@@ -4,8 +4,9 @@
    and indexes both (cached in ``OUT/mnist1d/data``).
 2. Streams one epoch of each through ``ESDataset`` with DataLoader workers, checks every id
    arrives once with the sample written for it, and prints samples/s.
-3. Trains the pipeline's 1D CNN with uniform batches, ES and ESWP (``pipelines.mnist1d``,
-   preset ``demo``), prints the table and where the plot is.
+3. Trains the pipeline's 1D CNN with uniform batches, InfoBatch-style pruning (the README's
+   recommended method), ES and ESWP (``pipelines.mnist1d``, preset ``demo``), prints the table
+   and where the plot is.
 4. Runs the offline tools on what training left: ``es-stream prune`` from ES's saved scores,
    ``es-stream inspect`` of ESWP's manifests (with a plot), ``es-stream compact``.
 """
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{len(data.y) / seconds:,.0f} samples/s (meta-batch {args.meta_batch}, "
               f"{args.workers} workers, {data.corpus.num_shards} shards)", flush=True)
 
-    print("\ntraining: uniform vs ES vs ESWP (python -m pipelines.mnist1d --preset demo)", flush=True)
+    print("\ntraining: uniform vs InfoBatch vs ES vs ESWP (python -m pipelines.mnist1d --preset demo)",
+          flush=True)
     results = mnist1d_main(["--preset", "demo", "--out", str(out)])
 
     runs, index = out / "runs", Path(results["data_dir"]) / "wds.parquet"

@@ -31,7 +31,7 @@ from ..loop import ALL_METHODS as METHODS
 from ..report import fmt, plot_curves, runs_table, stats, write_results
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {"methods": "uniform,es,eswp", "train": 20000, "test": 5000, "epochs": 8, "workers": 0},
+    "demo": {"methods": "uniform,infobatch,es,eswp", "train": 20000, "test": 5000, "epochs": 8, "workers": 0},
     "full": {"train": 40000, "test": 10000, "epochs": 15},
 }
 
