@@ -9,9 +9,10 @@ a wanted sample and never decodes what it skips.
 A meta-batch of local samples is read by :meth:`WDSShardReader.read_batch`: its samples are
 sorted by (shard, offset), neighbours whose spans are at most ``COALESCE_GAP`` bytes apart are
 read by one ``pread`` into one buffer, and the header checksums of the whole meta-batch are
-tested in one numpy pass; only the per-member ``bytes`` slices and the sample dicts are made one
-by one. The bytes read and what each sample gets are exactly what :meth:`WDSShardReader.read`
-gives sample by sample (same dicts, same errors), in the meta-batch's order.
+tested in one numpy pass (a header the pass cannot confirm goes through tarfile's own parse);
+only the per-member ``bytes`` slices and the sample dicts are made one by one. Each sample gets
+what :meth:`WDSShardReader.read` gives it alone — the same dict, or the same error for a short
+read, a bad checksum or a missing shard — in the meta-batch's order.
 """
 
 from __future__ import annotations
@@ -35,16 +36,12 @@ _CHKSUM = slice(148, 156)  # the header's checksum field (ustar), counted as 8 s
 _HEADER = tarfile.BLOCKSIZE
 
 
-def _header_sums(headers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unsigned, signed) tar checksums of ``headers`` [k, 512] uint8, as
-    ``tarfile.calc_chksums`` computes them for one header: every byte, the checksum field
-    counted as spaces."""
-    field = headers[:, _CHKSUM]
-    unsigned = headers.sum(1, dtype=np.int64) - field.sum(1, dtype=np.int64) + 8 * 32
-    signed_bytes = headers.view(np.int8)
-    signed = (signed_bytes.sum(1, dtype=np.int64) - signed_bytes[:, _CHKSUM].sum(1, dtype=np.int64)
-              + 8 * 32)
-    return unsigned, signed
+def _unsigned_sums(headers: np.ndarray) -> np.ndarray:
+    """The unsigned tar checksums of ``headers`` [k, 512] uint8, as ``tarfile.calc_chksums``
+    computes them for one header: every byte, the checksum field counted as 8 spaces. (The
+    signed variant tarfile also accepts, written by some old tars, is left to tarfile.)"""
+    return (headers.sum(1, dtype=np.int64) - headers[:, _CHKSUM].sum(1, dtype=np.int64)
+            + 8 * ord(" "))
 
 
 class _StreamedShard:
@@ -209,6 +206,8 @@ class WDSShardReader:
         whole = (buf_of >= 0) & (base + lens <= np.array([len(b) for b in bufs] + [0])[buf_of])
         good = _good_headers(bufs, buf_of, base, whole)
         keys = t.keys.take(o_ids).to_pylist()
+        if not isinstance(keys[0], str):  # a binary keys column: names that are not UTF-8
+            keys = [_py_text(k) for k in keys]
         suffixes, starts, sizes, ptr = self._members(o_ids)
         names = [self.corpus.shards[s].name for s in o_shards.tolist()]
         for j, (i, sid, b, r, n, is_whole, is_good, key, name) in enumerate(zip(
@@ -225,7 +224,7 @@ class WDSShardReader:
             except ShardError as exc:
                 out[i] = exc
                 continue
-            sample: dict[str, Any] = {"__key__": _py_text(key), "__url__": name}
+            sample: dict[str, Any] = {"__key__": key, "__url__": name}
             for m in range(ptr[j], ptr[j + 1]):
                 start = r + starts[m]
                 sample[suffixes[m]] = data[start:start + sizes[m]]
@@ -325,7 +324,10 @@ def _good_headers(bufs: list[bytes], buf_of: np.ndarray, base: np.ndarray,
     """Which samples' first header passes tarfile's checksum test, for a whole meta-batch in one
     numpy pass. A header this pass cannot confirm (a checksum not written as tarfile and GNU tar
     write it, six octal digits and a NUL, or one that does not match) is False here and goes
-    through tarfile's own parse, which gives the verdict and the error message."""
+    through tarfile's own parse, which gives the verdict and the error message: a header whose
+    checksum tarfile refuses is refused, with tarfile's reason. (Like the per-sample path's
+    docstring says, this is a checksum test: other fields of a header whose checksum matches
+    are not parsed.)"""
     good = np.zeros(len(buf_of), dtype=bool)
     at = np.flatnonzero(whole)
     if not len(at):
@@ -333,9 +335,8 @@ def _good_headers(bufs: list[bytes], buf_of: np.ndarray, base: np.ndarray,
     blocks = b"".join([bufs[b][r:r + _HEADER] for b, r in zip(buf_of[at].tolist(),
                                                                base[at].tolist())])
     headers = np.frombuffer(blocks, np.uint8).reshape(len(at), _HEADER)
-    unsigned, signed = _header_sums(headers)
     digits = headers[:, 148:154].astype(np.int64) - ord("0")
     octal = ((digits >= 0) & (digits < 8)).all(1) & (headers[:, 154] == 0)
     stored = digits @ (8 ** np.arange(5, -1, -1, dtype=np.int64))
-    good[at] = octal & ((stored == unsigned) | (stored == signed))
+    good[at] = octal & (stored == _unsigned_sums(headers))
     return good
