@@ -400,12 +400,21 @@ class ESDataset(IterableDataset):
         kept: list[int] = []
         kept_shards: list[int] = []
         lost: list[int] = []
-        for sid, shard, pos in zip(ids.tolist(), shards.tolist(), positions.tolist()):
+        # a reader that reads a meta-batch at once (local tar shards) returns each sample or the
+        # error reading it would raise; the loop below still applies them in the meta-batch's
+        # order, so on_error behaves exactly as when samples are read one by one
+        read_batch = getattr(reader, "read_batch", None)
+        early = read_batch(ids, shards, failed_shards) if read_batch else [None] * len(ids)
+        for sid, shard, pos, sample in zip(ids.tolist(), shards.tolist(), positions.tolist(),
+                                           early):
             if shard in failed_shards:
                 lost.append(sid)
                 continue
             try:
-                sample = reader.read(shard, pos, sid)
+                if sample is None:
+                    sample = reader.read(shard, pos, sid)
+                elif isinstance(sample, ShardError):
+                    raise sample
                 samples.append(sample if self.decode is None else self._decode(sample, shard, sid))
             except ShardError as exc:
                 self._skip(exc, epoch, shard, sid, failed_shards)

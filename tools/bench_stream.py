@@ -16,6 +16,10 @@ shard). Then, for each DataLoader worker count in ``--workers``, one full epoch 
   instance is built (untimed) for every run; ``clean_stale_shared_memory()`` is called once
   first, which also frees the shared memory of any *other* StreamingDataset running on this
   machine, so do not run the bench beside a job that uses one.
+* ``limit: tar offset-slice`` (with ``workers=0`` only): no reader at all: each tar shard read
+  whole by one ``read()`` and every sample's ``bin`` and ``cls`` sliced out by the offsets of
+  the es-stream index, in shard order — the ceiling the disk and the index allow a tar reader in
+  one process; the report gives each es-stream/wds row as a fraction of it.
 * ``es-stream/wds`` and ``es-stream/mds``: :class:`es_stream.ESDataset` over the indexed tar and
   MDS corpora (``shuffle=False``, the raw readers' sequential order), through
   :func:`es_stream.loader`. ``--es-shuffle`` adds rows with ``shuffle=True``, es-stream's default
@@ -59,6 +63,7 @@ import es_stream
 
 SHARD_SAMPLES = 2000  # samples a shard (fewer when --samples leaves fewer shards than workers)
 MARKER = ".es_bench_data"  # marks a --dir subfolder this script wrote, so it may replace it
+LIMIT = "limit: tar offset-slice"  # the row of offset_slicing_limit
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (payload uint8[B, P], cls int64[B])
 
@@ -171,6 +176,40 @@ def time_epoch(make_loader: Callable[[], Iterable[Any]], unpack: Callable[[Any],
     return best
 
 
+def offset_slicing_limit(corpus: es_stream.Corpus, meta_batch: int) -> Iterable[Batch]:
+    """The ceiling for reading tar shards in this process: each shard read whole by one
+    ``read()``, each sample's ``bin`` and ``cls`` sliced out of that buffer by the offsets the
+    es-stream index holds, batched with the shared collate. No header check, no sample dict,
+    no DataLoader: what the disk, the index and the per-sample work allow."""
+    t = corpus.tar
+    bin_code, cls_code = t.suffixes.index("bin"), t.suffixes.index("cls")
+    batch: list[tuple[bytes, int]] = []
+    for shard, first in enumerate(corpus.shard_starts[:-1].tolist()):
+        with open(corpus.local_path(shard), "rb") as f:
+            data = f.read()
+        count = int(corpus.shard_counts[shard])
+        ptr = t.member_ptr[first:first + count + 1]
+        members = np.arange(int(ptr[0]), int(ptr[-1]))
+        starts = (np.repeat(t.offsets[first:first + count], np.diff(ptr))
+                  + t.member_offset[members]).tolist()
+        ends = (np.asarray(starts) + t.member_size[members]).tolist()
+        codes = t.member_suffix[members].tolist()
+        last = set((ptr[1:] - 1 - ptr[0]).tolist())  # each sample's last member
+        payload, label = b"", 0
+        for j, (code, start, end) in enumerate(zip(codes, starts, ends)):
+            if code == bin_code:
+                payload = data[start:end]
+            elif code == cls_code:
+                label = int(data[start:end])
+            if j in last:
+                batch.append((payload, label))
+                if len(batch) == meta_batch:
+                    yield collate(batch)
+                    batch = []
+    if batch:
+        yield collate(batch)
+
+
 def as_batch(batch: Batch) -> Batch:
     """The raw readers' batches are already ``(payload, labels)``."""
     return batch
@@ -223,6 +262,8 @@ def bench(wds_dir: Path, mds_dir: Path, n: int, meta_batch: int, workers: list[i
                 make_sd(n), batch_size=meta_batch, num_workers=nw,
                 collate_fn=mds_collate), as_batch),
         ]
+        if nw == 0:  # a single-process ceiling: the same for every worker count's table
+            runs.append((LIMIT, lambda: offset_slicing_limit(wds_corpus, meta_batch), as_batch))
         for shuffle in [False, True] if es_shuffle else [False]:
             for fmt, corpus, decode in (("wds", wds_corpus, decode_wds), ("mds", mds_corpus, decode_mds)):
                 name = f"es-stream/{fmt}" + (" shuffle" if shuffle else "")
@@ -251,6 +292,18 @@ def table(results: list[Result]) -> str:
         for r in group:
             rows.append(f"{r.reader:<22} {nw:>7} {r.seconds:>8.3f} {r.rate:>10,.0f} "
                         f"{r.rate / wds_best:>6.2f}x {r.rate / sd_best:>6.2f}x")
+    limit = [r.rate for r in results if r.reader == LIMIT]
+    if limit:
+        rows.append("")
+        for r in results:
+            if r.reader.startswith("es-stream/wds"):
+                rows.append(f"{r.reader} workers={r.workers}: {r.rate / limit[0]:.2f}x the "
+                            "offset-slicing limit")
+    for name in sorted({r.reader for r in results if r.reader.startswith("es-stream")}):
+        rate = {r.workers: r.rate for r in results if r.reader == name}
+        if 0 in rate:
+            rows.extend(f"{name} workers={w} / workers=0: {rate[w] / rate[0]:.2f}x"
+                        for w in sorted(rate) if w)
     return "\n".join(rows)
 
 
