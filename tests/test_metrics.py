@@ -272,3 +272,25 @@ def test_weight_median_mixes_unweighted_steps_as_ones() -> None:
     assert stats["weight_p50"] == pytest.approx(all_weights[math.ceil(len(all_weights) / 2) - 1])
     assert stats["weight_min"] == pytest.approx(all_weights[0])
     assert stats["weight_max"] == pytest.approx(all_weights[-1])
+
+
+def test_large_meta_batches_are_thinned_to_a_stratified_sample_with_exact_extremes():
+    """Beyond PER_STEP values a step offers an evenly strided subset to the quantile sample
+    (its cost stays O(PER_STEP)); the quantiles stay close to the direct ones, min/max exact."""
+    from es_stream.metrics import PER_STEP, SelectionStats
+
+    gen = torch.Generator().manual_seed(0)
+    stats, scores_seen, weights_seen = SelectionStats(), [], []
+    for _ in range(40):
+        scores = torch.rand(4 * PER_STEP, generator=gen) ** 2       # skewed, shuffled order
+        weights = 1 + torch.rand(2 * PER_STEP, generator=gen)
+        stats.observe(samples=scores.numel(), selected=weights.numel(), uniform=False,
+                      scores=scores, weights=weights)
+        scores_seen.append(scores)
+        weights_seen.append(weights)
+    out, s, w = stats.compute(), torch.cat(scores_seen), torch.cat(weights_seen)
+    for q in (10, 50, 90):
+        assert out[f"score_p{q}"] == pytest.approx(torch.quantile(s, q / 100).item(), abs=0.03)
+    assert out["weight_p50"] == pytest.approx(torch.quantile(w, 0.5).item(), abs=0.03)
+    assert (out["weight_min"], out["weight_max"]) == (w.min().item(), w.max().item())
+    assert out["samples_seen"] == s.numel() and out["samples_selected"] == w.numel()
