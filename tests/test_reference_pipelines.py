@@ -311,3 +311,27 @@ def test_the_mnist1d_pipeline_trains_its_reference_once_and_reports_its_cost(tmp
         m: r["reference_s"] for m, r in runs.items()}
     with pytest.raises(SystemExit):
         main([*argv, "--reference-width", "0"])
+
+
+def test_diag_reducible_reports_the_mislabelled_share_of_the_top_half(tmp_path: Path) -> None:
+    """tools/diag_reducible.py on a tiny noisy MNIST-1D with a reference that knows the noise
+    exactly (high loss on the flipped samples): its figures follow from those losses."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import diag_reducible
+
+    from pipelines.mnist1d.data import build
+
+    data = build(tmp_path / "m", 300, 100, 0.4, 42, "wds")
+    noisy = np.load(data.directory / "arrays.npz")["noisy"]
+    ref = np.where(noisy, 5.0, 0.1).astype(np.float32)
+    np.save(tmp_path / "ref.npy", ref)
+    lines = diag_reducible.main(["--reference", str(tmp_path / "ref.npy"), "--noise", "0.4",
+                                 "--data-dir", str(tmp_path / "m"), "--train", "300",
+                                 "--test", "100", "--epochs", "1"])
+    assert lines[0] == "reference loss: clean 0.10, mislabelled 5.00"
+    share = float(lines[1].split("top half by reducible loss ")[1].split()[0])
+    assert 0.0 <= share < noisy.mean()   # a reference this good keeps the flipped ones out
+    with pytest.raises(SystemExit, match="ref.npy"):
+        np.save(tmp_path / "ref.npy", ref[:10])
+        diag_reducible.main(["--reference", str(tmp_path / "ref.npy"), "--data-dir",
+                             str(tmp_path / "m"), "--train", "300", "--test", "100"])
