@@ -16,9 +16,9 @@ import webdataset as wds
 from es_stream import Corpus, ESDataset, loader
 from es_stream.errors import SampleError
 from es_stream.metabatch import MetaBatch
-from es_stream.sources.wds import COALESCE_GAP, WDSShardReader
+from es_stream.sources.wds import WDSShardReader
 
-BIG = 3 * COALESCE_GAP  # a payload a coalesced read must seek past, not read
+BIG = 48 << 10  # a payload that makes a big gap when pruned or skipped
 
 
 def _size(i: int) -> int:

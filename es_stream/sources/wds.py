@@ -7,8 +7,8 @@ sample's first header, which catches a shard rewritten in place. Shards that can
 a wanted sample and never decodes what it skips.
 
 A meta-batch of local samples is read by :meth:`WDSShardReader.read_batch`: its samples are
-sorted by (shard, offset), neighbours whose spans are at most ``COALESCE_GAP`` bytes apart are
-read by one ``pread`` into one buffer, and the header checksums of the whole meta-batch are
+sorted by (shard, offset), neighbours that touch on disk (``COALESCE_GAP`` = 0: nothing
+between them is read, so pruned samples never are) are read by one ``pread`` into one buffer, and the header checksums of the whole meta-batch are
 tested in one numpy pass (a header the pass cannot confirm goes through tarfile's own parse);
 only the per-member ``bytes`` slices and the sample dicts are made one by one. Each sample gets
 what :meth:`WDSShardReader.read` gives it alone — the same dict, or the same error for a short
@@ -26,10 +26,12 @@ import numpy as np
 from ..corpus import is_local_url, _local_path, _py_text
 from ..errors import SampleError, ShardError
 
-# Neighbouring samples of a shard whose spans are at most this many bytes apart are read by one
-# pread: a gap this small (a pruned sample or two of a few KiB) costs less to read and drop than
-# a system call. Larger gaps are seeked past, so pruned samples are never read in bulk.
-COALESCE_GAP = 16 << 10
+# Samples of a shard whose spans are at most this many bytes apart are read by one pread. It is
+# 0: only samples that touch on disk share a read, so nothing between them — a pruned sample, or
+# one another meta-batch reads — is ever read here (es-stream's promise: pruned samples are never
+# read). Reading small gaps would save system calls but break that promise; the bulk header
+# check, not the coalescing, is most of this path's speed-up (BENCHMARKS.md, issue 17).
+COALESCE_GAP = 0
 # and one coalesced read stays under this, so a meta-batch never holds a whole shard twice
 COALESCE_MAX = 8 << 20
 _CHKSUM = slice(148, 156)  # the header's checksum field (ustar), counted as 8 spaces
