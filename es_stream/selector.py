@@ -80,6 +80,10 @@ class Selector:
                              "elements: pass one id per loss, in the same order")
         n = losses.numel()
         k = self.batch_size if k is None else k
+        if n == 0:
+            raise ValueError("the meta-batch is empty (every sample of it was lost to "
+                             "on_error='skip': see mb.lost_ids): skip it with "
+                             "`if len(mb) == 0: continue` before computing losses")
         if k > n:
             raise ValueError(f"batch_size b={k} exceeds the meta-batch size B={n}: "
                              "use ESDataset(drop_last=True), or train on the whole meta-batch "

@@ -222,3 +222,12 @@ def test_selector_binds_its_store_to_the_corpus():
         ESSelector(10, 2, store=sel.store, fingerprint="corpus-b")
     with pytest.raises(TypeError, match="store must be an es_stream.ScoreStore, got Tensor"):
         ESSelector(10, 2, store=torch.zeros(10))
+
+
+def test_an_empty_meta_batch_is_refused_with_its_own_message_not_drop_last():
+    """An all-lost meta-batch (on_error='skip') is empty: the message says how to skip it, not
+    to set drop_last (which would not help)."""
+    selector = ESSelector(100, batch_size=4)
+    with pytest.raises(ValueError, match="empty.*lost_ids") as info:
+        selector.select(torch.empty(0, dtype=torch.long), torch.empty(0))
+    assert "drop_last" not in str(info.value)
