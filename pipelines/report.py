@@ -79,14 +79,15 @@ def seed_band(curves: list[list[list[float]]], points: int = 100) -> tuple[Any, 
 
 def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, title: str,
                 ylabel: str, *, labels: dict[str, str] | None = None,
-                target: float | None = None, ylim: tuple[float, float] | None = None) -> None:
+                target: float | None = None, ylim: tuple[float, float] | None = None,
+                xlabel: str = "training wall-clock (s, evaluation excluded)") -> None:
     """Quality against training wall-clock, one colour per method: the mean over seeds as a
     line, the min..max over seeds shaded (:func:`seed_band`, over the times every seed
     measured), each seed a thin line with its evaluations as dots (so the ends outside the
     band, or seeds that never overlap, still show); a method run with one seed: its curve.
     ``runs``: results with ``method`` and ``curve`` (``[[t, quality], ...]``); ``labels``:
     legend names of the methods; ``target``: a dashed horizontal line; ``ylim``: the quality
-    axis's range."""
+    axis's range; ``xlabel``: what the curves' times are."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +105,7 @@ def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, titl
         ax.axhline(target, color="k", ls="--", lw=1, label="target")
     if ylim is not None:
         ax.set_ylim(*ylim)
-    ax.set_xlabel("training wall-clock (s, evaluation excluded)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     most = max([sum(r["method"] == m for r in runs) for m in methods], default=0)
     how = ("bold: mean over seeds; band: min..max over seeds; thin: each seed" if most > 1

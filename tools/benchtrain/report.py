@@ -485,7 +485,8 @@ def plot_experiment(exp: Experiment, records: list[dict[str, Any]], summary: dic
     """Quality against training wall-clock through :func:`pipelines.report.plot_curves` (one
     plotting implementation: mean over seeds, min..max band, each evaluation a dot), with the
     target dashed and the axis zoomed on the finals' neighbourhood."""
-    runs = [{"method": r["method"], "curve": r["result"]["curve"]} for r in records]
+    runs = [{"method": r["method"], "curve": r["result"]["curve"],
+             "time_basis": r["result"].get("time_basis", "wall")} for r in records]
     ylim = None
     if summary.get("target") is not None:
         # zoom on the interesting range: from a bit below the target's neighbourhood
@@ -500,8 +501,13 @@ def plot_experiment(exp: Experiment, records: list[dict[str, Any]], summary: dic
         ylim = (max(ylim[0], min(qs) - pad), min(ylim[1], max(qs) + pad))
     ylabel = ("test accuracy" if summary.get("higher_is_better", True)
               else "held-out bits per byte (lower is better)")
+    bases = {r.get("time_basis", "wall") for r in runs}
+    xlabel = ("training time (CPU seconds of the process, evaluation excluded)" if bases == {"cpu"}
+              else "training wall-clock (s, evaluation excluded)" if bases == {"wall"}
+              else "training time (s; MIXED: CPU seconds and wall-clock)")
     plot_curves(runs, [m for m in exp.methods if any(r["method"] == m for r in runs)], path,
-                exp.title, ylabel, labels=LABELS, target=summary.get("target"), ylim=ylim)
+                exp.title, ylabel, labels=LABELS, target=summary.get("target"), ylim=ylim,
+                xlabel=xlabel)
 
 
 def plot_heatmap(entries: dict[str, dict[str, Any]], path: Path) -> bool:
