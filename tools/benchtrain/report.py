@@ -267,7 +267,7 @@ def describe(entry: dict[str, Any]) -> str:
                      f"noise, no clean label): {ref['heldout']} held-out samples, width "
                      f"{ref['width']}, {ref['epochs']} epochs; trained in "
                      f"{row['reference_train_s']['mean']:.1f} s and the corpus scored in "
-                     f"{row['reference_score_s']['mean']:.1f} s, counted in full in the wall-clock "
+                     f"{row['reference_score_s']['mean']:.1f} s, counted in full in the time "
                      f"(and time to target) of {', '.join(refs)}; the bands and random pruning "
                      f"keep {c['prune_keep']:g} of the corpus, decided once, and train "
                      f"{c['epochs']} epochs over it (the same training compute for each)")
