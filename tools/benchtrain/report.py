@@ -480,6 +480,11 @@ def write_text(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- plots
+#: a method whose mean final is this many tolerances beyond the target is left off the zoomed
+#: quality axis of an experiment's plot (and named in its title)
+OFF_AXIS_TOLERANCES = 25
+
+
 def plot_experiment(exp: Experiment, records: list[dict[str, Any]], summary: dict[str, Any],
                     path: Path) -> None:
     """Quality against training wall-clock through :func:`pipelines.report.plot_curves` (one
@@ -487,18 +492,29 @@ def plot_experiment(exp: Experiment, records: list[dict[str, Any]], summary: dic
     target dashed and the axis zoomed on the finals' neighbourhood."""
     runs = [{"method": r["method"], "curve": r["result"]["curve"],
              "time_basis": r["result"].get("time_basis", "wall")} for r in records]
-    ylim = None
+    ylim, title = None, exp.title
     if summary.get("target") is not None:
-        # zoom on the interesting range: from a bit below the target's neighbourhood
-        finals = [r["result"]["final"] for r in records]
+        # zoom on the interesting range: from a bit below the target's neighbourhood, leaving
+        # off the axis a method that ends far from it (one collapsed method would otherwise
+        # squeeze every other curve into a sliver); the title names it and its final
+        far = OFF_AXIS_TOLERANCES * abs(summary["tolerance"])
+        sign = 1 if summary["higher_is_better"] else -1
+        mean_final = {m: statistics.fmean(r["result"]["final"] for r in records if r["method"] == m)
+                      for m in {r["method"] for r in records}}
+        off = sorted(m for m, f in mean_final.items() if sign * (summary["target"] - f) > far)
+        shown = [r for r in records if r["method"] not in off] or records
+        finals = [r["result"]["final"] for r in shown]
         lo, hi = min(finals), max(finals)
         span = max(hi - lo, abs(summary["tolerance"]) * 4, 1e-3)
         ylim = ((lo - 3 * span, hi + span) if summary["higher_is_better"]
                 else (lo - span, hi + 3 * span))
         # ... but not past the data: an accuracy axis down to -0.2 is empty space
-        qs = [q for r in runs for _, q in r["curve"]] + [summary["target"]]
+        qs = [q for r in shown for _, q in r["result"]["curve"]] + [summary["target"]]
         pad = 0.05 * (max(qs) - min(qs) or 1e-3)
         ylim = (max(ylim[0], min(qs) - pad), min(ylim[1], max(qs) + pad))
+        if off and len(shown) < len(records):
+            title += " — the zoom ignores, far from the target: " + ", ".join(
+                f"{LABELS.get(m, m)} (final {mean_final[m]:.4g})" for m in off)
     ylabel = ("test accuracy" if summary.get("higher_is_better", True)
               else "held-out bits per byte (lower is better)")
     bases = {r.get("time_basis", "wall") for r in runs}
@@ -506,7 +522,7 @@ def plot_experiment(exp: Experiment, records: list[dict[str, Any]], summary: dic
               else "training wall-clock (s, evaluation excluded)" if bases == {"wall"}
               else "training time (s; MIXED: CPU seconds and wall-clock)")
     plot_curves(runs, [m for m in exp.methods if any(r["method"] == m for r in runs)], path,
-                exp.title, ylabel, labels=LABELS, target=summary.get("target"), ylim=ylim,
+                title, ylabel, labels=LABELS, target=summary.get("target"), ylim=ylim,
                 xlabel=xlabel)
 
 
