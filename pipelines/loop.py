@@ -58,8 +58,10 @@ says how: epochs and their budget, b and B, the learning rate, the seed, the met
   On CUDA it synchronises only at those evaluation points, never per step. Beside it, over the
   same intervals, the CPU seconds of this process and its finished children
   (:func:`cpu_seconds`): with one torch thread and no DataLoader workers that is the wall-clock
-  the run would take on an idle core, and it does not grow when other work shares the machine
-  (``cpu_s``, ``cpu_curve``; the benchmark's time basis, ``tools/benchtrain``).
+  the run would take on an idle core; it grows much less than wall-clock when other work shares
+  the machine, but it does grow (caches, memory bandwidth: uniform's CPU time was 1.5x higher
+  under a load average of 5 than on the idle machine), so compare runs made under the same
+  load (``cpu_s``, ``cpu_curve``; the benchmark's time basis, ``tools/benchtrain``).
 * **Counts.** ``samples_forwarded`` (read and passed through the model at least once: scoring
   forwards included, fewer for the pruning methods and for ``es_fresh``),
   ``samples_scored`` (through the no-grad scoring forward), ``samples_backpropagated`` (in the
@@ -410,8 +412,8 @@ def take(data: Any, rows: torch.Tensor) -> Any:
 
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process and of its children that have ended (DataLoader
-    workers once joined): a cost that, unlike wall-clock, does not grow when other processes
-    share the CPUs."""
+    workers once joined): a cost that grows far less than wall-clock when other processes share
+    the CPUs (their caches and memory bandwidth still slow it)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
 

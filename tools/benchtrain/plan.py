@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     g.add_argument("--time", choices=("cpu", "wall"), default="cpu",
                    help="time basis of every ratio, budget cut and curve: cpu = the training "
-                        "process's CPU seconds (its wall-clock on an idle core, not inflated "
-                        "by other load; runs recorded before it was measured stay on "
+                        "process's CPU seconds (its wall-clock on an idle core, much less inflated "
+                        "by other load than wall-clock, not immune to it: compare runs made "
+                        "under the same load; runs recorded before it was measured stay on "
                         "wall-clock), wall = wall-clock as measured")
     g = p.add_argument_group("selection and pruning (both workloads)")
     add_selection_args(g, help={

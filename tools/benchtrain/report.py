@@ -203,7 +203,7 @@ def _time_basis_line(bases: list[str]) -> str:
     """What the seconds of an experiment's table are (see ``benchtrain.run.on_time_basis``)."""
     if bases == ["cpu"]:
         return ("times: CPU seconds of the training process (its wall-clock on an idle core; "
-                "unaffected by other load on the machine)")
+                "much less inflated by other load than wall-clock, not immune to it)")
     if bases == ["wall"]:
         return "times: wall-clock seconds as measured"
     return ("times: MIXED — some runs on CPU seconds, some (recorded before CPU time was) on "
