@@ -29,7 +29,11 @@ Every reader does the same per-sample work: payload bytes and the ``cls`` int ou
 sample, and one shared collate into ``(uint8[B, payload], int64[B])`` tensors. Only the
 iteration is timed (writing and indexing are not): each run builds a fresh DataLoader with
 ``persistent_workers=False`` and times from ``iter()`` to exhaustion, so worker start-up is in
-every number alike. The best of ``--repeats`` runs is reported. ``cls`` holds the sample's index,
+every number alike. The best of ``--repeats`` runs is reported, with the CPU seconds it took in
+this process (``main cpu``) and in its DataLoader workers (``workers cpu``, the children's
+times, which the OS adds once the loader has joined them): on a machine with few cores the sum
+over the epoch's wall-clock says how many cores the reader kept busy, so a worker count that does
+not scale shows whether the cores ran out or the process waited. ``cls`` holds the sample's index,
 so after every run the bench checks that each of the N samples arrived exactly once (and, for
 es-stream, that each batch's ids match its samples) and exits non-zero if not.
 
@@ -141,6 +145,8 @@ class Result:
     workers: int
     seconds: float  # best of the repeats
     samples: int
+    cpu_main: float = math.nan  # CPU seconds of that run in this process
+    cpu_workers: float = math.nan  # ... and in its DataLoader workers
 
     @property
     def rate(self) -> float:
@@ -158,19 +164,27 @@ def check_once(n: int, labels: list[torch.Tensor], what: str) -> None:
 
 
 def time_epoch(make_loader: Callable[[], Iterable[Any]], unpack: Callable[[Any], Batch],
-               n: int, what: str, repeats: int) -> float:
-    """Best wall-clock seconds of one full epoch over ``repeats`` fresh loaders, checking the
-    exactly-once property after each (outside the timed region)."""
-    best = math.inf
+               n: int, what: str, repeats: int) -> tuple[float, float, float]:
+    """Best wall-clock seconds of one full epoch over ``repeats`` fresh loaders, with that run's
+    CPU seconds in this process and in its workers, checking the exactly-once property after
+    each (outside the timed region)."""
+    best = (math.inf, math.nan, math.nan)
     for _ in range(repeats):
         loader = make_loader()
         labels: list[torch.Tensor] = []
-        start = time.perf_counter()
+        before, start = os.times(), time.perf_counter()
         for batch in loader:
             labels.append(unpack(batch)[1])
         elapsed = time.perf_counter() - start
+        # the exhausted iterator has joined its workers (persistent_workers=False), so their
+        # CPU time is in the children's fields now
+        after = os.times()
         check_once(n, labels, what)
-        best = min(best, elapsed)
+        if elapsed < best[0]:
+            # (os.times counts in clock ticks: a difference can come out as -0.0)
+            best = (elapsed, max(0.0, after.user + after.system - before.user - before.system),
+                    max(0.0, after.children_user + after.children_system
+                        - before.children_user - before.children_system))
         del loader
         gc.collect()
     return best
@@ -273,8 +287,9 @@ def bench(wds_dir: Path, mds_dir: Path, n: int, meta_batch: int, workers: list[i
                     ds, num_workers=nw, persistent_workers=False, pin_memory=False),
                     es_unpack(name)))
         for name, make, unpack in runs:
-            seconds = time_epoch(make, unpack, n, f"{name} workers={nw}", repeats)
-            results.append(Result(name, nw, seconds, n))
+            seconds, cpu_main, cpu_workers = time_epoch(make, unpack, n, f"{name} workers={nw}",
+                                                        repeats)
+            results.append(Result(name, nw, seconds, n, cpu_main, cpu_workers))
             print(f"  {name:<22} workers={nw}  {n / seconds:>10,.0f} samples/s", flush=True)
     return results
 
@@ -282,16 +297,19 @@ def bench(wds_dir: Path, mds_dir: Path, n: int, meta_batch: int, workers: list[i
 # ----------------------------------------------------------------------------- report
 def table(results: list[Result]) -> str:
     """Readers side by side, with ratios to the best raw webdataset and the best raw streaming
-    setting at the same worker count."""
-    rows = [f"{'reader':<22} {'workers':>7} {'seconds':>8} {'samples/s':>10} {'vs wds':>7} {'vs sd':>7}",
-            "-" * 66]
+    setting at the same worker count, and the CPU each run used (cores busy = CPU / seconds)."""
+    rows = [f"{'reader':<22} {'workers':>7} {'seconds':>8} {'samples/s':>10} {'vs wds':>7} {'vs sd':>7}"
+            f" {'main cpu':>8} {'workers cpu':>11} {'cores':>5}",
+            "-" * 94]
     for nw in sorted({r.workers for r in results}):
         group = [r for r in results if r.workers == nw]
         wds_best = max(r.rate for r in group if r.reader.startswith("webdataset"))
         sd_best = max(r.rate for r in group if r.reader.startswith("streaming"))
         for r in group:
             rows.append(f"{r.reader:<22} {nw:>7} {r.seconds:>8.3f} {r.rate:>10,.0f} "
-                        f"{r.rate / wds_best:>6.2f}x {r.rate / sd_best:>6.2f}x")
+                        f"{r.rate / wds_best:>6.2f}x {r.rate / sd_best:>6.2f}x "
+                        f"{r.cpu_main:>8.2f} {r.cpu_workers:>11.2f} "
+                        f"{(r.cpu_main + r.cpu_workers) / r.seconds:>5.2f}")
     limit = [r.rate for r in results if r.reader == LIMIT]
     if limit:
         rows.append("")
