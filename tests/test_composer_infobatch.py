@@ -224,6 +224,12 @@ def test_resume_writes_the_manifests_of_an_uninterrupted_run(data: Path, tmp_pat
         tail = [v for _, v in resumed_log.data[key]]
         assert tail == [v for _, v in full_log.data[key]][-len(tail):], key
     resumed.close()
+    # a resume that would prune otherwise than the checkpointed run is refused, naming the key
+    other = make_trainer(copy_of(data, tmp_path, "c"), InfoBatch(ratio=0.3, anneal=0.25, seed=5),
+                         tmp_path / "man-c", load_path=str(saved[-1]))
+    with pytest.raises(ValueError, match="InfoBatch: cannot resume: the checkpoint's pruner has ratio='0.5', this one ratio='0.3'"):
+        other.fit()
+    other.close()
 
 
 def test_bad_arguments_name_themselves(data: Path, tmp_path: Path):
@@ -293,3 +299,26 @@ def test_readme_composer_infobatch_example_runs(tmp_path: Path, monkeypatch):
     assert keep is not None and len(keep.kept_ids) < 512 and keep.weights is not None
     assert (tmp_path / "checkpoints" / "latest-rank0.pt").exists()  # what the README resumes from
     assert algorithm.step == int(trainer.state.timestamp.batch)
+
+
+@pytest.mark.parametrize("split,match", [
+    # a split that repeats the batch: the second microbatch does not fit after the first
+    (lambda batch, size: [batch, batch], "must split the batch in order"),
+    # a split that drops half of the batch: a sample never reaches AFTER_LOSS
+    (lambda batch, size: [{k: v[:B // 2] for k, v in batch.items()}],
+     "each sample must reach AFTER_LOSS once"),
+])
+def test_microbatches_that_do_not_cover_the_batch_are_refused(data: Path, tmp_path: Path,
+                                                              split, match):
+    from composer.core import DataSpec
+
+    dataset = ESStreamingDataset(local=data, batch_size=B, manifests=tmp_path / "m")
+    spec = DataSpec(torch.utils.data.DataLoader(dataset, batch_size=B), split_batch=split)
+    model = DictClassifier()
+    trainer = Trainer(model=model, train_dataloader=spec, max_duration="1ep",
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+                      algorithms=[InfoBatch()], device="cpu", progress_bar=False,
+                      log_to_console=False, device_train_microbatch_size=B // 2)
+    with pytest.raises(RuntimeError, match=match):
+        trainer.fit()
+    trainer.close()

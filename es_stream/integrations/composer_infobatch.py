@@ -353,7 +353,11 @@ class InfoBatch(Algorithm):
         if int(state["num_samples"]) != self.store.num_samples:
             raise ValueError(f"checkpoint of InfoBatch holds {state['num_samples']} scores, this "
                              f"corpus has {self.store.num_samples} samples: another corpus?")
-        self.pruner.load_state_dict(state["pruner"])
+        try:
+            self.pruner.load_state_dict(state["pruner"])
+        except ValueError as exc:
+            raise ValueError(f"InfoBatch: {exc} (InfoBatch's ratio=, anneal=, seed= and the corpus "
+                             "must be those of the run that wrote the checkpoint)") from exc
         self.step = int(state["step"])
         stats = state["epoch_stats"]
         self._seen, self._upweighted = int(stats["seen"]), int(stats["upweighted"])
