@@ -1,5 +1,8 @@
 """Evolved Sampling for MosaicML Composer: ``Trainer(algorithms=[EvolvedSampling(keep=0.25)])``.
 
+(InfoBatch-style pruning, es-stream's measured default, is :class:`InfoBatch`, defined in
+:mod:`es_stream.integrations.composer_infobatch` and importable from here too.)
+
 From each batch the trainer's DataLoader yields (the *meta-batch*, B samples, each carrying its
 es-stream sample id), :class:`EvolvedSampling` runs a no-grad forward, gives the per-sample
 losses to :class:`es_stream.ESSelector` (the ES rule of Cheng et al. 2025), and replaces
@@ -38,6 +41,17 @@ from .batch import IdKey, default_id_key, split_ids, take_rows
 log = logging.getLogger(__name__)
 
 __all__ = ["EvolvedSampling", "ScoreCheckpoint", "causal_lm_sample_loss", "run_evolved_sampling_first"]
+
+
+def __getattr__(name: str) -> Any:
+    # InfoBatch (es_stream.integrations.composer_infobatch, whose __all__ lists it) imports this
+    # module, so it is re-exported here lazily, on first use
+    if name == "InfoBatch":
+        from .composer_infobatch import InfoBatch
+
+        return InfoBatch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -101,6 +115,75 @@ class ScoreCheckpoint:
                                     "(raise keep_snapshots= to at least the number of checkpoints "
                                     "Composer keeps); ES cannot resume exactly without it")
         store.restore(path)
+
+
+# ---------------------------------------------------------------- shared by the algorithms
+def train_dataset(state: State) -> Any:
+    """The training DataLoader's dataset (None when the loader has none)."""
+    return getattr(state.train_dataloader, "dataset", None)
+
+
+def unwrap_model(state: State) -> Any:
+    """The ComposerModel itself, out of a DistributedDataParallel wrapper."""
+    model = state.model
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def per_sample_losses(model: Any, outputs: Any, batch: Any, size: int, loss_fn: LossFn | None,
+                      who: str, what: str) -> torch.Tensor:
+    """One float loss per sample of ``batch`` (``size`` samples): ``loss_fn(outputs, batch)``, or
+    the model's own ``loss(outputs, batch, reduction="none")``. Runs in the caller's grad and
+    precision context. ``who`` (the algorithm) and ``what`` (meta-batch, microbatch) name the
+    caller in the errors."""
+    if loss_fn is not None:
+        losses = loss_fn(outputs, batch)
+    else:
+        try:
+            losses = model.loss(outputs, batch, reduction="none")
+        except TypeError as exc:
+            raise TypeError(f"{who}: {type(model).__name__}.loss does not take reduction='none'; "
+                            "pass loss_fn=(outputs, batch) -> per-sample losses "
+                            "(causal_lm_sample_loss for language models)") from exc
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (size,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"{who}: the loss gave {shape} for a {what} of {size} samples; it must "
+                         f"give one loss per sample ([B]) — pass loss_fn= (see the {who} docs "
+                         "on losses)")
+    return losses.float()
+
+
+def agreed_manifests(state: State, dataset: Any, corpus: Corpus | None,
+                     manifests: str | os.PathLike | None, who: str) -> str:
+    """The manifest directory a per-epoch pruner writes, checked against the run: an epoch
+    ``max_duration``, a corpus, and the same directory as the training dataset reads."""
+    if state.max_duration is None or state.max_duration.unit != TimeUnit.EPOCH:
+        raise ValueError(f"{who} prunes per epoch: give the Trainer an epoch max_duration "
+                         f"(e.g. '10ep'), got {state.max_duration}")
+    if corpus is None:
+        raise ValueError(f"{who} needs the corpus the manifests describe: train on an "
+                         "ESStreamingDataset or pass corpus=")
+    read_by = getattr(dataset, "manifests", None)
+    manifests = manifests or read_by
+    if manifests is None:
+        raise ValueError(f"{who} needs a manifest directory: pass manifests= here and the same "
+                         "to ESStreamingDataset(manifests=...)")
+    manifests = os.fspath(manifests)
+    if read_by is None or os.path.abspath(read_by) != os.path.abspath(manifests):
+        raise ValueError(f"{who} writes manifests to {manifests!r} but the training dataset reads "
+                         f"{read_by!r}: pruning would never apply; give "
+                         "ESStreamingDataset(manifests=...) the same directory")
+    return manifests
+
+
+def refresh_dataloader_len(state: State) -> None:
+    """Make Composer re-read ``len(dataloader)`` when the training dataset prunes per epoch."""
+    # The trainer reads len(dataloader) once; a pruned epoch has fewer batches than the
+    # first, an annealing epoch after it more. -1 makes Composer read the length again,
+    # which ESStreamingDataset gives for the epoch about to run.
+    dataset = train_dataset(state)
+    if state.dataloader is state.train_dataloader and getattr(dataset, "manifests", None) \
+            and hasattr(dataset, "epoch_length"):
+        state.dataloader_len = -1
 
 
 def run_evolved_sampling_first(algorithms: Sequence[Algorithm], event: Event) -> Sequence[Algorithm]:
@@ -213,8 +296,9 @@ class EvolvedSampling(Algorithm):
         burn_in: leading fraction of training with uniform selection.
         anneal: trailing fraction of training with uniform selection.
         policy: optional pruning policy (:class:`es_stream.ESWPPolicy`) applied at each epoch
-            end; needs an epoch ``max_duration``. (InfoBatch is refused: its loss weights would
-            need a change to the model's loss.)
+            end; needs an epoch ``max_duration``. (``InfoBatchPolicy`` is refused here: InfoBatch
+            trains on every sample it reads, with loss weights; use the :class:`InfoBatch`
+            algorithm, :mod:`es_stream.integrations.composer_infobatch`.)
         manifests: directory of the manifests (default: the training ``ESStreamingDataset``'s
             ``manifests``; the two must agree).
         decay: optional decay of pruned samples' scores (see :class:`es_stream.Pruner`).
@@ -266,8 +350,11 @@ class EvolvedSampling(Algorithm):
         if burn_in + anneal > 1.0:
             raise ValueError(f"burn_in + anneal must be <= 1, got {burn_in} + {anneal}")
         if isinstance(policy, InfoBatchPolicy):
-            raise ValueError("policy=InfoBatchPolicy is not supported with Composer: its per-sample "
-                             "loss weights would have to enter the model's loss; use ESWPPolicy")
+            raise ValueError("EvolvedSampling(policy=InfoBatchPolicy) is not supported: InfoBatch "
+                             "trains on every sample it reads and weights their losses; use the "
+                             "InfoBatch algorithm instead (from es_stream.integrations.composer "
+                             "import InfoBatch; Trainer(algorithms=[InfoBatch(ratio=...)])), or "
+                             "ESWPPolicy here")
         if policy is not None and not hasattr(policy, "decide"):
             raise TypeError(f"policy must be a pruning policy such as es_stream.ESWPPolicy, got "
                             f"{type(policy).__name__}")
@@ -318,7 +405,7 @@ class EvolvedSampling(Algorithm):
 
     # ------------------------------------------------------------------ setup
     def _train_dataset(self, state: State) -> Any:
-        return getattr(state.train_dataloader, "dataset", None)
+        return train_dataset(state)
 
     def _setup(self, state: State) -> None:
         dataset = self._train_dataset(state)
@@ -363,32 +450,12 @@ class EvolvedSampling(Algorithm):
         return ReducibleLossSelector(ref, 1, rule="topk", fingerprint=fingerprint)
 
     def _make_pruner(self, state: State, dataset: Any, corpus: Corpus | None) -> Pruner:
-        if state.max_duration is None or state.max_duration.unit != TimeUnit.EPOCH:
-            raise ValueError("EvolvedSampling(policy=...) prunes per epoch: give the Trainer an epoch "
-                             f"max_duration (e.g. '10ep'), got {state.max_duration}")
-        if corpus is None:
-            raise ValueError("EvolvedSampling(policy=...) needs the corpus the manifests describe: "
-                             "train on an ESStreamingDataset or pass corpus=")
-        read_by = getattr(dataset, "manifests", None)
-        manifests = self.manifests or read_by
-        if manifests is None:
-            raise ValueError("EvolvedSampling(policy=...) needs a manifest directory: pass "
-                             "manifests= here and the same to ESStreamingDataset(manifests=...)")
-        if read_by is None or os.path.abspath(read_by) != os.path.abspath(manifests):
-            raise ValueError(f"EvolvedSampling writes manifests to {manifests!r} but the training "
-                             f"dataset reads {read_by!r}: pruning would never apply; give "
-                             "ESStreamingDataset(manifests=...) the same directory")
-        self.manifests = manifests
-        return Pruner(corpus, self.selector.store, self.policy, manifests, self.decay)
+        self.manifests = agreed_manifests(state, dataset, corpus, self.manifests,
+                                          "EvolvedSampling(policy=...)")
+        return Pruner(corpus, self.selector.store, self.policy, self.manifests, self.decay)
 
     def _refresh_dataloader_len(self, state: State) -> None:
-        # The trainer reads len(dataloader) once; a pruned epoch has fewer batches than the
-        # first, an annealing epoch after it more. -1 makes Composer read the length again,
-        # which ESStreamingDataset gives for the epoch about to run.
-        dataset = self._train_dataset(state)
-        if state.dataloader is state.train_dataloader and getattr(dataset, "manifests", None) \
-                and hasattr(dataset, "epoch_length"):
-            state.dataloader_len = -1
+        refresh_dataloader_len(state)
 
     # -------------------------------------------------------------- selection
     def _uniform_phase(self, state: State) -> bool:
@@ -398,25 +465,11 @@ class EvolvedSampling(Algorithm):
         return elapsed < self.burn_in or (self.anneal > 0 and elapsed >= 1.0 - self.anneal)
 
     def _losses(self, state: State, batch: Any, size: int) -> torch.Tensor:
-        model = state.model.module if isinstance(
-            state.model, torch.nn.parallel.DistributedDataParallel) else state.model
+        model = unwrap_model(state)
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
             outputs = model(batch)
-            if self.loss_fn is not None:
-                losses = self.loss_fn(outputs, batch)
-            else:
-                try:
-                    losses = model.loss(outputs, batch, reduction="none")
-                except TypeError as exc:
-                    raise TypeError(f"EvolvedSampling: {type(model).__name__}.loss does not take "
-                                    "reduction='none'; pass loss_fn=(outputs, batch) -> per-sample "
-                                    "losses (causal_lm_sample_loss for language models)") from exc
-        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (size,):
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(f"EvolvedSampling: the loss gave {shape} for a meta-batch of {size} "
-                             "samples; it must give one loss per sample ([B]) — pass loss_fn= "
-                             "(see the EvolvedSampling docs on losses)")
-        return losses.float()
+            return per_sample_losses(model, outputs, batch, size, self.loss_fn,
+                                     "EvolvedSampling", "meta-batch")
 
     def _select(self, state: State, logger: Logger) -> None:
         if self.selector is None:

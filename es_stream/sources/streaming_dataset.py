@@ -63,6 +63,10 @@ class ESStreamingDataset(StreamingDataset):
     Deterministic mid-epoch resume is streaming's (``state_dict(num_samples, from_beginning)``,
     ``load_state_dict``), applied to the pruned epoch's plan; resume needs the same manifests.
 
+    Loss weights in the manifests (InfoBatch) are not part of the samples: the Composer
+    algorithm :class:`es_stream.integrations.composer.InfoBatch` applies them to the loss (and
+    sets :attr:`weights_delivered`); without it, an epoch with weights logs a warning.
+
     Args:
         local: local MDS directory (cache, when ``remote`` is given).
         remote: optional remote MDS location.
@@ -116,6 +120,8 @@ class ESStreamingDataset(StreamingDataset):
         self._full_epoch_size = int(self.epoch_size)
         self._resume_epoch: int | None = None
         self._kept_counts: dict[int, int] = {}  # epoch -> kept samples (small: for __len__)
+        # set by the InfoBatch algorithm, which applies the manifests' loss weights itself
+        self.weights_delivered = False
 
     # ------------------------------------------------------------------ ids
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
@@ -136,10 +142,11 @@ class ESStreamingDataset(StreamingDataset):
         keep = read_epoch(self.manifests, epoch, self.corpus.fingerprint, self.corpus.shard_counts)
         if keep is not None and len(keep.kept_ids) == 0:
             raise ValueError(f"{self.manifests}: epoch {epoch} keeps no sample; nothing to train on")
-        if keep is not None and keep.weights is not None:
+        if keep is not None and keep.weights is not None and not self.weights_delivered:
             log.warning("%s: epoch %d carries per-sample loss weights (InfoBatch); "
-                        "ESStreamingDataset does not deliver them, use an ESWP policy", self.manifests,
-                        epoch)
+                        "ESStreamingDataset yields no weights: train with the Composer algorithm "
+                        "es_stream.integrations.composer.InfoBatch, which applies them to the loss "
+                        "(or read them with es_stream.manifest.read_epoch)", self.manifests, epoch)
         return keep
 
     def epoch_samples(self, epoch: int) -> int:
