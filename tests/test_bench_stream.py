@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_stream  # noqa: E402
 
 ROW = re.compile(r"^(?P<reader>\S.*?)\s+(?P<workers>\d+)\s+(?P<seconds>[\d.]+)\s+(?P<rate>[\d,]+)\s+"
-                 r"[\d.]+x\s+[\d.]+x\s+(?P<main>[\d.]+)\s+(?P<children>[\d.]+)\s+(?P<cores>[\d.]+)$")
+                 r"(?:[\d.]+|nan)x\s+(?:[\d.]+|nan)x\s+(?P<main>[\d.]+)\s+(?P<children>[\d.]+)\s+(?P<cores>[\d.]+)$")
 
 
 def test_small_run_reports_every_reader_with_its_cpu(tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -35,3 +35,11 @@ def test_small_run_reports_every_reader_with_its_cpu(tmp_path: Path, capsys: pyt
         else:
             assert children > 0, r  # the joined worker's CPU is counted
     assert "exactly once in every run" in out
+
+
+def test_only_es_leaves_out_the_raw_readers(tmp_path: Path, capsys: pytest.CaptureFixture):
+    bench_stream.main(["--samples", "300", "--payload", "32", "--meta-batch", "32",
+                       "--workers", "0", "--repeats", "1", "--only-es", "--dir", str(tmp_path / "d")])
+    out = capsys.readouterr().out
+    readers = {m["reader"] for m in map(ROW.match, out.splitlines()) if m}
+    assert readers == {bench_stream.LIMIT, "es-stream/wds", "es-stream/mds"}, out
