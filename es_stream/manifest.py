@@ -267,15 +267,24 @@ def read_epoch(out_dir: str | os.PathLike, epoch: int, fingerprint: str,
             weights.append(got.weights)
     finally:
         pool.shutdown(cancel_futures=True)
-    kept_ids = np.concatenate(kept) if kept else np.empty(0, np.int64)
-    if firsts[-1] > 0 and len(kept_ids) == 0:
+    total = sum(len(k) for k in kept)
+    if firsts[-1] > 0 and total == 0:
         raise ManifestError(f"{directory}: epoch {epoch} keeps no sample (every 'keep' is false); "
                             "re-run the pruning step with a ratio below 1, or delete the directory "
                             "to train on every sample")
     any_weight = any(w is not None for w in weights)
-    return EpochKeep(epoch, kept_ids, np.concatenate([
-        np.ones(len(k), np.float32) if w is None else w for k, w in zip(kept, weights)])
-        if any_weight else None, int(firsts[-1]))
+    kept_ids = np.empty(total, np.int64)
+    all_weights = np.ones(total, np.float32) if any_weight else None
+    # shard by shard into the result, freeing each part as it is copied: np.concatenate would
+    # hold every part and the result at once, twice the epoch's size (18 GB at 1e9 samples)
+    pos = 0
+    for i, (part, w) in enumerate(zip(kept, weights)):
+        kept_ids[pos:pos + len(part)] = part
+        if w is not None:
+            all_weights[pos:pos + len(part)] = w
+        pos += len(part)
+        kept[i] = weights[i] = None
+    return EpochKeep(epoch, kept_ids, all_weights, int(firsts[-1]))
 
 
 @dataclass
