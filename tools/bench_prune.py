@@ -24,6 +24,7 @@ import argparse
 import math
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -111,6 +112,11 @@ def epoch_times(args: argparse.Namespace, root: Path) -> None:
     print()
 
 
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory (ru_maxrss: KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def manifest_costs(args: argparse.Namespace, root: Path) -> None:
     n, shards = args.manifest_samples, args.manifest_shards
     counts = np.full(shards, n // shards)
@@ -118,7 +124,11 @@ def manifest_costs(args: argparse.Namespace, root: Path) -> None:
     corpus = Corpus("mds", [ShardInfo(f"virtual/shard.{i:05d}.mds", int(c), -1, -1)
                             for i, c in enumerate(counts)])
     store = random_store(n)
-    print(f"part 2: manifests for {n:,} samples in {shards} shards")
+    # the goals: 10M samples written in <= 10 s (issue 4), 1e9 in <= 5 minutes (issue 17);
+    # <= 5 bytes a sample on disk
+    goal_s = 10.0 if n <= 10_000_000 else 300.0
+    print(f"part 2: manifests for {n:,} samples in {shards} shards (ok: written in <= {goal_s:g} s, "
+          "<= 5 bytes a sample)")
     head = f"{'policy':<10} {'ratio':>5} {'write s':>8} {'read s':>7} {'bytes':>12} {'B/sample':>9}  ok"
     print(head + "\n" + "-" * len(head))
     for policy in (ESWPPolicy(0.3, anneal=0.0, burn_in_epochs=0), InfoBatchPolicy(0.5, anneal=0.0)):
@@ -130,9 +140,11 @@ def manifest_costs(args: argparse.Namespace, root: Path) -> None:
         keep = read_epoch(out, 1, corpus.fingerprint, corpus.shard_counts)
         read_s = time.perf_counter() - start
         size = sum(f.stat().st_size for f in (out / "epoch=00001").iterdir())
-        ok = write_s <= 10 and size / n <= 5
+        ok = write_s <= goal_s and size / n <= 5
         print(f"{policy.name:<10} {policy.ratio:>5.2f} {write_s:>8.2f} {read_s:>7.2f} {size:>12,} "
-              f"{size / n:>9.2f}  {'yes' if ok else 'NO'}  (kept {keep.kept_fraction:.3f})", flush=True)
+              f"{size / n:>9.2f}  {'yes' if ok else 'NO'}  (kept {keep.kept_fraction:.3f}; "
+              f"peak RSS so far {_peak_rss_gib():.1f} GiB)", flush=True)
+        del keep  # the next policy's read must not stack on this one (9 GB at 1e9 samples)
 
 
 def main(argv: list[str] | None = None) -> None:
