@@ -250,7 +250,14 @@ def read_epoch(out_dir: str | os.PathLike, epoch: int, fingerprint: str,
         return _read_shard_file(shard_file(out_dir, epoch, shard), shard, epoch, int(firsts[shard]),
                                 counts[shard], fingerprint)
 
-    kept, weights = [], []
+    n = int(firsts[-1])
+    # each shard's part is copied into the result as it arrives, so the epoch is held once (a
+    # list of parts joined at the end held it twice: 18 GB for an InfoBatch epoch of 1e9
+    # samples). The result is sized for every sample and cut to the kept count: np.empty's
+    # pages that are never written cost no memory.
+    kept_ids = np.empty(n, np.int64)
+    weights: np.ndarray | None = None  # allocated at the first shard that has weights
+    pos = 0
     # threads: pyarrow decodes without the GIL, and an epoch is hundreds of small files;
     # map yields in shard order, so the first bad shard is the one reported
     pool = ThreadPoolExecutor(min(_READ_THREADS, max(1, len(counts))))
@@ -263,28 +270,21 @@ def read_epoch(out_dir: str | os.PathLike, epoch: int, fingerprint: str,
                     f"{got.path}: written by write {got.write_id!r}, {SUCCESS} marks write "
                     f"{expected_id!r}: the epoch mixes files of two writes (two pruners at once, or "
                     f"a file copied in); re-run the pruning step for epoch {epoch}")
-            kept.append(got.kept_ids)
-            weights.append(got.weights)
+            stop = pos + len(got.kept_ids)
+            kept_ids[pos:stop] = got.kept_ids
+            if got.weights is not None and weights is None:
+                weights = np.empty(n, np.float32)
+                weights[:pos] = 1.0
+            if weights is not None:
+                weights[pos:stop] = 1.0 if got.weights is None else got.weights
+            pos = stop
     finally:
         pool.shutdown(cancel_futures=True)
-    total = sum(len(k) for k in kept)
-    if firsts[-1] > 0 and total == 0:
+    if n > 0 and pos == 0:
         raise ManifestError(f"{directory}: epoch {epoch} keeps no sample (every 'keep' is false); "
                             "re-run the pruning step with a ratio below 1, or delete the directory "
                             "to train on every sample")
-    any_weight = any(w is not None for w in weights)
-    kept_ids = np.empty(total, np.int64)
-    all_weights = np.ones(total, np.float32) if any_weight else None
-    # shard by shard into the result, freeing each part as it is copied: np.concatenate would
-    # hold every part and the result at once, twice the epoch's size (18 GB at 1e9 samples)
-    pos = 0
-    for i, (part, w) in enumerate(zip(kept, weights)):
-        kept_ids[pos:pos + len(part)] = part
-        if w is not None:
-            all_weights[pos:pos + len(part)] = w
-        pos += len(part)
-        kept[i] = weights[i] = None
-    return EpochKeep(epoch, kept_ids, all_weights, int(firsts[-1]))
+    return EpochKeep(epoch, kept_ids[:pos], None if weights is None else weights[:pos], n)
 
 
 @dataclass
