@@ -11,7 +11,7 @@ CSTAMP := $(CVENV)/.es-stream-installed
 # What the Composer environment runs (`make test COMPOSER_TESTS=tests` runs the whole suite there).
 COMPOSER_TESTS ?= tests/test_composer*.py tests/test_streaming_dataset*.py
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench bench-training clean
 
 venv: $(STAMP) $(CSTAMP)
 
@@ -55,6 +55,26 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) tools/bench_stream.py
+
+# Every training table in BENCHMARKS.md and docs/choosing.md, by the bench_train commands that
+# wrote docs/evidence/*/ (issues 7, 14, 15). Each keeps its finished runs in OUT/runs.jsonl and
+# resumes there, so on this checkout it only rewrites the tables; to measure again on your
+# machine, `make bench-training EVIDENCE=some/new/dir` (about 8 h on 2 cores; add `--dry-run`
+# through TRAIN_FLAGS for the plan and its estimate).
+EVIDENCE    ?= docs/evidence
+TRAIN_FLAGS ?=
+TRAIN := $(VPY) tools/bench_train.py --data-dir out/bench_data --no-progress $(TRAIN_FLAGS)
+bench-training: $(STAMP)
+	$(TRAIN) --workload mnist1d --workload textlm --noise 0,0.2,0.4 --grid betas --grid ratio --grid prune --grid fixes --grid-seeds 0,1 --time wall --out $(EVIDENCE)
+	$(TRAIN) --workload mnist1d-long --workload mnist1d-finetune --time wall --out $(EVIDENCE)/regimes --methods uniform,es,eswp,infobatch,infobatch_es,eswp_rescale,random,budget_es,budget_eswp,budget_infobatch
+	$(TRAIN) --workload mnist1d --noise 0 --out $(EVIDENCE)/cputime-quiet --methods uniform,es,eswp,infobatch,random,budget_es,budget_eswp,budget_infobatch
+	$(TRAIN) --workload mnist1d --noise 0 --out $(EVIDENCE)/cputime --methods uniform,infobatch,infobatch_es,eswp_rescale,rho,band_low,band_middle,prune_chance,prune_random,budget_infobatch,budget_infobatch_es,budget_eswp_rescale,budget_prune_chance
+	$(TRAIN) --workload mnist1d --noise 0.4 --out $(EVIDENCE)/cputime --methods uniform,rho,rho_es,band_low,band_middle,band_high,prune_chance,prune_random,budget_rho,budget_prune_chance
+	$(TRAIN) --workload mnist1d --noise 0.2 --out $(EVIDENCE)/cputime --methods uniform,rho,band_low,prune_chance,prune_random,budget_prune_chance
+	$(TRAIN) --workload mnist1d --noise 0 --out $(EVIDENCE)/variants --methods uniform,es,es_reweight,es_to_uniform,es_from_uniform,es_fresh,budget_es
+	$(TRAIN) --workload mnist1d --noise 0.2,0.4 --out $(EVIDENCE)/noise-infobatch --methods uniform,infobatch,budget_infobatch
+	$(TRAIN) --workload textlm --out $(EVIDENCE)/textlm-reference --methods uniform,rho,band_low,band_middle,band_high,prune_chance,prune_random,budget_rho,infobatch,budget_infobatch
+	$(TRAIN) --workload textlm-long --seeds 0,1 --out $(EVIDENCE)/textlm-long --methods uniform,es,budget_es
 
 clean:
 	rm -rf $(VENV) $(CVENV) demo_out
