@@ -420,14 +420,21 @@ def test_causal_lm_sample_loss_is_the_mean_over_target_tokens():
     torch.testing.assert_close(got, torch.stack([first, second]))
 
 
-def test_readme_composer_example_runs(tmp_path: Path, monkeypatch):
+def run_readme_block(name: str, tmp_path: Path, monkeypatch) -> dict:
+    """Run the README's ``<!-- readme-test: NAME -->`` Composer block in ``tmp_path`` over a
+    512-sample MDS corpus at ``mds/``; returns the names it defined."""
     text = README.read_text()
-    match = re.search(r"<!-- readme-test: composer .*?-->\n```python\n(.*?)```", text, re.S)
-    assert match, "README block 'composer' not found"
+    match = re.search(rf"<!-- readme-test: {re.escape(name)} .*?-->\n```python\n(.*?)```", text, re.S)
+    assert match, f"README block {name!r} not found"
     write_mds(tmp_path / "mds", n=512, seed=1)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(match.group(1), "README.md", "exec"), scope)
+    return scope
+
+
+def test_readme_composer_example_runs(tmp_path: Path, monkeypatch):
+    scope = run_readme_block("composer", tmp_path, monkeypatch)
     trainer, algorithm = scope["trainer"], scope["algorithm"]
     assert (tmp_path / "manifests" / "epoch=00002" / "_SUCCESS").exists()
     assert (tmp_path / "checkpoints" / "latest-rank0.pt").exists()  # what the README resumes from

@@ -24,7 +24,8 @@ import torch.nn.functional as F  # noqa: E402
 from composer import Callback, Trainer  # noqa: E402
 from composer.core import State  # noqa: E402
 from composer.loggers import InMemoryLogger, Logger  # noqa: E402
-from test_composer import Crash, DictClassifier, copy_of, write_mds  # noqa: E402
+from test_composer import (Crash, DictClassifier, copy_of, run_readme_block,  # noqa: E402
+                           write_mds)
 
 import es_stream as es  # noqa: E402
 from es_stream.integrations.composer import EvolvedSampling  # noqa: E402
@@ -33,7 +34,6 @@ from es_stream.sources.mds import ESStreamingDataset  # noqa: E402
 
 N, B = 256, 32
 EPOCHS = 4
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 class Check(Callback):
@@ -284,13 +284,7 @@ def test_bad_arguments_name_themselves(data: Path, tmp_path: Path):
 
 
 def test_readme_composer_infobatch_example_runs(tmp_path: Path, monkeypatch):
-    text = README.read_text()
-    match = re.search(r"<!-- readme-test: composer-infobatch .*?-->\n```python\n(.*?)```", text, re.S)
-    assert match, "README block 'composer-infobatch' not found"
-    write_mds(tmp_path / "mds", n=512, seed=1)
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(match.group(1), "README.md", "exec"), scope)
+    scope = run_readme_block("composer-infobatch", tmp_path, monkeypatch)
     trainer, algorithm = scope["trainer"], scope["algorithm"]
     assert isinstance(algorithm, InfoBatch) and int(trainer.state.timestamp.epoch) == 4
     corpus = es.Corpus.from_mds(tmp_path / "mds")
