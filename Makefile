@@ -18,17 +18,32 @@ venv: $(STAMP) $(CSTAMP)
 # The pinned stack lives in requirements/lock.txt (torch 2.14.1 + torchvision 0.29.1, the pair
 # mosaicml-streaming imports). The package itself is installed editable without deps so the lock
 # alone decides versions.
+# Fail before pip does, with the reason: $(call need_disk,WHAT,MB) stops unless MB megabytes are
+# free on this disk (the peak measured while building WHAT from a clean clone).
+need_disk = @free=$$(df -Pm . | awk 'NR==2 {print $$4}'); if [ "$$free" -lt $(2) ]; then \
+	echo "make: building $(1) needs about $(2) MB free on this disk and $$free MB are; free some space and run make again"; \
+	exit 1; fi
+
 $(STAMP): requirements/lock.txt pyproject.toml
+	$(call need_disk,$(VENV),7100)
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -r requirements/lock.txt
+	$(VPY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(VPY) -m pip install --quiet --no-cache-dir -r requirements/lock.txt
 	$(VPY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+# torch 2.7.0 comes from PyPI with ~3 GB of CUDA wheels. pip keeps every wheel of one call on
+# disk until that call ends, so the whole lock at once peaked at 9.5 GB for a 6.5 GB environment
+# (a CI machine ran out of disk there). One call per large wheel first (torch, triton, the
+# nvidia-* libraries; the lock pins each, --no-deps since it lists them all) keeps one at a time
+# beside it: 6.6 GB at the peak, the same environment (pip freeze).
 $(CSTAMP): requirements/composer-lock.txt pyproject.toml
+	$(call need_disk,$(CVENV),6700)
 	$(PYTHON) -m venv $(CVENV)
-	$(CPY) -m pip install --quiet --upgrade pip
-	$(CPY) -m pip install --quiet -r requirements/composer-lock.txt
+	$(CPY) -m pip install --quiet --no-cache-dir --upgrade pip
+	grep -E '^(torch|triton|nvidia-[a-z0-9-]+)==' requirements/composer-lock.txt | while read -r pin; do \
+		$(CPY) -m pip install --quiet --no-cache-dir --no-deps "$$pin" || exit 1; done
+	$(CPY) -m pip install --quiet --no-cache-dir -r requirements/composer-lock.txt
 	$(CPY) -m pip install --quiet --no-deps -e .
 	touch $@
 
