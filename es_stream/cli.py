@@ -41,8 +41,17 @@ def index_progress(urls: list[str], *, disabled: bool,
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .corpus import Corpus, expand_urls
+    from .corpus import Corpus, expand_urls, is_index_file
 
+    # An index is derived data, so one es-stream wrote is replaced (atomically); anything else
+    # at --output may be the user's and is never overwritten.
+    if os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output} is a directory; give the Parquet file to write, "
+                         f"e.g. {os.path.join(args.output, 'corpus.parquet')}")
+    if os.path.lexists(args.output) and not is_index_file(args.output):
+        raise ValueError(f"--output {args.output} exists and is not an es-stream index; "
+                         "`es-stream index` replaces only an index it wrote: remove the file or "
+                         "choose another --output")
     start = time.perf_counter()
     if args.format == "mds" or (args.format == "auto" and len(args.shards) == 1
                                 and os.path.exists(os.path.join(args.shards[0], "index.json"))):
@@ -317,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "per sample, with stable ids and byte offsets) as Parquet.")
     index.add_argument("shards", nargs="+", help="brace pattern, directory of .tar files, list of "
                        "paths/URLs (pipe:...), or an MDS directory holding index.json")
-    index.add_argument("-o", "--output", required=True, help="Parquet file to write")
+    index.add_argument("-o", "--output", required=True,
+                       help="Parquet file to write; an existing one is replaced only when it is "
+                       "an index es-stream wrote (anything else there is refused, not overwritten)")
     index.add_argument("--format", choices=["auto", "wds", "mds"], default="auto",
                        help="shard format (auto: MDS when the directory has index.json)")
     index.add_argument("--remote", default=None, help="MDS remote to fetch index.json/shards from")

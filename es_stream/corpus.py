@@ -522,6 +522,19 @@ _SHARD_FIELDS = {"name": lambda v: isinstance(v, str) and v != "",
 _OPTIONAL_SHARD_FIELDS = {"dropped": lambda v: v is None or (_is_int(v) and v >= 0)}
 
 
+def is_index_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file :meth:`Corpus.save` (``es-stream index``) wrote: Parquet whose
+    schema carries es-stream's metadata. Reads only the file's footer; False for a missing path,
+    a directory, or a file that is not Parquet."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return False
+    return _META_KEY in metadata
+
+
 def _index_meta(table: pa.Table, path: str) -> dict[str, Any]:
     """The checked ``es_stream.corpus`` metadata of a saved index (see :meth:`Corpus.save`)."""
     raw = (table.schema.metadata or {}).get(_META_KEY)

@@ -41,6 +41,37 @@ def test_index_error_names_the_file(tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
+def test_index_replaces_its_own_index_but_never_another_file(wds_dir, mds_dir, tmp_path):
+    tmp_path = tmp_path / "outputs"   # the fixtures' shards live beside it
+    tmp_path.mkdir()
+    out = tmp_path / "corpus.parquet"
+    assert run("index", str(mds_dir), "-o", str(out)).returncode == 0
+    result = run("index", str(wds_dir), "-o", str(out))      # re-indexing: an index it wrote
+    assert result.returncode == 0, result.stderr
+    assert Corpus.load(out).format == "wds"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    others = {"notes.txt": b"precious notes\n",                      # not Parquet
+              "table.parquet": None,                                # Parquet, not an index
+              "empty.parquet": b""}
+    for name, content in others.items():
+        path = tmp_path / name
+        if content is None:
+            pq.write_table(pa.table({"x": [1, 2, 3]}), path)
+        else:
+            path.write_bytes(content)
+        before = path.read_bytes()
+        result = run("index", str(wds_dir), "-o", str(path))
+        assert result.returncode == 1, (name, result.stdout)
+        assert str(path) in result.stderr and "not an es-stream index" in result.stderr, name
+        assert path.read_bytes() == before, name
+    (tmp_path / "d").mkdir()
+    result = run("index", str(wds_dir), "-o", str(tmp_path / "d"))
+    assert result.returncode == 1 and "is a directory" in result.stderr
+    assert list((tmp_path / "d").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, "corpus.parquet", "d"])
+
+
 def test_help():
     result = run("index", "--help")
     assert result.returncode == 0 and "Parquet" in result.stdout
