@@ -139,6 +139,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .store import ScoreStore
 
     policy = _prune_policy(args)  # argument errors first, before any file is read
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; prune writes a manifest directory "
+                         "(epoch=NNNNN/ inside it): give a new or existing directory")
     corpus = Corpus.load(args.corpus)
     if not os.path.isfile(args.scores):
         raise FileNotFoundError(f"{args.scores}: no score store (a .npy saved by ScoreStore.save)")
@@ -201,6 +204,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .corpus import Corpus
     from .score import load_scorer, score_corpus
 
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a directory; give the score file to write, e.g. "
+                         f"{os.path.join(args.out, 'scores.npy')}")
     corpus = Corpus.load(args.corpus)
     try:
         scorer, spec = load_scorer(args.model)

@@ -276,6 +276,15 @@ def test_prune_refuses_a_file_that_is_not_a_score_store(wds_dir, tmp_path):
     assert f"{index}: not a .npy score file" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_prune_out_that_is_a_file_is_refused_and_left_alone(wds_dir, tmp_path):
+    _, index, scores = indexed_with_scores(wds_dir, tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    result = prune(index, scores, tmp_path / "notes.txt")
+    assert result.returncode == 1
+    assert f"--out {tmp_path / 'notes.txt'} is a file" in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_prune_refuses_nan_scores_naming_the_file_and_sample(wds_dir, tmp_path):
     _, index = indexed(wds_dir, tmp_path)
     scores = np.full(50, 0.5, np.float32)

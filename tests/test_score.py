@@ -265,6 +265,16 @@ def test_bad_model_spec_is_named(setup, spec, message):
     assert not (tmp_path / "s.npy").exists()
 
 
+def test_out_that_is_a_directory_is_refused_naming_it(setup):
+    corpus, tmp_path = setup
+    (tmp_path / "scores").mkdir()
+    result = cli(tmp_path, *score_args(tmp_path, tmp_path / "scores"))
+    assert result.returncode == 1, result.stderr
+    assert f"--out {tmp_path / 'scores'} is a directory" in result.stderr
+    assert "scores.npy" in result.stderr and "Traceback" not in result.stderr
+    assert list((tmp_path / "scores").iterdir()) == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_scoring_through_the_feedback_channel_matches_the_host(setup, tmp_path):
     corpus, _ = setup
