@@ -74,10 +74,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from .manifest import applies_to_all, epoch_dir, list_epochs
-    from .plot import histogram_epoch, plot_manifests, pruning_phases
+    from .plot import (figure_format, histogram_epoch, is_es_stream_figure, plot_manifests,
+                       pruning_phases)
 
     if not os.path.isdir(args.manifests):
         raise FileNotFoundError(f"{args.manifests}: no such manifest directory")
+    if args.plot:
+        figure_format(args.plot)  # an image format it can write and recognise, before any work
+    if args.plot and os.path.isdir(args.plot):
+        raise ValueError(f"--plot {args.plot} is a directory; give the image file to write, e.g. "
+                         f"{os.path.join(args.plot, 'manifests.png')}")
+    if args.plot and os.path.lexists(args.plot) and not is_es_stream_figure(args.plot):
+        # a figure es-stream wrote is replaced (atomically); anything else may be the user's
+        raise ValueError(f"--plot {args.plot} exists and is not a figure es-stream wrote; remove "
+                         "it or choose another path (it is left as it is)")
     epochs = list_epochs(args.manifests)
     if not epochs:
         raise ValueError(f"{args.manifests}: no finished epoch directories (epoch=EEEEE/_SUCCESS)")
@@ -353,9 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "epochs that pruned nothing), and one epoch's score distribution.")
     inspect.add_argument("manifests", help="manifest directory (holding epoch=EEEEE/)")
     inspect.add_argument("--plot", default=None, metavar="PNG",
-                         help="also write a PNG: kept fraction per epoch (burn-in and annealing "
-                         "shaded), per epoch and shard, and one epoch's scores on a log axis "
-                         "(needs matplotlib)")
+                         help="also write a figure (PNG; .pdf, .svg, .ps, .eps, .jpg by the "
+                         "extension): kept fraction per epoch (burn-in and annealing shaded), per "
+                         "epoch and shard, and one epoch's scores on a log axis (needs "
+                         "matplotlib); an existing file is replaced only when es-stream wrote it")
     inspect.add_argument("--epoch", type=_non_negative_int, default=None,
                          help="epoch whose scores to summarise and plot (default: the last epoch "
                          "that pruned any sample, else the last epoch)")

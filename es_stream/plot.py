@@ -139,13 +139,45 @@ def plot_manifests(path: str, epochs: Sequence[int], kept_fraction: Mapping[int,
     return excluded
 
 
+#: written into every figure's metadata (PNG ``Software``, PDF/SVG/PS ``Creator``, a JPEG
+#: comment), so that ``es-stream inspect --plot`` can tell a figure it wrote, which it may
+#: replace, from anything else at that path, which it refuses to overwrite
+FIGURE_MARKER = "es-stream figure"
+#: the formats whose files carry the marker uncompressed: :func:`save_figure` writes only these
+FIGURE_FORMATS = ("png", "pdf", "svg", "ps", "eps", "jpg", "jpeg")
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """The format :func:`save_figure` writes ``path`` in: its extension, PNG when there is none;
+    ValueError naming the path for a format outside :data:`FIGURE_FORMATS`."""
+    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"{os.fspath(path)}: figures are written as "
+                         f"{', '.join('.' + f for f in FIGURE_FORMATS)}; not .{fmt}")
+    return fmt
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
     """``fig.savefig`` through :func:`es_stream._atomic.atomic_write`: a reader (an image
-    viewer, a docs build) never sees half a PNG; the format follows the extension (png, pdf,
-    svg), PNG when there is none."""
-    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
+    viewer, a docs build) never sees half a PNG; the format follows the extension
+    (:func:`figure_format`). The file carries :data:`FIGURE_MARKER` in its metadata."""
+    fmt = figure_format(path)
+    if fmt in ("jpg", "jpeg"):  # matplotlib has no JPEG metadata; Pillow writes a comment
+        marked = {"pil_kwargs": {"comment": FIGURE_MARKER.encode()}}
+    else:
+        marked = {"metadata": {"Software" if fmt == "png" else "Creator": FIGURE_MARKER}}
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=fmt)
+        fig.savefig(tmp, dpi=dpi, format=fmt, **marked)
+
+
+def is_es_stream_figure(path: str | os.PathLike, limit: int = 64 << 20) -> bool:
+    """Whether ``path`` is a file :func:`save_figure` wrote: it carries :data:`FIGURE_MARKER`
+    (kept uncompressed by PNG, PDF, SVG and PostScript metadata). False for a missing path, a
+    directory, or a file over ``limit`` bytes (no figure of ours is that large)."""
+    if not os.path.isfile(path) or os.path.getsize(path) > limit:
+        return False
+    with open(path, "rb") as f:
+        return FIGURE_MARKER.encode() in f.read()
 
 
 def _kept_per_epoch(ax, epochs, kept_fraction, phases: Phases, last: int,

@@ -134,6 +134,31 @@ def test_prune_offline_then_inspect_with_plot(wds_dir, tmp_path, policy):
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_inspect_plot_replaces_its_own_figure_but_never_another_file(wds_dir, tmp_path):
+    _, index, scores = indexed_with_scores(wds_dir, tmp_path)
+    out = tmp_path / "manifests"
+    assert prune(index, scores, out).returncode == 0
+    for name in ("m.png", "m.pdf", "m.svg", "m.jpg"):
+        figure = tmp_path / name
+        for attempt in range(2):      # written, then replaced: it is a figure es-stream wrote
+            result = run("inspect", str(out), "--plot", str(figure))
+            assert result.returncode == 0, (name, attempt, result.stderr)
+        assert figure.stat().st_size > 0
+    others = {"photo.png": b"\x89PNG\r\n\x1a\n someone else's image",
+              "notes.txt.png": b"notes", "empty.pdf": b""}
+    for name, content in others.items():
+        (tmp_path / name).write_bytes(content)
+        result = run("inspect", str(out), "--plot", str(tmp_path / name))
+        assert result.returncode == 1, name
+        assert f"--plot {tmp_path / name} exists and is not a figure es-stream wrote" in result.stderr
+        assert (tmp_path / name).read_bytes() == content
+    result = run("inspect", str(out), "--plot", str(tmp_path / "m.gif"))
+    assert result.returncode == 1 and "not .gif" in result.stderr
+    assert not (tmp_path / "m.gif").exists()
+    result = run("inspect", str(out), "--plot", str(out))
+    assert result.returncode == 1 and "is a directory" in result.stderr
+
+
 def test_prune_refuses_a_store_of_another_corpus(wds_dir, tmp_path):
     _, index, _ = indexed_with_scores(wds_dir, tmp_path)
     ScoreStore(7).save(tmp_path / "small.npy")

@@ -81,3 +81,14 @@ def test_seed_band_of_one_seed_or_no_overlap():
     # the seeds' time ranges do not overlap: nothing common to draw
     t, *_ = seed_band([[[0.0, 1.0], [1.0, 2.0]], [[5.0, 1.0], [6.0, 2.0]]])
     assert t.size == 0
+
+
+def test_figure_format_follows_the_extension_and_refuses_what_cannot_be_recognised():
+    from es_stream.plot import FIGURE_FORMATS, figure_format
+
+    assert figure_format("a/b.PNG") == "png" and figure_format("plot") == "png"
+    assert figure_format("x.pdf") == "pdf" and figure_format("x.jpeg") == "jpeg"
+    for ext in ("gif", "svgz", "tif", "webp"):   # no uncompressed place for the marker
+        assert ext not in FIGURE_FORMATS
+        with pytest.raises(ValueError, match=rf"x\.{ext}: figures are written as .*not \.{ext}"):
+            figure_format(f"x.{ext}")
