@@ -89,7 +89,7 @@ bench-training: $(STAMP)
 	$(TRAIN) --workload mnist1d --noise 0 --out $(EVIDENCE)/variants --methods uniform,es,es_reweight,es_to_uniform,es_from_uniform,es_fresh,budget_es
 	$(TRAIN) --workload mnist1d --noise 0.2,0.4 --out $(EVIDENCE)/noise-infobatch --methods uniform,infobatch,budget_infobatch
 	$(TRAIN) --workload textlm --out $(EVIDENCE)/textlm-reference --methods uniform,rho,band_low,band_middle,band_high,prune_chance,prune_random,budget_rho,infobatch,budget_infobatch
-	$(TRAIN) --workload textlm-long --seeds 0,1 --out $(EVIDENCE)/textlm-long --methods uniform,es,budget_es
+	$(TRAIN) --workload textlm-long --out $(EVIDENCE)/textlm-long --methods uniform,es,budget_es,infobatch,budget_infobatch
 
 clean:
 	rm -rf $(VENV) $(CVENV) demo_out
