@@ -15,15 +15,15 @@ COMPOSER_TESTS ?= tests/test_composer*.py tests/test_streaming_dataset*.py
 
 venv: $(STAMP) $(CSTAMP)
 
-# The pinned stack lives in requirements/lock.txt (torch 2.14.1 + torchvision 0.29.1, the pair
-# mosaicml-streaming imports). The package itself is installed editable without deps so the lock
-# alone decides versions.
 # Fail before pip does, with the reason: $(call need_disk,WHAT,MB) stops unless MB megabytes are
 # free on this disk (the peak measured while building WHAT from a clean clone).
 need_disk = @free=$$(df -Pm . | awk 'NR==2 {print $$4}'); if [ "$$free" -lt $(2) ]; then \
 	echo "make: building $(1) needs about $(2) MB free on this disk and $$free MB are; free some space and run make again"; \
 	exit 1; fi
 
+# The pinned stack lives in requirements/lock.txt (torch 2.14.1 + torchvision 0.29.1, the pair
+# mosaicml-streaming imports). The package itself is installed editable without deps so the lock
+# alone decides versions.
 $(STAMP): requirements/lock.txt pyproject.toml
 	$(call need_disk,$(VENV),7100)
 	$(PYTHON) -m venv $(VENV)

@@ -40,18 +40,25 @@ def index_progress(urls: list[str], *, disabled: bool,
     return lambda shards: tqdm(shards, desc="index", unit="shard", file=sys.stderr)
 
 
+def _check_output(flag: str, path: str, example: str,
+                  ours: "tuple[str, Callable[[str], bool]] | None" = None) -> None:
+    """The rule for a file a command writes where the user points it: a directory there is
+    refused (suggesting ``path/example``); with ``ours = (what, test)``, an existing file is
+    replaced only when ``test(path)`` says es-stream wrote it, and anything else is refused,
+    naming ``what`` ("an index"), and left as it is."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory; give the file to write, e.g. "
+                         f"{os.path.join(path, example)}")
+    if ours is not None and os.path.lexists(path) and not ours[1](path):
+        raise ValueError(f"{flag} {path} exists and is not {ours[0]} es-stream wrote; remove it "
+                         "or choose another path (it is left as it is)")
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from .corpus import Corpus, expand_urls, is_index_file
 
-    # An index is derived data, so one es-stream wrote is replaced (atomically); anything else
-    # at --output may be the user's and is never overwritten.
-    if os.path.isdir(args.output):
-        raise ValueError(f"--output {args.output} is a directory; give the Parquet file to write, "
-                         f"e.g. {os.path.join(args.output, 'corpus.parquet')}")
-    if os.path.lexists(args.output) and not is_index_file(args.output):
-        raise ValueError(f"--output {args.output} exists and is not an es-stream index; "
-                         "`es-stream index` replaces only an index it wrote: remove the file or "
-                         "choose another --output")
+    # an index is derived data: one es-stream wrote is replaced (atomically), nothing else
+    _check_output("--output", args.output, "corpus.parquet", ours=("an index", is_index_file))
     start = time.perf_counter()
     if args.format == "mds" or (args.format == "auto" and len(args.shards) == 1
                                 and os.path.exists(os.path.join(args.shards[0], "index.json"))):
@@ -79,15 +86,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.manifests):
         raise FileNotFoundError(f"{args.manifests}: no such manifest directory")
-    if args.plot:
-        figure_format(args.plot)  # an image format it can write and recognise, before any work
-    if args.plot and os.path.isdir(args.plot):
-        raise ValueError(f"--plot {args.plot} is a directory; give the image file to write, e.g. "
-                         f"{os.path.join(args.plot, 'manifests.png')}")
-    if args.plot and os.path.lexists(args.plot) and not is_es_stream_figure(args.plot):
-        # a figure es-stream wrote is replaced (atomically); anything else may be the user's
-        raise ValueError(f"--plot {args.plot} exists and is not a figure es-stream wrote; remove "
-                         "it or choose another path (it is left as it is)")
+    if args.plot:  # before any work: a format it can write and recognise, and not the user's
+        figure_format(args.plot)
+        _check_output("--plot", args.plot, "manifests.png", ours=("a figure", is_es_stream_figure))
     epochs = list_epochs(args.manifests)
     if not epochs:
         raise ValueError(f"{args.manifests}: no finished epoch directories (epoch=EEEEE/_SUCCESS)")
@@ -214,9 +215,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .corpus import Corpus
     from .score import load_scorer, score_corpus
 
-    if os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a directory; give the score file to write, e.g. "
-                         f"{os.path.join(args.out, 'scores.npy')}")
+    # an existing store is checked by score_corpus (resumed, or refused when no scoring wrote it)
+    _check_output("--out", args.out, "scores.npy")
     corpus = Corpus.load(args.corpus)
     try:
         scorer, spec = load_scorer(args.model)

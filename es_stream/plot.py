@@ -172,7 +172,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
 
 def is_es_stream_figure(path: str | os.PathLike, limit: int = 64 << 20) -> bool:
     """Whether ``path`` is a file :func:`save_figure` wrote: it carries :data:`FIGURE_MARKER`
-    (kept uncompressed by PNG, PDF, SVG and PostScript metadata). False for a missing path, a
+    (kept uncompressed by PNG, PDF, SVG and PostScript metadata and a JPEG comment). False for a missing path, a
     directory, or a file over ``limit`` bytes (no figure of ours is that large)."""
     if not os.path.isfile(path) or os.path.getsize(path) > limit:
         return False

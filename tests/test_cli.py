@@ -63,7 +63,7 @@ def test_index_replaces_its_own_index_but_never_another_file(wds_dir, mds_dir, t
         before = path.read_bytes()
         result = run("index", str(wds_dir), "-o", str(path))
         assert result.returncode == 1, (name, result.stdout)
-        assert str(path) in result.stderr and "not an es-stream index" in result.stderr, name
+        assert f"--output {path} exists and is not an index es-stream wrote" in result.stderr, name
         assert path.read_bytes() == before, name
     (tmp_path / "d").mkdir()
     result = run("index", str(wds_dir), "-o", str(tmp_path / "d"))
