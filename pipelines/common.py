@@ -187,9 +187,9 @@ def train_pipeline(args: argparse.Namespace, build: Callable[[Path], Any],
     """What a pipeline's ``main`` does between parsing and reporting: make ``args.out``, build
     the data with ``build(OUT / "data")`` (timed; ``describe(data, seconds)`` is printed), then
     train every (method, seed) on ``make_workload(data)`` (:func:`train_each`, with ``run``), all
-    with ``args.threads`` torch threads. When a method reads a reference model
-    (``reference`` in :mod:`pipelines.methods`), ``reference(OUT, data, workload)`` trains and scores
-    it first (cached under ``OUT``) and its :class:`pipelines.loop.Reference` goes to those runs.
+    with ``args.threads`` torch threads. When a method reads a reference model (``reference``
+    in :mod:`pipelines.methods`), ``reference(OUT, data, workload)`` trains and scores it first
+    (cached under ``OUT``) and its :class:`pipelines.loop.Reference` goes to those runs.
     Returns ``(out, data, data_s, runs)``."""
     from .methods import get
 

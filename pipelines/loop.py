@@ -553,15 +553,15 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
     """Train one model of ``workload`` with ``method`` and report time, counts and quality.
 
     Returns a dict: ``method, seed, wall_clock_s`` (training wall-clock, evaluation excluded),
-    ``samples_forwarded, samples_scored, samples_backpropagated, steps``, ``epochs_done`` (fractional),
-    ``params``, ``final_<quality>``, ``best_<quality>`` (max, or min when lower is better) and
-    ``curve``: ``(wall_clock_s, quality)`` per evaluation, and ``learned_fraction``: per epoch,
-    the fraction of the samples read whose loss was below the workload's ``learned_loss``
-    (empty without one); ``stats``: per epoch, the selector's :meth:`~es_stream.ESSelector.stats`
-    for that epoch (empty without a selector; steps 0 for selectors that keep none); ``reference_s``, ``reference_train_s``, ``reference_score_s``: what the
-    reference model cost a method of :data:`REFERENCE_METHODS` (already in ``wall_clock_s`` and
-    the curve; 0 for the others). Raises ValueError naming the argument
-    for an unknown method, ``b > B``, ``evals_per_epoch < 1`` or a budget outside
+    ``samples_forwarded, samples_scored, samples_backpropagated, steps``, ``epochs_done``
+    (fractional), ``params``, ``final_<quality>``, ``best_<quality>`` (max, or min when lower is
+    better) and ``curve``: ``(wall_clock_s, quality)`` per evaluation, and ``learned_fraction``:
+    per epoch, the fraction of the samples read whose loss was below the workload's
+    ``learned_loss`` (empty without one); ``stats``: per epoch, the selector's
+    :meth:`~es_stream.ESSelector.stats` for that epoch (empty without a selector; steps 0 for
+    selectors that keep none); ``reference_s``, ``reference_train_s``, ``reference_score_s``:
+    what the reference model cost a method that reads one (already in ``wall_clock_s`` and the
+    curve; 0 for the others). Raises ValueError naming the argument for an unknown method, ``b > B``, ``evals_per_epoch < 1`` or a budget outside
     ``(0, epochs]``.
     """
     from tqdm.auto import tqdm

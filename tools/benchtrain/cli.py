@@ -9,7 +9,7 @@ import argparse
 from typing import Any, Sequence
 
 from pipelines import methods as registry
-from pipelines.common import add_selection_args, floats, ints, parse_methods
+from pipelines.common import add_reference_args, add_selection_args, floats, ints, parse_methods
 
 from . import ROOT
 
@@ -79,21 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group(
         "reference model (rho, rho_es, band_*; defaults per workload: "
         "pipelines.reference.DEFAULTS)")
-    g.add_argument("--reference-heldout", type=int, default=None,
-                   help="held-out samples it trains on (MNIST-1D: generated with "
-                        "--reference-seed and the same label noise; textlm: sequences of the "
-                        "train shards after those trained on) [mnist1d 10000, textlm 4096]")
-    g.add_argument("--reference-width", type=int, default=None,
-                   help="its size: MNIST-1D CNN width (the target's 32), textlm GRU hidden size "
-                        "(the target's --text-hidden) [mnist1d 16, textlm 64]")
-    g.add_argument("--reference-epochs", type=int, default=None,
-                   help="its training epochs [mnist1d 10, textlm 2]")
-    g.add_argument("--reference-lr", type=float, default=None,
-                   help="its Adam peak LR (cosine) [3e-3]")
-    g.add_argument("--reference-seed", type=int, default=1042,
-                   help="MNIST-1D: generation seed of the held-out split (not the corpus's 42)")
-    g.add_argument("--prune-keep", type=float, default=0.5,
-                   help="band_* and prune_random: fraction of the corpus kept, decided once")
+    add_reference_args(g)
     g = p.add_argument_group("mnist1d workload")
     g.add_argument("--noise", default="0", help="comma-separated label-noise fractions")
     g.add_argument("--m1d-train", type=int, default=40000, help="train samples")

@@ -309,7 +309,7 @@ def _time_to_uniform_final(row: dict[str, Any], uniform_s: float) -> float | Non
 
 
 def goals_table(entries: dict[str, dict[str, Any]]) -> list[str]:
-    """The goals of issue "Reference scores", per main experiment that ran a reference method,
+    """The goals of the reference-score methods, per main experiment that ran a reference method,
     one row per method. Label noise (an MNIST-1D experiment at noise p > 0, with the clean one
     in ``entries``): the fraction of the accuracy noise costs uniform that the method wins back,
     ``(final - uniform_p) / (uniform_0 - uniform_p)``, and the wall-clock (reference included)
