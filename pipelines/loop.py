@@ -351,7 +351,8 @@ class _Run:
         # ES's burn-in/anneal fractions count steps of unpruned epochs (an upper bound for eswp)
         ctx = methods.Context(workload.corpus, config.b, config.seed, config.epochs * len(ds),
                               len(ds), config, options, reference=self.reference,
-                              chance_loss=workload.chance_loss, manifests=manifests)
+                              chance_loss=workload.chance_loss, manifests=manifests,
+                              workload=workload)
         self.selector = spec.selector(ctx) if spec.selector is not None else None
         self.pruner = spec.pruner(ctx, self.selector) if spec.pruner is not None else None
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)

@@ -69,7 +69,9 @@ class Context:
     :class:`pipelines.loop.RunConfig` (``config``, for the method's own options), the ES options
     (``es_options``: ``RunConfig.es_options`` plus the device, for methods that take them), the
     reference :class:`~es_stream.ScoreStore` (``reference``, for methods that read one), the
-    workload's ``chance_loss`` and the run's ``manifests`` directory."""
+    workload's ``chance_loss``, the run's ``manifests`` directory and the
+    :class:`pipelines.loop.Workload` itself (``workload``: what a method needs of the data
+    beyond the corpus, e.g. labels only an oracle may read)."""
 
     corpus: Any
     b: int
@@ -81,6 +83,7 @@ class Context:
     reference: Any = None
     chance_loss: float | None = None
     manifests: str = ""
+    workload: Any = None
 
 
 SelectorFactory = Callable[[Context], Any]
@@ -201,7 +204,10 @@ def controls() -> dict[str, str]:
 
 def benchmark_names() -> tuple[str, ...]:
     """Every method the benchmark runs: the registry's, ``uniform_B`` and the controls."""
-    return (names()[:1] + (UNIFORM_B,) + names()[1:]) + tuple(controls())
+    out: list[str] = []
+    for name in names():
+        out += [name, UNIFORM_B] if name == "uniform" else [name]
+    return tuple(out) + tuple(controls())
 
 
 def labels() -> dict[str, str]:

@@ -113,6 +113,7 @@ def test_the_loop_the_planner_and_the_clis_accept_exactly_the_registry(tmp_path:
         config.check("not_a_method")
     # the benchmark: the registry's methods, uniform_B and one control per method with one
     assert set(P.METHODS) == set(names) | {registry.UNIFORM_B} | set(registry.controls())
+    assert set(P.MAIN_METHODS) <= set(P.METHODS)   # the default --methods are all known
     args = P.parse_args(["--workload", "mnist1d", "--methods", ",".join(P.METHODS)])
     assert args.methods == list(P.METHODS)
     assert set(P.run_options()) == set(P.METHODS)

@@ -81,6 +81,7 @@ uniform, ES and ES's control.
 ``selective_backprop`` Jiang et al. 2019 (Composer's rule), b of B
 ``infobatch``       InfoBatch-style pruning (uniform batches of b, below-mean losses pruned)
 ``random``          the random-selection control: forward on B, b picked uniformly
+``topk``            the b largest losses of B, deterministically (not in the default ``--methods``)
 ``budget_es``       the budget-matched control: uniform training cut to ES's wall-clock
 ``budget_eswp``     the same, cut to ESWP's wall-clock
 ``budget_infobatch`` the same, cut to InfoBatch's wall-clock (not in the default ``--methods``)
@@ -130,8 +131,8 @@ accuracy noise costs uniform that it wins back (needs the clean ``--noise 0`` ex
 same invocation) and its wall-clock to uniform's final accuracy over uniform's (goal: >= 0.5 and
 <= 0.6x); clean MNIST-1D and textlm: lossless in <= 0.8x; each band against random pruning.
 
-Every run goes through the pipelines' one training loop (``pipelines.loop.train``, every method declared
-once in the method registry ``pipelines.methods``) on the pipelines' workloads
+Every run goes through the pipelines' one training loop (``pipelines.loop.train``, every method
+declared once in the method registry ``pipelines.methods``) on the pipelines' workloads
 (``pipelines.mnist1d.train.workload``, ``pipelines.textlm.train.workload``), so the benchmark
 measures exactly what the pipelines run.
 
@@ -168,9 +169,10 @@ dashed) and ``betas_heatmap.png``. Data are cached in ``--data-dir`` (default
 the wall time before starting, from per-workload costs measured on the 2-core development machine
 (``COSTS``), rescaled by the uniform runs already in ``runs.jsonl`` when there are any.
 
-**Code.** This file is the command line; the work is in ``tools/benchtrain/``: ``cli.py`` (flags and
-their checks), ``plan.py`` (experiments, run keys, budget cuts, the estimate), ``run.py`` (data, one run through the shared
-loop, the ``runs.jsonl`` store) and ``report.py`` (statistics, tables, summary, plots).
+**Code.** This file is the command line; the work is in ``tools/benchtrain/``: ``cli.py`` (flags
+and their checks), ``plan.py`` (experiments, run keys, budget cuts, the estimate), ``run.py``
+(data, one run through the shared loop, the ``runs.jsonl`` store) and ``report.py`` (statistics,
+tables, summary, plots). The methods, their options and controls: ``pipelines/methods.py``.
 """
 
 
