@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-#: ``ESSelector`` options given on the command line (``RunConfig.es_options``)
-ES_OPTIONS = ("beta1", "beta2", "burn_in", "anneal")
+from .methods import ES_OPTIONS  # noqa: F401  (``RunConfig.es_options`` given on the command line)
 #: pruning options (fields of ``RunConfig``)
 PRUNE_OPTIONS = ("eswp_ratio", "infobatch_ratio", "prune_anneal", "prune_burn_in_epochs")
 
@@ -106,9 +105,23 @@ def floats(text: Any) -> list[float]:
     return [float(v) for v in str(text).split(",") if v.strip()]
 
 
-def parse_methods(parser: argparse.ArgumentParser, text: str, choices: tuple[str, ...]) -> list[str]:
-    """The comma-separated methods of ``text``; ``parser.error`` if one is not in ``choices`` or
-    there are none."""
+def add_methods_arg(parser: Any, default: str = "uniform,es") -> None:
+    """Add ``--methods`` (comma-separated; the choices are the method registry's,
+    :mod:`pipelines.methods`) to ``parser``."""
+    from .methods import names
+
+    parser.add_argument("--methods", default=default,
+                        help=f"comma-separated, from: {','.join(names())}")
+
+
+def parse_methods(parser: argparse.ArgumentParser, text: str,
+                  choices: tuple[str, ...] | None = None) -> list[str]:
+    """The comma-separated methods of ``text``; ``parser.error`` if one is not in ``choices``
+    (default: the method registry's names) or there are none."""
+    if choices is None:
+        from .methods import names
+
+        choices = names()
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in choices]
     if unknown or not methods:
@@ -174,11 +187,11 @@ def train_pipeline(args: argparse.Namespace, build: Callable[[Path], Any],
     """What a pipeline's ``main`` does between parsing and reporting: make ``args.out``, build
     the data with ``build(OUT / "data")`` (timed; ``describe(data, seconds)`` is printed), then
     train every (method, seed) on ``make_workload(data)`` (:func:`train_each`, with ``run``), all
-    with ``args.threads`` torch threads. When a method reads a reference model
-    (``pipelines.loop.REFERENCE_METHODS``), ``reference(OUT, data, workload)`` trains and scores
-    it first (cached under ``OUT``) and its :class:`pipelines.loop.Reference` goes to those runs.
+    with ``args.threads`` torch threads. When a method reads a reference model (``reference``
+    in :mod:`pipelines.methods`), ``reference(OUT, data, workload)`` trains and scores it first
+    (cached under ``OUT``) and its :class:`pipelines.loop.Reference` goes to those runs.
     Returns ``(out, data, data_s, runs)``."""
-    from .loop import REFERENCE_METHODS
+    from .methods import get
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +201,7 @@ def train_pipeline(args: argparse.Namespace, build: Callable[[Path], Any],
         data_s = time.perf_counter() - t0
         print(describe(data, data_s), flush=True)
         workload = make_workload(data)
-        if reference is not None and set(args.methods) & set(REFERENCE_METHODS):
+        if reference is not None and any(get(m).reference for m in args.methods):
             run["reference"] = reference(out, data, workload)
         if hasattr(args, "prune_keep"):
             run["prune_keep"] = args.prune_keep

@@ -7,48 +7,16 @@ evaluation (its name and direction), gradient clipping and the device. A run (:c
 says how: epochs and their budget, b and B, the learning rate, the seed, the method's options.
 :func:`train` does the rest, the same way for every workload:
 
-* **Methods** (:data:`METHODS`). Every method reads the same stream (``ESDataset`` +
-  ``es_stream.loader``), so loader overhead is the same for all. ``uniform`` and ``infobatch``
-  (:data:`BATCH_OF_B`) read meta-batches of b and train on all of each; the others read
-  meta-batches of B, score them with a no-grad forward (per-sample losses), let a selector pick b
-  (:func:`make_selector`) and take a forward + backward + step on those b. ``random`` is the
-  control for the selection itself: it pays for the scoring forward, then picks b uniformly.
-  ``eswp`` (ES + :class:`ESWPPolicy` on the selector's scores) and ``infobatch`` (each sample's
-  last loss as its score, :class:`InfoBatchPolicy`, kept low-loss samples weighted by
-  ``MetaBatch.weights``) also prune the set at epoch ends through Parquet manifests
-  (:func:`make_pruner`).
-* **Variants** (:data:`VARIANTS`, issue "Selection that pays"; ES selectors all):
-  ``eswp_rescale``: ES + ``ESWPPolicy(rescale=True)`` (prunes only below-mean scores, keeps each
-  with a known probability and weights the kept ones by its inverse through ``MetaBatch.weights``,
-  taken at the selected rows); ``infobatch_es``: InfoBatch's batches of b and policy, on the
-  ES EMA scores instead of the last loss — the scores come from the training losses of each
-  batch of b (:meth:`ESSelector.record`), **no scoring forward**, so it keeps InfoBatch's cost
-  (an extra B-forward would cost ~0.25 of a training sample, issue 7); ``es_reweight``: ES with
-  ``reweight="unbiased"`` importance weights on the selected losses; ``es_to_uniform`` /
-  ``es_from_uniform``: b per step from a :class:`BatchSchedule` (``b_ramp``); at ``b == B`` the
-  scoring forward is skipped and the scores come from the training losses; ``es_fresh``:
-  ``ESSelector(fresh_steps=fresh_epochs * steps per epoch)``, the scoring forward only on
-  stale samples. The variants score a tail meta-batch of at most b (trained whole) from its
-  training losses; ``es``/``eswp`` leave its scores as they were (as in issue 7).
-* **Reference scores** (:data:`REFERENCE_METHODS`, issue "Reference scores";
-  ``docs/REFERENCE.md``): ``rho`` reads meta-batches of B, and back-propagates the b with the
-  largest reducible loss ``loss - reference`` (:class:`ReducibleLossSelector`, rule ``"topk"``,
-  RHO-LOSS as published); ``rho_es`` the ES rule on the reducible loss (rule ``"es"``, the ES
-  options). ``band_low`` / ``band_middle`` / ``band_high`` train uniform batches of b on the
-  corpus pruned once, before the first step, by ``BandPolicy(keep=prune_keep)`` on the
-  reference scores: the decision goes to ``epoch=00000`` marked ``applies_to: all``, so
-  ESDataset reads only the kept samples in every epoch. ``prune_random`` is their control: the
-  same path over random scores, so exactly as many samples kept at random. All four train
-  ``epochs`` epochs over the kept part: the same training compute (steps, samples) for every
-  band and the control — half of uniform's at keep 0.5; a budget-matched uniform control is the
-  benchmark's ``budget_*``. The reference (:class:`Reference`: a complete score store and what
-  the reference model's training and scoring pass cost, :mod:`pipelines.reference`) is paid
-  before the first step: its seconds are added to the wall-clock and to every curve point of the
-  methods that read it (not ``prune_random``), and reported on their own (``reference_s``).
-  ``prune_chance`` prunes once the same way with ``ThresholdPolicy(high=workload.chance_loss)``:
-  it drops the samples on which the reference model does worse than a uniform guess (loss
-  above ln(classes)) — likely mislabelled or unlearnable, a rule that needs no noise rate and
-  no keep fraction.
+* **Methods** (:mod:`pipelines.methods`, the registry): each method is one
+  :class:`~pipelines.methods.Method` saying what it needs (its selector, its pruner and when it
+  prunes, whether it reads a reference model, whether it trains on batches of b or selects b of
+  B); :class:`_Run` reads those declarations, never a method's name. A reference (the methods
+  with ``reference``: :class:`Reference`, a complete score store and what the reference model's
+  training and scoring pass cost, :mod:`pipelines.reference`) is paid before the first step:
+  its seconds are added to the wall-clock and to every curve point, and reported on their own
+  (``reference_s``). The prune-once methods train ``epochs`` epochs over the kept part: the same
+  training compute for every band and the random control (a budget-matched uniform control is
+  the benchmark's ``budget_*``).
 * **Schedule.** Adam with a cosine learning rate over the run's progress in epochs (epoch plus
   the fraction of its meta-batches done), so every method ends at lr 0 whatever its steps per
   epoch (pruned epochs have fewer). With ``budget_epochs`` (fractional) the run stops there,
@@ -72,10 +40,11 @@ says how: epochs and their budget, b and B, the learning rate, the seed, the met
   forward of a selecting method, the training forward of a batch of b), so this costs a
   comparison per sample, counted on the device and read once per epoch.
 
-Where the later method variants go: each step of the loop is one method of ``_Run``: the
-per-sample weights of the loss (``weights``), the scoring forward (``score``), the optimizer step
-(``step``), the learning rate queried per step (:func:`cosine_lr`); the model comes from the
-workload's factory, which may load pre-trained weights.
+A new method is one entry of :mod:`pipelines.methods` (and its selector or policy class); a
+new kind of step changes one method of ``_Run``: the per-sample weights of the loss
+(``weights``), the scoring forward (``score``), the optimizer step (``step``), the learning rate
+queried per step (:func:`cosine_lr`); the model comes from the workload's factory, which may
+load pre-trained weights.
 """
 
 from __future__ import annotations
@@ -92,30 +61,23 @@ import torch
 from torch import nn
 
 import es_stream
-from es_stream import (BatchSchedule, Corpus, ESDataset, ESSelector, LossSelector,
-                       SelectiveBackpropSelector, Selector, TopKSelector, UniformSelector)
+from es_stream import BatchSchedule, Corpus, ESDataset, ESSelector, ReducibleLossSelector
 
-VARIANTS = ("eswp_rescale", "infobatch_es", "es_reweight", "es_to_uniform", "es_from_uniform",
-            "es_fresh")
-#: offline pruning decided once before training (prune-once manifests, ``applies_to: all``):
-#: the reference bands (BandPolicy) and the random-pruning control at the same keep fraction
-BANDS = ("band_low", "band_middle", "band_high")
-ONCE_PRUNING = BANDS + ("prune_chance", "prune_random")
-#: methods that read a reference model's losses (:class:`Reference`): RHO-LOSS, the bands and
-#: the chance-level threshold
-RHO = ("rho", "rho_es")
-REFERENCE_METHODS = RHO + BANDS + ("prune_chance",)
+from . import methods
+from .methods import random_scores  # noqa: F401  (its old home: kept importable)
+
+# The method lists as the registry holds them at import (methods registered later are read
+# through pipelines.methods, which the loop itself does).
+#: the variants of ES (their own benchmark grid)
+VARIANTS = methods.names(group="variant")
 #: the methods that need nothing but the corpus (every one runs in tests/test_loop.py)
-METHODS = ("uniform", "es", "eswp", "infobatch", "loss", "selective_backprop", "topk",
-           "random") + VARIANTS + ("prune_random",)
+METHODS = methods.names(reference=False)
+#: the methods that read a reference model's losses (:class:`Reference`)
+REFERENCE_METHODS = methods.names(reference=True)
 #: every method of the loop (the reference methods need ``RunConfig.reference``)
 ALL_METHODS = METHODS + REFERENCE_METHODS
-# methods that train on every sample of a meta-batch of b
-BATCH_OF_B = ("uniform", "infobatch", "infobatch_es") + ONCE_PRUNING
-PRUNING = ("eswp", "infobatch", "eswp_rescale", "infobatch_es")  # prune at epoch ends
-WEIGHTED = ("infobatch", "infobatch_es", "eswp_rescale")  # train on MetaBatch.weights
-ES_METHODS = ("es", "eswp") + VARIANTS  # methods whose selector is an ESSelector
-SCHEDULES = {"es_to_uniform": "to_uniform", "es_from_uniform": "from_uniform"}
+#: the methods whose b moves over the run, and how (:class:`~es_stream.BatchSchedule`)
+SCHEDULES = {m.name: m.schedule for m in methods.methods() if m.schedule}
 
 
 class CapturingFactory:
@@ -240,13 +202,12 @@ class RunConfig:
 
     def check(self, method: str) -> None:
         """ValueError naming the argument unless ``method`` and the settings make a run."""
-        if method not in ALL_METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
-        if method in REFERENCE_METHODS and self.reference is None:
+        reads_reference = methods.get(method).reference  # ValueError for an unknown method
+        if reads_reference and self.reference is None:
             raise ValueError(f"method {method!r} reads a reference model's losses: give "
                              "RunConfig(reference=Reference(store=...)) (pipelines.reference "
                              "trains and scores one)")
-        if method in REFERENCE_METHODS and not os.path.exists(self.reference.store):
+        if reads_reference and not os.path.exists(self.reference.store):
             raise FileNotFoundError(f"reference store {self.reference.store} (method {method!r}) "
                                     "does not exist; score the corpus first (pipelines.reference "
                                     "or `es-stream score`)")
@@ -269,97 +230,7 @@ class RunConfig:
             raise ValueError(f"fresh_epochs must be > 0, got {self.fresh_epochs}")
 
 
-# ----------------------------------------------------------------------------- the method table
-def make_selector(method: str, corpus: Corpus, b: int, seed: int, total_steps: int,
-                  reference: Any = None, **es_options: Any) -> Selector | None:
-    """The selector of ``method`` (None for ``uniform``, ``infobatch`` and the prune-once
-    methods; ``infobatch_es``'s only scores). ``es_options`` go to :class:`ESSelector` (beta1,
-    beta2, burn_in, anneal, device, fresh_steps, ...); ``es_reweight`` adds
-    ``reweight="unbiased"``. ``rho`` / ``rho_es``: a :class:`ReducibleLossSelector` on the
-    ``reference`` :class:`~es_stream.ScoreStore`, rule ``"topk"`` (RHO-LOSS as published, no ES
-    options) / ``"es"`` (the ES rule on the reducible loss, with ``es_options``)."""
-    if method in RHO:
-        from es_stream import ReducibleLossSelector
-
-        if reference is None:
-            raise ValueError(f"method {method!r} needs the reference store (RunConfig.reference)")
-        if method == "rho":
-            return ReducibleLossSelector(reference, b, "topk", fingerprint=corpus.fingerprint,
-                                         seed=seed)
-        return ReducibleLossSelector(reference, b, "es", fingerprint=corpus.fingerprint, seed=seed,
-                                     total_steps=total_steps, **es_options)
-    if method in ES_METHODS:
-        if method == "es_reweight":
-            es_options = {"reweight": "unbiased", **es_options}
-        return ESSelector(corpus.num_samples, b, seed=seed, total_steps=total_steps, **es_options)
-    if method in BATCH_OF_B:
-        return None
-    factories: dict[str, Callable[[], Selector]] = {
-        "loss": lambda: LossSelector(b, seed=seed),
-        "selective_backprop": lambda: SelectiveBackpropSelector(b, seed=seed),
-        "topk": lambda: TopKSelector(b, seed=seed),
-        "random": lambda: UniformSelector(b, seed=seed),
-    }
-    if method not in factories:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return factories[method]()
-
-
-def make_pruner(method: str, corpus: Corpus, selector: Any, manifests: str, *, eswp_ratio: float,
-                infobatch_ratio: float, prune_anneal: float, prune_burn_in_epochs: int,
-                seed: int, rescale_min_keep: float = 0.1, reference: Any = None,
-                prune_keep: float = 0.5, chance_loss: float | None = None) -> Any:
-    """The epoch-end pruner of ``method`` writing to ``manifests`` (None unless it is in
-    :data:`PRUNING`): ``eswp`` prunes with :class:`ESWPPolicy` on the ES selector's store,
-    ``eswp_rescale`` with ``ESWPPolicy(rescale=True, min_keep=rescale_min_keep)``;
-    ``infobatch`` with :class:`InfoBatchPolicy` on a store of its own (last losses),
-    ``infobatch_es`` on the ES selector's store (EMA of the training losses).
-
-    The prune-once methods (:data:`ONCE_PRUNING`; the caller writes their one decision with
-    ``pruner.write(0, epochs)`` before training): ``band_<b>`` keeps ``ceil(prune_keep * n)``
-    samples of band ``<b>`` of the ``reference`` store (:class:`BandPolicy`); ``prune_random``
-    keeps as many chosen at random (seeded by ``seed``): the same BandPolicy over a store of
-    random scores, so it goes through exactly the bands' path."""
-    from es_stream import BandPolicy, ESWPPolicy, InfoBatchPolicy, Pruner, ScoreStore, ThresholdPolicy
-
-    if method in BANDS:
-        if reference is None:
-            raise ValueError(f"method {method!r} needs the reference store (RunConfig.reference)")
-        return Pruner(corpus, reference, BandPolicy(prune_keep, method[len("band_"):]), manifests)
-    if method == "prune_random":
-        return Pruner(corpus, random_scores(corpus, seed), BandPolicy(prune_keep, "low"), manifests)
-    if method == "prune_chance":
-        if reference is None or chance_loss is None:
-            raise ValueError("method 'prune_chance' needs the reference store (RunConfig."
-                             "reference) and the workload's chance_loss")
-        return Pruner(corpus, reference, ThresholdPolicy(high=chance_loss), manifests)
-
-    if method in ("eswp", "eswp_rescale"):
-        rescale = ({"rescale": True, "min_keep": rescale_min_keep}
-                   if method == "eswp_rescale" else {})
-        return Pruner(corpus, selector.store, ESWPPolicy(
-            eswp_ratio, anneal=prune_anneal, burn_in_epochs=prune_burn_in_epochs, seed=seed,
-            **rescale), manifests)
-    if method in ("infobatch", "infobatch_es"):
-        store = selector.store if method == "infobatch_es" else ScoreStore(corpus.num_samples)
-        return Pruner(corpus, store,
-                      InfoBatchPolicy(infobatch_ratio, anneal=prune_anneal, seed=seed), manifests)
-    return None
-
-
-def random_scores(corpus: Corpus, seed: int) -> Any:
-    """An in-memory :class:`~es_stream.ScoreStore` of uniform random scores in [0, 1), one per
-    sample of ``corpus``, drawn from ``seed`` (``prune_random``'s: a band of it is a random
-    subset of exactly the band's size)."""
-    from es_stream import ScoreStore
-
-    n = corpus.num_samples
-    store = ScoreStore(n, fingerprint=corpus.fingerprint)
-    g = torch.Generator().manual_seed(seed)
-    store.scatter(torch.arange(n), torch.rand(n, generator=g))
-    return store
-
-
+# ----------------------------------------------------------------------------- the method's parts
 def open_reference(corpus: Corpus, reference: Reference) -> Any:
     """The reference :class:`~es_stream.ScoreStore` of ``reference``, memory-mapped and bound to
     ``corpus`` (a store of another corpus is refused, naming it) and complete (an unfinished
@@ -466,32 +337,24 @@ class _Run:
         self.workload, self.method, self.config = workload, method, config
         self.model, self.ds, self.bar = model, ds, bar
         self.dev = torch.device(workload.device)
-        options = dict(config.es_options or {})
-        if self.dev.type == "cuda" and method in ES_METHODS + ("rho_es",):
+        self.spec = spec = methods.get(method)
+        options = dict(config.es_options or {}) if spec.es_options else {}
+        if self.dev.type == "cuda" and spec.es_options:
             options.setdefault("device", self.dev)
-        if method == "es_fresh":  # about one epoch: see ESSelector's "Fresh scores"
-            options.setdefault("fresh_steps", max(1, round(config.fresh_epochs * len(ds))))
-        self.schedule = (BatchSchedule(SCHEDULES[method], config.b, config.B, config.b_ramp)
-                         if method in SCHEDULES else None)
+        self.schedule = (BatchSchedule(spec.schedule, config.b, config.B, config.b_ramp)
+                         if spec.schedule else None)
         # samples forwarded only to be trained (fresh ones selected): a device count, read once
         # at the end so that no step waits on the device
         self._fresh_trained: torch.Tensor | None = None
-        # ES's burn-in/anneal fractions count steps of unpruned epochs (an upper bound for eswp)
         self.reference = (open_reference(workload.corpus, config.reference)
-                          if method in REFERENCE_METHODS else None)
-        if method == "rho":  # the published rule takes no ES options
-            options = {}
-        self.selector = make_selector(method, workload.corpus, config.b, config.seed,
-                                      config.epochs * len(ds), reference=self.reference,
-                                      **options)
-        self.pruner = make_pruner(method, workload.corpus, self.selector, manifests,
-                                  eswp_ratio=config.eswp_ratio,
-                                  infobatch_ratio=config.infobatch_ratio,
-                                  prune_anneal=config.prune_anneal,
-                                  prune_burn_in_epochs=config.prune_burn_in_epochs,
-                                  seed=config.seed, rescale_min_keep=config.rescale_min_keep,
-                                  reference=self.reference, prune_keep=config.prune_keep,
-                                  chance_loss=workload.chance_loss)
+                          if spec.reference else None)
+        # ES's burn-in/anneal fractions count steps of unpruned epochs (an upper bound for eswp)
+        ctx = methods.Context(workload.corpus, config.b, config.seed, config.epochs * len(ds),
+                              len(ds), config, options, reference=self.reference,
+                              chance_loss=workload.chance_loss, manifests=manifests,
+                              workload=workload)
+        self.selector = spec.selector(ctx) if spec.selector is not None else None
+        self.pruner = spec.pruner(ctx, self.selector) if spec.pruner is not None else None
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.clock = Clock(self.dev)
         self.counts = Counts()
@@ -544,13 +407,14 @@ class _Run:
             self._fresh_trained = (fresh_trained if self._fresh_trained is None
                                    else self._fresh_trained + fresh_trained)
             return chosen
-        if self.method in RHO:  # start the reference losses' copy before the forward
+        reducible = isinstance(sel, ReducibleLossSelector)
+        if reducible:  # start the reference losses' copy before the forward
             sel.prefetch(ids, self.dev)
         self.counts.forwarded += len(ids)
         self.counts.scored += len(ids)
         losses = self.score(data)
         self.observe(losses)
-        if self.method in RHO:  # host ids: the reference is read through its prefetch
+        if reducible:  # host ids: the reference is read through its prefetch
             return sel.select(ids, losses)
         if b != self.config.b:  # only ES selectors vary b (BatchSchedule)
             return sel.select(ids.to(self.dev), losses, b=b)
@@ -561,7 +425,7 @@ class _Run:
         (``MetaBatch.weights``: InfoBatch's and ``eswp_rescale``'s rescaled samples, at the
         ``chosen`` rows) times the selector's importance weights (``es_reweight``)."""
         w = None
-        if self.method in WEIGHTED and mb.weights is not None:
+        if self.spec.weighted and mb.weights is not None:
             w = mb.weights.to(self.dev)
             if chosen is not None:
                 w = w[chosen]
@@ -577,7 +441,7 @@ class _Run:
         data, ids = to_device(mb.data, self.dev), mb.ids
         b = self.batch_size(progress)
         chosen = None
-        if self.selector is not None and self.method not in BATCH_OF_B and len(ids) > b:
+        if self.spec.selects and len(ids) > b:
             chosen = self.select(data, ids, b)
             data = take(data, chosen)
         else:  # a batch of b, b == B, or a tail meta-batch of at most b: train on all of it
@@ -585,10 +449,11 @@ class _Run:
         losses = self.workload.losses(self.model, data)
         if chosen is None:  # no scoring forward: the training losses are this step's view
             self.observe(losses.detach())
-        if self.method == "infobatch":  # its score is each sample's last loss
-            self.pruner.store.scatter(ids, losses.detach())
-        elif chosen is None and self.method in VARIANTS:  # no scoring forward: train losses
-            self.selector.record(ids, losses.detach())
+        if chosen is None:  # no scoring forward: the training losses are the scores
+            if self.spec.train_loss_scores == "pruner":  # each sample's last loss
+                self.pruner.store.scatter(ids, losses.detach())
+            elif self.spec.train_loss_scores == "selector":
+                self.selector.record(ids, losses.detach())
         weights = self.weights(mb, chosen)
         loss = losses.mean() if weights is None else (losses * weights).mean()
         self.opt.zero_grad(set_to_none=True)
@@ -639,8 +504,7 @@ class _Run:
         # ceil(horizon) - 1: no decision there. (Comparing with `epochs` instead, as the MNIST-1D
         # loop once did, made a budget-cut pruning run decide, time and keep manifests for an
         # epoch it never ran, and with a decaying pruner change the scores it saves.)
-        if (self.pruner is not None and self.method not in ONCE_PRUNING
-                and epoch + 1 < config.epochs_run):
+        if self.spec.prune == "epoch" and epoch + 1 < config.epochs_run:
             self.pruner.on_epoch_end(epoch, config.epochs)
         clock.stop()
         self.close_epoch_diagnostics()
@@ -652,7 +516,7 @@ class _Run:
         """The prune-once methods' one decision, before the first epoch: written to
         ``epoch=00000`` and marked ``applies_to: all``, so ESDataset reads only the kept samples
         in every epoch. Timed: it is part of the method's cost."""
-        if self.method in ONCE_PRUNING:
+        if self.spec.prune == "once":
             self.clock.start()
             self.pruner.policy.check(self.pruner.store)  # refused before anything is written
             self.pruner.write(0, self.config.epochs)
@@ -660,7 +524,7 @@ class _Run:
 
     def result(self) -> dict[str, Any]:
         """The result dict of :func:`train`."""
-        ref = self.config.reference if self.method in REFERENCE_METHODS else None
+        ref = self.config.reference if self.spec.reference else None
         extra = ref.seconds if ref is not None else 0.0   # paid before the first step
         extra_cpu = ref.cpu_seconds if ref is not None else 0.0
         curve = [(t + extra, q) for t, q in self.counts.curve]
@@ -690,30 +554,31 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
     """Train one model of ``workload`` with ``method`` and report time, counts and quality.
 
     Returns a dict: ``method, seed, wall_clock_s`` (training wall-clock, evaluation excluded),
-    ``samples_forwarded, samples_scored, samples_backpropagated, steps``, ``epochs_done`` (fractional),
-    ``params``, ``final_<quality>``, ``best_<quality>`` (max, or min when lower is better) and
-    ``curve``: ``(wall_clock_s, quality)`` per evaluation, and ``learned_fraction``: per epoch,
-    the fraction of the samples read whose loss was below the workload's ``learned_loss``
-    (empty without one); ``stats``: per epoch, the selector's :meth:`~es_stream.ESSelector.stats`
-    for that epoch (empty without a selector; steps 0 for selectors that keep none); ``reference_s``, ``reference_train_s``, ``reference_score_s``: what the
-    reference model cost a method of :data:`REFERENCE_METHODS` (already in ``wall_clock_s`` and
-    the curve; 0 for the others). Raises ValueError naming the argument
-    for an unknown method, ``b > B``, ``evals_per_epoch < 1`` or a budget outside
+    ``samples_forwarded, samples_scored, samples_backpropagated, steps``, ``epochs_done``
+    (fractional), ``params``, ``final_<quality>``, ``best_<quality>`` (max, or min when lower is
+    better) and ``curve``: ``(wall_clock_s, quality)`` per evaluation, and ``learned_fraction``:
+    per epoch, the fraction of the samples read whose loss was below the workload's
+    ``learned_loss`` (empty without one); ``stats``: per epoch, the selector's
+    :meth:`~es_stream.ESSelector.stats` for that epoch (empty without a selector; steps 0 for
+    selectors that keep none); ``reference_s``, ``reference_train_s``, ``reference_score_s``:
+    what the reference model cost a method that reads one (already in ``wall_clock_s`` and the
+    curve; 0 for the others). Raises ValueError naming the argument for an unknown method, ``b > B``, ``evals_per_epoch < 1`` or a budget outside
     ``(0, epochs]``.
     """
     from tqdm.auto import tqdm
 
     config.check(method)
+    spec = methods.get(method)
     torch.manual_seed(config.seed)  # first: the model's initialisation depends on the seed alone
     model = workload.make_model().to(workload.device)
     with tempfile.TemporaryDirectory(prefix=f"es-stream-{workload.name}-{method}-") as tmp:
         manifests = os.path.join(config.run_dir or tmp, "manifests")
         shutil.rmtree(manifests, ignore_errors=True)  # epochs of an earlier run must not leak in
         ds = ESDataset(workload.corpus,
-                       meta_batch_size=config.b if method in BATCH_OF_B else config.B,
+                       meta_batch_size=config.b if spec.batch_of_b else config.B,
                        decode=workload.decode, collate=workload.collate, shuffle=True,
                        seed=config.seed,
-                       manifests=manifests if method in PRUNING + ONCE_PRUNING else None)
+                       manifests=manifests if spec.prune else None)
         dl = es_stream.loader(ds, num_workers=config.workers)
         bar = tqdm(total=config.epochs_run, desc=f"{method} seed {config.seed}", unit="epoch",
                    disable=not config.progress, dynamic_ncols=True, leave=False, mininterval=1.0)
@@ -726,6 +591,6 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
         finally:
             bar.close()
             del dl  # stop persistent workers before the manifest directory goes
-        if method not in ONCE_PRUNING:  # their store is the reference's (or random): not theirs
+        if spec.prune != "once":  # their store is the reference's (or random): not theirs
             save_scores(config.run_dir, run.pruner, run.selector)
     return run.result()

@@ -46,6 +46,7 @@ def test_a_run_is_keyed_by_the_fields_its_method_uses(tmp_path: Path) -> None:
         "eswp": data | es | {"B", "eswp_ratio", "prune_anneal", "prune_burn_in_epochs"},
         "infobatch": data | {"infobatch_ratio", "prune_anneal"},
         "loss": data | {"B"}, "selective_backprop": data | {"B"}, "random": data | {"B"},
+        "topk": data | {"B"},
         "budget_es": data | {"budget_epochs"}, "budget_eswp": data | {"budget_epochs"},
         "budget_infobatch": data | {"budget_epochs"},
         "budget_infobatch_es": data | {"budget_epochs"},

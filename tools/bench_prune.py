@@ -5,7 +5,7 @@ an int) are written as WebDataset and MDS shards (``bench_stream.write_corpora``
 store of random scores is turned into epoch-1 manifests by :class:`es_stream.ESWPPolicy` at each
 ratio in ``--ratios``; then one epoch of ``ESDataset(..., manifests=...)`` (es-stream's default
 shuffle, ``--meta-batch``) is timed per (format, workers, ratio), best of ``--repeats``, with persistent workers warmed by an
-untimed epoch 0 as in training, against the unpruned epoch (no manifests) in the same run. Goal (issue 4): epoch time / unpruned <=
+untimed epoch 0 as in training, against the unpruned epoch (no manifests) in the same run. Goal: epoch time / unpruned <=
 (1 - r) + 0.05 for MDS and (1 - r) + 0.10 for WebDataset. Every run checks that exactly the kept
 ids arrived, once each.
 
@@ -124,7 +124,7 @@ def manifest_costs(args: argparse.Namespace, root: Path) -> None:
     corpus = Corpus("mds", [ShardInfo(f"virtual/shard.{i:05d}.mds", int(c), -1, -1)
                             for i, c in enumerate(counts)])
     store = random_store(n)
-    # the goals: 10M samples written in <= 10 s (issue 4), 1e9 in <= 5 minutes (issue 17);
+    # the goals: 10M samples written in <= 10 s, 1e9 in <= 5 minutes;
     # <= 5 bytes a sample on disk
     goal_s = 10.0 if n <= 10_000_000 else 300.0
     print(f"part 2: manifests for {n:,} samples in {shards} shards (ok: written in <= {goal_s:g} s, "

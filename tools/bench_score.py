@@ -1,7 +1,7 @@
 """Reference scoring throughput: ``score_corpus`` against the same model's bare no-grad forward
 over the same stream, side by side in one run, with 1 and 2 DataLoader workers.
 
-Goal (issue "Reference scores"): ``score_corpus`` (the path ``es-stream score`` takes: store
+Goal: ``score_corpus`` (the path ``es-stream score`` takes: store
 writes, progress points, the progress bar off) at >= 0.9x the bare loop's samples/s. The bare
 loop iterates the same ``ESDataset`` (same decode, collate, workers) and runs the model under
 ``torch.inference_mode()``, discarding the losses; on CUDA both loops end with a synchronise.

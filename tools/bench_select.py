@@ -4,7 +4,7 @@ For each meta-batch size B in ``--sizes`` and b in {B/2, B/4}, one run times on 
 meta-batch: the pipeline model's no-grad forward (``pipelines.mnist1d``'s 1D CNN, per-sample
 cross-entropy), and ``select(ids, losses)`` of :class:`es_stream.ESSelector` (store of
 ``--num-samples`` scores, random ids) and of the baselines. Times are medians of ``--repeats``
-calls after warm-up; the ratio column is select / forward. Goal (issue 3): ES select <= 1% of the
+calls after warm-up; the ratio column is select / forward. Goal: ES select <= 1% of the
 forward at B = 4096 on CPU. On a CUDA machine ``--device cuda`` times both there (synchronising
 only around the timed region, never inside ``select``).
 

@@ -10,15 +10,15 @@ its own): the memory-mapped store (``ScoreStore.open``) and, side by side, the i
 each as the increase over the process before the store existed —
 a chunked ``save``, and ESWP's and InfoBatch's chunked decisions (``decide``, ratios 0.3 and
 0.5) over the memory-mapped store.
-Goals (issue 5): creation in seconds, >= 1M ids/s gather and scatter, bounded memory at 1e9;
-(issue 17) each decision over 1e9 scores in <= 30 s.
+Goals: creation in seconds, >= 1M ids/s gather and scatter, bounded memory at 1e9; each
+decision over 1e9 scores in <= 30 s.
 
 Part 2: the feedback channel per training step: one step of the pipeline's 1D CNN (no-grad
 forward on B, forward+backward+SGD on b) next to ``ESSelector.select`` (with ``prefetch``) for
 a store of ``--channel-n`` scores kept in memory on the device, and memory-mapped on the host.
 On CPU the memory-mapped store is read directly (``feedback="auto"``); with ``--device cuda`` it
 sits behind a :class:`es_stream.FeedbackChannel` (pinned staging, non-blocking copies, commits
-on CUDA events) — the configuration whose per-step overhead issue 5 asks for.
+on CUDA events) — the configuration whose per-step overhead the goals bound.
 
     .venv/bin/python tools/bench_store.py                 # 1e7, 1e8, 1e9 (~10 minutes)
     .venv/bin/python tools/bench_store.py --sizes 1e7 --ids 1e6

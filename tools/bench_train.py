@@ -1,4 +1,4 @@
-"""Time-to-quality evidence (issue 7): ES, ESWP and their peers against uniform training.
+"""Time-to-quality evidence: ES, ESWP and their peers against uniform training.
 
     python tools/bench_train.py --workload mnist1d --noise 0,0.2,0.4   # MNIST-1D, 3 noise levels
     python tools/bench_train.py --workload textlm                      # byte LM on stdlib text
@@ -12,13 +12,13 @@
     python tools/bench_train.py --workload mnist1d-long                # a regime (see below)
     python tools/bench_train.py --regimes                              # every regime
 
-    # issue "Reference scores": the one command for its goals (reference methods are opt-in)
+    # the reference-score methods: the one command for their goals (they are opt-in)
     python tools/bench_train.py --workload mnist1d --noise 0,0.2,0.4 \
         --methods uniform,rho,rho_es,band_low,band_middle,band_high,prune_random,budget_rho
     python tools/bench_train.py --workload textlm \
         --methods uniform,rho,band_low,band_middle,band_high,prune_random,budget_rho
 
-``--all`` is the issue-7 evidence committed in ``docs/evidence`` (its dry run finds every run
+``--all`` is the main evidence committed in ``docs/evidence`` (its dry run finds every run
 done); the regimes are new experiments with run keys of their own, run with ``--regimes`` (or
 ``--all --regimes`` for everything).
 
@@ -81,12 +81,13 @@ uniform, ES and ES's control.
 ``selective_backprop`` Jiang et al. 2019 (Composer's rule), b of B
 ``infobatch``       InfoBatch-style pruning (uniform batches of b, below-mean losses pruned)
 ``random``          the random-selection control: forward on B, b picked uniformly
+``topk``            the b largest losses of B, deterministically (not in the default ``--methods``)
 ``budget_es``       the budget-matched control: uniform training cut to ES's wall-clock
 ``budget_eswp``     the same, cut to ESWP's wall-clock
 ``budget_infobatch`` the same, cut to InfoBatch's wall-clock (not in the default ``--methods``)
 =================== ===========================================================================
 
-**The variants grid** (``--grid variants``; "Selection that pays", on MNIST-1D at
+**The variants grid** (``--grid variants``; on MNIST-1D at
 ``--grid-noise``, beside uniform, ES, ESWP, InfoBatch and random; not in the main tables unless
 named in ``--methods``):
 
@@ -100,8 +101,8 @@ named in ``--methods``):
 ``es_fresh``        ES scoring only samples not scored within ``--fresh-epochs``
 =================== ===========================================================================
 
-**The reference-score methods** (issue "Reference scores", ``docs/REFERENCE.md``; opt-in, so
-the issue-7 run keys stay as committed):
+**The reference-score methods** (``docs/REFERENCE.md``; opt-in, so the main
+evidence's run keys stay as committed):
 
 =================== ===========================================================================
 ``rho``             RHO-LOSS: forward on B, back-propagate the b with the largest reducible loss
@@ -130,8 +131,8 @@ accuracy noise costs uniform that it wins back (needs the clean ``--noise 0`` ex
 same invocation) and its wall-clock to uniform's final accuracy over uniform's (goal: >= 0.5 and
 <= 0.6x); clean MNIST-1D and textlm: lossless in <= 0.8x; each band against random pruning.
 
-Every run goes through the pipelines' one training loop (``pipelines.loop.train``, with its method
-table ``make_selector`` / ``make_pruner``) on the pipelines' workloads
+Every run goes through the pipelines' one training loop (``pipelines.loop.train``, every method
+declared once in the method registry ``pipelines.methods``) on the pipelines' workloads
 (``pipelines.mnist1d.train.workload``, ``pipelines.textlm.train.workload``), so the benchmark
 measures exactly what the pipelines run.
 
@@ -168,9 +169,10 @@ dashed) and ``betas_heatmap.png``. Data are cached in ``--data-dir`` (default
 the wall time before starting, from per-workload costs measured on the 2-core development machine
 (``COSTS``), rescaled by the uniform runs already in ``runs.jsonl`` when there are any.
 
-**Code.** This file is the command line; the work is in ``tools/benchtrain/``: ``plan.py`` (flags,
-experiments, run keys, budget cuts, the estimate), ``run.py`` (data, one run through the shared
-loop, the ``runs.jsonl`` store) and ``report.py`` (statistics, tables, summary, plots).
+**Code.** This file is the command line; the work is in ``tools/benchtrain/``: ``cli.py`` (flags
+and their checks), ``plan.py`` (experiments, run keys, budget cuts, the estimate), ``run.py``
+(data, one run through the shared loop, the ``runs.jsonl`` store) and ``report.py`` (statistics,
+tables, summary, plots). The methods, their options and controls: ``pipelines/methods.py``.
 """
 
 

@@ -1,4 +1,4 @@
-"""Every GPU claim of es-stream, checked by one command on a machine with a CUDA GPU (issue 17).
+"""Every GPU claim of es-stream, checked by one command on a machine with a CUDA GPU.
 
     python tools/gpu_check.py                          # all checks, ~3-6 minutes on one GPU
     python tools/gpu_check.py --only select,merge      # some of them

@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..common import (add_reference_args, add_selection_args, check_batch, ints, parse_methods,
-                      check_reference_args, train_pipeline)
-from ..loop import ALL_METHODS as METHODS
+from ..common import (add_methods_arg, add_reference_args, add_selection_args, check_batch, ints,
+                      parse_methods, check_reference_args, train_pipeline)
 from ..report import fmt, plot_curves, runs_table, stats, write_results
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -44,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="default sizes; explicit flags win "
                    "(demo: " + ", ".join(f"{k}={v}" for k, v in PRESETS["demo"].items()) + ")")
-    p.add_argument("--methods", default="uniform,es",
-                   help=f"comma-separated, from: {','.join(METHODS)}")
+    add_methods_arg(p)
     p.add_argument("--train", type=int, default=40000, help="train samples")
     p.add_argument("--test", type=int, default=10000, help="test samples")
     p.add_argument("--noise", type=float, default=0.0,
@@ -76,7 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if preset.preset:
         parser.set_defaults(**PRESETS[preset.preset])
     args = parser.parse_args(argv)
-    args.methods = parse_methods(parser, args.methods, METHODS)
+    args.methods = parse_methods(parser, args.methods)
     args.seeds = ints(args.seeds)
     if args.epochs < 1 or args.train < 1 or args.test < 1:
         parser.error("--epochs, --train and --test must be >= 1")

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..common import (add_reference_args, add_selection_args, check_batch, ints, parse_methods,
-                      check_reference_args, train_pipeline)
-from ..loop import ALL_METHODS as METHODS
+from ..common import (add_methods_arg, add_reference_args, add_selection_args, check_batch, ints,
+                      parse_methods, check_reference_args, train_pipeline)
 from ..report import plot_curves, runs_table, write_results
 from .train import ARCHS
 
@@ -49,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "library's text streamed from WebDataset shards: uniform batches of b against "
                     "selecting b of B sequences per meta-batch (Evolved Sampling and baselines).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", default="uniform,es", help=f"comma-separated, from: {','.join(METHODS)}")
+    add_methods_arg(p)
     g = p.add_argument_group("corpus")
     g.add_argument("--source", default=None,
                    help="directory to collect *.py/*.rst/*.txt from (default: this Python's stdlib)")
@@ -99,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.methods = parse_methods(parser, args.methods, METHODS)
+    args.methods = parse_methods(parser, args.methods)
     args.seeds = ints(args.seeds)
     if args.epochs < 1 or args.seq_len < 2 or args.eval_sequences < 0 or args.train_mb < 0:
         parser.error("need --epochs >= 1, --seq-len >= 2, --eval-sequences >= 0, --train-mb >= 0")

@@ -1,7 +1,8 @@
-"""``tools/bench_train.py`` in three parts: :mod:`.plan` (experiments, configurations, run keys,
-budget cuts, the estimate), :mod:`.run` (data, one run through the shared training loop, the
-resumable ``runs.jsonl`` store) and :mod:`.report` (statistics, tables, summary, plots). The
-command line and what it measures are described in ``tools/bench_train.py``."""
+"""``tools/bench_train.py`` in four parts: :mod:`.cli` (the flags and their checks), :mod:`.plan`
+(experiments, configurations, run keys, budget cuts, the estimate), :mod:`.run` (data, one run
+through the shared training loop, the resumable ``runs.jsonl`` store) and :mod:`.report`
+(statistics, tables, summary, plots). The command line and what it measures are described in
+``tools/bench_train.py``; the methods come from :mod:`pipelines.methods`."""
 
 from __future__ import annotations
 

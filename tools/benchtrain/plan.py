@@ -1,10 +1,11 @@
 """Planning of ``tools/bench_train.py``: what to run and what it costs, no training here.
 
-The command line (:func:`build_parser`, :func:`parse_args`) becomes experiments
+The command line (:mod:`.cli`: :func:`build_parser`, :func:`parse_args`) becomes experiments
 (:func:`plan`): a workload configuration, methods and seeds each. A run is keyed by everything that
 determines it (:func:`run_config`, :func:`run_key`): experiments that share a run share its key
 and run it once, and a rerun skips every key already recorded. The budget-matched controls are
 cut from the measured runs (:func:`budget_cut`); :func:`estimate` prices what is still to run.
+What each method needs and reads comes from the method registry (:mod:`pipelines.methods`).
 Pure functions of the arguments and the records: tested on their own (tests/test_bench_plan.py).
 """
 
@@ -17,45 +18,27 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from pipelines.common import add_selection_args, floats, ints, parse_methods
+from pipelines import methods as registry
+from pipelines.common import floats, ints
 
-from . import ROOT
+from .cli import (GRIDS, MAIN_METHODS, REGIMES, WORKLOADS, build_parser,  # noqa: F401
+                  check_reference, check_regimes, parse_args, reference_config)
 
-WORKLOADS = ("mnist1d", "textlm")
-#: the regimes the paper claims, each an experiment on one of WORKLOADS (see plan())
-REGIMES = ("mnist1d-long", "mnist1d-finetune", "textlm-long")
-GRIDS = ("betas", "ratio", "prune", "fixes", "variants")
-#: the main tables' methods (issue 7), the default of --methods
-MAIN_METHODS = ("uniform", "uniform_B", "es", "eswp", "loss", "selective_backprop", "infobatch",
-                "random", "budget_es", "budget_eswp")
-#: the method variants of "Selection that pays" (pipelines.loop.VARIANTS): the variants grid
-VARIANTS = ("eswp_rescale", "infobatch_es", "es_reweight", "es_to_uniform", "es_from_uniform",
-            "es_fresh")
-#: controls beyond issue 7's: uniform cut to InfoBatch's wall-clock (InfoBatch was the one method
-#: near lossless there, so its time saving needs the same budget-matched bar as ES's), and to
-#: the two unbiased pruning variants' (the candidates for the recommended default)
-EXTRA_CONTROLS = ("budget_infobatch", "budget_infobatch_es", "budget_eswp_rescale")
-#: the reference-score methods (issue "Reference scores"; pipelines.loop): RHO-LOSS online
-#: selection (top-b, and the ES rule on the reducible loss), offline band pruning at keep
-#: --prune-keep and the random-pruning control at the same keep; pruning once what the reference
-#: predicts worse than chance (``prune_chance``: no keep fraction, no noise rate); and uniform
-#: cut to RHO-LOSS's and to chance-pruning's time (reference included). Opt-in: not in the
-#: default --methods.
-BANDS = ("band_low", "band_middle", "band_high")
-USES_REFERENCE = ("rho", "rho_es") + BANDS + ("prune_chance",)  # reference cost in their time
-KEEP_FRACTION = BANDS + ("prune_random",)         # prune-once manifests, keep --prune-keep
-REFERENCE_METHODS = USES_REFERENCE + ("prune_random", "budget_rho", "budget_prune_chance")
-METHODS = MAIN_METHODS + VARIANTS + EXTRA_CONTROLS + REFERENCE_METHODS
-# forward B, back-propagate b
-SELECTING = ("es", "eswp", "loss", "selective_backprop", "random", "eswp_rescale", "es_reweight",
-             "es_to_uniform", "es_from_uniform", "es_fresh", "rho", "rho_es")
-ES_METHODS = ("es", "eswp") + VARIANTS           # ES's betas
-ES_SELECTING = tuple(m for m in ES_METHODS if m in SELECTING)  # ES's burn-in and anneal
-BUDGET = {"budget_es": "es", "budget_eswp": "eswp", "budget_infobatch": "infobatch",
-          "budget_rho": "rho", "budget_infobatch_es": "infobatch_es",
-          "budget_eswp_rescale": "eswp_rescale", "budget_prune_chance": "prune_chance"}
+#: every method the benchmark runs (the registry's, uniform_B and the budget controls)
+METHODS = registry.benchmark_names()
+#: the variants of ES (the variants grid)
+VARIANTS = registry.names(group="variant")
+#: the budget-matched controls: ``budget_<m>`` -> ``<m>``, uniform cut to m's time
+BUDGET = registry.controls()
+#: the methods whose time includes a reference model's training and scoring
+USES_REFERENCE = registry.names(reference=True)
+#: the reference-score methods and their controls (opt-in: not in the default --methods)
+REFERENCE_METHODS = (registry.names(group="reference")
+                     + tuple(c for c, of in BUDGET.items() if registry.get(of).reference))
+#: forward B, back-propagate b
+SELECTING = tuple(m.name for m in registry.methods() if m.selects)
 #: the variants' options (pipelines.loop.RunConfig fields), each keying only its method(s)
 VARIANT_OPTIONS = ("rescale_min_keep", "b_ramp", "fresh_epochs")
 
@@ -80,248 +63,14 @@ COSTS = {
     "textlm": {"uniform_s_per_sample_epoch": 3.3e-3, "build_s": 25.0},
     "textlm-transformer": {"uniform_s_per_sample_epoch": TRANSFORMER_COST, "build_s": 25.0},
 }
-#: Relative cost of a method's run against uniform's, for the estimate only.
-COST_FACTOR = {"uniform": 1.0, "uniform_B": 0.8, "es": 0.9, "eswp": 0.75, "loss": 0.9,
-               "selective_backprop": 0.9, "infobatch": 0.85, "random": 0.9, "budget_es": 0.9,
-               "budget_eswp": 0.75, "eswp_rescale": 0.75, "infobatch_es": 0.85,
-               "es_reweight": 0.9, "es_to_uniform": 0.9, "es_from_uniform": 0.9, "es_fresh": 0.8,
-               "budget_infobatch": 0.85, "budget_infobatch_es": 0.85,
-               "budget_eswp_rescale": 0.75, "rho": 0.9, "rho_es": 0.9, "band_low": 0.5,
-               "band_middle": 0.5, "band_high": 0.5, "prune_random": 0.5, "budget_rho": 0.9,
-               "prune_chance": 0.65, "budget_prune_chance": 0.65}
+#: Relative cost of a method's run against uniform's, for the estimate only (a budget control
+#: costs what the method it is cut to costs).
+COST_FACTOR = {registry.UNIFORM_B: 0.8, **{m.name: m.cost for m in registry.methods()},
+               **{c: registry.get(of).cost for c, of in BUDGET.items()}}
 #: a reference model's cost, for the estimate only: its width halves the CNN's channels (the
 #: GRU's hidden size is a third), so a training sample costs about this much of the target's;
 #: the scoring pass costs one forward (~0.35 of a training sample) per corpus sample
 REFERENCE_COST = {"train_per_sample": 0.4, "score_per_sample": 0.35}
-
-
-# ----------------------------------------------------------------------------- configuration
-def build_parser() -> argparse.ArgumentParser:
-    from pipelines.textlm.__main__ import DEFAULTS as TEXT
-
-    p = argparse.ArgumentParser(
-        prog="python tools/bench_train.py",
-        description="Multi-seed time-to-quality benchmark of ES/ESWP against uniform training, "
-                    "the selection baselines and the budget-matched and random controls.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    what = p.add_argument_group("what to run (at least one)")
-    what.add_argument("--workload", action="append", choices=WORKLOADS + REGIMES, default=[],
-                      help="a main comparison or a regime (repeatable): mnist1d-long (MNIST-1D "
-                           "to convergence, time to uniform's plateau), mnist1d-finetune "
-                           "(fine-tuning a model pre-trained on part of the classes), "
-                           "textlm-long (the byte LM, Transformer, more text and epochs)")
-    what.add_argument("--regimes", action="store_true",
-                      help="every regime: " + ", ".join(REGIMES))
-    what.add_argument("--grid", action="append", choices=GRIDS, default=[],
-                      help="a sensitivity grid on MNIST-1D (repeatable)")
-    what.add_argument("--all", action="store_true",
-                      help="the issue-7 evidence of docs/evidence: mnist1d at every --noise, "
-                           "textlm, and every grid (not the regimes: add --regimes)")
-    what.add_argument("--dry-run", action="store_true", help="print the plan and estimate only")
-    g = p.add_argument_group("common")
-    g.add_argument("--methods", default=",".join(MAIN_METHODS), help="comma-separated, from: "
-                   + ",".join(METHODS) + " (budget_X needs uniform and X)")
-    g.add_argument("--seeds", default="0,1,2", help="training seeds")
-    g.add_argument("--out", default=str(ROOT / "docs" / "evidence"), help="output directory")
-    g.add_argument("--data-dir", default=str(ROOT / "out" / "bench_data"), help="data cache")
-    g.add_argument("--threads", type=int, default=1, help="torch threads")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    g.add_argument("--tolerance-acc", type=float, default=0.002,
-                   help="MNIST-1D target = uniform's mean final accuracy minus this")
-    g.add_argument("--tolerance-bpb", type=float, default=0.01,
-                   help="textlm target = uniform's mean final bits/byte plus this")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    g.add_argument("--time", choices=("cpu", "wall"), default="cpu",
-                   help="time basis of every ratio, budget cut and curve: cpu = the training "
-                        "process's CPU seconds (its wall-clock on an idle core, much less inflated "
-                        "by other load than wall-clock, not immune to it: compare runs made "
-                        "under the same load; runs recorded before it was measured stay on "
-                        "wall-clock), wall = wall-clock as measured")
-    g = p.add_argument_group("selection and pruning (both workloads)")
-    add_selection_args(g, help={
-        "eswp_ratio": "ESWP: fraction pruned per epoch",
-        "infobatch_ratio": "InfoBatch: fraction of below-mean samples pruned",
-        "prune_anneal": "ESWP/InfoBatch: fraction of final epochs left unpruned",
-        "prune_burn_in_epochs": "ESWP: first epochs left unpruned"})
-    g.add_argument("--rescale-min-keep", type=float, default=0.1,
-                   help="eswp_rescale: smallest keep probability (weights <= 1/it)")
-    g.add_argument("--b-ramp", type=float, default=0.75,
-                   help="es_to_uniform/es_from_uniform: fraction of training over which b moves")
-    g.add_argument("--fresh-epochs", type=float, default=1.0,
-                   help="es_fresh: a score updated within this many epochs is not re-scored")
-    g = p.add_argument_group(
-        "reference model (rho, rho_es, band_*; defaults per workload: "
-        "pipelines.reference.DEFAULTS)")
-    g.add_argument("--reference-heldout", type=int, default=None,
-                   help="held-out samples it trains on (MNIST-1D: generated with "
-                        "--reference-seed and the same label noise; textlm: sequences of the "
-                        "train shards after those trained on) [mnist1d 10000, textlm 4096]")
-    g.add_argument("--reference-width", type=int, default=None,
-                   help="its size: MNIST-1D CNN width (the target's 32), textlm GRU hidden size "
-                        "(the target's --text-hidden) [mnist1d 16, textlm 64]")
-    g.add_argument("--reference-epochs", type=int, default=None,
-                   help="its training epochs [mnist1d 10, textlm 2]")
-    g.add_argument("--reference-lr", type=float, default=None,
-                   help="its Adam peak LR (cosine) [3e-3]")
-    g.add_argument("--reference-seed", type=int, default=1042,
-                   help="MNIST-1D: generation seed of the held-out split (not the corpus's 42)")
-    g.add_argument("--prune-keep", type=float, default=0.5,
-                   help="band_* and prune_random: fraction of the corpus kept, decided once")
-    g = p.add_argument_group("mnist1d workload")
-    g.add_argument("--noise", default="0", help="comma-separated label-noise fractions")
-    g.add_argument("--m1d-train", type=int, default=40000, help="train samples")
-    g.add_argument("--m1d-test", type=int, default=10000, help="test samples")
-    g.add_argument("--m1d-epochs", type=int, default=10, help="epochs")
-    g.add_argument("--m1d-b", type=int, default=64, help="b")
-    g.add_argument("--m1d-B", type=int, default=128, help="B")
-    g.add_argument("--m1d-lr", type=float, default=3e-3, help="Adam peak LR (cosine)")
-    g = p.add_argument_group("textlm workload (see python -m pipelines.textlm --help)")
-    g.add_argument("--text-source", default=None, help="text directory (default: the stdlib)")
-    g.add_argument("--text-min-mb", type=float, default=TEXT["min_mb"], help="minimum text collected")
-    g.add_argument("--text-max-mb", type=float, default=TEXT["max_mb"], help="cap on text collected")
-    g.add_argument("--text-seq-len", type=int, default=TEXT["seq_len"], help="bytes per sequence")
-    g.add_argument("--text-shard-sequences", type=int, default=TEXT["shard_sequences"],
-                   help="sequences per shard")
-    g.add_argument("--text-train-mb", type=float, default=TEXT["train_mb"],
-                   help="MiB of train shards trained on (0: all)")
-    g.add_argument("--text-eval-sequences", type=int, default=TEXT["eval_sequences"],
-                   help="held-out sequences evaluated (0: all)")
-    g.add_argument("--text-epochs", type=int, default=TEXT["epochs"], help="epochs")
-    g.add_argument("--text-b", type=int, default=TEXT["b"], help="b")
-    g.add_argument("--text-B", type=int, default=TEXT["B"], help="B")
-    g.add_argument("--text-lr", type=float, default=TEXT["lr"], help="Adam peak LR (cosine)")
-    g.add_argument("--text-arch", default=TEXT["arch"], choices=("gru", "transformer"), help="model")
-    g.add_argument("--text-hidden", type=int, default=TEXT["hidden"], help="hidden size / width")
-    g.add_argument("--text-embed", type=int, default=TEXT["embed"], help="GRU embedding size")
-    g.add_argument("--text-layers", type=int, default=TEXT["layers"], help="layers")
-    g.add_argument("--text-evals-per-epoch", type=int, default=TEXT["evals_per_epoch"],
-                   help="held-out evaluations per epoch")
-    g.add_argument("--text-device", default="cpu", help="torch device")
-    g = p.add_argument_group("regime mnist1d-long (test set, b, B, lr: the --m1d-* flags)")
-    g.add_argument("--long-train", type=int, default=20000, help="train samples")
-    g.add_argument("--long-epochs", type=int, default=40, help="epochs (>= 40: to convergence)")
-    g.add_argument("--plateau-window", type=int, default=5,
-                   help="uniform's plateau = the mean of its last this many evaluations")
-    g = p.add_argument_group("regime mnist1d-finetune (test set, b, B: the --m1d-* flags)")
-    g.add_argument("--ft-train", type=int, default=20000, help="target train samples")
-    g.add_argument("--ft-epochs", type=int, default=10, help="fine-tuning epochs")
-    g.add_argument("--ft-lr", type=float, default=1e-3, help="fine-tuning Adam peak LR (cosine)")
-    g.add_argument("--ft-classes", default="0,1,2,3,4",
-                   help="classes of the pre-training source (0-9: the whole task, other samples)")
-    g.add_argument("--ft-source-seed", type=int, default=7,
-                   help="generation seed of the source set (the target's is 42)")
-    g.add_argument("--ft-source-train", type=int, default=20000,
-                   help="source samples generated, before keeping --ft-classes")
-    g.add_argument("--ft-pretrain-epochs", type=int, default=10, help="pre-training epochs")
-    g.add_argument("--ft-pretrain-lr", type=float, default=3e-3, help="pre-training Adam peak LR")
-    g = p.add_argument_group("regime textlm-long (the other settings: the --text-* flags)")
-    g.add_argument("--tlong-train-mb", type=float, default=8.0, help="MiB of train shards")
-    g.add_argument("--tlong-epochs", type=int, default=3, help="epochs")
-    g.add_argument("--tlong-arch", default="transformer", choices=("gru", "transformer"),
-                   help="model")
-    g.add_argument("--tlong-hidden", type=int, default=64, help="width")
-    g.add_argument("--tlong-layers", type=int, default=2, help="layers")
-    g.add_argument("--tlong-lr", type=float, default=TEXT["lr"], help="Adam peak LR (cosine)")
-    g = p.add_argument_group("grids (MNIST-1D)")
-    g.add_argument("--grid-noise", type=float, default=0.0, help="label noise of the grids")
-    g.add_argument("--grid-seeds", default=None, help="seeds of the grids (default: --seeds)")
-    g.add_argument("--beta1s", default="0,0.2,0.5,0.8", help="betas grid: beta1 values")
-    g.add_argument("--beta2s", default="0.5,0.8,0.95", help="betas grid: beta2 values")
-    g.add_argument("--ratios", default="2,4", help="ratio grid: B/b values (b = --m1d-b)")
-    g.add_argument("--prune-ratios", default="0.2,0.3,0.5", help="prune grid: ESWP ratios")
-    g.add_argument("--fix-burn-in", type=float, default=0.1, help="fixes grid: ES burn-in fraction")
-    g.add_argument("--fix-anneal", type=float, default=0.1, help="fixes grid: ES anneal fraction")
-    g.add_argument("--fix-epochs", type=int, default=20, help="fixes grid: epochs of the longer run")
-    return p
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.methods = parse_methods(parser, args.methods, METHODS)
-    for m, base in BUDGET.items():
-        if m in args.methods and not {"uniform", base} <= set(args.methods):
-            parser.error(f"{m} is cut to {base}'s wall-clock: --methods needs uniform and {base}")
-    if "uniform" not in args.methods:
-        parser.error("--methods needs uniform: it is the reference of every ratio and target")
-    args.seeds = ints(args.seeds)
-    args.grid_seeds = ints(args.grid_seeds) if args.grid_seeds is not None else args.seeds
-    args.noise = floats(args.noise)
-    if not args.seeds or not args.grid_seeds:
-        parser.error("need at least one seed")
-    if args.all:
-        args.workload = list(WORKLOADS) + [w for w in args.workload if w in REGIMES]
-        args.grid = list(GRIDS)
-    if args.regimes:
-        args.workload += [r for r in REGIMES if r not in args.workload]
-    if not args.workload and not args.grid:
-        parser.error("nothing to run: give --workload, --grid or --all")
-    for b, B, name in ((args.m1d_b, args.m1d_B, "m1d"), (args.text_b, args.text_B, "text")):
-        if not 1 <= b <= B:
-            parser.error(f"need 1 <= --{name}-b <= --{name}-B, got {b}, {B}")
-    # checked here, not at the fixes grid's first ES run an hour into --all
-    if not (0 <= args.fix_burn_in and 0 <= args.fix_anneal and args.fix_burn_in + args.fix_anneal <= 1):
-        parser.error(f"need --fix-burn-in, --fix-anneal >= 0 with a sum <= 1, got "
-                     f"{args.fix_burn_in}, {args.fix_anneal}")
-    if args.fix_epochs < 1:
-        parser.error(f"need --fix-epochs >= 1, got {args.fix_epochs}")
-    check_regimes(parser, args)
-    check_reference(parser, args)
-    for flag, value, ok in (
-            ("--rescale-min-keep", args.rescale_min_keep, 0 < args.rescale_min_keep <= 1),
-            ("--b-ramp", args.b_ramp, 0 < args.b_ramp <= 1),
-            ("--fresh-epochs", args.fresh_epochs, args.fresh_epochs > 0)):
-        if not ok:
-            parser.error(f"{flag} is out of range, got {value}: need (0, 1] for --rescale-min-keep "
-                         "and --b-ramp, > 0 for --fresh-epochs")
-    return args
-
-
-def reference_config(args: argparse.Namespace, workload: str) -> dict[str, Any]:
-    """The reference model of ``workload`` (a :class:`pipelines.reference.ReferenceConfig` as
-    a dict: it keys the runs of the methods that read it, and only theirs)."""
-    from pipelines.reference import ReferenceConfig
-
-    return ReferenceConfig.for_workload(
-        workload, heldout=args.reference_heldout, width=args.reference_width,
-        epochs=args.reference_epochs, lr=args.reference_lr, data_seed=args.reference_seed,
-        b=args.m1d_b if workload == "mnist1d" else args.text_b).to_dict()
-
-
-def check_reference(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``parser.error`` naming the flag for a reference setting that makes no reference."""
-    if not 0.0 < args.prune_keep <= 1.0:
-        parser.error(f"--prune-keep must be a fraction in (0, 1], got {args.prune_keep}")
-    if args.reference_seed == 42:
-        parser.error("--reference-seed 42 is the MNIST-1D corpus's generation seed: the held-out "
-                     "split would repeat its training samples; give another")
-    for workload in WORKLOADS:
-        try:
-            reference_config(args, workload)
-        except ValueError as e:
-            parser.error(str(e))
-
-
-def check_regimes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``parser.error`` naming the flag for a regime setting that makes no run (checked up
-    front, not when the regime's turn comes hours into an invocation)."""
-    from pipelines.mnist1d.pretrain import PretrainConfig
-
-    for flag in ("long_train", "long_epochs", "plateau_window", "ft_train", "ft_epochs",
-                 "ft_source_train", "ft_pretrain_epochs", "tlong_epochs", "tlong_hidden",
-                 "tlong_layers"):
-        if getattr(args, flag) < 1:
-            parser.error(f"need --{flag.replace('_', '-')} >= 1, got {getattr(args, flag)}")
-    if args.plateau_window > args.long_epochs:
-        parser.error(f"--plateau-window ({args.plateau_window}) is more evaluations than "
-                     f"--long-epochs ({args.long_epochs}) makes")
-    if args.tlong_train_mb <= 0:
-        parser.error(f"need --tlong-train-mb > 0, got {args.tlong_train_mb}")
-    try:
-        args.ft_classes = ints(args.ft_classes)
-        PretrainConfig(classes=tuple(args.ft_classes))
-    except ValueError as e:
-        parser.error(f"--ft-classes: {e}")
 
 
 # ----------------------------------------------------------------------------- experiments
@@ -453,7 +202,7 @@ def pretrain_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def regimes(args: argparse.Namespace) -> list[Experiment]:
     """The regime experiments of ``args.workload`` (group ``regimes``), each a workload
-    configuration of its own: new run keys, none shared with the issue-7 evidence.
+    configuration of its own: new run keys, none shared with the main evidence.
 
     * ``mnist1d-long``: MNIST-1D on ``--long-train`` samples for ``--long-epochs`` epochs, the
       time to uniform's plateau reported (``plateau_window``).
@@ -492,29 +241,30 @@ def regimes(args: argparse.Namespace) -> list[Experiment]:
 
 
 # ----------------------------------------------------------------------------- run keys
-# Keys of a run's configuration that matter only to some methods: left out of the others' run
-# keys, so that e.g. the betas grid's uniform cells are the main table's uniform runs.
-_ONLY_FOR = {
-    "beta1": ES_METHODS + ("rho_es",), "beta2": ES_METHODS + ("rho_es",),
-    "burn_in": ES_SELECTING + ("rho_es",), "anneal": ES_SELECTING + ("rho_es",),
-    "eswp_ratio": ("eswp", "eswp_rescale"), "prune_burn_in_epochs": ("eswp", "eswp_rescale"),
-    "infobatch_ratio": ("infobatch", "infobatch_es"),
-    "prune_anneal": ("eswp", "infobatch", "eswp_rescale", "infobatch_es"),
-    "B": SELECTING + ("uniform_B",),
-    "rescale_min_keep": ("eswp_rescale",), "b_ramp": ("es_to_uniform", "es_from_uniform"),
-    "fresh_epochs": ("es_fresh",),
-    "reference": ("uniform",) + tuple(BUDGET),   # see own_reference in plan()
-    # the reference model keys only the methods that read it (not the random-pruning control,
-    # nor RHO-LOSS's budget control, which is keyed by its cut)
-    "ref_model": USES_REFERENCE, "prune_keep": KEEP_FRACTION,
-}
+def run_options() -> dict[str, frozenset[str]]:
+    """Per benchmark method, the settings of a run's configuration that key its runs among those
+    that matter only to some methods (:meth:`pipelines.registry.Method.run_options`): the others'
+    run keys leave them out, so that e.g. the betas grid's uniform cells are the main table's
+    uniform runs. ``reference`` (a grid cell's own uniform runs: see ``own_reference`` in
+    :func:`plan`) keys uniform and the budget controls; the reference model keys only the
+    methods that read it (not the random-pruning control, nor a budget control, which is keyed
+    by its cut)."""
+    own = {m.name: m.run_options() for m in registry.methods()}
+    own[registry.UNIFORM_B] = frozenset({"B"})
+    own["uniform"] = own["uniform"] | {"reference"}
+    own.update({c: frozenset({"reference"}) for c in registry.controls()})
+    return own
 
 
 def run_config(cfg: dict[str, Any], method: str, budget_epochs: float | None = None) -> dict[str, Any]:
     """What determines one run of ``method``: the experiment's configuration without the keys
-    that do not matter to it, plus the budget cut of a budget-matched control."""
-    out = {k: v for k, v in cfg.items() if method in _ONLY_FOR.get(k, (method,))}
-    if method in BUDGET:
+    that do not matter to it (:func:`run_options`), plus the budget cut of a budget-matched
+    control."""
+    own = run_options()
+    some = frozenset().union(*own.values())
+    mine = own.get(method, frozenset())
+    out = {k: v for k, v in cfg.items() if k not in some or k in mine}
+    if method in registry.controls():
         out["budget_epochs"] = budget_epochs
     return out
 
@@ -548,13 +298,13 @@ def planned_run(exp: Experiment, method: str, seed: int,
 def measured_runs(exp: Experiment) -> list[Run]:
     """The runs of ``exp`` other than the budget controls, in the order they run: seeds
     outermost, so machine drift spreads over the methods."""
-    return [planned_run(exp, m, s) for s in exp.seeds for m in exp.methods if m not in BUDGET]
+    return [planned_run(exp, m, s) for s in exp.seeds for m in exp.methods if m not in registry.controls()]
 
 
 def cut_sources(exp: Experiment, method: str) -> list[Run]:
-    """The runs the budget control ``method`` is cut from: uniform's and ``BUDGET[method]``'s,
+    """The runs the budget control ``method`` is cut from: uniform's and the method it is cut to,
     every seed."""
-    return [planned_run(exp, m, s) for m in ("uniform", BUDGET[method]) for s in exp.seeds]
+    return [planned_run(exp, m, s) for m in ("uniform", registry.controls()[method]) for s in exp.seeds]
 
 
 def budget_cut(records: list[dict[str, Any]], epochs: int, of: str) -> dict[str, Any]:
@@ -573,11 +323,11 @@ def budget_cuts(exp: Experiment, records: dict[str, dict[str, Any]]) -> dict[str
     in ``records`` (by key); the others are left out."""
     cuts = {}
     for method in exp.methods:
-        if method in BUDGET:
+        if method in registry.controls():
             sources = cut_sources(exp, method)
             if all(r.key in records for r in sources):
                 cuts[method] = budget_cut([records[r.key] for r in sources],
-                                          exp.config["epochs"], BUDGET[method])
+                                          exp.config["epochs"], registry.controls()[method])
     return cuts
 
 
@@ -593,9 +343,9 @@ def experiment_records(exp: Experiment, records: dict[str, dict[str, Any]],
     outermost: the order of its tables."""
     out = []
     for method in exp.methods:
-        if method in BUDGET and method not in cuts:
+        if method in registry.controls() and method not in cuts:
             continue
-        budget = cuts[method]["epochs"] if method in BUDGET else None
+        budget = cuts[method]["epochs"] if method in registry.controls() else None
         for seed in exp.seeds:
             run = planned_run(exp, method, seed, budget)
             if run.key in records:
@@ -628,10 +378,11 @@ def estimate(exps: list[Experiment], records: dict[str, dict[str, Any]],
                    * scale.get(kind, scale.get(exp.workload, 1.0)))
             # a selecting method's epoch: a no-grad forward of every sample (~1/3 of a
             # training step) plus training on b/B of them; COST_FACTOR is for B = 2b
+            spec = _registered(run.method)
             rescale = ((0.35 + exp.config["b"] / exp.config["B"]) / 0.85
-                       if run.method in SELECTING else 1.0)
+                       if spec is not None and spec.selects else 1.0)
             cost = (per * _samples(exp.workload, exp.config) * exp.config["epochs"]
-                    * COST_FACTOR[run.method] * rescale)
+                    * cost_factor(run.method) * rescale)
             todo += 1
             seconds += cost
             part["runs"] += 1
@@ -649,12 +400,24 @@ def estimate(exps: list[Experiment], records: dict[str, dict[str, Any]],
                 seconds += cost
                 part["seconds"] += cost
             ref = json.dumps([_data_id(exp), exp.config.get("ref_model")], sort_keys=True)
-            if run.method in USES_REFERENCE and ref not in references:
+            if spec is not None and spec.reference and ref not in references:
                 references.add(ref)   # trained and scored once, before its first run
                 cost = _reference_cost(exp, per)
                 seconds += cost
                 part["seconds"] += cost
     return {"runs": todo, "seconds": seconds, "experiments": parts}
+
+
+def _registered(method: str) -> registry.Method | None:
+    """The registry's entry of a benchmark method (None for uniform_B and the controls)."""
+    return registry.get(method) if method in registry.names() else None
+
+
+def cost_factor(method: str) -> float:
+    """A run's cost relative to uniform's (the estimate's; :data:`COST_FACTOR` extended to
+    methods registered since import)."""
+    of = registry.controls().get(method, method)
+    return COST_FACTOR[method] if method in COST_FACTOR else registry.get(of).cost
 
 
 def cost_kind(workload: str, cfg: dict[str, Any]) -> str:
@@ -703,7 +466,7 @@ def _budget_runs_or_placeholders(exp: Experiment, records: dict[str, dict[str, A
     cuts = budget_cuts(exp, records)
     out = budget_runs(exp, cuts)
     for method in exp.methods:
-        if method in BUDGET and method not in cuts:
+        if method in registry.controls() and method not in cuts:
             sources = {"cut from": sorted(r.key for r in cut_sources(exp, method))}
             out += [Run(method, s, sources, run_key(exp.workload, method, s, sources))
                     for s in exp.seeds]

@@ -10,23 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from es_stream._atomic import atomic_write
+from pipelines import methods as registry
 from pipelines.report import plot_curves
 from pipelines.report import stats as _stats
 
 from .plan import Experiment
 from .run import machine
 
-LABELS = {"uniform": "uniform (b)", "uniform_B": "uniform (B)", "budget_es": "uniform, ES's budget",
-          "budget_eswp": "uniform, ESWP's budget", "budget_infobatch": "uniform, InfoBatch's budget",
-          "selective_backprop": "selective backprop",
-          "random": "random (b of B)", "rho": "RHO-LOSS (top b of B)",
-          "rho_es": "ES rule on reducible loss", "band_low": "band low (pruned once)",
-          "band_middle": "band middle (pruned once)", "band_high": "band high (pruned once)",
-          "prune_random": "random pruning (once)", "budget_rho": "uniform, RHO-LOSS's budget",
-          "budget_infobatch_es": "uniform, InfoBatch-on-ES's budget",
-          "budget_eswp_rescale": "uniform, rescaled ESWP's budget",
-          "prune_chance": "reference loss < chance (pruned once)",
-          "budget_prune_chance": "uniform, chance-pruning's budget"}
+#: table labels of the methods (the others are shown by name)
+LABELS = registry.labels()
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -317,7 +309,7 @@ def _time_to_uniform_final(row: dict[str, Any], uniform_s: float) -> float | Non
 
 
 def goals_table(entries: dict[str, dict[str, Any]]) -> list[str]:
-    """The goals of issue "Reference scores", per main experiment that ran a reference method,
+    """The goals of the reference-score methods, per main experiment that ran a reference method,
     one row per method. Label noise (an MNIST-1D experiment at noise p > 0, with the clean one
     in ``entries``): the fraction of the accuracy noise costs uniform that the method wins back,
     ``(final - uniform_p) / (uniform_0 - uniform_p)``, and the wall-clock (reference included)

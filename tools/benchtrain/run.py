@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines import methods as registry
 from pipelines.common import ES_OPTIONS, PRUNE_OPTIONS, torch_threads
 
-from .plan import (BUDGET, USES_REFERENCE, VARIANT_OPTIONS, Experiment, Run, budget_cuts,
-                   budget_runs, measured_runs)
+from .plan import VARIANT_OPTIONS, Experiment, Run, budget_cuts, budget_runs, measured_runs
 
 #: the ``quality`` recorded in runs.jsonl for each workload's held-out quality
 QUALITY = {"mnist1d": "test_acc", "textlm": "heldout_bpb"}
@@ -190,7 +190,7 @@ def loop_config(method: str, seed: int, cfg: dict[str, Any], progress: bool,
     that reads one."""
     from pipelines.loop import RunConfig
 
-    b = cfg["B"] if method == "uniform_B" else cfg["b"]
+    b = cfg["B"] if method == registry.UNIFORM_B else cfg["b"]
     budget = cfg.get("budget_epochs")
     return RunConfig(cfg["epochs"] if budget is None else math.ceil(budget), b=b,
                      B=cfg.get("B", b), lr=cfg["lr"], seed=seed, workers=cfg["workers"],
@@ -204,7 +204,13 @@ def loop_config(method: str, seed: int, cfg: dict[str, Any], progress: bool,
 def loop_method(method: str) -> str:
     """The loop's method of a benchmark method: uniform batches for ``uniform_B`` and the
     budget controls."""
-    return "uniform" if method in ("uniform_B",) + tuple(BUDGET) else method
+    return ("uniform" if method == registry.UNIFORM_B or method in registry.controls()
+            else method)
+
+
+def _reads_reference(method: str) -> bool:
+    """Whether a benchmark method reads a reference model (uniform_B and the controls do not)."""
+    return method in registry.names() and registry.get(method).reference
 
 
 def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, Any],
@@ -213,7 +219,7 @@ def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, 
     from pipelines.loop import train
 
     with torch_threads(cfg["threads"]):
-        reference = data.reference(workload, cfg) if method in USES_REFERENCE else None
+        reference = data.reference(workload, cfg) if _reads_reference(method) else None
         config = loop_config(method, seed, cfg, progress, reference)
         w = data.workload(workload, cfg)
         r = train(w, loop_method(method), config)
@@ -245,15 +251,16 @@ def execute(exp: Experiment, store: Store, data: Data, progress: bool,
         with torch_threads(exp.config["threads"]):  # before the runs: in no run's run_s
             data.pretrained(exp.config)
     for run in measured_runs(exp):
-        if run.method in USES_REFERENCE and run.key not in store.records:
+        if _reads_reference(run.method) and run.key not in store.records:
             with torch_threads(exp.config["threads"]):  # before the run: in no run's run_s
                 data.reference(exp.workload, run.config)
         _run_missing(exp, run, store, data, progress, log, counts)
     cuts = budget_cuts(exp, store.records)
-    missing = [m for m in exp.methods if m in BUDGET and m not in cuts]
+    controls = registry.controls()
+    missing = [m for m in exp.methods if m in controls and m not in cuts]
     if missing:
         raise RuntimeError(f"{exp.name}: {', '.join(missing)} need(s) every seed of uniform and "
-                           f"{', '.join(BUDGET[m] for m in missing)} first")
+                           f"{', '.join(controls[m] for m in missing)} first")
     for run in budget_runs(exp, cuts):
         _run_missing(exp, run, store, data, progress, log, counts)
     return {**counts, "cuts": cuts}
