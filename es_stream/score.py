@@ -188,7 +188,7 @@ def score_corpus(corpus: Corpus, score_fn: ScoreFn | Scorer, store: ScoreStore |
         corpus: the indexed corpus.
         score_fn: ``batch -> Tensor[B]`` per-sample losses, or a :class:`Scorer` (whose
             ``decode``, ``collate``, ``device`` and identity are then the defaults).
-        store: a path (a memory-mapped ``.npy`` store, created sparse; resumable), or a
+        store: a path (a memory-mapped ``.npy`` store, allocated when created; resumable), or a
             :class:`ScoreStore` (resumable when memory-mapped).
         meta_batch_size: samples per forward.
         num_workers: DataLoader workers reading and decoding (a resume needs the same number).
