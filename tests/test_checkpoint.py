@@ -32,7 +32,7 @@ def test_round_trip_selector_and_memmap_store(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt")
     assert ckpt.latest() is None and ckpt.load() is None
     # the scores go to scores.npy (their metadata beside), so the selector's state leaves them out
-    path = ckpt.save(5, {"selector": sel.state_dict(with_store=False), "epoch": 1}, store)
+    path = ckpt.save(5, {"selector": sel.state_dict(), "epoch": 1}, store)
     assert path == str(tmp_path / "ckpt" / "step-000000000005") == ckpt.latest()
     assert sorted(os.listdir(path)) == ["scores.meta.json", "scores.npy", "state.pt"]
     assert (tmp_path / "ckpt" / "latest").read_text() == "step-000000000005\n"
