@@ -25,11 +25,19 @@ file and directory entry is fsynced before ``latest`` names it.)
 
 One writer per directory (rank 0 under ``torch.distributed``); steps must increase, so a
 committed checkpoint is never rewritten in place.
+
+**No code from the file.** ``state.pt`` is read with ``torch.load(weights_only=True)``: tensors,
+numbers, strings and containers of them, never an object whose unpickling runs code, so a
+checkpoint received from someone else cannot run theirs. Every es-stream state is of that kind
+(:class:`es_stream.TrainingState`). A checkpoint holding other objects is refused, naming the
+file; ``weights_only=False`` (:meth:`Checkpointer.load`, :meth:`Checkpointer.restore`) reads
+it, for files you trust only.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from typing import Any
@@ -48,6 +56,17 @@ STATE = "state.pt"
 _STEP_DIR = re.compile(r"step-(\d{12})")
 
 
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of an unpickling error: its first non-empty line after torch's preamble."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 def _step_name(step: int) -> str:
     return f"step-{step:012d}"
 
@@ -60,7 +79,7 @@ class Checkpointer:
     optimizer and store saved and restored together, so a plain loop resumes with
     ``step = checkpoints.restore(state)`` — or any ``torch.save``-able dict: e.g.
     ``{"model": model.state_dict(), "optim": optim.state_dict(), "selector":
-    selector.state_dict(with_store=False)}``, with the score store given separately. Either way
+    selector.state_dict()}``, with the score store given separately. Either way
     the store is saved beside the state chunk by chunk, so a memory-mapped store of any size is
     never copied into memory; :meth:`restore` / :meth:`load` restore it the same way.
     """
@@ -97,12 +116,13 @@ class Checkpointer:
         return None if committed is None else os.path.join(self.directory, committed[1])
 
     def load(self, store: ScoreStore | None = None, map_location: Any = "cpu",
-             weights_only: bool = False) -> tuple[int, dict] | None:
+             weights_only: bool = True) -> tuple[int, dict] | None:
         """Read the committed checkpoint: returns ``(step, state)``, None when there is none.
 
         With ``store``, its scores are replaced by the checkpoint's (chunk by chunk). The state
-        is unpickled with ``weights_only=False`` by default (files this class wrote); pass
-        ``weights_only=True`` for checkpoints from elsewhere (tensors, primitives, dicts only).
+        is read with ``weights_only=True`` (tensors, numbers, strings, containers: nothing in
+        the file runs code); a state holding other objects is refused with a ``ValueError``
+        naming the file. ``weights_only=False`` unpickles anything: only for a file you trust.
         """
         committed = self._committed()
         if committed is None:
@@ -115,6 +135,20 @@ class Checkpointer:
                                     "directory was modified after it was saved")
         try:
             state = torch.load(state_path, map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as exc:
+            # torch's safe unpickler names the first global it refused; anything else it
+            # refuses is a damaged file, reported below
+            refused = _REFUSED_GLOBAL.search(str(exc)) if weights_only else None
+            if refused is None:
+                raise ValueError(f"{state_path}: cannot be read as a checkpoint state "
+                                 f"({type(exc).__name__}: {_first_line(exc)}); "
+                                 f"{self._damaged(name)}") from exc
+            raise ValueError(
+                f"{state_path}: refused: it holds {refused.group(1)}, not only tensors, numbers, "
+                "strings and containers of them, and loading it would run code from the file; if "
+                "you trust this file, load it with weights_only=False "
+                "(Checkpointer.load(..., weights_only=False) or "
+                "Checkpointer.restore(state, weights_only=False))") from exc
         except Exception as exc:  # unpickling garbage raises anything from EOFError to KeyError
             raise ValueError(f"{state_path}: cannot be read as a checkpoint state "
                              f"({type(exc).__name__}: {exc}); {self._damaged(name)}") from exc
@@ -137,16 +171,18 @@ class Checkpointer:
                              f"{store.num_samples}: a checkpoint of another corpus?")
         store.restore(scores)
 
-    def restore(self, state: TrainingState, map_location: Any = "cpu") -> int:
+    def restore(self, state: TrainingState, map_location: Any = "cpu", *,
+                weights_only: bool = True) -> int:
         """Put every part of ``state`` back as the committed checkpoint has it (scores from
         beside the state, into ``state.store``) and return its step; with no checkpoint yet,
         change nothing and return 0, so ``step = checkpoints.restore(state)`` starts and
         resumes alike. A checkpoint whose parts differ from ``state``'s is refused
-        (``ValueError`` naming them) before anything is touched."""
+        (``ValueError`` naming them) before anything is touched. ``weights_only``: as
+        :meth:`load` (False only for a file you trust)."""
         if not isinstance(state, TrainingState):
             raise TypeError(f"restore needs an es_stream.TrainingState, got {type(state).__name__}; "
                             "for a plain dict state use load()")
-        loaded = self.load(map_location=map_location)
+        loaded = self.load(map_location=map_location, weights_only=weights_only)
         if loaded is None:
             return 0
         step, saved = loaded
@@ -176,7 +212,7 @@ class Checkpointer:
             if store is not None:
                 raise TypeError("Checkpointer.save: a TrainingState saves its own store; omit "
                                 "store= (or pass store= to the TrainingState)")
-            state, store = state.state_dict(with_store=False), state.store
+            state, store = state.state_dict_without_store(), state.store
         os.makedirs(self.directory, exist_ok=True)
         committed = self._committed()
         if committed is not None and step <= committed[0]:

@@ -98,8 +98,9 @@ class ESDataset(IterableDataset):
     with ``DistributedSampler`` — the epoch lives in shared memory, so persistent workers see it.
 
     **Mid-epoch resume** (like mosaicml-streaming's ``state_dict(num_samples)``): the trainer
-    checkpoints ``state_dict(k)``, k the meta-batches of the current epoch it consumed (equal on
-    every rank in lockstep DDP, so rank 0's state serves all ranks), and after a restart calls
+    checkpoints ``state_dict()``, the place after the meta-batches of the current epoch
+    :func:`es_stream.loader` handed out (or ``state_at(k)`` when it counts them itself; equal
+    on every rank in lockstep DDP, so rank 0's state serves all ranks), and after a restart calls
     :meth:`load_state_dict` on a dataset built with the same corpus and arguments. The next
     iteration of that epoch yields exactly what the uninterrupted one yielded after its first k
     meta-batches, same order, ids and data; the k are neither read nor decoded. It needs the same
@@ -197,9 +198,9 @@ class ESDataset(IterableDataset):
         self._loader_workers = torch.zeros((), dtype=torch.int64).share_memory_()
         # the epoch an iteration last started in, in any process (-1: none), shared
         self._started_epoch = torch.full((), -1, dtype=torch.int64).share_memory_()
-        # (epoch, meta-batches of it consumed), counted in this process by es_stream.loader or
-        # by an iteration that runs here; what state_dict() reports without num_batches
-        self._progress: tuple[int, int] | None = None
+        # the count of whoever hands this dataset's meta-batches to the loop in this process
+        # (es_stream.loader's, an iteration here, a loaded state): what state_dict() reports
+        self._progress: BatchCount | None = None
         self.samples_lost = 0
         self.manifests = None if manifests is None else os.fspath(manifests)
         self._keep_cache: tuple[tuple[int, int], EpochKeep | None] | None = None
@@ -238,27 +239,47 @@ class ESDataset(IterableDataset):
         Raises ``ValueError`` when an iteration of this epoch ran in DataLoader workers that
         :func:`es_stream.loader` did not make: this process never saw what they yielded."""
         epoch = self.epoch
-        if self._progress is not None and self._progress[0] == epoch:
-            return self._progress[1]
+        if self._progress is not None and self._progress.epoch == epoch:
+            return self._progress.batches
         if int(self._started_epoch) == epoch:
             raise ValueError(f"epoch {epoch} is being iterated by a DataLoader that does not count "
                              "the meta-batches it yields: iterate through es_stream.loader(dataset), "
-                             "or pass state_dict(num_batches=...) yourself")
-        return self._resume_base(epoch)
+                             "or take state_at(num_batches) yourself")
+        return self.resume_batches(epoch)
 
-    def _count(self, epoch: int, batches: int) -> None:
-        self._progress = (epoch, batches)
+    def track(self, count: "BatchCount") -> None:
+        """Report ``count`` as this dataset's place from now on: what hands the meta-batches to
+        the loop (:func:`es_stream.loader`'s loader) owns the count and calls this."""
+        self._progress = count
 
-    def _resume_base(self, epoch: int) -> int:
-        """Meta-batches of ``epoch`` a new iteration starts after (the resume point's)."""
+    def resume_batches(self, epoch: int) -> int:
+        """Meta-batches of ``epoch`` a new iteration starts after (the loaded resume point's;
+        0 when none applies)."""
         resume_epoch, resume_batches, _ = self._resume.tolist()
         return resume_batches if resume_epoch == epoch else 0
 
-    def state_dict(self, num_batches: int | None = None) -> dict[str, Any]:
-        """Where this rank stands: ``num_batches`` meta-batches of the current epoch consumed,
-        counted from the epoch's start (those consumed before a resume included). Default:
-        :meth:`consumed`, what :func:`es_stream.loader` yielded (torchdata's protocol: the
-        state is that of the last meta-batch handed to the loop).
+    def state_dict(self, *deprecated_args: Any, **deprecated: Any) -> dict[str, Any]:
+        """Where this rank stands: the meta-batches of the current epoch handed to the loop so
+        far (:meth:`consumed`, as :func:`es_stream.loader` counted them; torchdata's protocol:
+        the state is that of the last meta-batch handed to the loop). See :meth:`state_at`.
+
+        ``state_dict(num_batches)`` (deprecated) is :meth:`state_at`."""
+        if deprecated_args or deprecated:
+            num_batches = (deprecated_args + tuple(deprecated.values()))[0]
+            if len(deprecated_args) + len(deprecated) > 1 or set(deprecated) - {"num_batches"}:
+                raise TypeError("ESDataset.state_dict() takes no arguments (num_batches, "
+                                "deprecated, at most)")
+            warnings.warn("ESDataset.state_dict(num_batches) is deprecated: use "
+                          "state_at(num_batches), or state_dict() with es_stream.loader counting",
+                          DeprecationWarning, stacklevel=2)
+            if num_batches is not None:
+                return self.state_at(num_batches)
+        return self.state_at(self.consumed())
+
+    def state_at(self, num_batches: int) -> dict[str, Any]:
+        """The state after ``num_batches`` meta-batches of the current epoch consumed, counted
+        from the epoch's start (those consumed before a resume included), for a loop that counts
+        them itself.
 
         Works before any iteration (``num_batches=0``) and at the epoch's end
         (``num_batches == len(self)``: the resumed epoch yields nothing, and the trainer goes on
@@ -266,7 +287,7 @@ class ESDataset(IterableDataset):
         that iterated this dataset (1 also stands for main-process iteration).
         """
         total = len(self)
-        num_batches = self.consumed() if num_batches is None else operator.index(num_batches)
+        num_batches = operator.index(num_batches)
         if not 0 <= num_batches <= total:
             raise ValueError(f"num_batches={num_batches} is outside [0, {total}]: pass the meta-batches "
                              f"of the current epoch ({self.epoch}) consumed so far")
@@ -301,7 +322,7 @@ class ESDataset(IterableDataset):
                              "was its pruning manifest rewritten?")
         self.set_epoch(epoch)
         self._resume.copy_(torch.tensor([epoch, batches, max(workers, 1)]))
-        self._progress = (epoch, batches)
+        self._progress = BatchCount(epoch, batches)
         if batches:
             self._loader_workers.fill_(max(workers, 1))
 
@@ -360,16 +381,14 @@ class ESDataset(IterableDataset):
         keep = self.epoch_keep(epoch)
         reader = open_reader(self.corpus)
         failed_shards: set[int] = set()  # shards this worker can no longer read, this epoch
-        here = get_worker_info() is None  # iterated in this process: count what it yields
-        done = self._resume_base(epoch)
-        if here:
-            self._count(epoch, done)
+        # iterated in this process: it hands the meta-batches out, so it counts them
+        count = BatchCount(epoch, self.resume_batches(epoch))
+        if get_worker_info() is None:
+            self.track(count)
         try:
             for ids in batches:
                 mb = self._meta_batch(reader, ids, epoch, keep, failed_shards)
-                if here:
-                    done += 1
-                    self._count(epoch, done)
+                count.batches += 1
                 yield mb
         finally:
             reader.close()
@@ -492,10 +511,27 @@ def _describe(exc: BaseException) -> str:
     return text
 
 
+class BatchCount:
+    """Meta-batches of ``epoch`` handed to the training loop, counted from the epoch's start
+    (those consumed before a resume included). What hands them out owns it and counts in it
+    (the loader of :func:`loader`, or an :class:`ESDataset` iterated in this process); the
+    dataset reports it as its place (:meth:`ESDataset.track`)."""
+
+    __slots__ = ("epoch", "batches")
+
+    def __init__(self, epoch: int, batches: int) -> None:
+        self.epoch, self.batches = epoch, batches
+
+    def __repr__(self) -> str:
+        return f"BatchCount(epoch={self.epoch}, batches={self.batches})"
+
+
 class _CountingLoader(DataLoader):
     """A DataLoader that counts, in the training process, the meta-batches it hands out of an
-    :class:`ESDataset` iterated in workers (torchdata's ``Loader`` does the same), so that
-    ``dataset.state_dict()`` knows the place in the epoch without being told."""
+    :class:`ESDataset` iterated in workers (torchdata's ``Loader`` does the same), in its own
+    :attr:`count`, which the dataset reports as its place (``dataset.state_dict()``)."""
+
+    count: BatchCount | None = None
 
     def __iter__(self) -> Iterator[Any]:
         iterator = super().__iter__()
@@ -503,15 +539,14 @@ class _CountingLoader(DataLoader):
         if not isinstance(dataset, ESDataset) or self.num_workers == 0:
             return iterator  # counted by the dataset's own iteration, in this process
         epoch = dataset.epoch
-        done = dataset._resume_base(epoch)
-        dataset._count(epoch, done)  # now: the workers may start before the first next()
-        return _counted(iterator, dataset, epoch, done)
+        self.count = BatchCount(epoch, dataset.resume_batches(epoch))
+        dataset.track(self.count)  # now: the workers may start before the first next()
+        return _counted(iterator, self.count)
 
 
-def _counted(iterator: Iterator[Any], dataset: ESDataset, epoch: int, done: int) -> Iterator[Any]:
+def _counted(iterator: Iterator[Any], count: BatchCount) -> Iterator[Any]:
     for mb in iterator:
-        done += 1
-        dataset._count(epoch, done)
+        count.batches += 1
         yield mb
 
 

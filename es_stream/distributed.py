@@ -49,6 +49,55 @@ def worker_and_count() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+class UpdateLog:
+    """The ids a rank's score store updated since the last :func:`merge_rank_scores`: what this
+    rank must send the others at the epoch's end. It logs only under ``torch.distributed`` with
+    more than one rank (a single process has nobody to tell), from the first update made there.
+    """
+
+    def __init__(self) -> None:
+        self._ids: list[torch.Tensor] | None = None  # None: not logging
+
+    def record(self, ids: torch.Tensor) -> None:
+        """Log ``ids`` (an int64 tensor, on any device) as updated."""
+        if self._ids is None:
+            if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+                return
+            self._ids = []
+        self._ids.append(ids.clone())
+
+    def take(self) -> np.ndarray:
+        """Sorted unique ids logged since the last call (host numpy); empties the log."""
+        log = self._ids or []
+        if self._ids is not None:
+            self._ids = []
+        if not log:
+            return np.empty(0, np.int64)
+        return np.unique(torch.cat([t.cpu() for t in log]).numpy())
+
+    def ids(self) -> torch.Tensor | None:
+        """A copy of the logged ids, sorted and unique (None when not logging); the log keeps
+        them."""
+        if self._ids is None:
+            return None
+        ids = torch.from_numpy(self.take())
+        self._ids = [ids]
+        return ids.clone()
+
+    def load_ids(self, ids: torch.Tensor | None) -> None:
+        """Replace the log by ``ids`` (None: not logging), as :meth:`ids` returned them."""
+        self._ids = None if ids is None else [torch.as_tensor(ids, dtype=torch.int64)]
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """The logged ids, for checkpoints: a run resumed mid-epoch must still share what it
+        updated before the checkpoint."""
+        return {"ids": self.ids()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        """Replace the log by a checkpoint's (see :meth:`state_dict`)."""
+        self.load_ids(state["ids"])
+
+
 def merge_rank_scores(store: "ScoreStore", group: dist.ProcessGroup | None = None,
                       chunk: int = 1 << 22) -> int:
     """Give every rank the scores every other rank updated since the last merge.

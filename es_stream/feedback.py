@@ -23,11 +23,13 @@ at :meth:`flush`: its results are identical to the synchronous path, which the t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .store import ScoreStore
+if TYPE_CHECKING:  # the store makes its channels (ScoreStore.channel), so it imports this module
+    from .store import ScoreStore
 
 
 @dataclass
@@ -50,13 +52,15 @@ class _Staged:
 class FeedbackChannel:
     """Asynchronous gather/scatter between a host :class:`ScoreStore` and ``device``.
 
+    Make one with :meth:`ScoreStore.channel`, which keeps one per device for the store.
+
     Args:
         store: the host store (in memory on the CPU, or memory-mapped).
         device: where the losses and the selection live.
         max_pending: uncommitted updates allowed before the oldest is waited for.
     """
 
-    def __init__(self, store: ScoreStore, device: torch.device | str, max_pending: int = 16) -> None:
+    def __init__(self, store: "ScoreStore", device: torch.device | str, max_pending: int = 16) -> None:
         if store.device.type != "cpu":
             raise ValueError(f"FeedbackChannel needs a host store, got one on {store.device}; a "
                              "store on the losses' device needs no channel")

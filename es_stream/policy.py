@@ -20,9 +20,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ._check import non_negative
+from .chunks import CHUNK
 from .errors import ScoreError
 
-CHUNK = 1 << 22  # 4M scores per chunk: ~50 MB of temporaries
 # The sample that places the top-k threshold before the one pass over the keys:
 # SAMPLE_WINDOWS random runs of SAMPLE_WIDTH consecutive samples (runs, not single ids, so a
 # memory-mapped store reads a few thousand pages, not a million).

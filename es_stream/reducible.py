@@ -9,10 +9,9 @@ from typing import Any
 import torch
 
 from .band import refuse_never_scored
-from .feedback import FeedbackChannel
 from .metrics import LogFn
 from .score import require_complete
-from .selector import ESSelector, Selector
+from .selector import ESSelector, Selector, deprecated_with_store, feedback_channel
 from .store import ScoreStore, as_index
 
 __all__ = ["ReducibleLossSelector"]
@@ -77,7 +76,6 @@ class ReducibleLossSelector(Selector):
             self.es = ESSelector(reference.num_samples, batch_size, seed=seed, feedback=feedback,
                                  max_pending=max_pending, fingerprint=fingerprint, **es_kwargs)
             self.metrics = self.es.metrics  # one record of the steps, kept where they happen
-        self._channels: dict[torch.device, FeedbackChannel] = {}
 
     @property
     def num_samples(self) -> int:
@@ -89,21 +87,11 @@ class ReducibleLossSelector(Selector):
         return None if self.es is None else self.es.store
 
     # ------------------------------------------------------------- reference reads
-    def _channel(self, device: torch.device) -> FeedbackChannel | None:
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if (self.feedback == "sync" or self.reference.device.type != "cpu"
-                or (self.feedback == "auto" and device == self.reference.device)):
-            return None
-        if device not in self._channels:
-            self._channels[device] = FeedbackChannel(self.reference, device, self.max_pending)
-        return self._channels[device]
-
     def prefetch(self, ids: Any, device: torch.device | str) -> None:
         """Start moving the reference scores (and, for ``"es"``, the ES scores) of the next
         meta-batch's host ``ids`` to ``device``."""
         ids = as_index(ids)
-        channel = self._channel(torch.device(device))
+        channel = feedback_channel(self.reference, device, self.feedback, self.max_pending)
         if channel is not None:
             channel.prefetch(ids)
         if self.es is not None:
@@ -114,7 +102,7 @@ class ReducibleLossSelector(Selector):
         ids = as_index(ids)
         self.reference.check_ids(ids)
         l = losses.detach().float()
-        channel = self._channel(l.device)
+        channel = feedback_channel(self.reference, l.device, self.feedback, self.max_pending)
         if channel is None:
             ref = self.reference.gather(ids, checked=True).to(l.device, non_blocking=True)
         else:
@@ -151,14 +139,19 @@ class ReducibleLossSelector(Selector):
             self.es.check_finite()
 
     # ------------------------------------------------------------- state
-    def state_dict(self, with_store: bool = True) -> dict[str, Any]:
-        """Step, rule, the reference's corpus and, for ``"es"``, the ESSelector's state
-        (``with_store`` as there). The reference scores are not copied: they do not change."""
+    def state_dict(self, **deprecated: Any) -> dict[str, Any]:
+        """Step, rule, the reference's corpus and, for ``"es"``, the ESSelector's state under
+        ``"es"``. No scores: neither the reference (it does not change) nor the ES store (the
+        store's own state, saved beside by :class:`es_stream.TrainingState` /
+        :class:`es_stream.Checkpointer`; ``with_store=True``, deprecated, still adds it)."""
+        with_store = deprecated_with_store(type(self).__name__, deprecated)
         state = super().state_dict()
         state.update(rule=self.rule, reference_fingerprint=self.reference.fingerprint,
                      reference_scorer=(self.reference.reference or {}).get("scorer"))
         if self.es is not None:
-            state["es"] = self.es.state_dict(with_store=with_store)
+            state["es"] = self.es.state_dict()
+            if with_store:
+                state["es"]["store"] = self.es.store.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

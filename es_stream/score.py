@@ -30,7 +30,6 @@ from .corpus import Corpus
 from .dataset import ESDataset, loader
 from .distributed import merge_rank_scores, rank_and_world_size
 from .errors import ScoreError
-from .feedback import FeedbackChannel
 from .plan import worker_batch_range, worker_skips
 from .store import CHUNK, ScoreStore, metadata_path, positive_int
 
@@ -188,7 +187,7 @@ def score_corpus(corpus: Corpus, score_fn: ScoreFn | Scorer, store: ScoreStore |
         corpus: the indexed corpus.
         score_fn: ``batch -> Tensor[B]`` per-sample losses, or a :class:`Scorer` (whose
             ``decode``, ``collate``, ``device`` and identity are then the defaults).
-        store: a path (a memory-mapped ``.npy`` store, created sparse; resumable), or a
+        store: a path (a memory-mapped ``.npy`` store, allocated when created; resumable), or a
             :class:`ScoreStore` (resumable when memory-mapped).
         meta_batch_size: samples per forward.
         num_workers: DataLoader workers reading and decoding (a resume needs the same number).
@@ -369,7 +368,7 @@ def _run(ds: ESDataset, store: ScoreStore, fn: ScoreFn, device: torch.device | N
 
     channel = None
     if device is not None and device.type == "cuda" and store.device.type == "cpu":
-        channel = FeedbackChannel(store, device)
+        channel = store.channel(device)
     done, total = _samples_done(ds, batches, num_workers)
     bar = tqdm(total=total, initial=done, unit="sample", unit_scale=True, disable=not show,
                desc="scoring", smoothing=0.1)
@@ -388,7 +387,7 @@ def _run(ds: ESDataset, store: ScoreStore, fn: ScoreFn, device: torch.device | N
                                  "model or its loss")
         store.flush()
         if progress_file is not None:
-            state = {"dataset": ds.state_dict(k), "scorer": scorer,
+            state = {"dataset": ds.state_at(k), "scorer": scorer,
                      "corpus_fingerprint": corpus.fingerprint, "store": store.path}
             with atomic_write(progress_file) as tmp:
                 with open(tmp, "w") as f:

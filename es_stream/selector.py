@@ -1,9 +1,17 @@
 """Selectors: from a meta-batch's per-sample losses, pick the b samples to back-propagate.
 
 All selectors share one interface, ``select(ids, losses) -> LongTensor[b]`` (indices into the
-meta-batch, on ``losses.device``), and draw without replacement by Gumbel-top-k: the top b of
-``log w_i + Gumbel(0, 1)`` are exactly a successive draw without replacement with probability
-proportional to ``w``, computed with no data-dependent shapes and no host synchronisation.
+meta-batch, on ``losses.device``), with no data-dependent shapes and no host synchronisation.
+The random ones (:class:`UniformSelector`, :class:`LossSelector`,
+:class:`SelectiveBackpropSelector`, :class:`ESSelector`) draw without replacement by
+Gumbel-top-k: the top b of ``log w_i + Gumbel(0, 1)`` are exactly a successive draw without
+replacement with probability proportional to ``w``. :class:`TopKSelector` (and
+``ReducibleLossSelector(rule="topk")``) take the b largest, deterministically.
+:meth:`Selector.select_with_weights` returns the selection with its loss weights.
+
+**State.** ``state_dict()`` takes no argument and never holds the score store: the store is
+state of its own (:meth:`ScoreStore.state_dict`), saved once, beside the selector's, by
+:class:`es_stream.TrainingState` and :class:`es_stream.Checkpointer`.
 
 :class:`BatchSchedule` gives b per step as a function of training progress (selection annealed
 to the whole meta-batch, or the reverse), for a loop that varies b with ``select(..., b=)``.
@@ -12,6 +20,7 @@ to the whole meta-batch, or the reverse), for a loop that varies b with ``select
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +41,7 @@ class Selector:
     :meth:`log_stats` (call it at each epoch end) logs them at INFO on the ``es_stream`` logger,
     hands them to ``log_fn`` with keys prefixed ``es/`` and resets. The stats travel in
     :meth:`state_dict`, so a resumed run reports what an uninterrupted one would.
+    Every selector takes ``log_fn``;
     ``log_fn=lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()]``
     (TensorBoard) or ``log_fn=wandb.log`` (W&B) plug in as one line.
 
@@ -117,6 +127,14 @@ class Selector:
         """Indices (into the meta-batch) of the b samples to back-propagate."""
         raise NotImplementedError
 
+    def select_with_weights(self, ids: Any, losses: torch.Tensor, **kwargs: Any
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`select` (``kwargs`` go to it), and the loss weight of each selected sample
+        in the order of the indices (None: train on the plain mean). The weights are also left
+        in :attr:`last_weights` until the next call."""
+        chosen = self.select(ids, losses, **kwargs)
+        return chosen, self.last_weights
+
     def stats(self) -> dict[str, float]:
         """What the selector did since it was built or last :meth:`reset_stats` (see
         :class:`es_stream.metrics.SelectionStats`); synchronises with the device once."""
@@ -139,7 +157,7 @@ class Selector:
 
     def state_dict(self) -> dict[str, Any]:
         """Step, generator states and stats; a restored selector makes the same selections
-        and reports the same stats."""
+        and reports the same stats (given the same scores: the store is restored apart)."""
         gens = {k: g.get_state() for k, g in self._generators.items()}
         gens.update({k: v for k, v in self._pending_state.items() if k not in gens})
         return {"step": self.step, "seed": self.seed, "generators": gens,
@@ -170,8 +188,9 @@ class LossSelector(Selector):
     """p proportional to the current loss (Loshchilov & Hutter 2015, "Online batch selection";
     ES with beta1 = 0 in Cheng et al. 2025). ``floor`` keeps zero losses reachable."""
 
-    def __init__(self, batch_size: int, floor: float = 1e-8, seed: int = 0) -> None:
-        super().__init__(batch_size, seed)
+    def __init__(self, batch_size: int, floor: float = 1e-8, seed: int = 0,
+                 log_fn: LogFn | None = None) -> None:
+        super().__init__(batch_size, seed, log_fn)
         if not floor > 0:
             raise ValueError(f"floor must be > 0, got {floor}")
         self.floor = floor
@@ -228,7 +247,8 @@ class ESSelector(Selector):
     both; their lengths are ours to choose, default 0).
 
     **Importance weights** (``reweight``; ours, the paper trains on the plain mean). After each
-    :meth:`select`, :attr:`last_weights` holds one loss weight per selected sample (a tensor on
+    :meth:`select`, :attr:`last_weights` holds (and :meth:`select_with_weights` returns) one
+    loss weight per selected sample (a tensor on
     the losses' device, in the order of the returned indices; None without ``reweight``), such
     that ``mean(weights * losses[chosen])`` estimates the meta-batch's mean loss:
 
@@ -331,7 +351,6 @@ class ESSelector(Selector):
         if fingerprint is not None:
             self.store.bind(fingerprint)  # refuses a store of another corpus
         self.feedback, self.max_pending = feedback, max_pending
-        self._channels: dict[torch.device, FeedbackChannel] = {}
         self._nonfinite: torch.Tensor | None = None
         self.fresh_steps = fresh_steps
         # step of each sample's last real update (-1: none), on the host: see "Fresh scores"
@@ -341,17 +360,9 @@ class ESSelector(Selector):
         self.last_never_scored: torch.Tensor | None = None
 
     def channel(self, device: torch.device | str) -> FeedbackChannel | None:
-        """The feedback channel that serves losses on ``device`` (None: direct access)."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        direct = self.feedback == "sync" or (
-            self.feedback == "auto" and device == self.store.device) or self.store.device.type != "cpu"
-        if direct:
-            return None
-        if device not in self._channels:
-            self._channels[device] = FeedbackChannel(self.store, device, self.max_pending)
-        return self._channels[device]
+        """The feedback channel that serves losses on ``device`` (None: direct access); the
+        store's own (:meth:`ScoreStore.channel`), shared with every other user of the store."""
+        return feedback_channel(self.store, device, self.feedback, self.max_pending)
 
     def prefetch(self, ids: torch.Tensor, device: torch.device | str) -> None:
         """Start moving the scores of the next meta-batch's (host) ``ids`` to ``device``, where
@@ -362,8 +373,7 @@ class ESSelector(Selector):
 
     def flush(self) -> None:
         """Commit every in-flight score update to the store (waits for the device)."""
-        for channel in self._channels.values():
-            channel.flush()
+        self.store.commit_in_flight()
 
     def is_uniform_step(self, step: int | None = None) -> bool:
         """Whether ``step`` (default: the next one) falls in burn-in or annealing."""
@@ -490,10 +500,15 @@ class ESSelector(Selector):
                 raise ValueError("losses: a non-finite loss reached ESSelector.select on the GPU "
                                  "since the last check; fix the loss (NaN usually means divergence)")
 
-    def state_dict(self, with_store: bool = True) -> dict[str, Any]:
-        """Step, generators, the ids updated since the last rank merge and (``with_store``) a
-        copy of the scores. For a large store pass ``with_store=False`` and save the store
-        beside the checkpoint (:class:`es_stream.Checkpointer` does both)."""
+    def state_dict(self, **deprecated: Any) -> dict[str, Any]:
+        """Step, generators, stats, the ids updated since the last rank merge and the fresh-score
+        steps; never the scores (the store's own state, :meth:`ScoreStore.state_dict`, saved
+        beside by :class:`es_stream.TrainingState` / :class:`es_stream.Checkpointer`).
+        In-flight updates are committed first.
+
+        ``with_store=True`` (deprecated) still adds a copy of the scores under ``"store"``;
+        save ``self.store`` instead."""
+        with_store = deprecated_with_store(type(self).__name__, deprecated)
         self.flush()
         state = super().state_dict()
         state["updated_ids"] = self.store.update_log_state()
@@ -504,8 +519,8 @@ class ESSelector(Selector):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore step and generators, the update log, and the scores when the state holds
-        them."""
+        """Restore step and generators, the update log (and the scores when an older state holds
+        them: states no longer do)."""
         super().load_state_dict(state)
         self.flush()  # in-flight updates must not land on top of the restored scores
         if "store" in state:
@@ -514,6 +529,35 @@ class ESSelector(Selector):
             self.store.load_update_log_state(state["updated_ids"])
         if self._last_update is not None and "last_update" in state:
             self._last_update = torch.as_tensor(state["last_update"], dtype=torch.int32).clone()
+
+
+def feedback_channel(store: ScoreStore, device: torch.device | str, feedback: str,
+                     max_pending: int) -> FeedbackChannel | None:
+    """The channel through which losses on ``device`` meet ``store`` (its own,
+    :meth:`ScoreStore.channel`), or None for direct access: ``feedback="sync"``, a store on a
+    device, or (``"auto"``) losses on the store's own device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if feedback == "sync" or store.device.type != "cpu" or (
+            feedback == "auto" and device == store.device):
+        return None
+    return store.channel(device, max_pending)
+
+
+def deprecated_with_store(owner: str, deprecated: dict[str, Any]) -> bool:
+    """The ``with_store`` a caller still passes to ``state_dict`` (False when absent), with a
+    :class:`DeprecationWarning`; any other argument is a :class:`TypeError`."""
+    unknown = sorted(set(deprecated) - {"with_store"})
+    if unknown:
+        raise TypeError(f"{owner}.state_dict() takes no arguments, got {unknown}")
+    if "with_store" not in deprecated:
+        return False
+    warnings.warn(f"{owner}.state_dict(with_store=...) is deprecated: the state never holds the "
+                  "score store now; call state_dict() and save the store on its own "
+                  "(store.state_dict(), or es_stream.TrainingState / Checkpointer, which save it "
+                  "once)", DeprecationWarning, stacklevel=3)
+    return bool(deprecated["with_store"])
 
 
 def _reweight_mode(reweight: Any) -> bool | str:

@@ -1,8 +1,12 @@
 """`TrainingState`: everything a training run must save to resume exactly, as one object.
 
 Every part follows one protocol, torchdata's (``torchdata.nodes`` / ``StatefulDataLoader``):
-``state_dict()`` takes no argument and returns a ``torch.save``-able dict, and
-``load_state_dict(state)`` puts the object back where it was. :class:`TrainingState` bundles the
+``state_dict()`` takes no argument and returns a ``torch.save``-able dict of tensors, numbers,
+strings and containers of them (what ``torch.load(weights_only=True)`` reads back), and
+``load_state_dict(state)`` puts the object back where it was. A composite nests its children's
+states under fixed keys (``ReducibleLossSelector`` its ES selector's under ``"es"``; this class
+each part's under its name). No selector's or pruner's state holds the score store: the store
+is state of its own, saved once. :class:`TrainingState` bundles the
 parts of an es-stream run — the :class:`ESDataset` (its place in the epoch, counted by
 :func:`es_stream.loader`), the selector, the :class:`Pruner`, the model, the optimizer, any other
 stateful object (an LR scheduler, a ``GradScaler``) and the random generators — so that, with
@@ -15,15 +19,17 @@ stateful object (an LR scheduler, a ``GradScaler``) and the random generators �
         ...
         checkpoints.save(step, state)
 
-The score store (``selector.store``, else ``pruner.store``, or ``store=``) is not copied into
-the state by the checkpointer: it is saved beside it chunk by chunk, so a memory-mapped store of
-any size never passes through memory (:meth:`state_dict` with ``with_store=True``, the default
-when called directly, does include a copy, for small stores and other checkpoint formats).
+The score store (``selector.store``, else ``pruner.store``, or ``store=``) is saved once:
+:meth:`TrainingState.state_dict` holds a copy of it under ``"store"`` (for small stores and
+other checkpoint formats), while :class:`es_stream.Checkpointer` takes
+:meth:`TrainingState.state_dict_without_store` and saves the store beside it chunk by chunk,
+so a memory-mapped store of any size never passes through memory.
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -31,7 +37,6 @@ import torch
 
 from .dataset import ESDataset
 from .pruner import Pruner
-from .selector import ESSelector
 from .store import ScoreStore
 
 STORE, RNG = "store", "rng"
@@ -48,18 +53,30 @@ def _stateful(name: str, obj: Any) -> Any:
 
 def rng_state() -> dict[str, Any]:
     """The global generators a training step may draw from (dropout, augmentations): torch's
-    CPU generator, every CUDA device's when CUDA is initialised, numpy's and Python's."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                             "python": random.getstate()}
+    CPU generator, every CUDA device's when CUDA is initialised, numpy's and Python's; as
+    tensors, numbers and tuples of them only, so a checkpoint loads with ``weights_only=True``.
+    """
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "key": torch.from_numpy(np.asarray(key, np.uint32).astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def load_rng_state(state: dict[str, Any]) -> None:
-    """Set the generators :func:`rng_state` saved (CUDA's only when saved and present)."""
+    """Set the generators :func:`rng_state` saved (CUDA's only when saved and present). A
+    numpy state as ``np.random.get_state()`` returns it (older checkpoints) is accepted too."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"],
+                       torch.as_tensor(numpy_state["key"]).numpy().astype(np.uint32),
+                       numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         if len(state["cuda"]) != torch.cuda.device_count():
@@ -74,8 +91,8 @@ class TrainingState:
 
     Args (all keyword, all optional; give the parts the run has):
         dataset: the :class:`ESDataset`; its place in the current epoch is the number of
-            meta-batches :func:`es_stream.loader` has yielded of it (pass ``num_batches`` to
-            :meth:`state_dict` when iterating it some other way).
+            meta-batches :func:`es_stream.loader` has yielded of it (a loop that iterates it
+            some other way saves ``dataset.state_at(k)`` itself, as another part).
         selector: an :class:`ESSelector` or any other selector.
         pruner: the :class:`Pruner` (its state only checks that a resumed run prunes alike).
         store: the :class:`ScoreStore`; default the selector's, else the pruner's.
@@ -128,27 +145,54 @@ class TrainingState:
         return stores[0] if stores else None
 
     def names(self) -> list[str]:
-        """The parts a state of this object holds (``store`` only with ``with_store``)."""
+        """The parts a state of this object holds, but ``store``
+        (:meth:`state_dict` adds it when there is a store)."""
         return (["dataset"] if self.dataset is not None else []) + list(self.parts) + (
             [RNG] if self.rng else [])
 
-    def state_dict(self, num_batches: int | None = None, *, with_store: bool = True
-                   ) -> dict[str, Any]:
-        """Every part's state, by name. ``num_batches``: meta-batches of the dataset's current
-        epoch consumed (default: as counted by :func:`es_stream.loader`). ``with_store=False``
-        leaves the scores out (:class:`es_stream.Checkpointer` saves them beside)."""
-        state: dict[str, Any] = {}
-        if self.dataset is not None:
-            state["dataset"] = self.dataset.state_dict(num_batches)
-        for name, obj in self.parts.items():
-            # the ES selector's scores are the store's, saved once (below or beside)
-            state[name] = (obj.state_dict(with_store=False) if isinstance(obj, ESSelector)
-                           else obj.state_dict())
-        if self.rng:
-            state[RNG] = rng_state()
+    def state_dict(self, *deprecated_args: Any, **deprecated: Any) -> dict[str, Any]:
+        """Every part's state, by name, and a copy of the store's under ``"store"`` when there
+        is a store (the one copy of the scores: no part's state holds them).
+
+        ``state_dict(num_batches, with_store=...)`` is deprecated: the dataset's place is what
+        :func:`es_stream.loader` counted (``dataset.state_at(k)`` for a count of your own), and
+        :meth:`state_dict_without_store` leaves the scores out."""
+        num_batches, with_store = self._deprecated(deprecated_args, deprecated)
+        state = self.state_dict_without_store()
+        if num_batches is not None:
+            state["dataset"] = self.dataset.state_at(num_batches)
         if with_store and self.store is not None:
             state[STORE] = self.store.state_dict()
         return state
+
+    def state_dict_without_store(self) -> dict[str, Any]:
+        """:meth:`state_dict` without the scores, for a writer that saves the store on its own,
+        chunk by chunk (:class:`es_stream.Checkpointer` does)."""
+        state: dict[str, Any] = {}
+        if self.dataset is not None:
+            state["dataset"] = self.dataset.state_dict()
+        for name, obj in self.parts.items():
+            state[name] = obj.state_dict()
+        if self.rng:
+            state[RNG] = rng_state()
+        return state
+
+    def _deprecated(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
+        """``(num_batches, with_store)`` from the deprecated arguments of :meth:`state_dict`."""
+        unknown = sorted(set(kwargs) - {"num_batches", "with_store"})
+        if len(args) > 1 or unknown or (args and "num_batches" in kwargs):
+            raise TypeError(f"TrainingState.state_dict() takes no arguments, got {len(args)} "
+                            f"positional and {sorted(kwargs)}")
+        if not args and not kwargs:
+            return None, True
+        warnings.warn("TrainingState.state_dict(num_batches, with_store=...) is deprecated: call "
+                      "state_dict() (the dataset's place as es_stream.loader counted it), or "
+                      "state_dict_without_store() to leave the scores out",
+                      DeprecationWarning, stacklevel=3)
+        num_batches = args[0] if args else kwargs.get("num_batches")
+        if num_batches is not None and self.dataset is None:
+            raise ValueError("TrainingState.state_dict(num_batches): there is no dataset part")
+        return num_batches, bool(kwargs.get("with_store", True))
 
     def check_parts(self, state: Any, where: str = "the state") -> None:
         """Raise unless ``state`` holds exactly this object's parts (``ValueError`` naming the

@@ -1,34 +1,34 @@
-"""`ScoreStore`: one float32 score per sample, indexed by global sample id."""
+"""`ScoreStore`: one float32 score per sample, indexed by global sample id; in memory
+(:class:`MemoryScoreStore`) or memory-mapped from a file (:class:`MappedScoreStore`)."""
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import re
-import warnings
 import weakref
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ._atomic import atomic_write
 from ._check import int_at_least
-from ._version import __version__
+from .chunks import CHUNK, chunk_ranges
+from .distributed import UpdateLog
 from .errors import ScoreError
+from .feedback import FeedbackChannel
+from .scorefile import (allocate, check_length, create, file_fingerprint, metadata_path,
+                        read_metadata, remove_stale_temporaries, saved_length, write_metadata)
 from .writebuffer import WriteBuffer
 
-# Both backings hold 0.0 for "never updated since the store was created" (the memory-mapped
-# store is created sparse, all zero bytes, so that costs nothing up front); reads return 1/n for
-# it. A real score of exactly 0 is kept as the smallest normal float32 instead, so it never
-# collides with that sentinel.
+__all__ = ["CHUNK", "MappedScoreStore", "MemoryScoreStore", "PendingWriter", "RangeReader",
+           "ScoreStore", "as_index", "metadata_path", "positive_int", "read_metadata",
+           "saved_length"]
+
+# Both backings hold 0.0 for "never updated since the store was created" (a new file is all zero
+# bytes, so that costs nothing to write); reads return 1/n for it. A real score of exactly 0 is
+# kept as the smallest normal float32 instead, so it never collides with that sentinel.
 _TINY = float(np.finfo(np.float32).tiny)
-# Whole-store passes (save, restore, pruning) go this many scores at a time: 64 MiB.
-CHUNK = 1 << 24
-# atomic_write's temporary files: ".<name>.<tempfile's 8 random characters>.tmp"
-_TEMPORARY = r"\.{name}\.[a-z0-9_]+\.tmp"
 _CHECK_LOSS = ("a loss that overflowed or diverged reached the store: check the training loss "
                "(ESSelector.check_finite() on a GPU), then restore the scores from a checkpoint "
                "(Checkpointer.load(store=...)) before going on")
@@ -58,153 +58,6 @@ def as_index(ids: Any, argument: str = "ids") -> torch.Tensor:
 def positive_int(value: Any, argument: str, what: str = "a positive integer") -> int:
     """``value`` as an int >= 1 (numpy integers too), else a ValueError naming ``argument``."""
     return int_at_least(value, 1, argument, what)
-
-
-# ------------------------------------------------------------------ files
-def metadata_path(path: str | os.PathLike) -> str:
-    """The metadata file beside a saved store: ``scores.npy`` -> ``scores.meta.json``."""
-    path = os.fspath(path)
-    return (path[:-4] if path.endswith(".npy") else path) + ".meta.json"
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The metadata :meth:`ScoreStore.save` wrote beside ``path``; None when there is none (a
-    ``.npy`` made another way)."""
-    meta = metadata_path(path)
-    try:
-        with open(meta, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both are
-        data = exc
-    if not isinstance(data, dict):
-        raise ScoreError(f"{meta}: not the metadata of a score store ({data}); it should be the "
-                         f"JSON ScoreStore.save writes beside {os.fspath(path)} — delete it to use "
-                         "the scores unchecked, or save the store again")
-    return data
-
-
-def _write_metadata(path: str, num_samples: int, fingerprint: str | None,
-                    reference: dict[str, Any] | None = None) -> None:
-    meta = {"format": "es-stream score store",
-            "encoding": "float32 per sample id; 0.0 = never scored (reads as 1/num_samples)",
-            "num_samples": num_samples, "corpus_fingerprint": fingerprint,
-            "es_stream_version": __version__}
-    if reference is not None:  # a reference-model pass wrote these scores (es_stream.score)
-        meta["reference"] = reference
-    with atomic_write(metadata_path(path)) as tmp:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-
-
-def _remove_stale_temporaries(path: str) -> None:
-    """Remove the temporary files a killed save (or creation) of ``path`` left beside it: only
-    names of atomic_write's pattern for this file or its metadata, never anything else."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    names = [os.path.basename(path), os.path.basename(metadata_path(path))]
-    pattern = re.compile("|".join(_TEMPORARY.format(name=re.escape(n)) for n in names))
-    try:
-        entries = os.listdir(directory)
-    except FileNotFoundError:
-        return
-    for entry in entries:
-        if pattern.fullmatch(entry):
-            try:
-                os.unlink(os.path.join(directory, entry))
-            except FileNotFoundError:
-                pass
-
-
-def saved_length(path: str | os.PathLike) -> tuple[int, int]:
-    """``(number of scores, byte offset of the data)`` of a score file (a float32 ``.npy``
-    vector), checked; a :class:`ScoreError` naming ``path`` for anything else."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version in ((2, 0), (3, 0)):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-            offset = f.tell()
-    except ValueError as exc:
-        raise ScoreError(f"{path}: not a .npy score file ({exc}); give the file ScoreStore.save "
-                         "or Checkpointer wrote (a float32 .npy, one score per sample id)") from exc
-    if dtype != np.float32 or len(shape) != 1 or fortran:
-        raise ScoreError(f"{path}: holds {dtype} {shape}, expected a float32 vector of one score "
-                         "per sample id; not a score store (np.save(path, scores.astype("
-                         "np.float32)) makes one from your own scores)")
-    expected = offset + 4 * shape[0]
-    size = os.path.getsize(path)
-    if size != expected:
-        raise ScoreError(f"{path}: {size} bytes, expected {expected}: the file is truncated; "
-                         "restore it from a checkpoint's scores.npy")
-    return shape[0], offset
-
-
-def _check_length(path: str, held: int, num_samples: int) -> None:
-    if held != num_samples:
-        raise ScoreError(f"{path}: holds float32 ({held},), expected float32 ({num_samples},): a "
-                         "score store of another corpus")
-
-
-def _file_fingerprint(path: str, num_samples: int, expected: str | None) -> tuple[str | None, bool]:
-    """The corpus ``path``'s metadata records (None if none) and whether it has metadata at
-    all; raises if it records another corpus than ``expected`` or another size."""
-    meta = read_metadata(path)
-    if meta is None:
-        if expected is not None:
-            warnings.warn(f"{path}: no {os.path.basename(metadata_path(path))} beside it records "
-                          f"which corpus these scores belong to, so they cannot be checked against "
-                          f"corpus {expected}; used as they are (ScoreStore.save writes that file)",
-                          stacklevel=3)
-        return None, False
-    if meta.get("num_samples", num_samples) != num_samples:
-        raise ScoreError(f"{metadata_path(path)}: records {meta['num_samples']} samples but "
-                         f"{path} holds {num_samples}: the two files do not belong together")
-    recorded = meta.get("corpus_fingerprint")
-    if recorded is not None and expected is not None and recorded != expected:
-        raise ScoreError(f"{path}: scores of corpus {recorded} (per {metadata_path(path)}), this "
-                         f"corpus is {expected}: a score store of another corpus of the same size; "
-                         "give the scores saved for this corpus")
-    return recorded, True
-
-
-class _MappedScores:
-    """A float32 ``.npy`` file mapped into memory, with page release for bounded residency."""
-
-    def __init__(self, path: str, num_samples: int) -> None:
-        held, self.offset = saved_length(path)
-        _check_length(path, held, num_samples)
-        expected = self.offset + 4 * num_samples
-        self.fd = os.open(path, os.O_RDWR)
-        self.map = mmap.mmap(self.fd, expected)
-        self.array = np.ndarray((num_samples,), np.float32, buffer=self.map, offset=self.offset)
-
-    def release(self, start: int, stop: int) -> None:
-        """Drop this process's mapping of ids ``[start, stop)`` (whole pages inside only). The
-        data stays in the page cache, dirty pages included, and is written back by the kernel:
-        this bounds the process's resident set, not what the file holds."""
-        page = mmap.PAGESIZE
-        lo = -(-(self.offset + 4 * start) // page) * page
-        hi = (self.offset + 4 * stop) // page * page
-        if hi > lo:
-            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-    def flush(self) -> None:
-        self.map.flush()
-
-
-def _create_sparse(path: str, num_samples: int) -> None:
-    """A ``.npy`` header and a hole of ``4 n`` bytes: seconds for any size, created atomically."""
-    with atomic_write(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(
-                f, {"descr": "<f4", "fortran_order": False, "shape": (num_samples,)})
-            f.truncate(f.tell() + 4 * num_samples)
 
 
 def _encode(values: np.ndarray) -> np.ndarray:
@@ -259,12 +112,15 @@ class RangeReader:
 class ScoreStore:
     """Dense per-sample scores, initialised to ``1/n``; 4 bytes per sample.
 
-    Two backings, one interface:
+    Two backings, one interface, one class each (``ScoreStore(...)`` and ``ScoreStore.open``
+    make the right one; ``isinstance(store, ScoreStore)`` holds for both):
 
-    * in memory, a torch tensor on any device (``ScoreStore(n, device="cuda")``): gather and
-      scatter run on that device with no host synchronisation;
-    * memory-mapped, ``ScoreStore.open(path, n)``: a ``.npy`` file created sparse, for corpora
-      whose scores do not fit in memory (1e9 samples: a 4 GB file). Updates go to an in-memory
+    * :class:`MemoryScoreStore`, a torch tensor on any device (``ScoreStore(n,
+      device="cuda")``): gather and scatter run on that device with no host synchronisation;
+    * :class:`MappedScoreStore`, ``ScoreStore.open(path, n)``: a ``.npy`` file, its blocks
+      allocated when it is created or opened (so a full disk is a :class:`~es_stream.ScoreError`
+      naming the file then, not a SIGBUS later), for corpora whose scores do not fit in memory
+      (1e9 samples: a 4 GB file). Updates go to an in-memory
       :class:`~es_stream.writebuffer.WriteBuffer` of ``buffer_size`` entries (12 bytes each)
       and reach the file sorted, in one pass, when it fills, at :meth:`sync`/:meth:`flush`,
       or when the store is closed or the interpreter exits; gathers see them at once. (The
@@ -309,78 +165,93 @@ class ScoreStore:
     files a killed save or creation of the same path left beside it (``.NAME.<random>.tmp``,
     for the ``.npy`` and its metadata; nothing else).
 
-    Under ``torch.distributed`` with more than one rank the store logs which ids it updated, so
-    that :func:`es_stream.merge_rank_scores` can share them at the epoch's end.
+    **Feedback channels.** :meth:`channel` makes and caches the one
+    :class:`~es_stream.FeedbackChannel` per device through which losses on that device reach a
+    host store; every selector of the store shares it, so each sees the others' updates in
+    flight.
+
+    Under ``torch.distributed`` with more than one rank the store logs which ids it updated
+    (:attr:`updates`, a :class:`es_stream.distributed.UpdateLog`), so that
+    :func:`es_stream.merge_rank_scores` can share them at the epoch's end.
     """
 
-    def __init__(self, num_samples: int, device: torch.device | str | None = None, *,
-                 fingerprint: str | None = None, _path: str | None = None,
-                 buffer_size: int = 1 << 23) -> None:
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ScoreStore":
+        # ScoreStore(n, device) keeps making an in-memory store, as it always did
+        return super().__new__(MemoryScoreStore if cls is ScoreStore else cls)
+
+    def __init__(self, num_samples: int, *, fingerprint: str | None = None) -> None:
         self.num_samples = positive_int(num_samples, "num_samples")
         self.initial = 1.0 / self.num_samples
-        self.path = _path
+        self.path: str | None = None
         self.fingerprint: str | None = None
         # who scored: {"scorer": identity, "complete": bool, ...} for a reference-model pass
         # (es_stream.score_corpus), recorded in the metadata; None for training scores
         self.reference: dict[str, Any] | None = None
-        self._scores: torch.Tensor | None = None
-        self._file: _MappedScores | None = None
-        self._buffer: WriteBuffer | None = None
+        self.updates = UpdateLog()
         self._writers: list[PendingWriter] = []
-        self._update_log: list[torch.Tensor] | None = None
-        if _path is None:
-            # all zero: every sample starts never scored (reads as 1/n)
-            self._scores = torch.zeros(self.num_samples, dtype=torch.float32, device=device)
-        else:
-            self._file = _MappedScores(_path, self.num_samples)
-            self._buffer = WriteBuffer(positive_int(buffer_size, "buffer_size"))
-            # buffered updates reach the file when the store is collected or the interpreter
-            # exits normally; a killed process loses them (checkpoints are the durable state)
-            weakref.finalize(self, _apply_buffer, self._file, self._buffer, self.num_samples)
-        if fingerprint is not None:
-            self.bind(fingerprint)
+        self._channels: dict[torch.device, FeedbackChannel] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike, num_samples: int, buffer_size: int = 1 << 23, *,
-             fingerprint: str | None = None) -> "ScoreStore":
-        """Open (or create, sparse) a memory-mapped store at ``path`` (a ``.npy`` file).
+             fingerprint: str | None = None) -> "MappedScoreStore":
+        """Open (or create) a memory-mapped store at ``path`` (a ``.npy`` file): a
+        :class:`MappedScoreStore`.
 
         With ``fingerprint`` (the corpus's), a file recorded for another corpus is refused, and
-        one whose metadata records no corpus yet is bound to this one.
+        one whose metadata records no corpus yet is bound to this one. The file's blocks are
+        allocated now: a disk without room for it is a :class:`~es_stream.ScoreError` naming it.
         """
-        path = os.fspath(path)
-        n = positive_int(num_samples, "num_samples")
-        _remove_stale_temporaries(path)
-        if not os.path.exists(path):
-            _write_metadata(path, n, fingerprint)  # before the .npy, as save does
-            _create_sparse(path, n)
-        store = cls(n, _path=path, buffer_size=buffer_size)
-        recorded, has_metadata = _file_fingerprint(path, n, fingerprint)
-        store.fingerprint = recorded if recorded is not None else fingerprint
-        store.reference = (read_metadata(path) or {}).get("reference") if has_metadata else None
-        if has_metadata and recorded is None and fingerprint is not None:
-            _write_metadata(path, n, fingerprint, store.reference)  # bound to a corpus from now on
-        return store
+        return MappedScoreStore(path, num_samples, buffer_size, fingerprint=fingerprint)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None, *,
-             fingerprint: str | None = None) -> "ScoreStore":
+             fingerprint: str | None = None) -> "MemoryScoreStore":
         """Read a store written by :meth:`save` into memory on ``device`` (checked as
         :meth:`restore` does, against ``fingerprint`` when given)."""
         held, _ = saved_length(path)
-        store = cls(held, device=device, fingerprint=fingerprint)
+        store = MemoryScoreStore(held, device=device, fingerprint=fingerprint)
         store.restore(path)
         store.reference = (read_metadata(path) or {}).get("reference")
         return store
 
+    # ------------------------------------------------------------- the backing
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu") if self._scores is None else self._scores.device
+        raise NotImplementedError
 
     @property
     def memory_mapped(self) -> bool:
-        return self._file is not None
+        raise NotImplementedError
 
+    def gather_numpy(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Scores of (checked) CPU ``ids`` as float32 numpy, into ``out`` if given (e.g. a pinned
+        staging buffer)."""
+        raise NotImplementedError
+
+    def _gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """Scores of checked ``ids`` (never scored: ``1/n``), on the store's device."""
+        raise NotImplementedError
+
+    def _scatter(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Store checked ``values`` (the CPU ones checked finite) for checked ``ids``."""
+        raise NotImplementedError
+
+    def _read_raw(self, start: int, stop: int) -> np.ndarray:
+        """Stored values of ids ``start .. stop-1`` (0.0: never scored), a new array; the caller
+        has synced."""
+        raise NotImplementedError
+
+    def _write_raw(self, start: int, raw: np.ndarray) -> None:
+        """Store encoded values for ids ``start .. start+len(raw)-1``; the caller has synced."""
+        raise NotImplementedError
+
+    def _commit_buffered(self) -> None:
+        """Apply updates the backing holds aside (a file's write buffer) to the scores."""
+
+    def _make_durable(self) -> None:
+        """Force what the backing wrote to disk (a file's pages)."""
+
+    # ------------------------------------------------------------- identity
     def describe(self) -> str:
         """How error messages name this store: its file, or its size and device."""
         if self.path is not None:
@@ -403,9 +274,9 @@ class ScoreStore:
                              f"not of corpus {fingerprint}; use the store of this corpus (or a "
                              "new one)")
         if self.path is not None:
-            recorded, has_metadata = _file_fingerprint(self.path, self.num_samples, fingerprint)
+            recorded, has_metadata = file_fingerprint(self.path, self.num_samples, fingerprint)
             if has_metadata and recorded is None:
-                _write_metadata(self.path, self.num_samples, fingerprint, self.reference)
+                write_metadata(self.path, self.num_samples, fingerprint, self.reference)
         self.fingerprint = fingerprint
 
     def set_reference(self, reference: dict[str, Any] | None) -> None:
@@ -414,12 +285,32 @@ class ScoreStore:
         (atomically), other stores record it at their next :meth:`save`."""
         self.reference = None if reference is None else dict(reference)
         if self.path is not None:
-            _write_metadata(self.path, self.num_samples, self.fingerprint, self.reference)
+            write_metadata(self.path, self.num_samples, self.fingerprint, self.reference)
 
+    # ------------------------------------------------------------- in flight
     def attach(self, writer: PendingWriter) -> None:
         """Register a holder of in-flight updates, flushed before whole-store reads."""
         if writer not in self._writers:
             self._writers.append(writer)
+
+    def channel(self, device: torch.device | str, max_pending: int = 16) -> FeedbackChannel:
+        """The :class:`~es_stream.FeedbackChannel` that brings this (host) store's scores to
+        ``device`` and its updates back, made on the first call for that device (with
+        ``max_pending``) and the same object on every later one. The store flushes it before
+        any whole-store read."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        channel = self._channels.get(device)
+        if channel is None:
+            channel = self._channels[device] = FeedbackChannel(self, device, max_pending)
+        return channel
+
+    def commit_in_flight(self) -> None:
+        """Commit the updates the feedback channels (and other attached writers) hold; waits for
+        their devices."""
+        for writer in self._writers:
+            writer.flush()
 
     def check_ids(self, ids: Any, argument: str = "ids") -> None:
         """Raise if a CPU id lies outside [0, num_samples). (CUDA ids are not checked here:
@@ -439,25 +330,7 @@ class ScoreStore:
         ids = as_index(ids)
         if not checked:
             self.check_ids(ids)
-        if self._scores is not None:
-            values = self._scores[ids.to(self._scores.device, non_blocking=True)]
-            return values.masked_fill(values == 0, self.initial)
-        return torch.from_numpy(self.gather_numpy(ids.numpy()))
-
-    def gather_numpy(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Scores of (checked) CPU ``ids`` as float32 numpy, into ``out`` if given (e.g. a pinned
-        staging buffer)."""
-        if self._scores is not None:
-            raw = self._scores[torch.from_numpy(np.asarray(ids, dtype=np.int64))]
-            values = raw.masked_fill(raw == 0, self.initial).cpu().numpy()
-            if out is None:
-                return values
-            out[:] = values
-            return out
-        values = np.take(self._file.array, ids, out=out)
-        self._buffer.overlay(ids, values)
-        values[values == 0] = self.initial
-        return values
+        return self._gather(ids)
 
     def scatter(self, ids: Any, values: Any, *, checked: bool = False) -> None:
         """Set the scores of ``ids`` to ``values`` (``checked`` as in :meth:`gather`). Values
@@ -466,49 +339,21 @@ class ScoreStore:
         if not checked:
             self.check_ids(ids)
         values = torch.as_tensor(values).detach()
-        host = None
-        if self._scores is None or values.device.type == "cpu":
-            host = values.to("cpu", torch.float32).numpy()  # a host store needs this copy anyway
-            _refuse_nonfinite(host, ids, 0, self.describe(), "given to scatter")
-        self._log_update(ids)
-        if self._scores is not None:
-            v = values.to(self._scores.device, torch.float32, non_blocking=True)
-            self._scores[ids.to(self._scores.device, non_blocking=True)] = v.masked_fill(v == 0, _TINY)
-            return
-        self._buffer.add(ids.numpy(), _encode(host))
-        if self._buffer.full:
-            self._apply_buffer()
-
-    def _apply_buffer(self) -> None:
-        _apply_buffer(self._file, self._buffer, self.num_samples)
+        if values.device.type == "cpu":
+            _refuse_nonfinite(values.to(torch.float32).numpy(), ids, 0, self.describe(),
+                              "given to scatter")
+        self.updates.record(ids)
+        self._scatter(ids, values)
 
     # ------------------------------------------------------- whole-store access
     def sync(self) -> None:
         """Commit in-flight updates (feedback channels, then the write buffer) without forcing
         them to disk (:meth:`flush` does that too)."""
-        for writer in self._writers:
-            writer.flush()
-        if self._buffer is not None and len(self._buffer):
-            self._apply_buffer()
+        self.commit_in_flight()
+        self._commit_buffered()
 
-    def _read_raw(self, start: int, stop: int) -> np.ndarray:
-        """Stored values of ids ``start .. stop-1`` (0.0: never scored), a new array; the caller
-        has synced."""
-        if self._scores is not None:
-            part = self._scores[start:stop].detach()
-            return part.numpy().copy() if part.device.type == "cpu" else part.cpu().numpy()
-        values = np.array(self._file.array[start:stop])  # a copy, never a view of the file
-        self._file.release(start, stop)
-        return values
-
-    def _write_raw(self, start: int, raw: np.ndarray) -> None:
-        stop = start + len(raw)
-        if self._scores is not None:
-            self._scores[start:stop] = torch.from_numpy(
-                np.ascontiguousarray(raw, np.float32)).to(self._scores.device)
-        else:
-            self._file.array[start:stop] = raw
-            self._file.release(start, stop)
+    def _raw_all(self) -> np.ndarray:
+        return np.concatenate([self._read_raw(a, b) for a, b in chunk_ranges(self.num_samples)])
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """Scores of ids ``start .. stop-1`` as float32 numpy (for whole-store passes in chunks);
@@ -545,8 +390,7 @@ class ScoreStore:
 
     def to_numpy(self) -> np.ndarray:
         """All scores as a float32 numpy array (copies everything: for stores that fit)."""
-        return np.concatenate([self.read_range(a, min(a + CHUNK, self.num_samples))
-                               for a in range(0, self.num_samples, CHUNK)])
+        return np.concatenate([self.read_range(a, b) for a, b in chunk_ranges(self.num_samples)])
 
     def save(self, path: str | os.PathLike) -> None:
         """Write all scores as a float32 ``.npy`` file, atomically, a chunk at a time, and the
@@ -554,15 +398,15 @@ class ScoreStore:
         before the ``.npy``. Never-scored samples are written as 0.0."""
         path = os.fspath(path)
         self.sync()
-        _remove_stale_temporaries(path)
+        remove_stale_temporaries(path)
         with atomic_write(path) as tmp:
             with open(tmp, "wb") as f:
                 np.lib.format.write_array_header_1_0(
                     f, {"descr": "<f4", "fortran_order": False, "shape": (self.num_samples,)})
-                for a in range(0, self.num_samples, CHUNK):
-                    f.write(self._read_raw(a, min(a + CHUNK, self.num_samples)).tobytes())
+                for a, b in chunk_ranges(self.num_samples):
+                    f.write(self._read_raw(a, b).tobytes())
             # the metadata first: a newly saved .npy never stands without its own
-            _write_metadata(path, self.num_samples, self.fingerprint, self.reference)
+            write_metadata(path, self.num_samples, self.fingerprint, self.reference)
 
     def restore(self, path: str | os.PathLike) -> None:
         """Replace every score by those of a file written by :meth:`save` (never-scored samples
@@ -571,14 +415,14 @@ class ScoreStore:
         store that knew no corpus learns the file's."""
         path = os.fspath(path)
         held, offset = saved_length(path)
-        _check_length(path, held, self.num_samples)
-        recorded, _ = _file_fingerprint(path, self.num_samples, self.fingerprint)
+        check_length(path, held, self.num_samples)
+        recorded, _ = file_fingerprint(path, self.num_samples, self.fingerprint)
         saved = np.memmap(path, np.float32, "r", offset, (held,))
-        for a in range(0, held, CHUNK):
-            _refuse_nonfinite(saved[a:a + CHUNK], None, a, path, "in the file")
+        for a, b in chunk_ranges(held):
+            _refuse_nonfinite(saved[a:b], None, a, path, "in the file")
         self.sync()
-        for a in range(0, held, CHUNK):
-            self._write_raw(a, np.array(saved[a:a + CHUNK]))
+        for a, b in chunk_ranges(held):
+            self._write_raw(a, np.array(saved[a:b]))
         del saved
         if recorded is not None and self.fingerprint is None:
             self.bind(recorded)
@@ -586,38 +430,22 @@ class ScoreStore:
     def flush(self) -> None:
         """Commit in-flight updates; make a memory-mapped store's writes durable."""
         self.sync()
-        if self._file is not None:
-            self._file.flush()
+        self._make_durable()
 
     # ---------------------------------------------------------------- ranks
-    def _log_update(self, ids: torch.Tensor) -> None:
-        if self._update_log is None:
-            if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-                return
-            self._update_log = []
-        self._update_log.append(ids.clone())
-
     def update_log_state(self) -> torch.Tensor | None:
         """The ids updated since the last merge (None when not logging), for checkpoints: a run
-        resumed mid-epoch must still share what it updated before the checkpoint."""
-        if self._update_log is None:
-            return None
-        ids = torch.from_numpy(self.take_update_log())
-        self._update_log = [ids]
-        return ids.clone()
+        resumed mid-epoch must still share what it updated before the checkpoint
+        (:meth:`es_stream.distributed.UpdateLog.ids`)."""
+        return self.updates.ids()
 
     def load_update_log_state(self, ids: torch.Tensor | None) -> None:
         """Replace the update log by a checkpoint's (see :meth:`update_log_state`)."""
-        self._update_log = None if ids is None else [torch.as_tensor(ids, dtype=torch.int64)]
+        self.updates.load_ids(ids)
 
     def take_update_log(self) -> np.ndarray:
         """Sorted unique ids updated since the last call (logged under multi-rank training)."""
-        log = self._update_log or []
-        if self._update_log is not None:
-            self._update_log = []
-        if not log:
-            return np.empty(0, np.int64)
-        return np.unique(torch.cat([t.cpu() for t in log]).numpy())
+        return self.updates.take()
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -625,8 +453,7 @@ class ScoreStore:
         follow later updates). For stores too big to copy, save the store beside the
         checkpoint instead (:class:`es_stream.Checkpointer`)."""
         self.sync()
-        raw = np.concatenate([self._read_raw(a, min(a + CHUNK, self.num_samples))
-                              for a in range(0, self.num_samples, CHUNK)])
+        raw = self._raw_all()
         return {"num_samples": self.num_samples,
                 "scores": torch.from_numpy(_decode(raw, self.initial)),
                 "never_scored": torch.from_numpy(raw == 0)}
@@ -647,8 +474,174 @@ class ScoreStore:
         if never is not None:
             raw[torch.as_tensor(never).cpu().numpy().astype(bool)] = 0
         self.sync()
-        for a in range(0, self.num_samples, CHUNK):
-            self._write_raw(a, raw[a:a + CHUNK])
+        for a, b in chunk_ranges(self.num_samples):
+            self._write_raw(a, raw[a:b])
+
+
+class MemoryScoreStore(ScoreStore):
+    """A :class:`ScoreStore` held in a torch tensor on ``device`` (CPU by default); what
+    ``ScoreStore(num_samples, device)`` makes. Gathers and scatters on a GPU run there, with no
+    host synchronisation."""
+
+    def __init__(self, num_samples: int, device: torch.device | str | None = None, *,
+                 fingerprint: str | None = None) -> None:
+        super().__init__(num_samples)
+        # all zero: every sample starts never scored (reads as 1/n)
+        self._scores = torch.zeros(self.num_samples, dtype=torch.float32, device=device)
+        if fingerprint is not None:
+            self.bind(fingerprint)
+
+    @property
+    def device(self) -> torch.device:
+        return self._scores.device
+
+    @property
+    def memory_mapped(self) -> bool:
+        return False
+
+    def _gather(self, ids: torch.Tensor) -> torch.Tensor:
+        values = self._scores[ids.to(self._scores.device, non_blocking=True)]
+        return values.masked_fill(values == 0, self.initial)
+
+    def gather_numpy(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        raw = self._scores[torch.from_numpy(np.asarray(ids, dtype=np.int64))]
+        values = raw.masked_fill(raw == 0, self.initial).cpu().numpy()
+        if out is None:
+            return values
+        out[:] = values
+        return out
+
+    def _scatter(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        v = values.to(self._scores.device, torch.float32, non_blocking=True)
+        self._scores[ids.to(self._scores.device, non_blocking=True)] = v.masked_fill(v == 0, _TINY)
+
+    def _read_raw(self, start: int, stop: int) -> np.ndarray:
+        part = self._scores[start:stop].detach()
+        return part.numpy().copy() if part.device.type == "cpu" else part.cpu().numpy()
+
+    def _write_raw(self, start: int, raw: np.ndarray) -> None:
+        self._scores[start:start + len(raw)] = torch.from_numpy(
+            np.ascontiguousarray(raw, np.float32)).to(self._scores.device)
+
+
+class MappedScoreStore(ScoreStore):
+    """A :class:`ScoreStore` memory-mapped from a float32 ``.npy`` file; what
+    :meth:`ScoreStore.open` makes (see there and the class docstring of :class:`ScoreStore`).
+
+    Updates go to a :class:`~es_stream.writebuffer.WriteBuffer` of ``buffer_size`` entries and
+    reach the file sorted, in one pass, when it fills, at :meth:`sync`/:meth:`flush`, or when
+    the store is collected or the interpreter exits (a killed process loses them: checkpoints
+    are the durable state). After each pass the process's mapping of the range is released.
+    """
+
+    def __init__(self, path: str | os.PathLike, num_samples: int, buffer_size: int = 1 << 23, *,
+                 fingerprint: str | None = None) -> None:
+        path = os.fspath(path)
+        n = positive_int(num_samples, "num_samples")
+        buffer_size = positive_int(buffer_size, "buffer_size")
+        remove_stale_temporaries(path)
+        if not os.path.exists(path):
+            _create_with_metadata(path, n, fingerprint)
+        super().__init__(n)
+        self.path = path
+        self._file = _MappedScores(path, n)
+        self._buffer = WriteBuffer(buffer_size)
+        # buffered updates reach the file when the store is collected or the interpreter exits
+        # normally; a killed process loses them (checkpoints are the durable state)
+        weakref.finalize(self, _apply_buffer, self._file, self._buffer, n)
+        recorded, has_metadata = file_fingerprint(path, n, fingerprint)
+        self.fingerprint = recorded if recorded is not None else fingerprint
+        self.reference = (read_metadata(path) or {}).get("reference") if has_metadata else None
+        if has_metadata and recorded is None and fingerprint is not None:
+            write_metadata(path, n, fingerprint, self.reference)  # bound to a corpus from now on
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def memory_mapped(self) -> bool:
+        return True
+
+    def _gather(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.gather_numpy(ids.cpu().numpy()))
+
+    def gather_numpy(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        values = np.take(self._file.array, ids, out=out)
+        self._buffer.overlay(ids, values)
+        values[values == 0] = self.initial
+        return values
+
+    def _scatter(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        host = values.to("cpu", torch.float32).numpy()  # GPU values: checked once here
+        if values.device.type != "cpu":
+            _refuse_nonfinite(host, ids, 0, self.describe(), "given to scatter")
+        self._buffer.add(ids.cpu().numpy(), _encode(host))
+        if self._buffer.full:
+            self._commit_buffered()
+
+    def _commit_buffered(self) -> None:
+        _apply_buffer(self._file, self._buffer, self.num_samples)
+
+    def _read_raw(self, start: int, stop: int) -> np.ndarray:
+        values = np.array(self._file.array[start:stop])  # a copy, never a view of the file
+        self._file.release(start, stop)
+        return values
+
+    def _write_raw(self, start: int, raw: np.ndarray) -> None:
+        stop = start + len(raw)
+        self._file.array[start:stop] = raw
+        self._file.release(start, stop)
+
+    def _make_durable(self) -> None:
+        self._file.flush()
+
+
+def _create_with_metadata(path: str, num_samples: int, fingerprint: str | None) -> None:
+    """A new store file and its metadata (first, as :meth:`ScoreStore.save` does); a refused
+    creation (a full disk) leaves neither behind."""
+    meta = metadata_path(path)
+    had_metadata = os.path.exists(meta)
+    write_metadata(path, num_samples, fingerprint)
+    try:
+        create(path, num_samples)
+    except BaseException:
+        if not had_metadata:
+            try:
+                os.unlink(meta)
+            except FileNotFoundError:
+                pass
+        raise
+
+
+class _MappedScores:
+    """A float32 ``.npy`` file mapped into memory, with page release for bounded residency."""
+
+    def __init__(self, path: str, num_samples: int) -> None:
+        held, self.offset = saved_length(path)
+        check_length(path, held, num_samples)
+        expected = self.offset + 4 * num_samples
+        self.fd = os.open(path, os.O_RDWR)
+        try:
+            allocate(self.fd, path, expected)  # a sparse file (an older one) gets its blocks now
+            self.map = mmap.mmap(self.fd, expected)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.array = np.ndarray((num_samples,), np.float32, buffer=self.map, offset=self.offset)
+
+    def release(self, start: int, stop: int) -> None:
+        """Drop this process's mapping of ids ``[start, stop)`` (whole pages inside only). The
+        data stays in the page cache, dirty pages included, and is written back by the kernel:
+        this bounds the process's resident set, not what the file holds."""
+        page = mmap.PAGESIZE
+        lo = -(-(self.offset + 4 * start) // page) * page
+        hi = (self.offset + 4 * stop) // page * page
+        if hi > lo:
+            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def flush(self) -> None:
+        self.map.flush()
 
 
 def _apply_buffer(file: _MappedScores, buffer: WriteBuffer, num_samples: int) -> None:
@@ -658,8 +651,7 @@ def _apply_buffer(file: _MappedScores, buffer: WriteBuffer, num_samples: int) ->
     if not len(buffer):
         return
     ids, values = buffer.drain()
-    for start in range(0, num_samples, CHUNK):
-        stop = min(start + CHUNK, num_samples)
+    for start, stop in chunk_ranges(num_samples):
         lo, hi = np.searchsorted(ids, [start, stop])
         if hi > lo:
             file.array[ids[lo:hi]] = values[lo:hi]

@@ -66,8 +66,8 @@ def main() -> None:
             log.flush()
             if step % EVERY == 0:
                 checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "selector": selector.state_dict(with_store=False),
-                                        "dataset": dataset.state_dict(batches),
+                                        "selector": selector.state_dict(),
+                                        "dataset": dataset.state_at(batches),
                                         "pruner": pruner.state_dict()}, store)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -32,7 +32,7 @@ def test_round_trip_selector_and_memmap_store(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt")
     assert ckpt.latest() is None and ckpt.load() is None
     # the scores go to scores.npy (their metadata beside), so the selector's state leaves them out
-    path = ckpt.save(5, {"selector": sel.state_dict(with_store=False), "epoch": 1}, store)
+    path = ckpt.save(5, {"selector": sel.state_dict(), "epoch": 1}, store)
     assert path == str(tmp_path / "ckpt" / "step-000000000005") == ckpt.latest()
     assert sorted(os.listdir(path)) == ["scores.meta.json", "scores.npy", "state.pt"]
     assert (tmp_path / "ckpt" / "latest").read_text() == "step-000000000005\n"
@@ -198,3 +198,52 @@ def test_numpy_integers_are_integers(tmp_path):
     assert ckpt.load() == (4, {"a": 2}) and ckpt.keep == 1
     with pytest.raises(ValueError, match="keep must be an integer >= 1, got 1.0"):
         Checkpointer(tmp_path, keep=1.0)
+
+
+class _WritesAFile:
+    """Unpickling it creates ``path``: the stand-in for a checkpoint that runs someone's code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(tmp_path):
+    from es_stream import TrainingState
+
+    marker = tmp_path / "code-ran"
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(1, {"selector": ESSelector(N, b).state_dict(), "payload": _WritesAFile(str(marker))})
+    state_pt = tmp_path / "ckpt" / "step-000000000001" / "state.pt"
+    refused = (rf"{state_pt}: refused: it holds io\.open.*would run code from the file.*"
+               r"weights_only=False")
+    with pytest.raises(ValueError, match=refused):
+        ckpt.load()
+    with pytest.raises(ValueError, match=refused):  # the two-line resume refuses it too
+        ckpt.restore(TrainingState(selector=ESSelector(N, b), rng=False))
+    assert not marker.exists()
+    # the named opt-in reads it (and runs its code): for files one trusts
+    step, state = ckpt.load(weights_only=False)
+    assert step == 1 and marker.exists()
+
+
+def test_a_training_state_checkpoint_loads_without_unpickling_objects(tmp_path):
+    """Everything TrainingState saves (rng states included) is read with weights_only=True."""
+    from es_stream import TrainingState
+
+    sel = ESSelector(N, b, seed=3)
+    train(sel, 3, seed=1)
+    np.random.seed(5)
+    torch.manual_seed(6)
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(3, TrainingState(selector=sel))
+    expected = (np.random.random(3), torch.rand(3))
+    np.random.seed(0)
+    torch.manual_seed(0)
+    resumed = ESSelector(N, b, seed=99)
+    assert ckpt.restore(TrainingState(selector=resumed)) == 3  # weights_only=True by default
+    np.testing.assert_array_equal(np.random.random(3), expected[0])
+    assert torch.equal(torch.rand(3), expected[1])
+    assert train(resumed, 3, seed=2) == train(sel, 3, seed=2)

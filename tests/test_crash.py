@@ -148,7 +148,7 @@ def checkpoint(work, phase):
         ids = torch.from_numpy(rng.permutation(N)[:B])
         losses = torch.from_numpy(rng.random(B).astype(np.float32))
         chosen.append(ids[sel.select(ids, losses)].tolist())
-    ckpt.save(4 * int(phase), {"selector": sel.state_dict(with_store=False), "chosen": chosen}, s)
+    ckpt.save(4 * int(phase), {"selector": sel.state_dict(), "chosen": chosen}, s)
 
 
 scenario, corpus_dir = sys.argv[1], sys.argv[2]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from es_stream import ScoreStore
+from es_stream.store import MappedScoreStore, MemoryScoreStore
 
 
 @pytest.fixture(params=["memory", "memmap"])
@@ -43,9 +44,13 @@ def test_save_load_and_reopen(store, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-def test_memmap_is_created_sparse_and_rejects_another_corpus(tmp_path):
-    store = ScoreStore.open(tmp_path / "big.npy", 50_000_000)  # 200 MB logical
-    assert os.stat(tmp_path / "big.npy").st_blocks * 512 < 1_000_000  # nothing written up front
+def test_memmap_is_created_allocated_and_rejects_another_corpus(tmp_path):
+    store = ScoreStore.open(tmp_path / "big.npy", 50_000_000)  # 200 MB
+    assert isinstance(store, MappedScoreStore) and store.memory_mapped
+    # every block reserved up front (a full disk is an error now, not a SIGBUS later)
+    size = os.stat(tmp_path / "big.npy").st_size
+    if hasattr(os, "posix_fallocate"):
+        assert os.stat(tmp_path / "big.npy").st_blocks * 512 >= size
     store.scatter(torch.tensor([49_999_999]), torch.tensor([3.0]))
     store.flush()
     assert np.load(tmp_path / "big.npy", mmap_mode="r")[49_999_999] == 3.0
@@ -123,6 +128,7 @@ def test_buffered_updates_reach_the_file_when_the_process_exits(tmp_path):
 
 # --- bad values, never-scored samples, corpus fingerprints, bad files ------------------------
 
+import gc  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -303,3 +309,65 @@ def test_a_killed_save_leaves_temporaries_the_next_save_removes(tmp_path):
         (tmp_path / p).write_bytes(b"")
     ScoreStore.open(path, 1000)
     assert not [p for p in os.listdir(tmp_path) if p in left]
+
+
+def test_one_class_per_backing_behind_one_constructor(tmp_path):
+    memory = ScoreStore(10)
+    mapped = ScoreStore.open(tmp_path / "s.npy", 10)
+    assert type(memory) is MemoryScoreStore and type(mapped) is MappedScoreStore
+    assert isinstance(memory, ScoreStore) and isinstance(mapped, ScoreStore)
+    assert type(ScoreStore.load(tmp_path / "s.npy")) is MemoryScoreStore
+    for store in (memory, mapped):  # the same answers from either backing
+        store.scatter([1, 3], [2.0, 0.0])
+        assert store.to_numpy()[[0, 1, 3]].tolist() == pytest.approx([0.1, 2.0, 0.0])
+        assert store.scored_range(0, 4).tolist() == [False, True, False, True]
+
+
+def test_channel_is_made_once_per_device_and_flushed_by_the_store():
+    store = ScoreStore(20)
+    channel = store.channel("cpu", max_pending=4)
+    assert store.channel(torch.device("cpu")) is channel and channel.max_pending == 4
+    channel.commit(torch.tensor([5]), torch.tensor([7.0]))
+    assert channel.pending == 1
+    assert store.read_range(5, 6).tolist() == [7.0]  # a whole-store read commits it first
+    assert channel.pending == 0
+    with pytest.raises(ValueError, match="needs a host store"):
+        ScoreStore(4, device="meta").channel("cpu")
+
+
+def _mount_small_tmpfs(directory):
+    """Mount a 1 MiB tmpfs at ``directory``, or skip (needs root and a mount namespace)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a full disk) needs root")
+    directory.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+def test_a_store_that_does_not_fit_the_disk_is_an_error_naming_it(tmp_path):
+    full = tmp_path / "full"
+    _mount_small_tmpfs(full)
+    try:
+        # 1M scores are 4 MB on a 1 MiB file system: refused at creation, naming the file,
+        # instead of a SIGBUS when the scores are first written back
+        with pytest.raises(ScoreError, match=f"{full / 'scores.npy'}: no space"):
+            ScoreStore.open(full / "scores.npy", 1_000_000)
+        assert os.listdir(full) == []  # nothing left behind
+        # an existing sparse file (as older versions made) is allocated when opened
+        with open(full / "old.npy", "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f4", "fortran_order": False, "shape": (1_000_000,)})
+            f.truncate(f.tell() + 4_000_000)
+        with pytest.raises(ScoreError, match=f"{full / 'old.npy'}: no space"):
+            ScoreStore.open(full / "old.npy", 1_000_000)
+        small = ScoreStore.open(full / "small.npy", 1000)  # what fits works as before
+        small.scatter([999], [4.0])
+        small.flush()
+        assert np.load(full / "small.npy")[999] == 4.0
+        del small
+        gc.collect()  # its mapping closed, so the file system can be unmounted
+    finally:
+        if subprocess.run(["umount", str(full)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(full)], check=False)

@@ -114,7 +114,7 @@ def test_dataset_state_dict_counts_what_the_loader_yielded(corpus_path):
     next(iter(plain))
     with pytest.raises(ValueError, match="does not count the meta-batches.*es_stream.loader"):
         dataset.state_dict()
-    assert dataset.state_dict(num_batches=1)["batches"] == 1
+    assert dataset.state_at(1)["batches"] == 1
 
 
 def test_restore_refuses_a_checkpoint_of_other_parts(corpus_path, tmp_path):
