@@ -25,9 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._atomic import fsync_path, public_mode
+from .atomic import fsync_path, public_mode
 from ._version import __version__
-from .corpus import Corpus, _local_path, is_local_url
+from .corpus import Corpus
+from .shard_paths import is_local_url, local_path
 from .sources import open_reader
 
 #: Written last into every compaction output; lists the files the output consists of, so that
@@ -105,7 +106,7 @@ def _source_dirs(corpus: Corpus) -> list[str]:
     dirs = set()
     for shard in corpus.shards:
         if is_local_url(shard.name):
-            path = os.path.abspath(_local_path(shard.name))
+            path = os.path.abspath(local_path(shard.name))
             # both where the shard is named and, if that is a symlink, where its bytes live
             dirs |= {os.path.realpath(os.path.dirname(path)), os.path.dirname(os.path.realpath(path))}
     return sorted(dirs)

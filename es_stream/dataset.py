@@ -16,13 +16,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ._check import int_at_least
-from .corpus import Corpus, is_local_url
+from .corpus import Corpus
+from .shard_paths import is_local_url
 from .distributed import rank_and_world_size, worker_and_count
 from .errors import SampleError, ShardError
 from .manifest import SUCCESS, EpochKeep, epoch_dir, read_epoch
 from .metabatch import MetaBatch
 from .plan import EpochPlan, worker_resume
-from .sources import open_reader
+from .sources import ShardReader, open_reader
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +394,7 @@ class ESDataset(IterableDataset):
         finally:
             reader.close()
 
-    def _meta_batch(self, reader: Any, ids: np.ndarray, epoch: int, keep: EpochKeep | None,
+    def _meta_batch(self, reader: ShardReader, ids: np.ndarray, epoch: int, keep: EpochKeep | None,
                     failed_shards: set[int]) -> MetaBatch:
         """Read, decode and collate the samples ``ids``. Every id ends up either in ``ids`` or,
         under ``on_error="skip"``, in ``lost_ids`` of this very meta-batch — which is yielded
@@ -411,7 +412,7 @@ class ESDataset(IterableDataset):
                          data=self.collate(samples) if samples else None, epoch=epoch,
                          lost_ids=torch.tensor(lost, dtype=torch.int64), weights=weights)
 
-    def _read_samples(self, reader: Any, ids: np.ndarray, epoch: int, failed_shards: set[int]
+    def _read_samples(self, reader: ShardReader, ids: np.ndarray, epoch: int, failed_shards: set[int]
                       ) -> tuple[list, list[int], list[int], list[int]]:
         """(decoded samples, their ids, their shards, lost ids) of one meta-batch."""
         shards, positions = self.corpus.locate(ids)
@@ -422,8 +423,7 @@ class ESDataset(IterableDataset):
         # a reader that reads a meta-batch at once (local tar shards) returns each sample or the
         # error reading it would raise; the loop below still applies them in the meta-batch's
         # order, so on_error behaves exactly as when samples are read one by one
-        read_batch = getattr(reader, "read_batch", None)
-        early = read_batch(ids, shards, failed_shards) if read_batch else [None] * len(ids)
+        early = reader.read_batch(ids, shards, failed_shards)
         for sid, shard, pos, sample in zip(ids.tolist(), shards.tolist(), positions.tolist(),
                                            early):
             if shard in failed_shards:

@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from es_stream._atomic import atomic_write
+from es_stream.atomic import atomic_write
 
 from .loop import CapturingFactory, Reference, RunConfig, Workload, cpu_seconds, train
 

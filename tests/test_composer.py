@@ -27,7 +27,7 @@ from composer.models import ComposerClassifier, ComposerModel  # noqa: E402
 
 import es_stream as es  # noqa: E402
 from es_stream.integrations.composer import EvolvedSampling, causal_lm_sample_loss  # noqa: E402
-from es_stream.sources.mds import ESStreamingDataset  # noqa: E402
+from es_stream.integrations.streaming_dataset import ESStreamingDataset  # noqa: E402
 
 N, B, b = 256, 32, 8  # corpus, meta-batch, selected
 README = Path(__file__).resolve().parents[1] / "README.md"

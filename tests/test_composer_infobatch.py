@@ -29,8 +29,8 @@ from test_composer import (Crash, DictClassifier, copy_of, run_readme_block,  # 
 
 import es_stream as es  # noqa: E402
 from es_stream.integrations.composer import EvolvedSampling  # noqa: E402
-from es_stream.integrations.composer_infobatch import InfoBatch  # noqa: E402
-from es_stream.sources.mds import ESStreamingDataset  # noqa: E402
+from es_stream.integrations.composer import InfoBatch  # noqa: E402
+from es_stream.integrations.streaming_dataset import ESStreamingDataset  # noqa: E402
 
 N, B = 256, 32
 EPOCHS = 4
@@ -112,7 +112,7 @@ def test_infobatch_prunes_upweights_and_weights_the_loss(data: Path, tmp_path: P
     memory = InMemoryLogger()
     trainer = make_trainer(data, algorithm, manifests, num_workers=2, microbatch=microbatch,
                            callbacks=[check], loggers=[memory])
-    with caplog.at_level(logging.WARNING, logger="es_stream.sources.streaming_dataset"):
+    with caplog.at_level(logging.WARNING, logger="es_stream.integrations.streaming_dataset"):
         trainer.fit()
     # the dataset was told the weights reach the loss: no "weights not delivered" warning
     assert not [r for r in caplog.records if "loss weights" in r.getMessage()]
@@ -155,7 +155,7 @@ def test_infobatch_prunes_upweights_and_weights_the_loss(data: Path, tmp_path: P
     # read without InfoBatch, the same manifests warn that their weights are not delivered
     dataset = trainer.state.train_dataloader.dataset
     dataset.weights_delivered = False
-    with caplog.at_level(logging.WARNING, logger="es_stream.sources.streaming_dataset"):
+    with caplog.at_level(logging.WARNING, logger="es_stream.integrations.streaming_dataset"):
         dataset.epoch_keep(1)
     assert any("InfoBatch" in r.getMessage() for r in caplog.records)
     trainer.close()

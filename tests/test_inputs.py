@@ -187,7 +187,7 @@ def test_es_streaming_dataset_ndarray_columns_are_writable(tmp_path):
     from streaming import MDSWriter
     from torch.utils.data import DataLoader
 
-    from es_stream.sources.mds import ESStreamingDataset
+    from es_stream.integrations.streaming_dataset import ESStreamingDataset
 
     with MDSWriter(out=str(tmp_path / "nd"), columns={"x": "ndarray:float32:3"}) as w:
         for i in range(8):

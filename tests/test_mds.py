@@ -221,7 +221,7 @@ def test_index_json_shard_size_change_is_stale(mds_dir, tmp_path):
 
 
 def test_streaming_dataset_names_a_broken_index_json(mds_dir):
-    from es_stream.sources.mds import ESStreamingDataset
+    from es_stream.integrations.streaming_dataset import ESStreamingDataset
 
     index_json = break_index(mds_dir, _set(S0 + ["samples"], _DELETE))
     with pytest.raises(ShardError, match=f"^{index_json}: .*no key 'samples'"):

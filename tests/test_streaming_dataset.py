@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("streaming")
 
 import es_stream as es  # noqa: E402
-from es_stream.sources.mds import ESStreamingDataset  # noqa: E402
+from es_stream.integrations.streaming_dataset import ESStreamingDataset  # noqa: E402
 
 N = 150
 

@@ -310,7 +310,7 @@ def composer_child(device: str) -> None:
     from streaming import MDSWriter
 
     from es_stream.integrations.composer import EvolvedSampling
-    from es_stream.sources.mds import ESStreamingDataset
+    from es_stream.integrations.streaming_dataset import ESStreamingDataset
 
     class Model(ComposerModel):
         def __init__(self) -> None:

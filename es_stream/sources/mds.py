@@ -18,222 +18,30 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import mmap
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import MissingExtraError, SampleError, ShardError
-
-_REWRITE = "re-create the dataset with streaming.MDSWriter (or re-fetch it from its remote)"
+from .._deprecated import warn_moved
+from ..errors import SampleError, ShardError
+# the index functions lived here before es_stream.mds_index; kept importable from here
+from ..mds_index import (MDSIndexProblem, check_mds_index, import_streaming,  # noqa: F401
+                         load_mds_index, make_stream, read_mds_index_file)
 
 
 def __getattr__(name: str) -> Any:
-    # ESStreamingDataset subclasses streaming.StreamingDataset, so it lives in its own module and
-    # is imported on first use: reading MDS through ESDataset must not need more than it does.
+    # A deprecated alias, resolved on first access only (PEP 562): the class is an integration
+    # with streaming's StreamingDataset, which the core never imports.
     if name == "ESStreamingDataset":
-        _streaming()  # a missing extra raises MissingExtraError naming it
-        from .streaming_dataset import ESStreamingDataset
+        import_streaming()  # a missing extra raises MissingExtraError naming it
+        from ..integrations.streaming_dataset import ESStreamingDataset
 
+        warn_moved(f"{__name__}.ESStreamingDataset",
+                   "es_stream.integrations.streaming_dataset")
         return ESStreamingDataset
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _streaming():
-    try:
-        import streaming  # noqa: F401
-        from streaming.base.format import reader_from_json
-        from streaming.base.stream import Stream
-        from streaming.base.world import World
-    except ImportError as exc:
-        raise MissingExtraError("Reading MDS shards", "mds", "mosaicml-streaming") from exc
-    return Stream, World, reader_from_json
-
-
-def make_stream(local: str, remote: str | None, split: str | None):
-    """A streaming ``Stream`` with the defaults ``StreamingDataset`` would apply."""
-    Stream, _, _ = _streaming()
-    stream = Stream(remote=remote, local=local, split=split)
-    stream.apply_default({"split": split, "download_retry": 2, "download_timeout": 60,
-                          "validate_hash": None, "keep_zip": False})
-    return stream
-
-
-# ------------------------------------------------------------------------- index.json checks
-class MDSIndexProblem(ValueError):
-    """What is wrong with a parsed MDS index, without the file name: the caller knows whether
-    it came from ``index.json`` or from a saved es-stream corpus index, and what to advise."""
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_plain_name(value: Any) -> bool:
-    # a shard's file name is joined to the local directory: it must not name another place
-    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
-    return (isinstance(value, str) and value not in ("", ".", "..") and "\0" not in value
-            and not any(sep in value for sep in seps))
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _is_opt_str(value: Any) -> bool:
-    return value is None or isinstance(value, str)
-
-
-def _is_size_limit(value: Any) -> bool:
-    return value is None or isinstance(value, str) or _is_count(value)
-
-
-def _is_sizes(value: Any) -> bool:
-    return isinstance(value, list) and all(v is None or _is_count(v) for v in value)
-
-
-# key -> (check, what the value must be); every key streaming's MDSReader.from_json needs
-_FILE_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "basename": (_is_plain_name, "a plain file name (no directory part, not '..')"),
-    "bytes": (_is_count, "a non-negative integer"),
-    "hashes": (lambda v: isinstance(v, dict), "an object (algorithm -> hash)"),
-}
-_SHARD_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "version": (lambda v: v == 2 and not isinstance(v, bool), "2 (the MDS index version)"),
-    "format": (lambda v: v == "mds", "'mds' (es-stream reads MDS shards only)"),
-    "samples": (_is_count, "a non-negative integer"),
-    "raw_data": (lambda v: isinstance(v, dict), "an object with 'basename', 'bytes', 'hashes'"),
-    "zip_data": (lambda v: v is None or isinstance(v, dict),
-                 "null or an object with 'basename', 'bytes', 'hashes'"),
-    "compression": (_is_opt_str, "null or a compression name such as 'zstd'"),
-    "column_names": (_is_str_list, "a list of column names"),
-    "column_encodings": (_is_str_list, "a list of MDS encodings"),
-    "column_sizes": (_is_sizes, "a list of sizes (integers or null)"),
-    "hashes": (_is_str_list, "a list of hash algorithm names"),
-    "size_limit": (_is_size_limit, "null, a byte count or a size string"),
-}
-
-
-def _check_keys(entry: Any, keys: dict[str, tuple[Callable[[Any], bool], str]],
-                where: str) -> None:
-    if not isinstance(entry, dict):
-        raise MDSIndexProblem(f"{where} must be an object, got {type(entry).__name__}")
-    for key, (ok, wanted) in keys.items():
-        if key not in entry:
-            raise MDSIndexProblem(f"{where} has no key {key!r} (it must be {wanted})")
-        if not ok(entry[key]):
-            raise MDSIndexProblem(f"{where}: key {key!r} must be {wanted}, got {entry[key]!r:.80}")
-
-
-def _check_shard_entry(i: int, entry: Any) -> None:
-    where = f"shard entry {i}"
-    _check_keys(entry, _SHARD_KEYS, where)
-    _check_keys(entry["raw_data"], _FILE_KEYS, f"{where} raw_data")
-    if entry["zip_data"] is not None:
-        _check_keys(entry["zip_data"], _FILE_KEYS, f"{where} zip_data")
-        if entry["compression"] is None:
-            raise MDSIndexProblem(f"{where}: has zip_data but key 'compression' is null, so the "
-                                  "shard cannot be decompressed")
-    names, encodings = entry["column_names"], entry["column_encodings"]
-    if len(names) != len(encodings) or len(entry["column_sizes"]) != len(names):
-        raise MDSIndexProblem(f"{where}: keys 'column_names', 'column_encodings' and "
-                              f"'column_sizes' must have equal lengths, got {len(names)}, "
-                              f"{len(encodings)} and {len(entry['column_sizes'])}")
-
-
-def check_mds_index(index: Any) -> None:
-    """Check the structure of a parsed MDS ``index.json``; raise :class:`MDSIndexProblem`
-    naming the shard entry and key at fault.
-
-    It must be an object with ``"version": 2`` and a ``"shards"`` list, and every shard entry
-    must hold what ``streaming.MDSWriter`` writes and ``MDSReader`` reads, with sane values:
-    non-negative counts, shard file names without a directory part (a name like
-    ``../x.mds`` would read, or decompress onto, a file outside the dataset directory), one
-    encoding and size per column, each shard file named once. Pure Python: no streaming needed.
-    """
-    if not isinstance(index, dict):
-        raise MDSIndexProblem(f"the index must be a JSON object with 'version' and 'shards', "
-                              f"got a JSON {type(index).__name__}")
-    if index.get("version") != 2 or isinstance(index.get("version"), bool):
-        raise MDSIndexProblem(f"key 'version' must be 2 (es-stream reads MDS version 2 "
-                              f"datasets), got {index.get('version')!r}")
-    if not isinstance(index.get("shards"), list):
-        raise MDSIndexProblem(f"key 'shards' must be a list of shard entries, got "
-                              f"{index.get('shards')!r:.80}")
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(index["shards"]):
-        _check_shard_entry(i, entry)
-        files = [entry["raw_data"]["basename"]]
-        if entry["zip_data"] is not None:
-            files.append(entry["zip_data"]["basename"])
-        for name in files:
-            if name in seen:
-                raise MDSIndexProblem(f"shard entry {i} names file {name!r}, as shard entry "
-                                      f"{seen[name]} does: each shard needs its own files")
-            seen[name] = i
-
-
-def _check_streaming_reads(index: dict[str, Any], local: str, split: str | None) -> None:
-    """What only streaming knows: every column encoding exists, and ``MDSReader`` accepts each
-    entry (no key it does not take). Done once here so no DataLoader worker fails on it later."""
-    _, _, reader_from_json = _streaming()
-    from streaming.base.format.mds.encodings import is_mds_encoding
-
-    for i, entry in enumerate(index["shards"]):
-        for name, encoding in zip(entry["column_names"], entry["column_encodings"]):
-            if not is_mds_encoding(encoding):
-                raise MDSIndexProblem(f"shard entry {i}: column {name!r} has encoding "
-                                      f"{encoding!r}, which streaming does not know")
-        try:
-            reader_from_json(local, split, entry)
-        except Exception as exc:  # TypeError on an unknown key, ValueError, ...
-            raise MDSIndexProblem(f"shard entry {i}: streaming's MDSReader refuses it "
-                                  f"({type(exc).__name__}: {exc})") from exc
-
-
-def read_mds_index_file(filename: str) -> dict[str, Any]:
-    """Parse and check one local ``index.json``; a :class:`ShardError` naming it otherwise."""
-    try:
-        with open(filename, "rb") as f:
-            index = json.loads(f.read())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as exc:  # a directory, unreadable, not UTF-8, not JSON
-        raise ShardError(filename, f"cannot read index.json ({exc}); {_REWRITE}") from exc
-    try:
-        check_mds_index(index)
-    except MDSIndexProblem as exc:
-        raise ShardError(filename, f"invalid index.json: {exc}; {_REWRITE}") from exc
-    return index
-
-
-def load_mds_index(local: str, remote: str | None, split: str | None) -> dict[str, Any]:
-    """Return the parsed and checked ``index.json`` of an MDS dataset, fetching it from
-    ``remote`` first when given (the way ``StreamingDataset`` does).
-
-    A malformed index raises :class:`ShardError` naming ``index.json``, the shard entry and the
-    key, before any shard is read.
-    """
-    _, World, _ = _streaming()
-    filename = os.path.join(local, split or "", "index.json")
-    if remote is not None and not os.path.exists(filename):
-        try:
-            make_stream(local, remote, split).get_shards(World.detect(), False)
-        except Exception as exc:
-            raise ShardError(os.path.join(remote, split or "", "index.json"),
-                             f"cannot fetch index.json ({exc})") from exc
-    if not os.path.exists(filename):
-        where = f" (remote {remote!r})" if remote else ""
-        raise ShardError(filename, f"no index.json{where}: not an MDS dataset written by "
-                         "streaming.MDSWriter — check local_dir/remote")
-    index = read_mds_index_file(filename)
-    try:
-        _check_streaming_reads(index, local, split)
-    except MDSIndexProblem as exc:
-        raise ShardError(filename, f"invalid index.json: {exc}; {_REWRITE}") from exc
-    return index
 
 
 def writable_arrays(sample: dict[str, Any]) -> dict[str, Any]:
@@ -278,7 +86,7 @@ class MDSShardReader:
     """
 
     def __init__(self, corpus) -> None:
-        _, _, reader_from_json = _streaming()
+        _, _, reader_from_json = import_streaming()
         info = corpus.mds
         self.corpus = corpus
         self.stream = make_stream(info.local, info.remote, info.split)
@@ -302,7 +110,8 @@ class MDSShardReader:
                                      "truncated or rewritten — re-create or re-fetch it")
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except FileNotFoundError as exc:
-            raise ShardError(path, "shard file is missing") from exc
+            raise ShardError(path, f"shard file is missing: {self.corpus.where_looked(path)}"
+                             ) from exc
         count = int(np.frombuffer(mm, np.uint32, 1, 0)[0])
         if count != reader.samples:
             raise ShardError(path, f"shard header says {count} samples, index.json says "
@@ -344,6 +153,12 @@ class MDSShardReader:
             raise SampleError(self.corpus.local_path(shard), f"cannot decode sample ({exc})",
                               sample=sample_id) from exc
         return writable_arrays(sample)
+
+    def read_batch(self, ids: np.ndarray, shards: np.ndarray,
+                   skip_shards: set[int] = frozenset()) -> list[dict[str, Any] | ShardError | None]:
+        """Leaves every sample to :meth:`read` (None each): an MDS sample is one slice of a
+        memory map, so reading a meta-batch at once would save nothing."""
+        return [None] * len(ids)
 
     def close(self) -> None:
         for mm, _ in self.open_shards.values():

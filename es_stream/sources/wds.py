@@ -23,8 +23,9 @@ from typing import Any, IO
 
 import numpy as np
 
-from ..corpus import is_local_url, _local_path, _py_text
 from ..errors import SampleError, ShardError
+from ..shard_paths import is_local_url, local_path
+from ..tar_table import py_text
 
 # Samples of a shard whose spans are at most this many bytes apart are read by one pread. It is
 # 0: only samples that touch on disk share a read, so nothing between them — a pruned sample, or
@@ -144,19 +145,19 @@ class WDSShardReader:
     def _pread_local(self, shard: int, length: int, offset: int) -> bytes:
         fd = self.fds.get(shard)
         if fd is None:
-            path = _local_path(self.corpus.shards[shard].name)
+            path = local_path(self.corpus.shards[shard].name)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError as exc:
                 raise ShardError(path, "shard file is missing (deleted or moved since "
-                                 "indexing); restore it or re-index the corpus") from exc
+                                 f"indexing): {self.corpus.where_looked(path)}") from exc
             except OSError as exc:
                 raise ShardError(path, f"cannot open shard ({exc})") from exc
             self.fds[shard] = fd
         try:
             return os.pread(fd, length, offset)
         except OSError as exc:
-            path = _local_path(self.corpus.shards[shard].name)
+            path = local_path(self.corpus.shards[shard].name)
             raise ShardError(path, f"cannot read {length} bytes at offset {offset} "
                              f"({exc})") from exc
 
@@ -209,7 +210,7 @@ class WDSShardReader:
         good = _good_headers(bufs, buf_of, base, whole)
         keys = t.keys.take(o_ids).to_pylist()
         if not isinstance(keys[0], str):  # a binary keys column: names that are not UTF-8
-            keys = [_py_text(k) for k in keys]
+            keys = [py_text(k) for k in keys]
         suffixes, starts, sizes, ptr = self._members(o_ids)
         names = [self.corpus.shards[s].name for s in o_shards.tolist()]
         for j, (i, sid, b, r, n, is_whole, is_good, key, name) in enumerate(zip(

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from es_stream._atomic import atomic_write
+from es_stream.atomic import atomic_write
 
 from ..loop import CapturingFactory
 from .data import SEQ_LEN, build, check_classes
