@@ -465,6 +465,36 @@ def _all_ones(pf: pq.ParquetFile, column: str) -> bool:
         for st in stats)
 
 
+def read_columns(path: str | os.PathLike, columns: list[str]) -> dict[str, np.ndarray]:
+    """``columns`` of one manifest file as numpy arrays, the file checked as :func:`read_epoch`
+    checks it (a Parquet file, the columns present, of their types, without nulls): anything
+    else is a :class:`ManifestError` naming the file and the column. For tools that summarise
+    manifests (``es-stream inspect``) without trusting them."""
+    path = os.fspath(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ManifestError(f"{path}: not a readable Parquet file ({exc}); re-run the pruning "
+                            "step that wrote it") from exc
+    _check_schema(path, pf.schema_arrow)
+    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    if missing:
+        raise ManifestError(f"{path}: no column '{missing[0]}' (columns: "
+                            f"{', '.join(pf.schema_arrow.names)})")
+    try:
+        table = pf.read(columns=columns, use_threads=False)
+    except (pa.ArrowException, OSError) as exc:
+        raise ManifestError(f"{path}: unreadable ({exc}); re-run the pruning step") from exc
+    out = {}
+    for name in columns:
+        column = table.column(name)
+        if column.null_count:
+            raise ManifestError(f"{path}: column '{name}' has {column.null_count} null value(s); "
+                                "every row needs one")
+        out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
 def applies_to_all(out_dir: str | os.PathLike) -> bool:
     """Whether ``out_dir/epoch=00000`` holds a decision made once for every epoch (its shard
     files' metadata says ``applies_to: all``: ``es-stream prune --policy band`` or
