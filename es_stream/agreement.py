@@ -90,18 +90,18 @@ def dataset_fields(dataset: Any, epoch: int) -> dict[str, Any]:
     sample count and the identity of its shards: names, counts, sizes and any content check the
     index records, not mtimes, which differ between copies), seed, meta-batch size, shuffle and
     drop_last, the world size it partitions for, the epoch, and the run that wrote its manifests
-    (None without). Each rank's own rank is checked to be its process group rank."""
+    (None without), and that the rank the dataset partitions for is the process's own
+    (``dataset_rank_is_process_rank``)."""
     from .manifest import run_id
 
     corpus = dataset.corpus
     shards = [{k: v for k, v in dataclasses.asdict(s).items() if k not in _LOCAL_ONLY}
               if dataclasses.is_dataclass(s) else repr(s) for s in corpus.shards]
     manifests = getattr(dataset, "manifests", None)
-    if dist.is_available() and dist.is_initialized() and dataset.rank != dist.get_rank():
-        raise RankMismatchError(
-            f"this process is rank {dist.get_rank()} of the process group but its ESDataset was "
-            f"built for rank {dataset.rank}; leave rank= unset (it is read from torch.distributed)")
+    # a field, not a local raise: a rank that raised alone would leave the others waiting
+    own_rank = not (dist.is_available() and dist.is_initialized()) or dataset.rank == dist.get_rank()
     return {
+        "dataset_rank_is_process_rank": bool(own_rank),
         "corpus_fingerprint": corpus.fingerprint,
         "num_samples": int(corpus.num_samples),
         "shards": digest(shards),
