@@ -62,7 +62,8 @@ def pruning_phases(pruned_counts: Mapping[int, int], *, missing_keeps_all: bool 
     if burn_in_epochs is None or not missing_keeps_all:
         return Phases((first, pruned[0]), annealing, pruned)
     stop = max(first, min(burn_in_epochs, pruned[0]))
-    return Phases((first, stop), annealing, pruned, undecided=(stop, pruned[0]))
+    undecided = (stop, pruned[0]) if pruned[0] > stop else (0, 0)
+    return Phases((first, stop), annealing, pruned, undecided=undecided)
 
 
 def histogram_epoch(epochs: Sequence[int], pruned: Sequence[int], requested: int | None) -> int:
