@@ -31,13 +31,13 @@ def index_progress(urls: list[str], *, disabled: bool,
     ``--no-progress`` or when stderr is not a terminal (logs and pipes get no bar lines)."""
     from .corpus import is_local_url
 
+    from .progress import progress
+
     if disabled or not tty:
         return None
     if len(urls) < PROGRESS_MIN_SHARDS and all(is_local_url(u) for u in urls):
         return None
-    from tqdm import tqdm
-
-    return lambda shards: tqdm(shards, desc="index", unit="shard", file=sys.stderr)
+    return lambda shards: progress(shards, desc="index", unit="shard")
 
 
 def _check_output(flag: str, path: str, example: str,
@@ -77,57 +77,83 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import numpy as np
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
 
-    from .manifest import applies_to_all, epoch_dir, list_epochs
+    from .manifest import applies_to_all, list_epochs
     from .plot import (figure_format, histogram_epoch, is_es_stream_figure, plot_manifests,
-                       pruning_phases)
+                       pruning_phases, pyplot)
 
     if not os.path.isdir(args.manifests):
         raise FileNotFoundError(f"{args.manifests}: no such manifest directory")
-    if args.plot:  # before any work: a format it can write and recognise, and not the user's
+    if args.plot:  # before any work: matplotlib, a format it can write, and not the user's file
+        pyplot()
         figure_format(args.plot)
         _check_output("--plot", args.plot, "manifests.png", ours=("a figure", is_es_stream_figure))
     epochs = list_epochs(args.manifests)
     if not epochs:
         raise ValueError(f"{args.manifests}: no finished epoch directories (epoch=EEEEE/_SUCCESS)")
-    table = pads.dataset(args.manifests, partitioning="hive", format="parquet").to_table(
-        columns=["epoch", "keep", "score"])
-    epoch_col = table.column("epoch").to_numpy()
-    keep = table.column("keep").to_numpy(zero_copy_only=False)
-    score = table.column("score").to_numpy()
     per_shard: dict[int, list[float]] = {}
     kept_fraction: dict[int, float] = {}
     pruned: dict[int, int] = {}
     print(f"{'epoch':>5} {'samples':>10} {'kept':>10} {'kept %':>7}  "
           "per-shard kept % min/median/max")
     for e in epochs:
-        rows = epoch_col == e
-        directory = epoch_dir(args.manifests, e)
-        per_shard[e] = [float(np.mean(pq.read_table(os.path.join(directory, f),
-                                                    columns=["keep"]).column("keep").to_numpy()))
-                        for f in sorted(os.listdir(directory)) if f.endswith(".parquet")]
-        k = keep[rows]
+        keeps = [part["keep"] for part in _epoch_columns(args.manifests, e, ["keep"])]
+        per_shard[e] = [float(np.mean(k)) for k in keeps]
+        k = np.concatenate(keeps)
         kept_fraction[e], pruned[e] = float(k.mean()), int((~k).sum())
         shard_fracs = per_shard[e]
-        print(f"{e:>5} {int(rows.sum()):>10} {int(k.sum()):>10} {100 * k.mean():>6.1f}%  "
+        print(f"{e:>5} {len(k):>10} {int(k.sum()):>10} {100 * k.mean():>6.1f}%  "
               f"{100 * min(shard_fracs):.1f} / {100 * float(np.median(shard_fracs)):.1f} / "
               f"{100 * max(shard_fracs):.1f}")
     once = applies_to_all(args.manifests)
-    phases = pruning_phases(pruned, missing_keeps_all=not once)
+    phases = pruning_phases(pruned, missing_keeps_all=not once,
+                            burn_in_epochs=_burn_in_epochs(args.manifests, epochs[0]))
     print(_describe_phases(phases, once))
     shown = histogram_epoch(epochs, phases.pruned, args.epoch)
-    sel = epoch_col == shown
-    q = np.quantile(score[sel], [0, 0.1, 0.5, 0.9, 1])
+    parts = _epoch_columns(args.manifests, shown, ["keep", "score"])
+    keep = np.concatenate([part["keep"] for part in parts])
+    score = np.concatenate([part["score"] for part in parts])
+    q = np.quantile(score, [0, 0.1, 0.5, 0.9, 1])
     print(f"scores (epoch {shown}): min {q[0]:.4g}  p10 {q[1]:.4g}  median {q[2]:.4g}  "
           f"p90 {q[3]:.4g}  max {q[4]:.4g}")
     if args.plot:
         excluded = plot_manifests(args.plot, epochs, kept_fraction, per_shard, phases, shown,
-                                  score[sel & keep], score[sel & ~keep], missing_keeps_all=not once)
+                                  score[keep], score[~keep], missing_keeps_all=not once)
         note = f" ({excluded} scores <= 0 left off the log axis)" if excluded else ""
         print(f"plot: {args.plot} (score histogram of epoch {shown}){note}")
     return 0
+
+
+def _epoch_columns(manifests: str, epoch: int, columns: list[str]) -> list[dict]:
+    """``columns`` of each shard file of an epoch, in shard order, each file checked (a
+    ManifestError naming the file and column for one es-stream cannot have written)."""
+    from .errors import ManifestError
+    from .manifest import epoch_dir, read_columns
+
+    directory = epoch_dir(manifests, epoch)
+    names = sorted(f for f in os.listdir(directory) if f.endswith(".parquet"))
+    if not names:
+        raise ManifestError(f"{directory}: no shard files (shard=SSSSS.parquet)")
+    return [read_columns(os.path.join(directory, name), columns) for name in names]
+
+
+def _burn_in_epochs(manifests: str, first_epoch: int) -> int | None:
+    """The burn-in of the run that wrote ``manifests``: from its run record, else 0 for
+    InfoBatch (which has none), else None (unknown)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .manifest import epoch_dir, read_run
+
+    record = read_run(manifests)
+    if record is not None and "burn_in_epochs" in record["settings"]:
+        return int(record["settings"]["burn_in_epochs"])
+    path = os.path.join(epoch_dir(manifests, first_epoch), "shard=00000.parquet")
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError):  # only a label depends on it
+        return None
+    return 0 if meta.get(b"policy") == b"infobatch" else None
 
 
 def _describe_phases(phases: "Phases", once: bool) -> str:
@@ -137,9 +163,12 @@ def _describe_phases(phases: "Phases", once: bool) -> str:
     if once:
         return "phases: one decision, written as epoch 0, for every epoch (applies_to: all)"
     parts = [f"pruning in {len(phases.pruned)} epoch(s), {phases.pruned[0]}..{phases.pruned[-1]}"]
-    for name, (a, b) in (("burn-in", phases.burn_in), ("annealing", phases.annealing)):
+    for label, (a, b) in (("burn-in epochs {} (nothing pruned)", phases.burn_in),
+                          ("epochs {} before the first decision (nothing pruned: a decision is "
+                           "made at an epoch's end)", phases.undecided),
+                          ("annealing epochs {} (nothing pruned)", phases.annealing)):
         if b > a:
-            parts.append(f"{name} epochs {a}..{b - 1} (nothing pruned)")
+            parts.append(label.format(f"{a}..{b - 1}"))
     return "phases: " + "; ".join(parts)
 
 
@@ -157,7 +186,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.scores):
         raise FileNotFoundError(f"{args.scores}: no score store (a .npy saved by ScoreStore.save)")
     # the corpus's fingerprint: scores saved for another corpus of the same size are refused
-    store = ScoreStore.open(args.scores, corpus.num_samples, fingerprint=corpus.fingerprint)
+    store = open_scores_read_only(args.scores, corpus.num_samples, corpus.fingerprint)
     if policy is None:
         # offline: the decision applies now, so no burn-in and no annealing tail
         policy = (ESWPPolicy(ratio=args.ratio, anneal=0.0, burn_in_epochs=0, seed=args.seed)
@@ -168,7 +197,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         require_complete(store, f"--policy {args.policy}")
         policy.check(store)  # never-scored, non-finite, or nothing kept: refused before writing
     start = time.perf_counter()
-    summary = Pruner(corpus, store, policy, args.out).write(args.epoch, args.epoch + 1)
+    summary = Pruner(corpus, store, policy, args.out,
+                     overwrite=args.overwrite).write(args.epoch, args.epoch + 1)
     what = (f"policy {args.policy} ratio {args.ratio}" if args.policy in ("es", "infobatch") else
             f"policy band {args.band} keep {args.keep}, for every epoch" if args.policy == "band"
             else f"policy threshold [{args.low}, {args.high}], for every epoch")
@@ -177,6 +207,18 @@ def _cmd_prune(args: argparse.Namespace) -> int:
           f"scored, all kept; {summary['rescaled']} with a loss weight other than 1), {what}, "
           f"in {time.perf_counter() - start:.2f}s -> {args.out}/epoch={args.epoch:05d}")
     return 0
+
+
+def open_scores_read_only(path: str, num_samples: int, fingerprint: str):
+    """A score store for reading only: pruning never writes scores, so a store on a read-only
+    mount (or a file this user may not write) must do. Memory-mapped when the file is
+    writable (bounded memory at any size); read into memory otherwise (4 bytes a sample),
+    as the mapping es-stream's store makes is read-write."""
+    from .store import ScoreStore
+
+    if os.access(path, os.W_OK):
+        return ScoreStore.open(path, num_samples, fingerprint=fingerprint)
+    return ScoreStore.load(path, fingerprint=fingerprint)
 
 
 def _prune_policy(args: argparse.Namespace):
@@ -213,6 +255,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .corpus import Corpus
+    from .progress import show_progress
     from .score import load_scorer, score_corpus
 
     # an existing store is checked by score_corpus (resumed, or refused when no scoring wrote it)
@@ -234,7 +277,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         result = score_corpus(corpus, scorer, args.out, meta_batch_size=args.meta_batch_size,
                               num_workers=args.workers, device=device,
                               scorer=scorer.identity(spec), checkpoint_every=args.checkpoint_every,
-                              progress=not args.no_progress)
+                              progress=show_progress(args.no_progress))
     finally:
         if started_group:
             dist.destroy_process_group()
@@ -288,8 +331,6 @@ _finite_float = _float_in(math.isfinite, "a finite number")
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .compact import compact
     from .corpus import Corpus
     from .manifest import read_epoch
@@ -303,8 +344,9 @@ def _cmd_compact(args: argparse.Namespace) -> int:
                       corpus.shard_counts)
     if kept is None:
         raise FileNotFoundError(f"{args.manifest}: no such manifest directory")
-    # a bar on a terminal only: in a log or a pipe its redraws are thousands of lines of noise
-    progress = tqdm if sys.stderr.isatty() else None
+    from .progress import progress as bar, show_progress
+
+    progress = bar if show_progress(args.no_progress) else None
     mapping = compact(corpus, kept.kept_ids, args.out, args.format, progress=progress,
                       overwrite=args.overwrite)
     print(f"wrote {len(kept.kept_ids)} of {corpus.num_samples} samples to {args.out} "
@@ -396,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--epoch", type=_non_negative_int, default=0,
                        help="epoch the manifests are for (>= 0)")
     prune.add_argument("--seed", type=_non_negative_int, default=0, help="policy seed (>= 0)")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="let this decision replace the manifests another run (another policy, "
+                       "ratio, seed or corpus) wrote in --out: their epoch directories are "
+                       "deleted (manifests only); without it such a directory is refused, naming "
+                       "what differs")
     prune.set_defaults(func=_cmd_prune)
 
     score = sub.add_parser(
@@ -418,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "scorer's, else the host)")
     score.add_argument("--checkpoint-every", type=_positive_int, default=100,
                        help="meta-batches between progress points (default 100)")
-    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (shown only when stderr is a terminal)")
     score.set_defaults(func=_cmd_score)
 
     comp = sub.add_parser("compact", parents=[common],
@@ -440,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "old one deleted; a directory holding any other file is still refused")
     comp.add_argument("--format", choices=["wds", "mds"], default=None,
                       help="output format (default: the corpus's own)")
+    comp.add_argument("--no-progress", action="store_true",
+                      help="no progress bar (shown only when stderr is a terminal)")
     comp.set_defaults(func=_cmd_compact)
     for command in sub.choices.values():
         command.set_defaults(parser=command)  # main() reports argument conflicts through it

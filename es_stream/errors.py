@@ -11,6 +11,11 @@ error raised in a worker must survive that call to stay catchable by its own typ
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+from typing import Iterator
+
 
 class ESStreamError(Exception):
     """Base class of every error es-stream raises on purpose."""
@@ -77,3 +82,46 @@ class MissingExtraError(ImportError):
         super().__init__(
             f"{feature} needs the '{package}' package: pip install 'es-stream[{extra}]'"
         )
+
+
+class RankMismatchError(ESStreamError, RuntimeError):
+    """Ranks of one ``torch.distributed`` run disagree on something that must be equal on all
+    of them (the corpus, the seed, the meta-batch size, ...); raised on every rank, naming the
+    field and each rank's value (see :func:`es_stream.agreement.check_ranks_agree`)."""
+
+
+_ERRNO = re.compile(r"\[?errno (\d+)\]?", re.IGNORECASE)
+
+
+def with_path(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` as an ``OSError`` that names ``path``: ``exc`` itself when it names a file
+    already, else a new one with the same errno (read from the message when the raiser, e.g.
+    pyarrow, only wrote it there). A full disk then reads ``[Errno 28] No space left on
+    device: 'out/epoch=00001/shard=00003.parquet'`` rather than naming nothing."""
+    if getattr(exc, "filename", None) is not None or isinstance(exc, ESStreamError):
+        return exc
+    number = exc.errno
+    if number is None:
+        found = _ERRNO.search(str(exc))
+        number = int(found.group(1)) if found else None
+    if number is None:
+        return OSError(f"{os.fspath(path)}: {exc}")
+    detail = os.strerror(number)
+    text = str(exc)
+    if exc.errno is None and text and text != detail:  # keep what the raiser said beyond errno
+        detail = f"{detail} ({' '.join(text.split())})"
+    return OSError(number, detail, os.fspath(path))
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Run the block; an ``OSError`` from it that names no file is re-raised naming ``path``
+    (see :func:`with_path`). For writes whose failures (a full disk, a read-only mount) would
+    otherwise say only ``[Errno 28] No space left on device``."""
+    try:
+        yield
+    except OSError as exc:
+        named = with_path(exc, path)
+        if named is exc:
+            raise
+        raise named from exc

@@ -53,8 +53,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
+import json
 import logging
 import os
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,7 +69,7 @@ import pyarrow.parquet as pq
 
 from ._atomic import atomic_write
 from ._version import __version__
-from .errors import ManifestError
+from .errors import ManifestError, naming, with_path
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ def write_shard(path: str, first_id: int, keep: np.ndarray, score: np.ndarray,
         "score": pa.array(score.astype(np.float32)),
         "weight": pa.array(weight.astype(np.float32)),
     }).replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    with atomic_write(path) as tmp:
+    with naming(path), atomic_write(path) as tmp:
         pq.write_table(table, tmp, compression="zstd",
                        use_dictionary=["keep", "weight"],
                        column_encoding={"sample": "DELTA_BINARY_PACKED", "id": "DELTA_BINARY_PACKED",
@@ -112,7 +115,8 @@ def write_shard(path: str, first_id: int, keep: np.ndarray, score: np.ndarray,
 def mark_success(out_dir: str | os.PathLike, epoch: int, write_id: str | None = None) -> None:
     """Publish the epoch: write ``_SUCCESS``, recording ``write_id`` (the id every shard file of
     this write carries) on its second line."""
-    with atomic_write(os.path.join(epoch_dir(out_dir, epoch), SUCCESS)) as tmp:
+    path = os.path.join(epoch_dir(out_dir, epoch), SUCCESS)
+    with naming(path), atomic_write(path) as tmp:
         with open(tmp, "w") as f:
             f.write(f"es-stream {__version__}\n")
             if write_id is not None:
@@ -160,7 +164,8 @@ def epoch_writer(out_dir: str | os.PathLike, epoch: int) -> Iterator[str]:
 def _lock(directory: str) -> int | None:
     path = os.path.join(directory, LOCK)
     for _ in range(100):  # more than one round only when holders finish under our feet
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        with naming(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -176,17 +181,36 @@ def _lock(directory: str) -> int | None:
                 log.warning("%s: cannot lock %s (%s); writing without the writer lock — make sure "
                             "no other pruner writes this epoch", directory, LOCK, exc)
                 return None
-            raise
+            raise with_path(exc, path) from exc
         # a finishing holder unlinks the file before unlocking it: if we locked an unlinked
         # file, the lock means nothing — lock the file now at the path instead
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-                return fd
-        os.close(fd)
+        try:
+            at = _is_at(fd, path)
+        except OSError as exc:
+            os.close(fd)
+            raise with_path(exc, path) from exc
+        if not at:
+            os.close(fd)
+            continue
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except BaseException as exc:  # e.g. a full disk: the lock must not outlive this call
+            _unlock(directory, fd)
+            if isinstance(exc, OSError):
+                raise with_path(exc, path) from exc
+            raise
+        return fd
     raise ManifestError(f"{directory}: could not take {LOCK}: other writers keep replacing it; "
                         "run one pruner per manifest directory and epoch")
+
+
+def _is_at(fd: int, path: str) -> bool:
+    """Whether the open file ``fd`` is still the one at ``path``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _holder(fd: int) -> str:
@@ -441,6 +465,36 @@ def _all_ones(pf: pq.ParquetFile, column: str) -> bool:
         for st in stats)
 
 
+def read_columns(path: str | os.PathLike, columns: list[str]) -> dict[str, np.ndarray]:
+    """``columns`` of one manifest file as numpy arrays, the file checked as :func:`read_epoch`
+    checks it (a Parquet file, the columns present, of their types, without nulls): anything
+    else is a :class:`ManifestError` naming the file and the column. For tools that summarise
+    manifests (``es-stream inspect``) without trusting them."""
+    path = os.fspath(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ManifestError(f"{path}: not a readable Parquet file ({exc}); re-run the pruning "
+                            "step that wrote it") from exc
+    _check_schema(path, pf.schema_arrow)
+    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    if missing:
+        raise ManifestError(f"{path}: no column '{missing[0]}' (columns: "
+                            f"{', '.join(pf.schema_arrow.names)})")
+    try:
+        table = pf.read(columns=columns, use_threads=False)
+    except (pa.ArrowException, OSError) as exc:
+        raise ManifestError(f"{path}: unreadable ({exc}); re-run the pruning step") from exc
+    out = {}
+    for name in columns:
+        column = table.column(name)
+        if column.null_count:
+            raise ManifestError(f"{path}: column '{name}' has {column.null_count} null value(s); "
+                                "every row needs one")
+        out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
 def applies_to_all(out_dir: str | os.PathLike) -> bool:
     """Whether ``out_dir/epoch=00000`` holds a decision made once for every epoch (its shard
     files' metadata says ``applies_to: all``: ``es-stream prune --policy band`` or
@@ -461,3 +515,166 @@ def list_epochs(out_dir: str | os.PathLike) -> list[int]:
         if name.startswith("epoch=") and os.path.exists(os.path.join(out_dir, name, SUCCESS)):
             out.append(int(name.split("=", 1)[1]))
     return sorted(out)
+
+
+# ------------------------------------------------------------------ the run that wrote them
+#: beside the epoch directories: which run (pruner settings) writes this directory. A name
+#: starting with "_": pyarrow.dataset and Spark skip it, DuckDB's ``*/*.parquet`` never sees it
+RUN = "_run.json"
+_RUN_FORMAT = "es-stream manifest run"
+# the names es-stream writes in an epoch directory: what overwrite= may delete, nothing else
+_OURS = re.compile(r"shard=\d{5}\.parquet|_SUCCESS|\.writer\.lock|\..+\.tmp")
+
+
+def run_record(settings: dict[str, str]) -> dict:
+    """The record of a run that writes manifests: ``settings`` (``Pruner.state_dict()``: corpus,
+    policy and its parameters, schedule, decay) and ``run_id``, a digest of them. A resumed run
+    has the same settings, so the same id; another policy, ratio, seed, schedule or corpus has
+    another."""
+    settings = {str(k): str(v) for k, v in settings.items()}
+    digest = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8)
+    return {"format": _RUN_FORMAT, "run_id": digest.hexdigest(), "settings": settings,
+            "es_stream_version": __version__}
+
+
+def read_run(out_dir: str | os.PathLike) -> dict | None:
+    """The run record of a manifest directory (see :func:`run_record`); None when there is none
+    (a new directory, or manifests of an es-stream version that wrote none)."""
+    path = os.path.join(os.fspath(out_dir), RUN)
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise ManifestError(f"{path}: not an es-stream run record ({exc}); it is the JSON a "
+                            "Pruner writes beside the epoch directories — delete it only if "
+                            "no run's manifests are in this directory") from exc
+    if not (isinstance(data, dict) and data.get("format") == _RUN_FORMAT
+            and isinstance(data.get("run_id"), str) and isinstance(data.get("settings"), dict)):
+        raise ManifestError(f"{path}: not an es-stream run record (format, run_id and settings "
+                            "expected)")
+    return data
+
+
+def run_id(out_dir: str | os.PathLike) -> str | None:
+    """The id of the run whose manifests ``out_dir`` holds (None: no record)."""
+    record = read_run(out_dir)
+    return None if record is None else record["run_id"]
+
+
+def _epoch_names(out_dir: str) -> list[str]:
+    try:
+        names = os.listdir(out_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.startswith("epoch=")
+                  and os.path.isdir(os.path.join(out_dir, n)))
+
+
+def _unrecorded_settings(out_dir: str) -> dict[str, str] | None:
+    """For manifests without a run record: the settings their first shard file's metadata
+    records (corpus and policy parameters); None when there is no epoch to read."""
+    for name in _epoch_names(out_dir):
+        path = os.path.join(out_dir, name, "shard=00000.parquet")
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (FileNotFoundError, pa.ArrowException, OSError):
+            continue
+        skip = {"epoch", "shard", WRITE_ID, "es_stream_version", "run_id"}
+        return {k.decode(): v.decode() for k, v in meta.items() if k.decode() not in skip}
+    return None
+
+
+def _differences(there: dict[str, str], here: dict[str, str], keys=None) -> list[str]:
+    keys = sorted(set(there) | set(here)) if keys is None else sorted(keys)
+    return [f"{k}={there.get(k)!r} there, {here.get(k)!r} here" for k in keys
+            if there.get(k) != here.get(k)]
+
+
+def check_run(out_dir: str | os.PathLike, record: dict, overwrite: bool = False) -> bool:
+    """Whether ``out_dir`` holds manifests of another run than ``record``'s (see
+    :func:`run_record`); raises :class:`ManifestError` naming the directory and each setting
+    that differs unless ``overwrite``. Manifests without a record are compared by the settings
+    their files' metadata records (corpus, policy and its parameters)."""
+    out_dir = os.fspath(out_dir)
+    there = read_run(out_dir)
+    if there is not None:
+        if there["run_id"] == record["run_id"]:
+            return False
+        diffs = _differences(there["settings"], record["settings"])
+        who = f"run {there['run_id']}"
+    else:
+        settings = _unrecorded_settings(out_dir)
+        if settings is None:
+            return False
+        # the files record fewer settings than a run record: compare those they have
+        diffs = _differences(settings, record["settings"],
+                             keys=set(settings) | (set(record["settings"]) & _FILE_KEYS))
+        if not diffs:
+            return False
+        who = "a run of an earlier es-stream (no run record)"
+    if not overwrite:
+        raise ManifestError(
+            f"{out_dir}: holds the manifests of another run ({who}; "
+            f"{'; '.join(diffs) or 'other settings'}); a run writing here would mix its "
+            "epochs with those: give this run its own manifest directory, or pass "
+            "overwrite=True (es-stream prune --overwrite) to delete that run's epochs and "
+            "write this one's")
+    return True
+
+
+_FILE_KEYS = {"corpus_fingerprint", "policy", "ratio", "seed"}  # every policy's files record these
+
+
+def claim_run(out_dir: str | os.PathLike, record: dict, overwrite: bool = False) -> None:
+    """Make ``out_dir`` the manifest directory of ``record``'s run before it writes an epoch:
+    refused as :func:`check_run` says; with ``overwrite``, another run's epoch directories are
+    deleted first (only when they hold nothing but what es-stream writes: anything else is
+    refused, naming it, and nothing is deleted) and the record replaced."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    other = check_run(out_dir, record, overwrite)
+    path = os.path.join(out_dir, RUN)
+    if other:
+        _remove_epochs(out_dir)
+        with naming(path), atomic_write(path) as tmp:
+            _write_json(tmp, record)
+        return
+    if read_run(out_dir) is not None:
+        return
+    # first claim: create the record only if no other run made one meanwhile
+    with naming(path), atomic_write(path + ".new") as tmp:
+        _write_json(tmp, record)
+    try:
+        os.link(path + ".new", path)
+    except FileExistsError:
+        pass
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + ".new")
+    check_run(out_dir, record, overwrite=False)  # a run that claimed it first wins
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _remove_epochs(out_dir: str) -> None:
+    names = _epoch_names(out_dir)
+    for name in names:  # everything checked before anything is deleted
+        for entry in os.listdir(os.path.join(out_dir, name)):
+            if not _OURS.fullmatch(entry):
+                raise ManifestError(
+                    f"{os.path.join(out_dir, name, entry)}: not a file es-stream writes; "
+                    f"overwrite deletes only manifests, so {name} is left as it is — move that "
+                    "file away, or give this run its own manifest directory")
+    for name in names:
+        with epoch_writer(out_dir, int(name.split("=", 1)[1])) as directory:
+            clear_success(out_dir, int(name.split("=", 1)[1]))  # readers stop here first
+            for entry in os.listdir(directory):
+                if entry != LOCK:
+                    os.unlink(os.path.join(directory, entry))
+        with contextlib.suppress(OSError):  # another writer may have started on it: left
+            os.rmdir(directory)

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ._atomic import atomic_write
+from .errors import MissingExtraError, naming
 
 
 @dataclass(frozen=True)
@@ -23,23 +24,31 @@ class Phases:
 
     ``burn_in`` and ``annealing`` are half-open ranges ``(start, stop)`` of epochs that pruned
     nothing before the first and after the last epoch that pruned (empty: ``start == stop``);
-    ``pruned`` lists the epochs that pruned at least one sample, ascending.
+    ``pruned`` lists the epochs that pruned at least one sample, ascending. ``undecided``: the
+    epochs after burn-in and before the first that pruned, which pruned nothing because no
+    decision had been made yet (epoch 0 of a run deciding at each epoch end, e.g. InfoBatch,
+    which has no burn-in); empty unless the run's ``burn_in_epochs`` is known.
     """
 
     burn_in: tuple[int, int]
     annealing: tuple[int, int]
     pruned: tuple[int, ...]
+    undecided: tuple[int, int] = (0, 0)
 
 
-def pruning_phases(pruned_counts: Mapping[int, int], *, missing_keeps_all: bool = True) -> Phases:
+def pruning_phases(pruned_counts: Mapping[int, int], *, missing_keeps_all: bool = True,
+                   burn_in_epochs: int | None = None) -> Phases:
     """Burn-in, pruning and annealing epochs from each manifest epoch's count of pruned samples.
 
     An epoch with no manifest directory keeps every sample (that is what the loader does), so
     with ``missing_keeps_all`` the epochs from 0 up to the first manifest count as pruning
-    nothing: a run with ``burn_in_epochs=1`` writes its first manifest for epoch 1, and its
-    epoch 0 is burn-in. Pass ``missing_keeps_all=False`` for a decision that ``applies_to: all``
-    epochs (``es-stream prune --policy band``), where a missing epoch means epoch 0's decision.
-    When no epoch pruned, there is no burn-in or annealing to show: both ranges are empty.
+    nothing. Which of them are burn-in is the run's ``burn_in_epochs`` (from its run record):
+    epochs before it are burn-in, the rest before the first pruning epoch are ``undecided``
+    (InfoBatch's epoch 0: no burn-in, just no decision yet). Unknown (None: manifests without a
+    run record), all of them count as burn-in. Pass ``missing_keeps_all=False`` for a decision
+    that ``applies_to: all`` epochs (``es-stream prune --policy band``), where a missing epoch
+    means epoch 0's decision. When no epoch pruned, there is no burn-in or annealing to show:
+    both ranges are empty.
     """
     if not pruned_counts:
         raise ValueError("pruning_phases needs at least one epoch's count of pruned samples")
@@ -49,7 +58,12 @@ def pruning_phases(pruned_counts: Mapping[int, int], *, missing_keeps_all: bool 
     pruned = tuple(sorted(e for e, n in pruned_counts.items() if n > 0))
     if not pruned:
         return Phases((first, first), (last + 1, last + 1), ())
-    return Phases((first, pruned[0]), (pruned[-1] + 1, last + 1), pruned)
+    annealing = (pruned[-1] + 1, last + 1)
+    if burn_in_epochs is None or not missing_keeps_all:
+        return Phases((first, pruned[0]), annealing, pruned)
+    stop = max(first, min(burn_in_epochs, pruned[0]))
+    undecided = (stop, pruned[0]) if pruned[0] > stop else (0, 0)
+    return Phases((first, stop), annealing, pruned, undecided=undecided)
 
 
 def histogram_epoch(epochs: Sequence[int], pruned: Sequence[int], requested: int | None) -> int:
@@ -120,13 +134,7 @@ def plot_manifests(path: str, epochs: Sequence[int], kept_fraction: Mapping[int,
     per epoch (burn-in and annealing shaded), kept fraction per epoch and shard (a heat map,
     readable for any number of epochs), and the scores of ``hist_epoch``, kept against pruned,
     on a log axis. Returns how many scores the log axis could not show (zero or negative)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("--plot needs matplotlib: pip install matplotlib") from exc
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     last = max(epochs)
@@ -137,6 +145,19 @@ def plot_manifests(path: str, epochs: Sequence[int], kept_fraction: Mapping[int,
     save_figure(fig, path, dpi=110)
     plt.close(fig)
     return excluded
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend; :class:`MissingExtraError` naming the
+    ``[plot]`` extra when matplotlib is not installed (call it before any work is done)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise MissingExtraError("es-stream inspect --plot", "plot", "matplotlib") from exc
+    return plt
 
 
 #: written into every figure's metadata (PNG ``Software``, PDF/SVG/PS ``Creator``, a JPEG
@@ -166,7 +187,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
         marked = {"pil_kwargs": {"comment": FIGURE_MARKER.encode()}}
     else:
         marked = {"metadata": {"Software" if fmt == "png" else "Creator": FIGURE_MARKER}}
-    with atomic_write(path) as tmp:
+    with naming(path), atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=fmt, **marked)
 
 
@@ -184,6 +205,7 @@ def _kept_per_epoch(ax, epochs, kept_fraction, phases: Phases, last: int,
                     missing_keeps_all: bool) -> None:
     first = phases.burn_in[0]
     for (a, b), colour, name in ((phases.burn_in, "tab:orange", "burn-in (nothing pruned)"),
+                                 (phases.undecided, "tab:gray", "no decision yet (nothing pruned)"),
                                  (phases.annealing, "tab:green", "annealing (nothing pruned)")):
         if b > a:  # epoch e covers [e - 0.5, e + 0.5] on the axis
             ax.axvspan(a - 0.5, b - 0.5, color=colour, alpha=0.15, label=name)

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -18,9 +19,10 @@ from ._version import __version__
 from .corpus import Corpus
 from .distributed import merge_rank_scores
 from .metrics import LogFn, check_log_fn, emit
-from .manifest import (WRITE_ID, clear_success, epoch_writer, mark_success, read_epoch, shard_file,
-                       write_shard)
+from .manifest import (WRITE_ID, check_run, claim_run, clear_success, epoch_writer, mark_success,
+                       read_epoch, run_record, shard_file, write_shard)
 from .policy import CHUNK, Decision, Policy
+from .schedule import schedule_warning, why_kept_all
 from .store import ScoreStore
 
 # shard files written at once: pyarrow's encoding and each file's fsync release the GIL, so
@@ -48,6 +50,25 @@ class Pruner:
         decay: optional pull of pruned samples' scores toward the corpus mean score
             (``s <- (1 - decay) s + decay * mean``, applied once the manifests are written, the
             manifests recording the scores before it); 0 (default) leaves them as they were.
+        overwrite: let this run replace the manifests another run wrote in ``out_dir`` (see
+            below); default False refuses them.
+        epochs: the run's length in epochs, when known: a schedule that prunes no epoch of it
+            (burn-in and annealing tail cover every epoch) is warned about here, at
+            construction, rather than after the first epoch.
+
+    **One run per directory.** ``out_dir`` records the run that writes it (``_run.json``: its
+    id, a digest of :meth:`state_dict`, and those settings; every shard file carries the id as
+    ``run_id``). A Pruner of another run — another corpus, policy, ratio, seed, schedule or
+    decay — is refused at construction with a :class:`ManifestError` naming the directory and
+    each setting that differs, unless ``overwrite=True``, which deletes the other run's epoch
+    directories (manifests only) at this run's first write. A resumed run has the same settings,
+    so it continues in its own directory.
+
+    **Schedules that prune nothing.** At each epoch end the log (logger ``es_stream.pruner``)
+    says why an epoch keeps every sample (no decision yet, burn-in, annealing tail), and a
+    :class:`UserWarning` (also logged) says when the schedule prunes no epoch of the run at all
+    (:func:`es_stream.schedule.schedule_warning`). No manifest is written for an epoch past the
+    run (``on_epoch_end(epochs - 1, epochs)`` writes nothing).
 
     The store is bound to the corpus (:meth:`ScoreStore.bind`): a store that belongs to another
     corpus is refused. Each decision's summary is returned by :meth:`write`, logged by it
@@ -67,7 +88,8 @@ class Pruner:
 
     def __init__(self, corpus: Corpus, store: ScoreStore, policy: Policy,
                  out_dir: str | os.PathLike, decay: float = 0.0,
-                 log_fn: LogFn | None = None) -> None:
+                 log_fn: LogFn | None = None, *, overwrite: bool = False,
+                 epochs: int | None = None) -> None:
         if not isinstance(corpus, Corpus):
             raise TypeError(f"corpus must be an es_stream.Corpus, got {type(corpus).__name__}")
         if not isinstance(store, ScoreStore):
@@ -86,6 +108,15 @@ class Pruner:
         self.decay = decay
         self.log_fn = check_log_fn(log_fn)
         self.last_summary: dict[str, float] | None = None
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+        self.overwrite = overwrite
+        self.run = run_record(self.state_dict())
+        check_run(self.out_dir, self.run, overwrite)  # another run's manifests: refused up front
+        self._claimed = False
+        self._warned: set[int] = set()  # run lengths already warned about
+        if epochs is not None:
+            self._warn_schedule(epochs)
 
     def state_dict(self) -> dict[str, Any]:
         """What decides the manifests. A pruner keeps no other state: each epoch's decision is
@@ -105,12 +136,20 @@ class Pruner:
                                  f"{state.get(key)!r}, this one {key}={mine.get(key)!r}; build the "
                                  "Pruner as in the run that wrote the checkpoint")
 
-    def on_epoch_end(self, epoch: int, total_epochs: int) -> str:
-        """Write the manifests for epoch ``epoch + 1``; returns their directory."""
+    def on_epoch_end(self, epoch: int, total_epochs: int) -> str | None:
+        """Write the manifests for epoch ``epoch + 1``; returns their directory, or None after
+        the run's last epoch (``epoch + 1 >= total_epochs``), for which nothing is written:
+        that epoch never runs. (The ranks still merge their scores, so every rank's store
+        holds the same final scores.)"""
         target = epoch + 1
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
             merge_rank_scores(self.store)
+        self._warn_schedule(total_epochs)
+        if target >= total_epochs:
+            log.info("epoch %d was the run's last (of %d): no manifest is written for epoch %d",
+                     epoch, total_epochs, target)
+            return None
         mean = self._mean() if self.decay > 0 else 0.0  # of the scores the decision sees
         if not distributed or dist.get_rank() == 0:
             self.write(target, total_epochs)  # logs its summary
@@ -119,6 +158,16 @@ class Pruner:
         if self.decay > 0:  # every rank, from the written decision, so stores stay equal
             self._decay_pruned(target, mean)
         return os.path.join(self.out_dir, f"epoch={target:05d}")
+
+    def _warn_schedule(self, total_epochs: int) -> None:
+        """Warn (once per run length) when the schedule prunes no epoch of the run."""
+        if total_epochs in self._warned:
+            return
+        self._warned.add(total_epochs)
+        message = schedule_warning(self.policy, total_epochs)
+        if message is not None:
+            log.warning("%s", message)
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def _mean(self) -> float:
         n, read = self.store.num_samples, self.store.read_range
@@ -150,20 +199,23 @@ class Pruner:
         second writer of the same epoch raises :class:`ManifestError` before touching anything.
         Every file carries the write id (:meth:`write_id`), ``_SUCCESS`` last of all.
         """
+        if not self._claimed:  # this run's directory from now on (see the class docs)
+            claim_run(self.out_dir, self.run, self.overwrite)
+            self._claimed = True
         with epoch_writer(self.out_dir, epoch):
             write_id = self.write_id(epoch, total_epochs)
             summary = self._write_locked(epoch, total_epochs, write_id)
             mark_success(self.out_dir, epoch, write_id)
         self.last_summary = summary
-        self._log(summary)
+        self._log(summary, why_kept_all(self.policy, epoch, total_epochs, first_epoch=0))
         return summary
 
-    def _log(self, summary: dict[str, float]) -> None:
+    def _log(self, summary: dict[str, float], kept_all: str | None = None) -> None:
         log.info("epoch %d: kept %d of %d samples (%d pruned, %d rescaled, %d never scored and "
-                 "kept); scores p10/p50/p90 %.6g/%.6g/%.6g", summary["epoch"], summary["kept"],
+                 "kept); scores p10/p50/p90 %.6g/%.6g/%.6g%s", summary["epoch"], summary["kept"],
                  summary["samples"], summary["pruned"], summary["rescaled"],
                  summary["never_scored"], summary["score_p10"], summary["score_p50"],
-                 summary["score_p90"])
+                 summary["score_p90"], "" if kept_all is None else f"; nothing pruned: {kept_all}")
         emit(summary, int(summary["epoch"]), self.log_fn, None, "es/prune/")
 
     def write_id(self, epoch: int, total_epochs: int) -> str:
@@ -194,7 +246,8 @@ class Pruner:
         stride = max(1, math.ceil(n / SCORE_SAMPLE))
         sampled: list[np.ndarray] = []
         meta = {"corpus_fingerprint": self.corpus.fingerprint, "epoch": str(epoch),
-                "es_stream_version": __version__, **self.policy.describe(), WRITE_ID: write_id}
+                "es_stream_version": __version__, **self.policy.describe(), WRITE_ID: write_id,
+                "run_id": self.run["run_id"]}
         clear_success(self.out_dir, epoch)
         starts = self.corpus.shard_starts
         shard, buf_start = 0, 0

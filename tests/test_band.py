@@ -135,7 +135,7 @@ def test_cli_band_then_every_epoch_reads_it_then_compact(scored):
     assert result.returncode == 0, result.stderr
     assert "kept 25 of 50" in result.stdout and "for every epoch" in result.stdout
     expected = np.flatnonzero(direct(values, 0.5, "middle"))
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["epoch=00000"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["_run.json", "epoch=00000"]
     # one decision, every epoch: ESDataset (real workers) reads the same kept set in epochs 0..2
     ds = ESDataset(corpus, 4, manifests=tmp_path / "m", seed=1)
     dl = loader(ds, num_workers=2)

@@ -313,7 +313,7 @@ def test_resume_a_manifest_pruned_epoch(workers, wds_dir, tmp_path):
         assert [content(mb) for mb in loader(fresh, num_workers=workers)] == ref[k:], k
     # the manifest of the resumed epoch rewritten since: refused
     Pruner(corpus, ScoreStore(corpus.num_samples), InfoBatchPolicy(ratio=0.1, anneal=0.0),
-           tmp_path / "m").on_epoch_end(0, 4)
+           tmp_path / "m", overwrite=True).on_epoch_end(0, 4)
     with pytest.raises(ValueError, match=f"epoch 1 had {len(ref)} meta-batches when the state was "
                                          r"taken \(batches=3\) and has 1[0-9] now; was its pruning "
                                          "manifest rewritten"):

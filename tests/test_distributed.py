@@ -100,7 +100,9 @@ def test_two_ranks_eswp_stores_agree_and_kept_samples_train_once(wds_dir, tmp_pa
     for p in procs:
         assert p.wait(timeout=240) == 0, "a rank failed or hung"
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["writes"] for r in records] == [3, 0]  # decisions made and written by rank 0 only
+    # decisions made and written by rank 0 only, for epochs 1 and 2 (none past the last epoch)
+    assert [r["writes"] for r in records] == [2, 0]
+    assert not (tmp_path / "manifests" / "epoch=00003").exists()
 
     n = corpus.num_samples
     reference = torch.full((n,), 1.0 / n, dtype=torch.float32)

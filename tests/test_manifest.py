@@ -56,7 +56,8 @@ def test_layout_columns_and_metadata(pruned):
 
 def test_readable_as_one_table_with_pyarrow_and_duckdb(pruned, tmp_path):
     corpus, out = pruned
-    Pruner(corpus, scored_store(corpus, seed=1), ESWPPolicy(ratio=0.3, burn_in_epochs=0, anneal=0.0), out).on_epoch_end(1, 4)
+    # the same run (same policy) writes its next epoch with new scores
+    Pruner(corpus, scored_store(corpus, seed=1), ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0), out).on_epoch_end(1, 4)
     table = pads.dataset(str(out), partitioning="hive").to_table()
     assert table.num_rows == 2 * corpus.num_samples
     assert sorted(set(table.column("epoch").to_pylist())) == [1, 2]
@@ -64,7 +65,7 @@ def test_readable_as_one_table_with_pyarrow_and_duckdb(pruned, tmp_path):
     rows = duckdb.sql(f"select epoch, count(*), sum(keep::int) from read_parquet('{out}/*/*.parquet', "
                       "hive_partitioning=true) group by epoch order by epoch").fetchall()
     assert [(int(e), n) for e, n, _ in rows] == [(1, 50), (2, 50)]
-    assert rows[1][2] == 35
+    assert rows[1][2] == 25
 
 
 @pytest.mark.parametrize("workers", [0, 3])
@@ -159,7 +160,7 @@ def test_missing_shard_manifest_is_refused(pruned):
 def test_rewriting_an_epoch_replaces_it(pruned):
     corpus, out = pruned
     Pruner(corpus, scored_store(corpus, seed=1), ESWPPolicy(ratio=0.2, burn_in_epochs=0, anneal=0.0),
-           out).on_epoch_end(0, 4)
+           out, overwrite=True).on_epoch_end(0, 4)
     ds = ESDataset(corpus, 4, manifests=out)
     assert ds.plan(1).num_samples == int(np.ceil(0.8 * corpus.num_samples))
 
@@ -196,7 +197,7 @@ def test_rewriting_removes_a_killed_writers_temporary_files(pruned):
     corpus, out = pruned
     leftover = out / "epoch=00001" / ".shard=00002.parquet.x1y2.tmp"
     leftover.write_bytes(b"half a parquet file")
-    Pruner(corpus, scored_store(corpus, seed=1), ESWPPolicy(ratio=0.2, burn_in_epochs=0, anneal=0.0),
+    Pruner(corpus, scored_store(corpus, seed=1), ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
            out).on_epoch_end(0, 4)
     assert not leftover.exists()
     assert (out / "epoch=00001" / "_SUCCESS").exists()
@@ -209,10 +210,11 @@ def test_pruner_state_round_trips_and_refuses_another_policy(pruned, tmp_path):
     Pruner(corpus, ScoreStore(corpus.num_samples), ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
            out).load_state_dict(state)  # the same pruner: accepted
     other = Pruner(corpus, ScoreStore(corpus.num_samples),
-                   ESWPPolicy(ratio=0.3, burn_in_epochs=0, anneal=0.0), out)
+                   ESWPPolicy(ratio=0.3, burn_in_epochs=0, anneal=0.0), out, overwrite=True)
     with pytest.raises(ValueError, match="checkpoint's pruner has ratio='0.5', this one ratio='0.3'"):
         other.load_state_dict(state)
-    decayed = Pruner(corpus, ScoreStore(corpus.num_samples), policy, out, decay=0.1)
+    decayed = Pruner(corpus, ScoreStore(corpus.num_samples), policy, out, decay=0.1,
+                     overwrite=True)
     with pytest.raises(ValueError, match="decay=0.0.*decay=0.1"):
         decayed.load_state_dict(state)
 
@@ -384,8 +386,9 @@ def test_a_second_writer_of_the_same_epoch_is_refused(wds_dir, tmp_path):
     first.start()
     try:
         assert hold.wait(120), "the first writer never reached its second shard"
+        # the same run (other scores): the run record lets it in, the epoch's lock does not
         second = ctx.Process(target=_write_epoch,
-                             args=(str(wds_dir), str(out), 2, 0.3, None, None, result))
+                             args=(str(wds_dir), str(out), 2, 0.5, None, None, result))
         second.start()
         second.join(120)
         refused = result.get(timeout=10)

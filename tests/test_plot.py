@@ -92,3 +92,16 @@ def test_figure_format_follows_the_extension_and_refuses_what_cannot_be_recognis
         assert ext not in FIGURE_FORMATS
         with pytest.raises(ValueError, match=rf"x\.{ext}: figures are written as .*not \.{ext}"):
             figure_format(f"x.{ext}")
+
+
+def test_phases_with_a_known_burn_in_tell_it_from_no_decision_yet():
+    # InfoBatch (no burn-in) over 4 epochs: manifests for 1..3, epoch 3 anneals. Its epoch 0
+    # pruned nothing because no decision existed yet, not because of a burn-in.
+    counts = {1: 5, 2: 6, 3: 0}
+    assert pruning_phases(counts, burn_in_epochs=0) == Phases((0, 0), (3, 4), (1, 2), undecided=(0, 1))
+    # ESWP with burn_in_epochs=2: epochs 0 and 1 are burn-in, nothing left undecided
+    assert pruning_phases({1: 0, 2: 4, 3: 0}, burn_in_epochs=2) == Phases((0, 2), (3, 4), (2,))
+    # burn_in_epochs=1 and a first pruning at epoch 2 (epoch 1's decision kept all): 1 undecided
+    assert pruning_phases({1: 0, 2: 4}, burn_in_epochs=1).undecided == (1, 2)
+    # unknown burn-in (manifests without a run record): as before, everything before is burn-in
+    assert pruning_phases(counts) == Phases((0, 1), (3, 4), (1, 2))

@@ -49,12 +49,13 @@ def test_first_screen_example_writes_shards_and_trains_with_infobatch(tmp_path, 
     exec(compile(readme_block("first-screen"), "README.md", "exec"), scope)
     corpus, model = scope["corpus"], scope["model"]
     assert corpus.num_samples == 4000 and corpus.num_shards == 4
+    # the run record and epochs 1..5 (epoch 0 has no decision yet; none past the last epoch)
     epochs = sorted(p.name for p in (tmp_path / "manifests").iterdir())
-    assert epochs == [f"epoch={e:05d}" for e in range(1, 7)]
+    assert epochs == ["_run.json"] + [f"epoch={e:05d}" for e in range(1, 6)]
     t = pads.dataset(str(tmp_path / "manifests"), partitioning="hive").to_table()
     keep, epoch = t.column("keep").to_numpy(zero_copy_only=False), t.column("epoch").to_numpy()
-    kept = {int(e): int(keep[epoch == e].sum()) for e in range(1, 7)}
-    assert kept[1] < 4000 and kept[6] == 4000     # pruned in the middle, all read in the tail
+    kept = {int(e): int(keep[epoch == e].sum()) for e in range(1, 6)}
+    assert kept[1] < 4000 and kept[5] == 4000     # pruned in the middle, all read in the tail
     weights = t.column("weight").to_numpy()
     assert (weights[keep & (epoch == 1)] > 1).any()  # the kept low-loss samples are up-weighted
     rng = np.random.default_rng(1)                  # fresh images of the same ten classes
@@ -113,10 +114,10 @@ def test_eswp_example_prunes_the_middle_epochs(tmp_path, monkeypatch):
     kept = int(np.ceil(0.7 * 1024))
     assert scope["selector"].step == 2 * (1024 // 128) + 2 * (kept // 128)
     assert sorted(p.name for p in (tmp_path / "manifests").iterdir()) == [
-        "epoch=00001", "epoch=00002", "epoch=00003", "epoch=00004"]
+        "_run.json", "epoch=00001", "epoch=00002", "epoch=00003"]  # none for epoch 4: never run
     t = pads.dataset(str(tmp_path / "manifests"), partitioning="hive").to_table()
     keep, epoch = t.column("keep").to_numpy(zero_copy_only=False), t.column("epoch").to_numpy()
-    assert {e: int(keep[epoch == e].sum()) for e in (1, 2, 3, 4)} == {1: kept, 2: kept, 3: 1024, 4: 1024}
+    assert {e: int(keep[epoch == e].sum()) for e in (1, 2, 3)} == {1: kept, 2: kept, 3: 1024}
 
 
 def test_torchrun_example_runs_on_two_gloo_ranks(tmp_path):
@@ -161,7 +162,7 @@ def test_reference_prune_and_rho_examples_run(tmp_path, monkeypatch):
     scope: dict = {}
     exec(compile(readme_block("reference-prune"), "README.md", "exec"), scope)
     assert scope["kept"] == [512, 512, 512]  # ceil(0.5 n), the same decision in every epoch
-    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["epoch=00000"]
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["_run.json", "epoch=00000"]
     assert json.loads((tmp_path / "reference.meta.json").read_text())["reference"] == {
         "scorer": "reference-mlp-v1", "complete": True}
     exec(compile(readme_block("rho-loop"), "README.md", "exec"), scope)

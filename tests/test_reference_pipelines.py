@@ -203,7 +203,7 @@ def test_prune_once_methods_train_on_exactly_the_kept_half_every_epoch(
                             run_dir=str(tmp_path / "run"), seed=1)
     r = loop.train(built["workload"], method, config)
     manifests = tmp_path / "run" / "manifests"
-    assert sorted(p.name for p in manifests.iterdir()) == ["epoch=00000"]   # decided once
+    assert sorted(p.name for p in manifests.iterdir()) == ["_run.json", "epoch=00000"]  # decided once
     keep = read_epoch(manifests, 0, corpus.fingerprint, corpus.shard_counts)
     kept = set(keep.kept_ids.tolist())
     assert len(kept) == k
