@@ -11,8 +11,9 @@ held-out byte is trained on). Binary: the compiled extension modules (``*.so``) 
 
 - ``clean``: consecutive windows of the train files' text.
 - ``html``: real text (from the train text after the clean windows), HTML-escaped, inside a
-  rendered page: doctype, title, a navigation menu, a footer with links and a copyright line;
-  the boilerplate is most of the window.
+  rendered page (doctype, title, a navigation menu, a footer with links and a copyright line),
+  cut to the window around the text: the end of the navigation, the text (half the window) and
+  the start of the footer.
 - ``binary``: windows of the ``.so`` files' bytes.
 - ``base64``: the base64 encoding of such windows.
 - ``exact_dup``: byte-identical copies of clean samples (each copied document has 1 to
@@ -164,10 +165,13 @@ def _html_page(text: bytes, L: int, rng: np.random.Generator, words: list[str]) 
             + '</ul></nav><div class="content"><p>').encode()
     foot = ('</p></div><footer><a href="/privacy">Privacy</a> | <a href="/terms">Terms</a>'
             f' | &copy; 2024 {site}.com</footer></body></html>').encode()
-    body = text.replace(b"&", b"&amp;").replace(b"<", b"&lt;").replace(b">", b"&gt;")
-    room = max(L // 4, L - len(head) - len(foot))
-    page = head + body[:room] + foot
-    return page[:L] if len(page) >= L else page + b" " * (L - len(page))
+    body = text.replace(b"&", b"&amp;").replace(b"<", b"&lt;").replace(b">", b"&gt;")[:L // 2]
+    # the window a page is cut to: the end of the head (navigation), the text, the start of
+    # the footer, so each sample holds both boilerplate and real text
+    rest = L - len(body)
+    tail = min(len(foot), rest * 2 // 5)
+    page = head[-(rest - tail):] + body + foot[:tail]
+    return page + b" " * (L - len(page))
 
 
 def _template(rng: np.random.Generator, words: list[str], lines: list[bytes], L: int) -> bytes:
