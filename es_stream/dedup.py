@@ -12,7 +12,7 @@ while it runs).
 
 **Near.** Each sample's set of ``shingle``-byte substrings (default 5) is summarised by a MinHash
 signature of ``num_perm`` (default 128) 32-bit values, computed in numpy (one pass per
-permutation over a block of samples' shingle hashes). The signature is cut into ``bands`` bands
+permutation over a block of samples' shingle hashes; :class:`MinHasher`). The signature is cut into ``bands`` bands
 (default 32 of 4 rows); samples whose band agrees fall in one LSH bucket. In each band's buckets
 (ordered by id) a sample is compared with up to ``neighbours`` (default 4) samples just before it;
 a pair is a near duplicate when the signatures agree on at least ``threshold`` (default 0.8) of
@@ -22,8 +22,10 @@ group, as in Lee et al.); the group's first sample by id is kept, the others are
 With 32 bands of 4 rows a pair of similarity 0.8 shares a bucket in at least one band with
 probability 1 - (1 - 0.8^4)^32 > 0.9999, so recall is set by the estimate's noise at the
 threshold (standard deviation about 0.035 with 128 values), not by LSH.
-Memory: ``4 * num_perm`` bytes per sample (512 by default) for the signatures, plus one band's
-keys and sort order (16 per sample) while it is bucketed and the candidate pairs.
+Pairs are checked band by band, skipping pairs already joined, so nothing grows with the number
+of pairs. Memory: ``4 * num_perm`` bytes per sample (512 by default) for the signatures, plus
+one band's keys, sort order and group labels (about 40 bytes per sample) while it is bucketed
+(``tools/bench_dedup.py`` measures the peak).
 
 **Composed with a reference filter.** Given the kept ids of another once-for-all decision
 (``es-stream prune --policy band|threshold``), only samples that filter keeps can represent a
@@ -102,20 +104,26 @@ def exact_groups(digests: np.ndarray, eligible: np.ndarray | None = None) -> np.
 class MinHasher:
     """MinHash signatures of byte strings over their ``shingle``-byte substrings, in numpy.
 
-    Each shingle is packed into an integer and mixed into a 32-bit hash ``x``; permutation ``p``
-    maps it to ``(a_p x + b_p) mod 2^32`` (``a_p`` odd: a bijection of 32-bit values), and the
-    signature holds each permutation's minimum. A string shorter than ``shingle`` is one shingle
-    (itself); an empty one has the signature of all ``2^32 - 1``. Deterministic for a ``seed``.
+    Each shingle gets a 32-bit simple tabulation hash (one random table of 256 values per byte
+    position, XORed: 3-independent); permutation ``p`` maps it to ``(a_p x + b_p) mod 2^32``
+    (``a_p`` odd: a bijection of 32-bit values), and the signature holds each permutation's
+    minimum. A string shorter than ``shingle`` is one shingle (itself, zero-padded); an empty one
+    has the signature of all ``2^32 - 1``. Deterministic for a ``seed``.
+
+    Samples are processed in blocks of similar length (sorted by length) as a 2-D array, each
+    row's tail past its last shingle filled with its first shingle's hash (a repeated value
+    leaves a minimum unchanged), so one ``min`` along rows serves any mix of lengths.
     """
 
     def __init__(self, num_perm: int = 128, shingle: int = 5, seed: int = 0,
                  block: int = 1 << 16) -> None:
         if num_perm < 1:
             raise ValueError(f"num_perm must be >= 1, got {num_perm}")
-        if not 1 <= shingle <= 8:
-            raise ValueError(f"shingle must be 1..8 bytes (packed into 64 bits), got {shingle}")
+        if not 1 <= shingle <= 16:
+            raise ValueError(f"shingle must be 1..16 bytes, got {shingle}")
         self.num_perm, self.shingle, self.seed, self.block = num_perm, shingle, seed, block
         rng = np.random.default_rng([seed, 0x5EED])
+        self._table = rng.integers(0, 1 << 32, (shingle, 256), dtype=np.uint64).astype(np.uint32)
         self._a = rng.integers(0, 1 << 32, num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
         self._b = rng.integers(0, 1 << 32, num_perm, dtype=np.uint64).astype(np.uint32)
 
@@ -123,54 +131,47 @@ class MinHasher:
         return {"num_perm": str(self.num_perm), "shingle": str(self.shingle),
                 "minhash_seed": str(self.seed)}
 
-    def shingle_hashes(self, samples: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """``(hashes, starts)``: the 32-bit hash of every shingle of every sample, concatenated,
-        and where each sample's run begins (``starts[i]``; a sample has at least one entry)."""
-        k = self.shingle
-        lengths = np.fromiter((len(s) for s in samples), dtype=np.int64, count=len(samples))
-        # a short sample is padded to one shingle with zero bytes; an empty one stays empty
-        padded = [s if len(s) >= k or not s else s + bytes(k - len(s)) for s in samples]
-        lengths = np.maximum(lengths, np.where(lengths > 0, k, 0))
-        flat = np.frombuffer(b"".join(padded), dtype=np.uint8)
-        counts = np.where(lengths > 0, lengths - k + 1, 0)
-        total = int(counts.sum())
-        # the byte offset of each shingle: the sample's offset plus its position in the sample
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        run_starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        pos = np.arange(total, dtype=np.int64) - np.repeat(run_starts - offsets, counts)
-        v = np.zeros(total, np.uint64)
-        for j in range(k):
-            v <<= np.uint64(8)
-            v |= flat[pos + j]
-        v *= _MIX
-        v ^= v >> np.uint64(29)
-        v *= _MIX
-        return (v >> np.uint64(32)).astype(np.uint32), run_starts
-
     def signatures(self, samples: Sequence[bytes]) -> np.ndarray:
         """uint32 ``[len(samples), num_perm]``: each sample's MinHash signature."""
-        out = np.full((len(samples), self.num_perm), _NO_SHINGLE, np.uint32)
-        i = 0
-        while i < len(samples):  # blocks of about ``block`` shingles: temporaries stay in cache
-            j, size = i, 0
-            while j < len(samples) and (size == 0 or size + len(samples[j]) <= self.block):
-                size += len(samples[j])
-                j += 1
-            self._signatures(samples[i:j], out[i:j])
+        n, k = len(samples), self.shingle
+        out = np.full((n, self.num_perm), _NO_SHINGLE, np.uint32)
+        lengths = np.fromiter((len(s) for s in samples), dtype=np.int64, count=n)
+        order = np.argsort(lengths, kind="stable")
+        i = int(np.searchsorted(lengths[order], 0, side="right"))  # empty samples keep the max
+        while i < n:
+            j = min(n, i + max(1, self.block // max(k, int(lengths[order[i]]))))
+            while j > i + 1 and (j - i) * max(k, int(lengths[order[j - 1]])) > self.block:
+                j = max(i + 1, i + self.block // max(k, int(lengths[order[j - 1]])))
+            rows = order[i:j]
+            out[rows] = self._block([samples[r] for r in rows], lengths[rows])
             i = j
         return out
 
-    def _signatures(self, samples: Sequence[bytes], out: np.ndarray) -> None:
-        x, starts = self.shingle_hashes(samples)
-        nonempty = np.flatnonzero(np.diff(np.append(starts, len(x))) > 0)
-        if not len(nonempty):
-            return
-        at = starts[nonempty]
-        tmp = np.empty_like(x)
+    def shingle_hashes(self, samples: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
+        """uint32 ``[len(samples), S]``: each non-empty sample's shingle hashes, rows padded
+        with their first hash to the longest sample's count ``S``."""
+        k = self.shingle
+        width = max(k, int(lengths.max()))
+        x = np.frombuffer(b"".join([s.ljust(width, b"\0") for s in samples]), np.uint8)
+        x = x.reshape(len(samples), width)
+        s = width - k + 1
+        h = self._table[0][x[:, :s]]
+        for j in range(1, k):
+            h ^= self._table[j][x[:, j:j + s]]
+        counts = np.maximum(lengths - k + 1, 1)
+        if (counts < s).any():
+            h = np.where(np.arange(s) >= counts[:, None], h[:, :1], h)
+        return h
+
+    def _block(self, samples: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
+        h = self.shingle_hashes(samples, lengths)
+        out = np.empty((len(samples), self.num_perm), np.uint32)
+        tmp = np.empty_like(h)
         for p in range(self.num_perm):
-            np.multiply(x, self._a[p], out=tmp)
+            np.multiply(h, self._a[p], out=tmp)
             tmp += self._b[p]
-            out[nonempty, p] = np.minimum.reduceat(tmp, at)
+            tmp.min(axis=1, out=out[:, p])
+        return out
 
 
 def similarity(signatures: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -191,7 +192,8 @@ def near_groups(signatures: np.ndarray, threshold: float = 0.8, bands: int = 32,
     if bands < 1 or perms % bands:
         raise ValueError(f"bands ({bands}) must divide the signature length ({perms})")
     rows = perms // bands
-    later, earlier = [], []
+    label = np.arange(n, dtype=np.int64)
+    cut = np.float32(threshold) - np.float32(1e-6)
     for band in range(bands):
         part = np.ascontiguousarray(signatures[:, band * rows:(band + 1) * rows])
         key = np.zeros(n, np.uint64)
@@ -201,27 +203,29 @@ def near_groups(signatures: np.ndarray, threshold: float = 0.8, bands: int = 32,
             key ^= key >> np.uint64(31)
         order = np.argsort(key, kind="stable")  # stable: ids ascending within a bucket
         sk = key[order]
+        del key, part
         for o in range(1, neighbours + 1):
             same = np.flatnonzero(sk[o:] == sk[:-o])
-            later.append(order[same + o])
-            earlier.append(order[same])
-    keeper = np.arange(n, dtype=np.int64)
-    if not later or not sum(len(x) for x in later):
-        return keeper
-    pairs = np.unique(np.concatenate(later).astype(np.int64) * n + np.concatenate(earlier))
-    a, b = pairs // n, pairs % n
-    sim = np.empty(len(pairs), np.float32)
-    for s in range(0, len(pairs), 1 << 16):  # compare in slices: [pairs, num_perm] temporaries
-        sim[s:s + (1 << 16)] = similarity(signatures, a[s:s + (1 << 16)], b[s:s + (1 << 16)])
-    hit = sim >= np.float32(threshold) - np.float32(1e-6)
-    return components(n, a[hit], b[hit])
+            a, b = order[same + o], order[same]
+            # pairs already in one group need no check: memory stays per band, not per pair
+            apart = label[a] != label[b]
+            a, b = a[apart], b[apart]
+            hit = np.zeros(len(a), bool)
+            for s in range(0, len(a), 1 << 16):  # [pairs, num_perm] temporaries in slices
+                hit[s:s + (1 << 16)] = similarity(signatures, a[s:s + (1 << 16)],
+                                                  b[s:s + (1 << 16)]) >= cut
+            if hit.any():
+                label = components(n, a[hit], b[hit], label)
+    return label
 
 
-def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def components(n: int, u: np.ndarray, v: np.ndarray,
+               label: np.ndarray | None = None) -> np.ndarray:
     """Connected components of the graph on ``n`` nodes with edges ``(u, v)``: each node's
     smallest member (hooking each root under the smaller, then pointer jumping, until every
-    edge joins two nodes with one root)."""
-    label = np.arange(n, dtype=np.int64)
+    edge joins two nodes with one root). ``label``: the components of edges already joined
+    (each node's smallest member), to add these edges to."""
+    label = np.arange(n, dtype=np.int64) if label is None else label.copy()
     while True:
         lu, lv = label[u], label[v]
         differ = lu != lv
