@@ -3,7 +3,9 @@ as WebDataset shards), its manifests read by ESDataset and compact, and the CLI.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +211,18 @@ def test_cli_dedup(web, tmp_path):
     bad = run_cli("dedup", "--corpus", index, "--manifests", str(tmp_path / "file"))
     assert bad.returncode == 1 and "is a file" in bad.stderr
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_bench_dedup_runs_and_agrees_with_its_baselines(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_dedup
+
+    bench_dedup.main(["--out", str(tmp_path), "--samples", "3000", "--baseline-samples", "300",
+                      "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "exact  baseline  (python dict of bytes)" in out and "(same decision" in out
+    assert re.search(r"near   es-stream .*: +[\d,]+ samples/s", out)
+    assert re.search(r"goals \(one core, CPU time\): exact [\d,]+ >= 200,000 samples/s: (yes|NO)", out)
+    if importlib.util.find_spec("datasketch"):
+        agree = float(re.search(r"same decision on ([\d.]+)% of samples", out).group(1))
+        assert agree >= 95.0, out

@@ -104,7 +104,7 @@ def datasketch_near(samples: list[bytes], threshold: float, num_perm: int, k: in
     return drop
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/bench_dedup", help="where the corpus is built (cached)")
     p.add_argument("--samples", type=int, default=200_000)
@@ -113,7 +113,7 @@ def main() -> None:
                    help="samples the datasketch baseline runs on (it is slow)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--end-to-end", action="store_true")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     data = build(a.out, samples=a.samples, seq_len=a.seq_len, min_bytes=0)
@@ -157,6 +157,10 @@ def main() -> None:
     near_peak = peak_bytes(lambda: near_groups(sig))
     print(f"near   memory: {sig.itemsize * sig.shape[1]} B/sample kept (signature) + "
           f"{near_peak / n:.0f} B/sample peak while bucketing")
+    exact_cpu, near_cpu = n / CPU["exact"], n / (CPU["sig"] + CPU["lsh"])
+    print(f"goals (one core, CPU time): exact {exact_cpu:,.0f} >= 200,000 samples/s: "
+          f"{'yes' if exact_cpu >= 200_000 else 'NO'}; near {near_cpu:,.0f} >= 20,000 samples/s: "
+          f"{'yes' if near_cpu >= 20_000 else 'NO'}")
     m = min(n, a.baseline_samples)
     try:
         t_ds, ds_drop = timed(lambda: datasketch_near(samples[:m], 0.8, 128, 5), 1, "ds")
