@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from .errors import ESStreamError
 
@@ -208,10 +209,27 @@ def _prune_policy(args: argparse.Namespace):
     return ThresholdPolicy(low=args.low, high=args.high)
 
 
-def _cmd_score(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _torchrun_group() -> Iterator[None]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), a process group for the block (NCCL on a GPU,
+    else gloo), destroyed after it; otherwise nothing."""
     import torch
     import torch.distributed as dist
 
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
     from .corpus import Corpus
     from .score import load_scorer, score_corpus
 
@@ -222,22 +240,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
         scorer, spec = load_scorer(args.model)
     except (TypeError, AttributeError) as exc:  # named by load_scorer: shown plainly, exit 1
         raise ValueError(str(exc)) from exc
-    started_group = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-        started_group = True
-    try:
+    with _torchrun_group():
         device = args.device or scorer.device
         result = score_corpus(corpus, scorer, args.out, meta_batch_size=args.meta_batch_size,
                               num_workers=args.workers, device=device,
                               scorer=scorer.identity(spec), checkpoint_every=args.checkpoint_every,
                               progress=not args.no_progress)
-    finally:
-        if started_group:
-            dist.destroy_process_group()
     if result.already_complete:
         print(f"{args.out}: already complete for scorer {result.scorer}; nothing to do")
     else:
@@ -321,12 +329,21 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     if os.path.exists(args.manifests) and not os.path.isdir(args.manifests):
         raise ValueError(f"--manifests {args.manifests} is a file; dedup writes a manifest "
                          "directory (epoch=00000/ inside it): give a new or existing directory")
+    import torch.distributed as dist
+
     corpus = Corpus.load(args.corpus)
     start = time.perf_counter()
-    result = corpus_dedup(corpus, config, filter_dir=args.filter, field=args.field,
-                          num_workers=args.workers)
-    seconds = time.perf_counter() - start
-    out = write_manifests(corpus, result, args.manifests, config, filter_dir=args.filter)
+    with _torchrun_group():
+        result = corpus_dedup(corpus, config, filter_dir=args.filter, field=args.field,
+                              num_workers=args.workers)
+        seconds = time.perf_counter() - start
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if rank0:  # every rank holds the same decision: one writes it
+            out = write_manifests(corpus, result, args.manifests, config, filter_dir=args.filter)
+        if dist.is_initialized():
+            dist.barrier()  # the manifests are complete when any rank returns
+    if not rank0:
+        return 0
     counts = ", ".join(f"{name} {result.counts[name]}" for name in REASONS)
     print(f"dedup: kept {result.counts['kept']} of {corpus.num_samples} samples ({counts}) in "
           f"{seconds:.2f}s ({corpus.num_samples / max(seconds, 1e-9):.0f} samples/s), for every "
@@ -450,8 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(MinHash + LSH over byte shingles, estimated Jaccard >= --threshold), and write the "
         "decision as epoch 0 for every epoch (applies_to=all) with a reason column per sample. "
         "With --filter, combined with a `prune --policy band|threshold` decision: only samples "
-        "it keeps are kept. One process (DataLoader workers read); a rerun rewrites the same "
-        "files.")
+        "it keeps are kept. Under torchrun each rank reads and hashes its part and rank 0 writes; "
+        "a rerun rewrites the same files.")
     dd.add_argument("--corpus", required=True, help="corpus index (Parquet)")
     dd.add_argument("--manifests", required=True, help="manifest directory to write")
     dd.add_argument("--near", action="store_true", help="also drop near duplicates")

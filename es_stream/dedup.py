@@ -38,8 +38,9 @@ is the AND of both decisions, with the reason per sample.
 group's kept sample, -1 for none); ``score`` holds the similarity to that sample (1 for an exact
 duplicate, the estimated Jaccard similarity for a near one, 0 otherwise).
 
-One process reads the corpus (DataLoader workers decode in parallel); the hashing runs in the
-main process.
+Each process reads the corpus through DataLoader workers and hashes in its main thread; under
+``torchrun`` each rank takes its part and rank 0 writes the manifests (``es-stream dedup``).
+A rerun recomputes everything (one read of the corpus) and rewrites byte-identical files.
 """
 
 from __future__ import annotations
@@ -381,7 +382,14 @@ def corpus_dedup(corpus: Corpus, config: DedupConfig | None = None, *,
     """Read every sample of ``corpus`` once (through :class:`~es_stream.ESDataset`, in id
     order per worker) and decide (see :func:`decide`), combined with the once-for-all decision
     in ``filter_dir`` when given. ``field``: see :class:`Payload`. ``progress(samples)`` is
-    called after each meta-batch."""
+    called after each meta-batch.
+
+    Under ``torch.distributed`` (``torchrun``) each rank reads and hashes its own part of the
+    corpus (ESDataset's split: disjoint, every sample once); the digests and signatures are
+    then summed across ranks (each sample's are non-zero on one rank only) in chunks, and every
+    rank returns the same decision."""
+    import torch.distributed as dist
+
     from .dataset import ESDataset, loader
 
     config = config or DedupConfig()
@@ -390,9 +398,11 @@ def corpus_dedup(corpus: Corpus, config: DedupConfig | None = None, *,
     digests = np.zeros((n, 2), np.uint64)
     hasher = config.hasher() if config.near else None
     signatures = np.zeros((n, config.num_perm), np.uint32) if hasher else None
-    seen = np.zeros(n, bool)
+    seen = np.zeros(n, np.int32)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     ds = ESDataset(corpus, meta_batch_size=meta_batch_size, decode=Payload(field),
-                   collate=_AsList(), shuffle=False, rank=0, world_size=1)
+                   collate=_AsList(), shuffle=False, rank=rank, world_size=world)
     for mb in loader(ds, num_workers=num_workers):
         ids = mb.ids.numpy()
         if len(mb.lost_ids):
@@ -401,13 +411,35 @@ def corpus_dedup(corpus: Corpus, config: DedupConfig | None = None, *,
         digests[ids] = content_digests(mb.data)
         if hasher is not None:
             signatures[ids] = hasher.signatures(mb.data)
-        seen[ids] = True
+        seen[ids] += 1
         if progress is not None:
             progress(len(ids))
-    if not seen.all():
-        raise ManifestError(f"read {int(seen.sum())} of {n} samples of the corpus; dedup needs "
-                            "every sample")
+    if distributed:
+        for arr in (digests.view(np.int64), seen) + (() if signatures is None else
+                                                     (signatures.view(np.int32),)):
+            _sum_across_ranks(arr)
+    if not (seen == 1).all():
+        raise ManifestError(f"read {int((seen > 0).sum())} of {n} samples of the corpus "
+                            f"({int((seen > 1).sum())} more than once); dedup needs every sample "
+                            "exactly once")
     return decide(digests, signatures, eligible, config)
+
+
+def _sum_across_ranks(arr: np.ndarray, chunk: int = 1 << 22) -> None:
+    """``arr`` (int32 or int64, C-contiguous) summed over every rank, in place, ``chunk``
+    values at a time: each sample's values are non-zero on the one rank that read it, so the
+    sum is that rank's value, exactly (integer addition of zeros)."""
+    import torch
+    import torch.distributed as dist
+
+    from .distributed import wire_device
+
+    wire = wire_device(dist.get_backend())
+    flat = arr.reshape(-1)
+    for start in range(0, len(flat), chunk):
+        part = torch.from_numpy(flat[start:start + chunk]).to(wire)
+        dist.all_reduce(part)
+        flat[start:start + chunk] = part.cpu().numpy()
 
 
 def write_manifests(corpus: Corpus, result: DedupResult, out_dir: str | os.PathLike,

@@ -226,3 +226,32 @@ def test_bench_dedup_runs_and_agrees_with_its_baselines(tmp_path, capsys):
     if importlib.util.find_spec("datasketch"):
         agree = float(re.search(r"same decision on ([\d.]+)% of samples", out).group(1))
         assert agree >= 95.0, out
+
+
+def test_cli_dedup_on_two_gloo_ranks_matches_one_process(web, tmp_path):
+    """`es-stream dedup` under a torchrun-like environment (2 real gloo processes): each rank
+    reads its part, rank 0 writes, and the manifests are byte-identical to one process's."""
+    import socket
+
+    data, _ = web
+    index = str(data.directory / f"train-k{data.train_shards}.parquet")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "es_stream.cli", "dedup", "--corpus", index, "--manifests",
+            str(tmp_path / "two"), "--near", "--workers", "1"]
+    procs = [subprocess.Popen(args, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "dedup: kept" in outs[0][0] and outs[1][0] == ""  # rank 0 reports and writes
+    one = run_cli("dedup", "--corpus", index, "--manifests", str(tmp_path / "one"), "--near")
+    assert one.returncode == 0, one.stderr
+    files = sorted(p.name for p in (tmp_path / "one" / "epoch=00000").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two" / "epoch=00000").iterdir())
+    for name in files:
+        assert (tmp_path / "one" / "epoch=00000" / name).read_bytes() == \
+            (tmp_path / "two" / "epoch=00000" / name).read_bytes(), name
