@@ -312,7 +312,10 @@ def decide(digests: np.ndarray, signatures: np.ndarray | None = None,
         who, keeper = rest[near], rest[local[near]]
         reason[who], sim[who] = NEAR, similarity(signatures, who, keeper)
         dup_of[who] = keeper
-        # an exact copy of a near duplicate points at the near group's keeper too
+        # an exact copy of a near duplicate points at the near group's keeper too, with the
+        # near duplicate's similarity to it
+        via = np.flatnonzero((reason == EXACT) & (reason[np.maximum(dup_of, 0)] == NEAR))
+        sim[via] = sim[dup_of[via]]
         dup_of = np.where(dup_of >= 0, dup_of[np.maximum(dup_of, 0)], -1)
     elif config.near:
         raise ValueError("near-duplicate detection needs the MinHash signatures")
@@ -321,7 +324,8 @@ def decide(digests: np.ndarray, signatures: np.ndarray | None = None,
 
 
 class Payload:
-    """A raw sample -> the bytes dedup hashes: the field ``field`` (bytes, or str as UTF-8), or
+    """A raw sample -> the bytes dedup hashes: the field ``field`` (bytes; str as UTF-8; a
+    numpy array's buffer; a number's digits), or
     with ``field=None`` every payload field (names not starting with ``_``) in name order, each
     as its name, length and bytes, so that different splits into fields never hash equal."""
 
@@ -336,6 +340,8 @@ class Payload:
             return value.encode()
         if isinstance(value, np.ndarray):
             return value.tobytes()
+        if isinstance(value, (int, float, np.number)):  # an MDS int/float column: its digits
+            return repr(value).encode()
         raise TypeError(f"sample {sample.get('__key__')!r}: field {name!r} is "
                         f"{type(value).__name__}; dedup hashes bytes, str or numpy arrays — "
                         "choose another --field")

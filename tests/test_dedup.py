@@ -255,3 +255,27 @@ def test_cli_dedup_on_two_gloo_ranks_matches_one_process(web, tmp_path):
     for name in files:
         assert (tmp_path / "one" / "epoch=00000" / name).read_bytes() == \
             (tmp_path / "two" / "epoch=00000" / name).read_bytes(), name
+
+
+def test_exact_dedup_of_an_mds_corpus_by_field(tmp_path):
+    """MDS shards (typed columns) through the same path: ``field`` picks the column, numbers
+    and strings hash by value."""
+    streaming = pytest.importorskip("streaming")
+    payloads = [os.urandom(40) for _ in range(15)]
+    with streaming.MDSWriter(out=str(tmp_path / "mds"), columns={"bin": "bytes", "idx": "int",
+                                                                 "txt": "str"},
+                             size_limit=1 << 10) as w:
+        for i in range(60):
+            w.write({"bin": payloads[i % 15], "idx": i, "txt": f"t{i % 30}"})
+    corpus = Corpus.from_mds(str(tmp_path / "mds"))
+    assert corpus.num_shards > 1
+    by_bin = corpus_dedup(corpus, DedupConfig(), field="bin", num_workers=0)
+    assert np.flatnonzero(by_bin.keep).tolist() == list(range(15))
+    assert by_bin.duplicate_of[15:].tolist() == [i % 15 for i in range(15, 60)]
+    by_txt = corpus_dedup(corpus, DedupConfig(), field="txt", num_workers=0)
+    assert np.flatnonzero(by_txt.keep).tolist() == list(range(30))
+    whole = corpus_dedup(corpus, DedupConfig(), num_workers=0)  # idx differs: all kept
+    assert whole.keep.all()
+    write_manifests(corpus, by_bin, tmp_path / "m")
+    ds = ESDataset(corpus, meta_batch_size=16, collate=list, shuffle=False, manifests=tmp_path / "m")
+    assert sorted(int(i) for mb in loader(ds, num_workers=0) for i in mb.ids) == list(range(15))
