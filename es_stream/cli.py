@@ -352,7 +352,8 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
 
 
 _DESCRIPTION = ("Evolved Sampling over sharded corpora, offline: index shards, score them with a "
-                "reference model, prune from saved scores, inspect and compact the manifests.")
+                "reference model, prune from saved scores, drop duplicates, inspect and compact "
+                "the manifests.")
 _DEBUG_HELP = "on an error, show the full traceback instead of one line"
 _EPILOG = """exit status: 0 success; 1 an error of the inputs or the run (one line on stderr
 naming the file or argument, the traceback with --debug); 2 a command line argparse
