@@ -38,6 +38,9 @@ held-out files (evaluation on clean text never trained on); one set per other ki
 binaries; ``exact_dup`` is the exception: copies of the training originals that were duplicated,
 the loss a model reaches on what it saw repeatedly).
 
+The samples are :mod:`pipelines.textlm`'s (``{"__key__", "bin": seq_len bytes}``), so its
+``workload(data.corpus, data.heldout)`` (``Decode``/``Collate``) trains on them unchanged.
+
 Layout of one build ``<root>/webtext-<fingerprint>/``: ``meta.json``, ``files.json``,
 ``labels.parquet``, ``heldout.npz``, ``train/train-*.tar`` and ``train-k<K>.parquet`` indexes
 (the first K shards, for a training budget). Written to a temporary directory, renamed when
@@ -137,6 +140,10 @@ class WebText:
     total_train_shards: int
     meta: dict[str, Any]
     directory: Path
+
+    @property
+    def train_bytes(self) -> int:
+        return self.corpus.num_samples * self.seq_len
 
     def labels(self) -> dict[str, np.ndarray]:
         """The side table of the training corpus: ``id``, ``kind`` (str) and ``group``."""
