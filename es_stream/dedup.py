@@ -182,23 +182,26 @@ def similarity(signatures: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarr
 
 
 def near_groups(signatures: np.ndarray, threshold: float = 0.8, bands: int = 32,
-                neighbours: int = 4) -> np.ndarray:
-    """For each row of ``signatures``, the row kept for its near-duplicate group (its own row
-    when it is first), by the rule in the module docstring: LSH with ``bands`` bands, each
-    sample compared with up to ``neighbours`` earlier members of each of its buckets, pairs
-    agreeing on at least ``threshold`` of the signature joined into groups."""
-    n, perms = signatures.shape
+                neighbours: int = 4, rows: np.ndarray | None = None) -> np.ndarray:
+    """For each row of ``signatures`` (or of those listed in ``rows``, ascending, without
+    copying them), the position of the one kept for its near-duplicate group (its own when it is
+    first), by the rule in the module docstring: LSH with ``bands`` bands, each sample compared
+    with up to ``neighbours`` earlier members of each of its buckets, pairs agreeing on at least
+    ``threshold`` of the signature joined into groups."""
+    perms = signatures.shape[1]
+    rows = np.arange(len(signatures), dtype=np.int64) if rows is None else rows
+    n = len(rows)
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if bands < 1 or perms % bands:
         raise ValueError(f"bands ({bands}) must divide the signature length ({perms})")
-    rows = perms // bands
+    width = perms // bands
     label = np.arange(n, dtype=np.int64)
     cut = np.float32(threshold) - np.float32(1e-6)
     for band in range(bands):
-        part = np.ascontiguousarray(signatures[:, band * rows:(band + 1) * rows])
+        part = signatures[rows, band * width:(band + 1) * width]
         key = np.zeros(n, np.uint64)
-        for r in range(rows):  # mix the band's values into one 64-bit bucket key
+        for r in range(width):  # mix the band's values into one 64-bit bucket key
             key ^= part[:, r].astype(np.uint64)
             key *= _MIX
             key ^= key >> np.uint64(31)
@@ -213,8 +216,8 @@ def near_groups(signatures: np.ndarray, threshold: float = 0.8, bands: int = 32,
             a, b = a[apart], b[apart]
             hit = np.zeros(len(a), bool)
             for s in range(0, len(a), 1 << 16):  # [pairs, num_perm] temporaries in slices
-                hit[s:s + (1 << 16)] = similarity(signatures, a[s:s + (1 << 16)],
-                                                  b[s:s + (1 << 16)]) >= cut
+                hit[s:s + (1 << 16)] = similarity(signatures, rows[a[s:s + (1 << 16)]],
+                                                  rows[b[s:s + (1 << 16)]]) >= cut
             if hit.any():
                 label = components(n, a[hit], b[hit], label)
     return label
@@ -307,7 +310,7 @@ def decide(digests: np.ndarray, signatures: np.ndarray | None = None,
             raise ValueError(f"signatures have shape {signatures.shape}, expected ({n}, "
                              f"{config.num_perm})")
         rest = np.flatnonzero(reason == KEPT)  # near groups among the exact keepers only
-        local = near_groups(signatures[rest], config.threshold, config.bands, config.neighbours)
+        local = near_groups(signatures, config.threshold, config.bands, config.neighbours, rest)
         near = np.flatnonzero(local != np.arange(len(rest)))
         who, keeper = rest[near], rest[local[near]]
         reason[who], sim[who] = NEAR, similarity(signatures, who, keeper)
