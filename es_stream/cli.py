@@ -321,6 +321,8 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 
 def _cmd_dedup(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from .corpus import Corpus
     from .dedup import REASONS, DedupConfig, corpus_dedup, write_manifests
 
@@ -329,8 +331,6 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     if os.path.exists(args.manifests) and not os.path.isdir(args.manifests):
         raise ValueError(f"--manifests {args.manifests} is a file; dedup writes a manifest "
                          "directory (epoch=00000/ inside it): give a new or existing directory")
-    import torch.distributed as dist
-
     corpus = Corpus.load(args.corpus)
     start = time.perf_counter()
     with _torchrun_group():
