@@ -362,7 +362,8 @@ def test_bare_command_prints_help_and_exits_0():
     result = run()
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: es-stream")
-    assert all(c in result.stdout for c in ("index", "inspect", "prune", "score", "compact"))
+    assert all(c in result.stdout for c in ("index", "inspect", "prune", "score", "compact",
+                                            "dedup"))
     assert "exit status" in result.stdout
 
 
@@ -376,7 +377,7 @@ def _parsers(parser: argparse.ArgumentParser):
 
 def test_every_flag_and_command_has_help():
     parsers = list(_parsers(build_parser()))
-    assert len(parsers) == 6  # es-stream and its five commands
+    assert len(parsers) == 7  # es-stream and its six commands
     for parser in parsers:
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
