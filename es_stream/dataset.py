@@ -526,6 +526,13 @@ class BatchCount:
         return f"BatchCount(epoch={self.epoch}, batches={self.batches})"
 
 
+def _counted_dataset(dataset: Any) -> bool:
+    """A dataset whose meta-batches the loader counts: an ESDataset, or one that speaks its
+    progress protocol (``_count``, ``_resume_base``, ``epoch``, ``seed``, ``rank``), as
+    :class:`es_stream.mixing.MixedDataset` does by setting ``loader_counts = True``."""
+    return isinstance(dataset, ESDataset) or getattr(type(dataset), "loader_counts", False)
+
+
 class _CountingLoader(DataLoader):
     """A DataLoader that counts, in the training process, the meta-batches it hands out of an
     :class:`ESDataset` iterated in workers (torchdata's ``Loader`` does the same), in its own
@@ -536,7 +543,7 @@ class _CountingLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         iterator = super().__iter__()
         dataset = self.dataset
-        if not isinstance(dataset, ESDataset) or self.num_workers == 0:
+        if not _counted_dataset(dataset) or self.num_workers == 0:
             return iterator  # counted by the dataset's own iteration, in this process
         epoch = dataset.epoch
         self.count = BatchCount(epoch, dataset.resume_batches(epoch))
@@ -567,7 +574,7 @@ def loader(dataset: ESDataset, num_workers: int = 2, **kwargs: Any) -> DataLoade
         "persistent_workers": num_workers > 0,
         "pin_memory": torch.cuda.is_available(),
     }
-    if isinstance(dataset, ESDataset):
+    if _counted_dataset(dataset):
         # the epoch too: a loader made anew each epoch must not repeat its workers' random draws
         seed = np.random.SeedSequence([dataset.seed, dataset.rank, dataset.epoch]).generate_state(
             1, np.uint64)[0]

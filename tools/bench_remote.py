@@ -1,0 +1,156 @@
+"""Remote reads on 127.0.0.1: which client, which coalescing gap, how many bytes pruning saves.
+
+    python tools/bench_remote.py clients   # ranged-GET throughput: obstore vs boto3 vs fsspec
+    python tools/bench_remote.py gap       # seconds/requests/bytes per coalescing gap, 20 ms RTT
+    python tools/bench_remote.py pruned    # bytes fetched by a pruned vs an unpruned epoch
+
+Every server is real and local (tests/servers.py: moto's S3 API, a Range HTTP server, the
+fault proxy adding latency and a bandwidth cap); each section prints its figures side by side
+from one run. Needs ``pip install 'es-stream[dev]'`` (obstore, moto, boto3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the test servers
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from servers import FaultProxy, RangeHTTPServer, S3Server  # noqa: E402
+
+
+def _ranges(size: int, n: int, length: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, size - length, n).tolist()
+
+
+def _timed(fn, offsets, threads: int) -> float:
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(fn, offsets))
+    return time.perf_counter() - t
+
+
+def clients(args: argparse.Namespace) -> None:
+    """Ranged GETs of ``--length`` bytes, ``--threads`` in flight, by each client, against the
+    same servers (moto S3 for obstore and boto3; the Range HTTP server for obstore and fsspec's
+    aiohttp HTTP filesystem, which is what fsspec offers without s3fs)."""
+    import boto3
+    import fsspec
+    import obstore
+
+    from es_stream.remote import open_store
+
+    size, n, length = args.size, args.requests, args.length
+    blob = os.urandom(size)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, S3Server() as s3, RangeHTTPServer(tmp) as http:
+        with open(os.path.join(tmp, "blob.bin"), "wb") as f:
+            f.write(blob)
+        s3.upload_dir("bench", tmp)
+        os.environ.update(s3.env())
+        offsets = _ranges(size, n, length)
+        store, path = open_store("s3://bench/blob.bin")
+        boto = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1")
+        hstore, hpath = open_store(f"{http.url}/blob.bin")
+        hfs = fsspec.filesystem("http")
+        cases = {
+            "s3  obstore": lambda o: obstore.get_range(store, path, start=o, length=length),
+            "s3  boto3": lambda o: boto.get_object(Bucket="bench", Key="blob.bin",
+                                                   Range=f"bytes={o}-{o + length - 1}")["Body"].read(),
+            "http obstore": lambda o: obstore.get_range(hstore, hpath, start=o, length=length),
+            "http fsspec": lambda o: hfs.cat_file(f"{http.url}/blob.bin", start=o, end=o + length),
+        }
+        for name, fn in cases.items():
+            assert bytes(fn(offsets[0])) == blob[offsets[0]:offsets[0] + length], name
+            fn(offsets[1])  # warm connections
+            best = min(_timed(fn, offsets, args.threads) for _ in range(args.repeat))
+            rows.append((name, n / best, n * length / best / 1e6))
+    print(f"{n} ranged GETs of {length} B, {args.threads} in flight, best of {args.repeat}")
+    print(f"{'client':14} {'req/s':>8} {'MB/s':>8}")
+    for name, rps, mbs in rows:
+        print(f"{name:14} {rps:8.0f} {mbs:8.1f}")
+
+
+def _pruned_layout(n: int, sample: int, keep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets of the kept samples of a shard of ``n`` samples of ``sample`` bytes."""
+    kept = np.sort(np.random.default_rng(seed).permutation(n)[:int(n * keep)])
+    return kept * sample, np.full(len(kept), sample)
+
+
+def gap(args: argparse.Namespace) -> None:
+    """Read the kept half of a shard's samples through the proxy (``--latency`` per request,
+    ``--bandwidth`` per response) with each coalescing gap: seconds, requests, bytes."""
+    from es_stream.remote import RangeFetcher
+
+    n, sample = args.samples, args.sample_bytes
+    with tempfile.TemporaryDirectory() as tmp, RangeHTTPServer(tmp) as http:
+        with open(os.path.join(tmp, "shard.bin"), "wb") as f:
+            f.write(os.urandom(n * sample))
+        with FaultProxy(http.port, latency_s=args.latency, bandwidth=args.bandwidth) as proxy:
+            url = f"{proxy.url}/shard.bin"
+            offs, sizes = _pruned_layout(n, sample, args.keep, 0)
+            print(f"{n} samples of {sample} B, {args.keep:.0%} kept at random; proxy "
+                  f"{args.latency * 1e3:.0f} ms per request, {args.bandwidth / 1e6:.0f} MB/s per "
+                  f"response; {args.threads} in flight")
+            print(f"{'gap':>9} {'seconds':>8} {'requests':>9} {'MB fetched':>11} {'x kept bytes':>13}")
+            for g in (0, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20):
+                with RangeFetcher(gap=g, max_in_flight=args.threads) as f:
+                    t = time.perf_counter()
+                    f.read_ranges([url] * len(offs), offs, sizes)
+                    took = time.perf_counter() - t
+                print(f"{g:9d} {took:8.2f} {f.requests:9d} {f.bytes_fetched / 1e6:11.2f} "
+                      f"{f.bytes_fetched / sizes.sum():13.2f}")
+
+
+def pruned(args: argparse.Namespace) -> None:
+    """Bytes and requests an epoch's reads fetch, unpruned vs 50% pruned, at the default gap
+    and at gap 0 (the range fetcher alone; the full loader comparison needs the reader hook)."""
+    from es_stream.remote import DEFAULT_GAP, RangeFetcher
+
+    n, sample = args.samples, args.sample_bytes
+    with tempfile.TemporaryDirectory() as tmp, RangeHTTPServer(tmp) as http:
+        with open(os.path.join(tmp, "shard.bin"), "wb") as f:
+            f.write(os.urandom(n * sample))
+        url = f"{http.url}/shard.bin"
+        print(f"{'case':22} {'requests':>9} {'MB fetched':>11} {'x unpruned':>11}")
+        for g in sorted({0, DEFAULT_GAP, 16 << 10}):
+            base = None
+            for keep in (1.0, 0.5):
+                offs, sizes = _pruned_layout(n, sample, keep, 1)
+                with RangeFetcher(gap=g) as f:
+                    # one meta-batch of 256 samples at a time, as the reader would fetch them
+                    for i in range(0, len(offs), 256):
+                        f.read_ranges([url] * len(offs[i:i + 256]), offs[i:i + 256],
+                                      sizes[i:i + 256])
+                base = base or f.bytes_fetched
+                print(f"{f'gap {g} keep {keep:.0%}':22} {f.requests:9d} "
+                      f"{f.bytes_fetched / 1e6:11.2f} {f.bytes_fetched / base:11.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("section", choices=["clients", "gap", "pruned"])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--size", type=int, default=4 << 20, help="object bytes (clients)")
+    parser.add_argument("--length", type=int, default=256 << 10)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--sample-bytes", type=int, default=4096)
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--latency", type=float, default=0.02)
+    parser.add_argument("--bandwidth", type=float, default=50e6)
+    args = parser.parse_args()
+    {"clients": clients, "gap": gap, "pruned": pruned}[args.section](args)
+
+
+if __name__ == "__main__":
+    main()
