@@ -613,7 +613,7 @@ def check_run(out_dir: str | os.PathLike, record: dict, overwrite: bool = False)
             return False
         # the files record fewer settings than a run record: compare those they have
         diffs = _differences(settings, record["settings"],
-                             keys=set(settings) | (set(record["settings"]) & _FILE_KEYS))
+                             keys=set(settings) | (set(record["settings"]) - _NOT_IN_FILES))
         if not diffs:
             return False
         who = "a run of an earlier es-stream (no run record)"
@@ -627,7 +627,8 @@ def check_run(out_dir: str | os.PathLike, record: dict, overwrite: bool = False)
     return True
 
 
-_FILE_KEYS = {"corpus_fingerprint", "policy", "ratio", "seed"}  # every policy's files record these
+# settings a run record has and shard files never recorded (the rest, the policy's, they do)
+_NOT_IN_FILES = {"decay", "anneal", "burn_in_epochs"}
 
 
 def claim_run(out_dir: str | os.PathLike, record: dict, overwrite: bool = False) -> None:

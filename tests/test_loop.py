@@ -99,7 +99,7 @@ def test_budget_cut_stops_mid_epoch_and_never_prunes_for_an_epoch_it_does_not_ru
     per_epoch = math.ceil(w.corpus.num_samples / B)
     assert r["steps"] <= 2 * per_epoch + math.ceil(0.5 * per_epoch)
     assert abs(r["epochs_done"] - 2.5) <= 1 / per_epoch and len(r["curve"]) == 3
-    assert sorted(os.listdir(tmp_path / "run" / "manifests")) == ["epoch=00001", "epoch=00002"]
+    assert sorted(os.listdir(tmp_path / "run" / "manifests")) == ["_run.json", "epoch=00001", "epoch=00002"]
     assert (tmp_path / "run" / "scores.npy").exists()
 
 
@@ -109,7 +109,7 @@ def test_the_mnist1d_pipeline_prunes_no_epoch_after_a_budget_cut(tmp_path: Path)
     d = m1d_data.build(tmp_path / "data", 200, 100, 0.0, 42, "wds")
     m1d.train("eswp", d.corpus, d.test_x, d.test_y, 4, b=b, B=B, workers=0, progress=False,
               budget_epochs=2.5, run_dir=str(tmp_path / "run"))
-    assert sorted(os.listdir(tmp_path / "run" / "manifests")) == ["epoch=00001", "epoch=00002"]
+    assert sorted(os.listdir(tmp_path / "run" / "manifests")) == ["_run.json", "epoch=00001", "epoch=00002"]
 
 
 def test_bad_settings_are_refused_naming_the_argument(workloads) -> None:

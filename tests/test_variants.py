@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from es_stream import BatchSchedule, ESSelector, ESWPPolicy, Pruner, ScoreStore
+from es_stream import BatchSchedule, ESSelector, ESWPPolicy, ManifestError, Pruner, ScoreStore
 from test_selector import exact_inclusion
 
 
@@ -104,7 +104,11 @@ def test_rescaled_eswp_keeps_never_scored_at_weight_one_and_names_itself(tmp_pat
     assert set(range(40, 50)) <= set(kept_ids(tmp_path / "m", corpus, 1).tolist())
     assert summary["never_scored"] == 10 and summary["pruned"] > 0 and summary["rescaled"] > 0
     # a resumed run must prune the same way: plain ESWP's pruner refuses this one's state
-    plain = Pruner(corpus, store, ESWPPolicy(0.3, anneal=0.0, burn_in_epochs=0), tmp_path / "m")
+    # (another run in the same directory: refused at construction unless overwrite=True)
+    with pytest.raises(ManifestError, match="rescale='True' there, None here"):
+        Pruner(corpus, store, ESWPPolicy(0.3, anneal=0.0, burn_in_epochs=0), tmp_path / "m")
+    plain = Pruner(corpus, store, ESWPPolicy(0.3, anneal=0.0, burn_in_epochs=0), tmp_path / "m",
+                   overwrite=True)
     with pytest.raises(ValueError, match="cannot resume: the checkpoint.s pruner has (min_keep|rescale)"):
         plain.load_state_dict(pruner.state_dict())
     assert "rescale" not in plain.state_dict()  # plain ESWP's write ids are as they were
