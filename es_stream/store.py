@@ -16,7 +16,7 @@ from ._check import int_at_least
 from .chunks import CHUNK, chunk_ranges
 from .distributed import UpdateLog
 from .errors import ScoreError
-from .feedback import FeedbackChannel
+from .device_channel import FeedbackChannel
 from .scorefile import (allocate, check_length, create, file_fingerprint, metadata_path,
                         read_metadata, remove_stale_temporaries, saved_length, write_metadata)
 from .writebuffer import WriteBuffer
