@@ -9,7 +9,7 @@ from .checkpoint import Checkpointer
 from .corpus import Corpus, ShardInfo
 from .dataset import ESDataset, loader
 from .distributed import merge_rank_scores
-from .feedback import FeedbackChannel
+from .device_channel import FeedbackChannel
 from .errors import (ESStreamError, IndexFileError, ManifestError, MissingExtraError, SampleError,
                      ScoreError, ShardError, StaleIndexError)
 from .metabatch import MetaBatch

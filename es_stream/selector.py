@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ._check import integer
-from .feedback import FeedbackChannel
+from .device_channel import FeedbackChannel
 from .metrics import LogFn, SelectionStats, check_log_fn, emit
 from .store import ScoreStore, as_index, positive_int
 

@@ -92,7 +92,8 @@ class TrainingState:
     Args (all keyword, all optional; give the parts the run has):
         dataset: the :class:`ESDataset`; its place in the current epoch is the number of
             meta-batches :func:`es_stream.loader` has yielded of it (a loop that iterates it
-            some other way saves ``dataset.state_at(k)`` itself, as another part).
+            some other way and counts itself reports its count to the dataset:
+            ``dataset.track(es_stream.dataset.BatchCount(epoch, k))``, and counts in it).
         selector: an :class:`ESSelector` or any other selector.
         pruner: the :class:`Pruner` (its state only checks that a resumed run prunes alike).
         store: the :class:`ScoreStore`; default the selector's, else the pruner's.

@@ -98,3 +98,13 @@ def test_cuda_host_store_channel_makes_no_host_sync(tmp_path):
 def test_selector_checks_max_pending_up_front():
     with pytest.raises(ValueError, match="max_pending must be an integer >= 1, got 0"):
         ESSelector(10, 2, max_pending=0)
+
+
+def test_the_old_module_path_still_works_with_a_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("es_stream.feedback", None)
+    with pytest.warns(DeprecationWarning, match="es_stream.feedback is deprecated"):
+        old = importlib.import_module("es_stream.feedback")
+    assert old.FeedbackChannel is FeedbackChannel

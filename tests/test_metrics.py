@@ -113,9 +113,11 @@ def test_stats_resume_bit_identical_beyond_the_reservoir(tmp_path: Path) -> None
     for ids, l in batches[:6]:
         a.select(ids, l)
     path = tmp_path / "state.pt"
-    torch.save(a.state_dict(), path)
+    torch.save({"selector": a.state_dict(), "store": a.store.state_dict()}, path)
     resumed = make()
-    resumed.load_state_dict(torch.load(path, weights_only=False))
+    saved = torch.load(path, weights_only=True)
+    resumed.load_state_dict(saved["selector"])
+    resumed.store.load_state_dict(saved["store"])  # the scores: the store's own state
     for ids, l in batches[6:]:
         a.select(ids, l)
         resumed.select(ids, l)

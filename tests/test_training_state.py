@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import es_stream as es
+from es_stream.dataset import BatchCount
 from conftest import write_clusters
 
 EPOCHS, META_BATCH, BATCH, EVERY = 4, 16, 6, 5
@@ -101,8 +102,11 @@ def test_dataset_state_dict_counts_what_the_loader_yielded(corpus_path):
     dataset = es.ESDataset(corpus, META_BATCH, seed=3)
     assert dataset.state_dict()["batches"] == 0
     for workers in (0, 2):
-        for k, mb in enumerate(es.loader(dataset, num_workers=workers), start=1):
+        batches = es.loader(dataset, num_workers=workers)
+        for k, mb in enumerate(batches, start=1):
             assert dataset.state_dict()["batches"] == k
+            if workers:  # the loader owns the count the dataset reports
+                assert (batches.count.epoch, batches.count.batches) == (0, k)
             if k == 4:
                 break
     state = dataset.state_dict()
@@ -115,6 +119,11 @@ def test_dataset_state_dict_counts_what_the_loader_yielded(corpus_path):
     with pytest.raises(ValueError, match="does not count the meta-batches.*es_stream.loader"):
         dataset.state_dict()
     assert dataset.state_at(1)["batches"] == 1
+    with pytest.warns(DeprecationWarning, match="state_dict\\(num_batches\\) is deprecated"):
+        assert dataset.state_dict(2)["batches"] == 2  # the old call still answers
+    # a loop counting by itself reports its count the way the loader does
+    dataset.track(BatchCount(1, 3))
+    assert dataset.state_dict()["batches"] == 3
 
 
 def test_restore_refuses_a_checkpoint_of_other_parts(corpus_path, tmp_path):
