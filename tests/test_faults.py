@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +258,7 @@ def test_progress_is_drawn_only_on_a_terminal(tmp_path):
 
 # ---------------------------------------------------------------- extras
 def test_the_readme_tools_have_extras():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("matplotlib") for dep in extras["plot"])
     assert any(dep.startswith("duckdb") for dep in extras["query"])
