@@ -5,7 +5,7 @@ in :data:`READERS`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..corpus import Corpus
 
 
+@runtime_checkable
 class ShardReader(Protocol):
     """Random access to the samples of one indexed corpus.
 
