@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from .atomic import fsync_path, public_mode
 from ._version import __version__
 from .corpus import Corpus
+from .mds_index import check_safe_columns
 from .shard_paths import is_local_url, local_path
 from .sources import open_reader
 
@@ -43,7 +44,7 @@ _LEGACY_NAMES = re.compile(r"shard-\d{6}\.tar|shard\.\d{5}\.mds(\.[a-z0-9]+)?|in
 
 def compact(corpus: Corpus, kept_ids: np.ndarray, out_dir: str | os.PathLike, fmt: str | None = None,
             max_count: int = 10_000, progress: Callable[..., Iterable] | None = None, *,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, allow_unsafe_types: bool = False) -> str:
     """Write the kept samples (in id order) to a new directory ``out_dir`` as ``fmt`` (default:
     the corpus's own format). Returns the path of ``mapping.parquet`` (``old_id``, ``new_id``).
 
@@ -72,6 +73,9 @@ def compact(corpus: Corpus, kept_ids: np.ndarray, out_dir: str | os.PathLike, fm
       renamed aside to ``.NAME.old-XXXX`` first), then the old one is deleted file by file.
 
     ``out_dir`` may be a symlink to a directory: the link is kept and its target replaced.
+
+    An MDS corpus with a ``pkl`` column is refused (``ValueError``) unless
+    ``allow_unsafe_types``: its values are unpickled to be written again, which runs code.
     """
     fmt = fmt or corpus.format
     if fmt not in ("wds", "mds"):
@@ -83,13 +87,16 @@ def compact(corpus: Corpus, kept_ids: np.ndarray, out_dir: str | os.PathLike, fm
     _check_no_overlap(corpus, os.fspath(out_dir), target)
     replaces = _check_target(target, overwrite)
     kept_ids = corpus.check_ids(kept_ids, "kept ids")
+    if corpus.mds is not None:
+        check_safe_columns(corpus.mds.index, corpus.mds.local, allow_unsafe_types,
+                           "compact(..., allow_unsafe_types=True)")
     _warn_leftovers(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     public_mode(tmp, directory=True)  # it becomes --out: readable as a mkdir'd directory is
     try:
-        _write_all(corpus, kept_ids, tmp, fmt, max_count, progress)
+        _write_all(corpus, kept_ids, tmp, fmt, max_count, progress, allow_unsafe_types)
         _move_into_place(tmp, target, replaces)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # ours alone: mkdtemp made it, hidden, this run
@@ -186,9 +193,9 @@ def _warn_leftovers(target: str) -> None:
 
 # ------------------------------------------------------------------ writing aside, moving in
 def _write_all(corpus: Corpus, kept_ids: np.ndarray, tmp: str, fmt: str, max_count: int,
-               progress) -> None:
+               progress, allow_unsafe_types: bool) -> None:
     shards, positions = corpus.locate(kept_ids)
-    reader = open_reader(corpus)
+    reader = open_reader(corpus, allow_unsafe_types=allow_unsafe_types)
     rows = zip(kept_ids.tolist(), shards.tolist(), positions.tolist())
     if progress is not None:
         rows = progress(rows, total=len(kept_ids), desc="compact", unit="sample")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import operator
 import os
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -21,72 +20,14 @@ from .shard_paths import is_local_url
 from .distributed import rank_and_world_size, worker_and_count
 from .errors import SampleError, ShardError
 from .manifest import SUCCESS, EpochKeep, epoch_dir, read_epoch
+from .mds_index import check_safe_columns
 from .metabatch import MetaBatch
 from .plan import EpochPlan, worker_resume
 from .sources import ShardReader, open_reader
+# the decoding helpers lived here; kept importable from here
+from .decode import collate_samples, resolve_decode, webdataset_decode  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-def webdataset_decode(*handlers: str | Callable, partial: bool = False) -> Callable[[dict], Any]:
-    """webdataset's decoding, as ``wds.WebDataset(...).decode(*handlers)`` builds it:
-    ``webdataset.autodecode.Decoder([...])`` whose handlers are ``imagehandler(spec)`` for a
-    string and the callable itself otherwise, between webdataset's default pre-handlers
-    (``.gz``) and post-handlers (``.cls`` -> int, ``.txt`` -> str, ``.json``, ``.npy``,
-    ``.pth``, ...; unknown suffixes stay bytes). No handlers: the default decoding alone.
-
-    Raises ``ValueError`` listing the valid image specs for an unknown string, ``TypeError``
-    for a handler that is neither a string nor callable."""
-    from webdataset.autodecode import Decoder, imagehandler, imagespecs
-
-    built = []
-    for h in handlers:
-        if isinstance(h, str):
-            if h.lower() not in imagespecs:
-                raise ValueError(f"decode={h!r} is not one of webdataset's image decoder "
-                                 f"shorthands {sorted(imagespecs)}; pass one of them, or a "
-                                 "function sample -> decoded sample")
-            built.append(imagehandler(h.lower()))
-        elif callable(h):
-            built.append(h)
-        else:
-            raise TypeError(f"decode: a handler must be a webdataset image spec (a string such "
-                            f"as 'pil') or a callable (key, data) -> value, got "
-                            f"{type(h).__name__} {h!r:.60}")
-    return Decoder(built, partial=partial)
-
-
-def _as_list(batch: list, *, collate_fn_map: Any = None) -> list:
-    return list(batch)
-
-
-def collate_samples(batch: list) -> Any:
-    """ESDataset's default collation: ``torch.utils.data.default_collate``, except that PIL
-    images (what ``decode="pil"`` gives) stay a list, as webdataset's own collation keeps
-    objects it cannot stack, instead of default_collate's TypeError."""
-    from torch.utils.data._utils.collate import collate, default_collate_fn_map
-
-    image = sys.modules.get("PIL.Image")  # no PIL imported: no PIL image to collate
-    if image is None:
-        return default_collate(batch)
-    return collate(batch, collate_fn_map={**default_collate_fn_map, image.Image: _as_list})
-
-
-def resolve_decode(decode: Any, format: str) -> Callable[[dict], Any] | None:
-    """The per-sample function ``ESDataset(decode=...)`` stands for (see its docstring)."""
-    if decode is None:
-        return webdataset_decode() if format == "wds" else None
-    # MDS columns are typed already: only bytes columns pass the handlers (partial decoding)
-    partial = format == "mds"
-    if isinstance(decode, str):
-        return webdataset_decode(decode, partial=partial)
-    if isinstance(decode, (list, tuple)):
-        return webdataset_decode(*decode, partial=partial)
-    if not callable(decode):
-        raise TypeError(f"decode must be a function sample -> decoded sample, a webdataset image "
-                        f"spec such as 'pil', or a list of specs and webdataset handlers; got "
-                        f"{type(decode).__name__} {decode!r:.60}")
-    return decode
 
 
 class ESDataset(IterableDataset):
@@ -160,6 +101,11 @@ class ESDataset(IterableDataset):
             rescaled), so ``(losses * mb.weights).mean()`` needs no case for unpruned epochs.
         rank, world_size: override what is read from ``torch.distributed`` or the environment
             (``RANK``/``WORLD_SIZE``) when the dataset is created.
+        allow_unsafe_types: load pickles, which run code their author chose: tar members
+            ``.pyd``/``.pickle``/``.pkl`` (and ``.pth`` beyond tensors) with the default decoding,
+            MDS ``pkl`` columns. Off by default, as in streaming's ``StreamingDataset``: such a
+            member is a :class:`~es_stream.errors.SampleError` naming the opt-in, an MDS corpus
+            with a ``pkl`` column a ``ValueError`` here. Turn it on only for data you trust.
     """
 
     def __init__(self, corpus: Corpus, meta_batch_size: int,
@@ -167,7 +113,7 @@ class ESDataset(IterableDataset):
                  collate: Callable[[list], Any] | None = None, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, on_error: str = "raise", *, block_size: int = 1 << 18,
                  manifests: str | os.PathLike | None = None, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, allow_unsafe_types: bool = False) -> None:
         super().__init__()
         if not isinstance(corpus, Corpus):
             raise TypeError(f"corpus must be an es_stream.Corpus, got {type(corpus).__name__}")
@@ -182,9 +128,13 @@ class ESDataset(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
         corpus.check_fresh()
+        if corpus.mds is not None:
+            check_safe_columns(corpus.mds.index, corpus.mds.local, allow_unsafe_types,
+                               "ESDataset(..., allow_unsafe_types=True)")
+        self.allow_unsafe_types = allow_unsafe_types
         self.corpus = corpus
         self.meta_batch_size = meta_batch_size
-        self.decode = resolve_decode(decode, corpus.format)
+        self.decode = resolve_decode(decode, corpus.format, allow_unsafe_types)
         if collate is not None and not callable(collate):
             raise TypeError(f"collate must be a function list of samples -> batch, got "
                             f"{type(collate).__name__} {collate!r:.60}")
@@ -380,7 +330,7 @@ class ESDataset(IterableDataset):
         self._started_epoch.fill_(epoch)
         batches = plan.worker_batches(num_workers, run, skip)
         keep = self.epoch_keep(epoch)
-        reader = open_reader(self.corpus)
+        reader = open_reader(self.corpus, allow_unsafe_types=self.allow_unsafe_types)
         failed_shards: set[int] = set()  # shards this worker can no longer read, this epoch
         # iterated in this process: it hands the meta-batches out, so it counts them
         count = BatchCount(epoch, self.resume_batches(epoch))

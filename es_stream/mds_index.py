@@ -218,3 +218,22 @@ def mds_identity(entry: dict[str, Any]) -> tuple[Any, ...]:
     may not be fetched yet, so its size in ``index.json`` stands in for the one on disk)."""
     raw = entry["raw_data"]
     return raw["basename"], entry["samples"], raw["bytes"]
+
+
+#: MDS encodings whose decoding runs code (streaming's own list of unsafe encodings)
+UNSAFE_ENCODINGS = frozenset({"pkl"})
+
+
+def check_safe_columns(index: dict[str, Any], where: str, allow_unsafe_types: bool,
+                       opt_in: str) -> None:
+    """Refuse an MDS index with a column whose decoding unpickles (``pkl``), unless
+    ``allow_unsafe_types``: a ``ValueError`` naming ``where``, the column and ``opt_in``, the
+    argument that allows it. streaming's ``StreamingDataset`` refuses them the same way."""
+    if allow_unsafe_types:
+        return
+    for i, entry in enumerate(index["shards"]):
+        for name, encoding in zip(entry["column_names"], entry["column_encodings"]):
+            if encoding in UNSAFE_ENCODINGS:
+                raise ValueError(f"{where}: column {name!r} (shard entry {i}) is {encoding!r}, "
+                                 "decoded by unpickling, which runs code its writer chose; pass "
+                                 f"{opt_in} only for data you trust")

@@ -5,11 +5,12 @@ in :data:`READERS`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..errors import ShardError
+from ..mds_index import check_safe_columns
 from .mds import MDSShardReader
 from .wds import WDSShardReader
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from ..corpus import Corpus
 
 
+@runtime_checkable
 class ShardReader(Protocol):
     """Random access to the samples of one indexed corpus.
 
@@ -48,8 +50,14 @@ READERS: dict[str, Callable[["Corpus"], ShardReader]] = {
 }
 
 
-def open_reader(corpus: "Corpus") -> ShardReader:
-    """A reader for ``corpus``'s format, to be created in the process that reads."""
+def open_reader(corpus: "Corpus", *, allow_unsafe_types: bool = False) -> ShardReader:
+    """A reader for ``corpus``'s format, to be created in the process that reads.
+
+    An MDS corpus with a ``pkl`` column (read by unpickling: it runs code) is refused with a
+    ``ValueError`` unless ``allow_unsafe_types``."""
+    if corpus.mds is not None:
+        check_safe_columns(corpus.mds.index, corpus.mds.local, allow_unsafe_types,
+                           "allow_unsafe_types=True")
     try:
         make = READERS[corpus.format]
     except KeyError:

@@ -31,7 +31,7 @@ from ..tar_table import py_text
 # 0: only samples that touch on disk share a read, so nothing between them — a pruned sample, or
 # one another meta-batch reads — is ever read here (es-stream's promise: pruned samples are never
 # read). Reading small gaps would save system calls but break that promise; the bulk header
-# check, not the coalescing, is most of this path's speed-up (BENCHMARKS.md, issue 17).
+# check, not the coalescing, is most of this path's speed-up (BENCHMARKS.md).
 COALESCE_GAP = 0
 # and one coalesced read stays under this, so a meta-batch never holds a whole shard twice
 COALESCE_MAX = 8 << 20
