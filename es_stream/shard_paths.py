@@ -117,8 +117,8 @@ def stored_path(name: str, index_dir: str) -> str:
         return name
     path = os.path.abspath(local_path(name))
     base = os.path.abspath(index_dir)
-    if path.startswith(base.rstrip(os.sep) + os.sep):
-        return os.path.relpath(path, base)
+    if path == base or path.startswith(base.rstrip(os.sep) + os.sep):
+        return os.path.relpath(path, base)  # "." for the index's own directory (MDS local)
     return path
 
 

@@ -136,6 +136,11 @@ def test_mds_index_moved_with_its_shards_loads_from_anywhere(tmp_path, monkeypat
     np.testing.assert_array_equal(
         Corpus.load(tmp_path / "alone.parquet", root=tmp_path / "b").shard_counts,
         corpus.shard_counts)
+    # an index saved inside the MDS directory itself stores it as "."
+    corpus.save(tmp_path / "b" / "mds" / "inside.parquet")
+    assert metadata(tmp_path / "b" / "mds" / "inside.parquet")["mds"]["local"] == "."
+    shutil.move(tmp_path / "b" / "mds", tmp_path / "c")
+    assert Corpus.load(tmp_path / "c" / "inside.parquet").num_samples == corpus.num_samples
 
 
 def test_cli_scores_an_index_given_by_absolute_path_from_another_directory(tmp_path, monkeypatch):
