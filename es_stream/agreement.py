@@ -92,7 +92,7 @@ def dataset_fields(dataset: Any, epoch: int) -> dict[str, Any]:
     drop_last, the world size it partitions for, the epoch, and the run that wrote its manifests
     (None without), and that the rank the dataset partitions for is the process's own
     (``dataset_rank_is_process_rank``)."""
-    from .manifest import run_id
+    from .manifest_run import run_id
 
     corpus = dataset.corpus
     shards = [{k: v for k, v in dataclasses.asdict(s).items() if k not in _LOCAL_ONLY}

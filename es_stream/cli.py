@@ -144,7 +144,8 @@ def _burn_in_epochs(manifests: str, first_epoch: int) -> int | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .manifest import epoch_dir, read_run
+    from .manifest import epoch_dir
+    from .manifest_run import read_run
 
     record = read_run(manifests)
     if record is not None and "burn_in_epochs" in record["settings"]:
@@ -177,7 +178,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .corpus import Corpus
     from .policy import ESWPPolicy, InfoBatchPolicy
     from .pruner import Pruner
-    from .store import ScoreStore
 
     policy = _prune_policy(args)  # argument errors first, before any file is read
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -19,8 +19,9 @@ from ._version import __version__
 from .corpus import Corpus
 from .distributed import merge_rank_scores
 from .metrics import LogFn, check_log_fn, emit
-from .manifest import (WRITE_ID, check_run, claim_run, clear_success, epoch_writer, mark_success,
-                       read_epoch, run_record, shard_file, write_shard)
+from .manifest import (WRITE_ID, clear_success, epoch_writer, mark_success, read_epoch, shard_file,
+                       write_shard)
+from .manifest_run import check_run, claim_run, run_record
 from .policy import CHUNK, Decision, Policy
 from .schedule import schedule_warning, why_kept_all
 from .store import ScoreStore

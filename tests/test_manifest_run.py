@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from es_stream import Corpus, ESDataset, ESWPPolicy, InfoBatchPolicy, ManifestError, Pruner, ScoreStore
-from es_stream.manifest import RUN, read_run, run_id
+from es_stream.manifest_run import RUN, read_run, run_id
 from es_stream.schedule import pruned_epochs, schedule_warning, why_kept_all
 
 
