@@ -128,7 +128,7 @@ def chunked_top_k_mask(read: Read, n: int, k: int, seed: int, epoch: int, chunk:
     result is the same either way, only slower. Memory: ``n / 8`` bytes of bits (125 MB at 1e9)
     plus the bracket's keys.
 
-    **Change of definition** (issue 17): the keys were float64 (``numpy``'s exponential draws,
+    **Change of definition** (version 0.1, see BENCHMARKS.md): the keys were float64 (``numpy``'s exponential draws,
     seed domain 2) and found in four passes (329 s at 1e9). They are now float32, from raw PCG64
     bits (seed domain 8): the same distribution (successive sampling), other draws for a given
     seed, so a seed's kept set differs from before. Tested: the kept set is the one-shot
@@ -501,7 +501,7 @@ class InfoBatchPolicy(Policy):
     a loss); with none scored, everything is kept. Scores must be finite.
 
     The drops are float32 uniforms from raw PCG64 bits (:func:`uniform32`; float64 draws of
-    another stream before issue 17): the same rule, other draws for a given seed. Two passes
+    another stream in earlier versions): the same rule, other draws for a given seed. Two passes
     over the scores (the mean, the decision), memory bounded by one chunk.
     """
 

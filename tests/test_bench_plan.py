@@ -206,7 +206,7 @@ def test_the_variants_grid_shares_the_main_runs_and_gives_each_variant_its_optio
                                "--b-ramp", "0.5", "--fresh-epochs", "2",
                                "--rescale-min-keep", "0.2"))
     main, variants = exps["mnist1d-noise0"], exps["variants"]
-    assert not set(P.VARIANTS) & set(main.methods)  # the default --methods: issue 7's tables
+    assert not set(P.VARIANTS) & set(main.methods)  # the default --methods: the first evidence tables
     assert set(P.VARIANTS) <= set(variants.methods)
     for m in ("uniform", "es", "eswp", "infobatch", "random"):
         assert P.planned_run(variants, m, 0).key == P.planned_run(main, m, 0).key, m
@@ -262,7 +262,7 @@ def test_reference_flags_key_only_the_methods_that_read_the_reference(tmp_path: 
     text = by_name(experiments(tmp_path, "--workload", "textlm", "--methods", "uniform,rho"))
     assert text["textlm"].config["ref_model"]["width"] == 64
     assert text["textlm"].config["ref_model"]["heldout"] == 4096
-    # the new methods are opt-in: the default --methods is issue 7's
+    # the new methods are opt-in: the default --methods is the first tables'
     assert not set(P.REFERENCE_METHODS) & set(P.parse_args(["--all"]).methods)
 
 

@@ -1,4 +1,4 @@
-"""Selection stats and pruning summaries (issue 16 item 5), checked against a direct computation:
+"""Selection stats and pruning summaries, checked against a direct computation:
 real webdataset shards read through real DataLoader workers, a shadow copy of the ES rule kept
 in numpy beside the selector, and the stats compared with numpy's quantiles of what it saw."""
 

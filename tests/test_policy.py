@@ -221,7 +221,7 @@ def test_integer_arguments_accept_numpy_and_refuse_the_rest():
         policy.decide(lambda a, b: scores[a:b], 200, -1, 4)
 
 
-# ---- the one-pass decision (issue 17): float32 keys, a sampled bracket, an exact fix-up ----
+# ---- the one-pass decision: float32 keys, a sampled bracket, an exact fix-up ----
 
 def one_shot_top_k(scores, k, chunk, scored=None):
     """The definition, computed at once: the k largest float32 keys (ties to the lower id)."""
