@@ -22,6 +22,7 @@ from .errors import SampleError, ShardError
 from .manifest import SUCCESS, EpochKeep, epoch_dir, read_epoch
 from .metabatch import MetaBatch
 from .plan import EpochPlan, worker_resume
+from .remote.store import obstore_used_here, reads_by_range
 from .sources import open_reader
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,9 @@ class ESDataset(IterableDataset):
         self.collate = collate if collate is not None else collate_samples
         self.shuffle, self.seed, self.drop_last, self.on_error = shuffle, seed, drop_last, on_error
         self.block_size = block_size
-        self.seekable = corpus.format == "mds" or all(is_local_url(s.name) for s in corpus.shards)
+        # object-store shards are read by byte range (es_stream.remote), so they seek too
+        self.seekable = corpus.format == "mds" or all(
+            is_local_url(s.name) or reads_by_range(s.name) for s in corpus.shards)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         # resume point [epoch (-1: none), meta-batches consumed, workers they came from], and the
         # worker count of the last iteration started (0: none yet); shared like the epoch
@@ -544,5 +547,8 @@ def loader(dataset: ESDataset, num_workers: int = 2, **kwargs: Any) -> DataLoade
         seed = np.random.SeedSequence([dataset.seed, dataset.rank, dataset.epoch]).generate_state(
             1, np.uint64)[0]
         options["generator"] = torch.Generator().manual_seed(int(seed))
+    if num_workers > 0 and obstore_used_here():
+        # obstore's runtime (object-store shards) hangs in a forked child once started here
+        options["multiprocessing_context"] = "forkserver"
     options.update(kwargs)
     return _CountingLoader(dataset, **options)

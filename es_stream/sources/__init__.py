@@ -8,6 +8,12 @@ def open_reader(corpus):
         from .mds import MDSShardReader
 
         return MDSShardReader(corpus)
+    from ..remote.store import reads_by_range
+
+    if any(reads_by_range(s.name) for s in corpus.shards):  # object-store shards, by range
+        from ..remote.tar import RemoteTarReader
+
+        return RemoteTarReader(corpus)
     from .wds import WDSShardReader
 
     return WDSShardReader(corpus)
