@@ -23,6 +23,7 @@ from .manifest import SUCCESS, EpochKeep, epoch_dir, read_epoch
 from .mds_index import check_safe_columns
 from .metabatch import MetaBatch
 from .plan import EpochPlan, worker_resume
+from .remote.store import obstore_used_here, reads_by_range
 from .sources import ShardReader, open_reader
 # the decoding helpers lived here; kept importable from here
 from .decode import collate_samples, resolve_decode, webdataset_decode  # noqa: F401
@@ -141,7 +142,9 @@ class ESDataset(IterableDataset):
         self.collate = collate if collate is not None else collate_samples
         self.shuffle, self.seed, self.drop_last, self.on_error = shuffle, seed, drop_last, on_error
         self.block_size = block_size
-        self.seekable = corpus.format == "mds" or all(is_local_url(s.name) for s in corpus.shards)
+        # object-store shards are read by byte range (es_stream.remote), so they seek too
+        self.seekable = corpus.format == "mds" or all(
+            is_local_url(s.name) or reads_by_range(s.name) for s in corpus.shards)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         # resume point [epoch (-1: none), meta-batches consumed, workers they came from], and the
         # worker count of the last iteration started (0: none yet); shared like the epoch
@@ -478,7 +481,7 @@ class BatchCount:
 
 def _counted_dataset(dataset: Any) -> bool:
     """A dataset whose meta-batches the loader counts: an ESDataset, or one that speaks its
-    progress protocol (``_count``, ``_resume_base``, ``epoch``, ``seed``, ``rank``), as
+    progress protocol (``track``, ``resume_batches``, ``epoch``, ``seed``, ``rank``), as
     :class:`es_stream.mixing.MixedDataset` does by setting ``loader_counts = True``."""
     return isinstance(dataset, ESDataset) or getattr(type(dataset), "loader_counts", False)
 
@@ -529,5 +532,8 @@ def loader(dataset: ESDataset, num_workers: int = 2, **kwargs: Any) -> DataLoade
         seed = np.random.SeedSequence([dataset.seed, dataset.rank, dataset.epoch]).generate_state(
             1, np.uint64)[0]
         options["generator"] = torch.Generator().manual_seed(int(seed))
+    if num_workers > 0 and obstore_used_here():
+        # obstore's runtime (object-store shards) hangs in a forked child once started here
+        options["multiprocessing_context"] = "forkserver"
     options.update(kwargs)
     return _CountingLoader(dataset, **options)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .dataset import ESDataset
+from .dataset import BatchCount, ESDataset
 from .distributed import worker_and_count
 from .metabatch import MetaBatch
 from .plan import EpochPlan, worker_batch_range, worker_resume
@@ -154,7 +154,7 @@ class MixedDataset(IterableDataset):
     ``MetaBatch.ids`` are mix ids (:attr:`offsets`); :meth:`corpus_of` maps them back.
     """
 
-    loader_counts = True  # es_stream.loader counts what it yields (see _count)
+    loader_counts = True  # es_stream.loader counts what it yields (see track)
 
     def __init__(self, datasets: Sequence[ESDataset], proportions: Sequence[float] | None = None,
                  *, epoch_size: int | None = None, seed: int = 0) -> None:
@@ -264,10 +264,13 @@ class MixedDataset(IterableDataset):
         return self.plan().num_batches
 
     # ---------------------------------------------------------------- resume
-    def _count(self, epoch: int, batches: int) -> None:
-        self._progress = (epoch, batches)
+    def track(self, count: BatchCount) -> None:
+        """Report ``count`` as this dataset's place from now on (what hands the meta-batches to
+        the loop owns the count: :func:`es_stream.loader`'s loader, or this process)."""
+        self._progress = count
 
-    def _resume_base(self, epoch: int) -> int:
+    def resume_batches(self, epoch: int) -> int:
+        """Meta-batches of ``epoch`` a new iteration starts after (0 when no resume applies)."""
         resume_epoch, batches, _ = self._resume.tolist()
         return batches if resume_epoch == epoch else 0
 
@@ -275,12 +278,12 @@ class MixedDataset(IterableDataset):
         """Meta-batches of the current epoch consumed so far (as :func:`es_stream.loader`
         counted them, those before a resume included)."""
         epoch = self.epoch
-        if self._progress is not None and self._progress[0] == epoch:
-            return self._progress[1]
+        if self._progress is not None and self._progress.epoch == epoch:
+            return self._progress.batches
         if int(self._started_epoch) == epoch:
             raise ValueError(f"epoch {epoch} is being iterated by a DataLoader that does not count "
                              "what it yields: iterate through es_stream.loader(mixed_dataset)")
-        return self._resume_base(epoch)
+        return self.resume_batches(epoch)
 
     def _fields(self) -> dict[str, Any]:
         """What an exact resume needs unchanged: every corpus and its dataset settings."""
@@ -349,9 +352,9 @@ class MixedDataset(IterableDataset):
         readers: dict[int, Any] = {}
         failed: dict[int, set[int]] = {}
         here = get_worker_info() is None
-        done = self._resume_base(epoch)
+        count = BatchCount(epoch, self.resume_batches(epoch))
         if here:
-            self._count(epoch, done)
+            self.track(count)
         try:
             for c, ids in batches:
                 if c not in readers:
@@ -361,8 +364,7 @@ class MixedDataset(IterableDataset):
                 offset = int(self.offsets[c])
                 mb = replace(mb, ids=mb.ids + offset, lost_ids=mb.lost_ids + offset)
                 if here:
-                    done += 1
-                    self._count(epoch, done)
+                    count.batches += 1
                 yield mb
         finally:
             for reader in readers.values():

@@ -152,9 +152,10 @@ class _RangeHandler(_Handler):
         if body:
             with open(path, "rb") as f:
                 f.seek(start)
-                self.wfile.write(f.read(stop - start))
-            with owner.lock:
-                owner.bytes_sent += stop - start
+                data = f.read(stop - start)
+            with owner.lock:  # counted before it is sent: a client that has it sees it counted
+                owner.bytes_sent += len(data)
+            self.wfile.write(data)
 
     def do_GET(self) -> None:
         self._respond(True)
@@ -237,6 +238,8 @@ class _ProxyHandler(_Handler):
         self._throttled_write(owner, data)
 
     def _throttled_write(self, owner: "FaultProxy", data: bytes) -> None:
+        with owner.lock:  # counted before it is sent, as the Range server does
+            owner.bytes_sent += len(data)
         if not owner.bandwidth:
             self.wfile.write(data)
         else:
@@ -245,8 +248,6 @@ class _ProxyHandler(_Handler):
                 piece = data[i:i + chunk]
                 self.wfile.write(piece)
                 time.sleep(len(piece) / owner.bandwidth)
-        with owner.lock:
-            owner.bytes_sent += len(data)
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _proxy
 

@@ -183,3 +183,27 @@ def test_two_gloo_ranks_disjoint(corpora, tmp_path):
         single.set_epoch(epoch)
         expected = np.concatenate([mb.ids.numpy() for mb in loader(single, num_workers=0)])
         assert sorted(ids) == sorted(expected.tolist())  # the share does not depend on ranks
+
+
+def test_pruning_manifest_honoured_per_corpus(corpora, tmp_path):
+    import pyarrow.dataset as pads
+    import torch
+
+    from es_stream import ESWPPolicy, Pruner, ScoreStore
+
+    wds_corpus, mds_corpus = corpora
+    store = ScoreStore(wds_corpus.num_samples)  # the manifest is in the corpus's own ids
+    store.scatter(torch.arange(50), torch.rand(50, generator=torch.Generator().manual_seed(0)))
+    Pruner(wds_corpus, store, ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
+           tmp_path / "m").on_epoch_end(0, 4)
+    table = pads.dataset(str(tmp_path / "m" / "epoch=00001")).to_table()
+    kept = set(np.asarray(table.column("id"))[np.asarray(table.column("keep"))].tolist())
+    assert 0 < len(kept) < 50
+    parts = [ESDataset(wds_corpus, 4, seed=3, manifests=tmp_path / "m"), ESDataset(mds_corpus, 4)]
+    mix = MixedDataset(parts, (0.5, 0.5), seed=5)  # default size: kept + 50
+    ids = np.concatenate([mb.ids.numpy() for mb in _epoch(mix, 1)])
+    corpus, local = mix.corpus_of(ids)
+    total = len(kept) + 50
+    assert np.bincount(corpus).tolist() == mix_counts([len(kept), 50], [0.5, 0.5], total).tolist()
+    assert set(local[corpus == 0].tolist()) <= kept  # pruned samples never drawn
+    assert len(set(local[corpus == 0].tolist())) == min(len(kept), int((corpus == 0).sum()))

@@ -3,7 +3,6 @@ S3 API (moto) and a real Range HTTP server on 127.0.0.1, through a fault-injecti
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 from es_stream.errors import ShardError
 from es_stream.remote import RetryPolicy, coalesce_ranges, split_url
-from remote_fixtures import http_root, http_server, s3_env, s3_server  # noqa: F401 (fixtures)
+from remote_fixtures import http_root, http_server, s3_server  # noqa: F401 (fixtures)
 from servers import FaultProxy, RangeHTTPServer
 
 

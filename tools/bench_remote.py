@@ -3,6 +3,7 @@
     python tools/bench_remote.py clients   # ranged-GET throughput: obstore vs boto3 vs fsspec
     python tools/bench_remote.py gap       # seconds/requests/bytes per coalescing gap, 20 ms RTT
     python tools/bench_remote.py pruned    # bytes fetched by a pruned vs an unpruned epoch
+    python tools/bench_remote.py epoch     # ESDataset epochs over https:// tar shards, 20 ms
 
 Every server is real and local (tests/servers.py: moto's S3 API, a Range HTTP server, the
 fault proxy adding latency and a bandwidth cap); each section prints its figures side by side
@@ -135,9 +136,56 @@ def pruned(args: argparse.Namespace) -> None:
                       f"{f.bytes_fetched / 1e6:11.2f} {f.bytes_fetched / base:11.2f}")
 
 
+def epoch(args: argparse.Namespace) -> None:
+    """One ESDataset epoch over tar shards served by the Range HTTP server behind the proxy
+    (``--latency`` per request), unpruned and 50%-pruned (an ESWP manifest), 2 workers: bytes
+    and requests the server answered, samples/s, time to the first meta-batch."""
+    import torch
+    import webdataset as wds
+
+    from es_stream import Corpus, ESDataset, ESWPPolicy, Pruner, ScoreStore, loader
+    from es_stream.remote.tar import remote_corpus
+
+    n, sample = args.samples, args.sample_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = os.path.join(tmp, "shards")
+        os.makedirs(shards)
+        with wds.ShardWriter(os.path.join(shards, "s-%04d.tar"), maxcount=n // 4, verbose=0) as w:
+            for i in range(n):
+                w.write({"__key__": f"{i:08d}", "bin": os.urandom(sample), "cls": i % 10})
+        local = Corpus.from_webdataset(shards)
+        store = ScoreStore(local.num_samples)
+        store.scatter(torch.arange(n), torch.rand(n, generator=torch.Generator().manual_seed(0)))
+        Pruner(local, store, ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
+               os.path.join(tmp, "m")).on_epoch_end(0, 4)
+        with RangeHTTPServer(shards) as http, FaultProxy(http.port, latency_s=args.latency,
+                                                        bandwidth=args.bandwidth) as proxy:
+            remote = remote_corpus(local, [f"{proxy.url}/{os.path.basename(s.name)}"
+                                           for s in local.shards])
+            print(f"{n} samples of {sample} B in 4 tar shards over http, proxy "
+                  f"{args.latency * 1e3:.0f} ms per request; meta-batch 256, 2 workers")
+            print(f"{'case':10} {'samples':>8} {'requests':>9} {'MB':>7} {'x unpruned':>11} "
+                  f"{'samples/s':>10} {'first s':>8}")
+            base = None
+            for name, manifests in (("unpruned", None), ("pruned", os.path.join(tmp, "m"))):
+                ds = ESDataset(remote, 256, seed=0, manifests=manifests)
+                ds.set_epoch(1)
+                r0, b0 = proxy.requests, proxy.bytes_sent
+                t = time.perf_counter()
+                first, count = None, 0
+                for mb in loader(ds, num_workers=2):
+                    first = first or time.perf_counter() - t
+                    count += len(mb)
+                took = time.perf_counter() - t
+                fetched = proxy.bytes_sent - b0
+                base = base or fetched
+                print(f"{name:10} {count:8d} {proxy.requests - r0:9d} {fetched / 1e6:7.2f} "
+                      f"{fetched / base:11.2f} {count / took:10.0f} {first:8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=["clients", "gap", "pruned"])
+    parser.add_argument("section", choices=["clients", "gap", "pruned", "epoch"])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--size", type=int, default=4 << 20, help="object bytes (clients)")
     parser.add_argument("--length", type=int, default=256 << 10)
@@ -149,7 +197,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--bandwidth", type=float, default=50e6)
     args = parser.parse_args()
-    {"clients": clients, "gap": gap, "pruned": pruned}[args.section](args)
+    {"clients": clients, "gap": gap, "pruned": pruned, "epoch": epoch}[args.section](args)
 
 
 if __name__ == "__main__":

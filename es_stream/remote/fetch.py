@@ -39,7 +39,7 @@ import numpy as np
 
 from ..errors import ShardError
 from .ranges import coalesce_ranges
-from .store import open_store
+from .store import ForkedClientError, open_store
 
 # Ranges of one shard at most this many bytes apart share a request. Samples of a shard touch,
 # so every hole between two wanted ranges is at least one unwanted (pruned, or another
@@ -59,7 +59,12 @@ DEFAULT_IN_FLIGHT = 32
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard a request is tried before it is a :class:`ShardError` (see the module doc)."""
+    """How hard a request is tried before it is a :class:`ShardError` (see the module doc).
+
+    :meth:`from_env` reads overrides from ``ES_STREAM_RETRY_ATTEMPTS``,
+    ``ES_STREAM_TOTAL_TIMEOUT`` and ``ES_STREAM_REQUEST_TIMEOUT`` (seconds), which DataLoader
+    workers inherit: what readers made inside workers use.
+    """
 
     attempts: int = 6
     backoff: float = 0.1
@@ -67,6 +72,22 @@ class RetryPolicy:
     total_timeout: float = 60.0
     request_timeout: float = 20.0
     connect_timeout: float = 5.0
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        """The defaults, with the ``ES_STREAM_*`` variables that are set."""
+        kwargs: dict[str, Any] = {}
+        for var, name, kind in (("ES_STREAM_RETRY_ATTEMPTS", "attempts", int),
+                                ("ES_STREAM_TOTAL_TIMEOUT", "total_timeout", float),
+                                ("ES_STREAM_REQUEST_TIMEOUT", "request_timeout", float)):
+            raw = os.environ.get(var)
+            if raw is not None:
+                try:
+                    kwargs[name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"environment variable {var}={raw!r} must be a "
+                                     f"{kind.__name__}; fix or unset it") from None
+        return cls(**kwargs)
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -131,7 +152,7 @@ class RangeFetcher:
         self.storage_options = dict(storage_options or {})
         self.max_in_flight, self.max_buffered = max_in_flight, max_buffered
         self.gap, self.max_request = gap, max_request
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryPolicy.from_env()
         self.requests = 0
         self.attempts = 0
         self.bytes_fetched = 0
@@ -174,7 +195,8 @@ class RangeFetcher:
                 return bytes(data)
             except Exception as exc:
                 errors.append(_brief(exc))
-                permanent = isinstance(exc, (_Permanent, ValueError)) or _permanent(exc)
+                permanent = (isinstance(exc, (_Permanent, ValueError, ForkedClientError))
+                             or _permanent(exc))
                 pause = self._rng.uniform(0, min(r.max_backoff, r.backoff * 2 ** (attempt - 1)))
                 out_of_time = time.monotonic() + pause >= deadline
                 if permanent or attempt >= r.attempts or out_of_time or self._closed.is_set():
@@ -206,10 +228,25 @@ class RangeFetcher:
                              "(total_timeout + request_timeout): the server hangs; check it, or "
                              "lower RetryPolicy.request_timeout") from None
 
-    def iter_requests(self, requests: Iterable[tuple[str, int, int]]) -> Iterator[bytes]:
+    def iter_requests(self, requests: Iterable[tuple[str, int, int]], *,
+                      return_errors: bool = False) -> Iterator[bytes | ShardError]:
         """The bytes of each ``(url, start, end)`` request, in order, with at most
         ``max_in_flight`` requests and ``max_buffered`` bytes outstanding. On the first
-        :class:`ShardError` the requests not yet started are cancelled and it is raised."""
+        :class:`ShardError` the requests not yet started are cancelled and it is raised; with
+        ``return_errors`` each failed request yields its ShardError instead, and the others
+        go on (a reader then applies ``on_error`` request by request)."""
+        if return_errors:
+            yield from self._iter_requests(requests, self._wait_or_error)
+        else:
+            yield from self._iter_requests(requests, self._wait)
+
+    def _wait_or_error(self, future: Future, url: str, start: int, end: int) -> bytes | ShardError:
+        try:
+            return self._wait(future, url, start, end)
+        except ShardError as exc:
+            return exc
+
+    def _iter_requests(self, requests: Iterable[tuple[str, int, int]], wait: Any) -> Iterator[Any]:
         pool = self._executor()
         pending: deque[tuple[Future, str, int, int]] = deque()
         buffered = 0
@@ -220,12 +257,12 @@ class RangeFetcher:
                                    or buffered + size > self.max_buffered):
                     future, u, s, e = pending.popleft()
                     buffered -= e - s
-                    yield self._wait(future, u, s, e)
+                    yield wait(future, u, s, e)
                 pending.append((pool.submit(self._get, url, start, end), url, start, end))
                 buffered += size
             while pending:
                 future, u, s, e = pending.popleft()
-                yield self._wait(future, u, s, e)
+                yield wait(future, u, s, e)
         finally:
             for future, *_ in pending:
                 future.cancel()

@@ -35,6 +35,7 @@ _CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "connect_timeout", "
                 "proxy_url", "timeout", "user_agent", "read_timeout"}
 
 _stores: dict[tuple, Any] = {}
+_used_in: int | None = None  # the process that made obstore's runtime (its first store)
 _stores_lock = threading.Lock()
 _stores_pid = os.getpid()
 
@@ -44,6 +45,34 @@ def is_remote_url(url: str) -> bool:
     ``http(s)://``)."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     return scheme in REMOTE_SCHEMES
+
+
+class ForkedClientError(RuntimeError):
+    """obstore's runtime was started in a parent process that then forked this one: it does
+    not survive a fork (a request would hang), so the child must not use it."""
+
+
+def obstore_used_here() -> bool:
+    """Whether this process has started obstore's runtime: a DataLoader must then start its
+    workers by ``forkserver`` or ``spawn``, not ``fork`` (:func:`es_stream.loader` does)."""
+    return _used_in == os.getpid()
+
+
+def reads_by_range(url: str) -> bool:
+    """True for an object-store URL when obstore is installed: es-stream then reads it by
+    byte range. Without obstore such a URL is streamed through webdataset's ``gopen``, as
+    before the ``remote`` extra existed."""
+    if not is_remote_url(url):
+        return False
+    global _have_obstore
+    if _have_obstore is None:
+        import importlib.util
+
+        _have_obstore = importlib.util.find_spec("obstore") is not None
+    return _have_obstore
+
+
+_have_obstore: bool | None = None
 
 
 def _obstore():
@@ -93,8 +122,14 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None, *,
 
     Stores are made again after a fork (a DataLoader worker never uses its parent's client).
     """
-    global _stores_pid
+    global _stores_pid, _used_in
     obstore = _obstore()
+    if _used_in is not None and _used_in != os.getpid():
+        raise ForkedClientError(
+            f"cannot read {url}: obstore was used in the parent process (pid {_used_in}) before "
+            "it forked this one (a DataLoader worker?), and its runtime does not survive a fork "
+            "— a request would hang. Iterate through es_stream.loader (it starts workers by "
+            "forkserver then), or pass DataLoader(multiprocessing_context='forkserver')")
     root, path = split_url(url)
     scheme = root.split("://", 1)[0]
     options = dict(storage_options or {})
@@ -124,4 +159,5 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None, *,
                 kwargs.setdefault("config", {})["endpoint"] = endpoint
             store = obstore.store.from_url(root, **kwargs)
             _stores[key] = store
+            _used_in = os.getpid()
     return store, path

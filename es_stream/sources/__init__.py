@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import ShardError
 from ..mds_index import check_safe_columns
+from ..remote.store import reads_by_range
 from .mds import MDSShardReader
 from .wds import WDSShardReader
 
@@ -58,6 +59,10 @@ def open_reader(corpus: "Corpus", *, allow_unsafe_types: bool = False) -> ShardR
     if corpus.mds is not None:
         check_safe_columns(corpus.mds.index, corpus.mds.local, allow_unsafe_types,
                            "allow_unsafe_types=True")
+    if corpus.format == "wds" and any(reads_by_range(s.name) for s in corpus.shards):
+        from ..remote.tar import RemoteTarReader  # object-store shards, read by byte range
+
+        return RemoteTarReader(corpus)
     try:
         make = READERS[corpus.format]
     except KeyError:
