@@ -183,7 +183,7 @@ class MixedDataset(IterableDataset):
         self._resume = torch.tensor([-1, 0, 0], dtype=torch.int64).share_memory_()
         self._loader_workers = torch.zeros((), dtype=torch.int64).share_memory_()
         self._started_epoch = torch.full((), -1, dtype=torch.int64).share_memory_()
-        self._progress: tuple[int, int] | None = None
+        self._progress: BatchCount | None = None
         self._plan_cache: tuple[tuple, MixPlan] | None = None
         self.plan(0)
 
