@@ -22,9 +22,10 @@ from .score import Scorer, ScoreResult, score_corpus
 from .selector import (BatchSchedule, ESSelector, LossSelector, SelectiveBackpropSelector, Selector,
                        TopKSelector, UniformSelector)
 from .state import TrainingState
-from .store import ScoreStore
+from .store import MemoryScoreStore, ScoreStore
+from .mapped_store import MappedScoreStore  # registers the memory-mapped backing
 
-__all__ = [
+__all__ = ["MappedScoreStore", "MemoryScoreStore", 
     "BandPolicy", "BatchSchedule", "Checkpointer", "Corpus", "ESDataset", "ESSelector",
     "ESWPPolicy", "EpochPlan", "ESStreamError",
     "FeedbackChannel", "IndexFileError", "InfoBatchPolicy", "LossSelector", "ManifestError",

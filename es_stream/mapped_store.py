@@ -13,7 +13,7 @@ import torch
 from .chunks import chunk_ranges
 from .scorefile import (allocate, check_length, create, file_fingerprint, metadata_path,
                         read_metadata, remove_stale_temporaries, saved_length, write_metadata)
-from .store import ScoreStore, _encode, _refuse_nonfinite, positive_int
+from .store import BACKINGS, ScoreStore, _encode, _refuse_nonfinite, positive_int
 from .writebuffer import WriteBuffer
 
 
@@ -149,3 +149,6 @@ def _apply_buffer(file: _MappedScores, buffer: WriteBuffer, num_samples: int) ->
         if hi > lo:
             file.array[ids[lo:hi]] = values[lo:hi]
             file.release(start, stop)
+
+
+BACKINGS["mapped"] = MappedScoreStore

@@ -323,7 +323,7 @@ class MixedDataset(IterableDataset):
                              "pruning manifest rewritten?")
         self.set_epoch(epoch)
         self._resume.copy_(torch.tensor([epoch, batches, max(workers, 1)]))
-        self._progress = (epoch, batches)
+        self._progress = BatchCount(epoch, batches)
         if batches:
             self._loader_workers.fill_(max(workers, 1))
 

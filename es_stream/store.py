@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from .errors import ScoreError
 from .scorefile import (check_length, file_fingerprint, metadata_path, read_metadata,
                         remove_stale_temporaries, saved_length, write_metadata)
 
+if TYPE_CHECKING:
+    from .mapped_store import MappedScoreStore
+
 __all__ = ["CHUNK", "MappedScoreStore", "MemoryScoreStore", "PendingWriter", "RangeReader",
            "ScoreStore", "as_index", "metadata_path", "positive_int", "read_metadata",
            "saved_length"]
@@ -29,6 +32,11 @@ _TINY = float(np.finfo(np.float32).tiny)
 _CHECK_LOSS = ("a loss that overflowed or diverged reached the store: check the training loss "
                "(ESSelector.check_finite() on a GPU), then restore the scores from a checkpoint "
                "(Checkpointer.load(store=...)) before going on")
+
+
+#: backings that live in their own modules, registered there (``"mapped"``: es_stream.mapped_store,
+#: which the package imports with this one), so this module never imports them back
+BACKINGS: dict[str, type] = {}
 
 
 class PendingWriter(Protocol):
@@ -190,7 +198,7 @@ class ScoreStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, num_samples: int, buffer_size: int = 1 << 23, *,
-             fingerprint: str | None = None) -> MappedScoreStore:
+             fingerprint: str | None = None) -> "MappedScoreStore":
         """Open (or create) a memory-mapped store at ``path`` (a ``.npy`` file): a
         :class:`MappedScoreStore`.
 
@@ -198,7 +206,7 @@ class ScoreStore:
         one whose metadata records no corpus yet is bound to this one. The file's blocks are
         allocated now: a disk without room for it is a :class:`~es_stream.ScoreError` naming it.
         """
-        return MappedScoreStore(path, num_samples, buffer_size, fingerprint=fingerprint)
+        return BACKINGS["mapped"](path, num_samples, buffer_size, fingerprint=fingerprint)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None, *,
@@ -521,5 +529,9 @@ class MemoryScoreStore(ScoreStore):
             np.ascontiguousarray(raw, np.float32)).to(self._scores.device)
 
 
-# the memory-mapped backing lives in its own module, which builds on the definitions above
-from .mapped_store import MappedScoreStore  # noqa: E402
+def __getattr__(name: str) -> Any:
+    # `from es_stream.store import MappedScoreStore` keeps working: the class registers itself
+    # here when es_stream (which imports es_stream.mapped_store) is imported
+    if name == "MappedScoreStore":
+        return BACKINGS["mapped"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,8 @@
   integration, the CLI, the pipelines or the tools;
 * no module over 600 lines.
 
-Every import counts, at module level or inside a function, with one exception: imports inside a
+Every import counts, at module level or inside a function, except those in an ``if
+TYPE_CHECKING:`` block (never run) and imports inside a
 module-level ``__getattr__`` (PEP 562) that warns the name moved (calls ``warn_moved``). Those
 are the deprecated aliases of names that moved (e.g.
 ``es_stream.sources.mds.ESStreamingDataset``); they run only when the old name is looked up,
@@ -26,7 +27,7 @@ PACKAGE = ROOT / "es_stream"
 MAX_LINES = 600
 # Over the limit on this branch, split by another change: listed so the check stays on for
 # every other module; the test below fails once one of them is short enough, to drop it here.
-PENDING_SPLIT = {"es_stream/store.py"}
+PENDING_SPLIT: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:
@@ -59,6 +60,12 @@ def _is_deprecated_alias(node: ast.AST) -> bool:
         for n in ast.walk(node))
 
 
+def _is_type_checking_block(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` — imports for type checkers, never run."""
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and \
+        node.test.id == "TYPE_CHECKING" and not node.orelse
+
+
 def _imports(module: str, path: Path) -> set[str]:
     """Modules (of any package) ``module`` imports, outside deprecated aliases."""
     tree = ast.parse(path.read_text(), str(path))
@@ -69,6 +76,8 @@ def _imports(module: str, path: Path) -> set[str]:
         for child in ast.iter_child_nodes(node):
             if node is tree and _is_deprecated_alias(child):
                 continue  # see the module docstring
+            if _is_type_checking_block(child):
+                continue  # annotations only: never imported when the code runs
             if isinstance(child, ast.Import):
                 found.update(alias.name for alias in child.names)
             elif isinstance(child, ast.ImportFrom):

@@ -30,6 +30,7 @@ from es_stream import (Checkpointer, Corpus, ESDataset, ESSelector, ESWPPolicy, 
                        Selector, TopKSelector, TrainingState, UniformSelector)
 from es_stream.distributed import UpdateLog
 from es_stream.metrics import SelectionStats, _Reservoir
+from es_stream.mixing import MixedDataset
 from es_stream.store import MappedScoreStore, MemoryScoreStore
 
 N = 3000  # the selectors' store: larger than anything else a state holds
@@ -123,6 +124,10 @@ def builders(corpus, reference, tmp_path):
         it = iter(ds)  # iterated in this process: it counts what it hands out
         next(it), next(it)
 
+    def mixed():
+        return MixedDataset([ESDataset(corpus, 8, seed=3), ESDataset(corpus, 8, seed=5)],
+                            [0.7, 0.3], seed=3)
+
     def pruner():
         store = ScoreStore(corpus.num_samples)
         return Pruner(corpus, store, ESWPPolicy(ratio=0.3, anneal=0.25, burn_in_epochs=1),
@@ -147,6 +152,7 @@ def builders(corpus, reference, tmp_path):
 
     return {
         "ESDataset": (dataset, drive_dataset),
+        "MixedDataset": (mixed, drive_dataset),
         "UpdateLog": (UpdateLog, drive_log),
         "_Reservoir": (lambda: _Reservoir(8, seed=1), lambda r: r.add(torch.rand(20))),
         "SelectionStats": (lambda: SelectionStats(seed=1), drive_stats),
