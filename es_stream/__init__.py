@@ -19,7 +19,8 @@ from .band import BandPolicy, ThresholdPolicy
 from .pruner import Pruner
 from .reducible import ReducibleLossSelector
 from .score import Scorer, ScoreResult, score_corpus
-from .selector import (BatchSchedule, ESSelector, LossSelector, SelectiveBackpropSelector, Selector,
+from .batch_schedule import BatchSchedule
+from .selector import (ESSelector, LossSelector, SelectiveBackpropSelector, Selector,
                        TopKSelector, UniformSelector)
 from .state import TrainingState
 from .store import MemoryScoreStore, ScoreStore
