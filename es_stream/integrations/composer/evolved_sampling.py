@@ -369,7 +369,7 @@ class EvolvedSampling(Algorithm):
             state.update(self._pending or {})
             return state
         state["num_samples"] = self.selector.num_samples
-        state["selector"] = self.selector.state_dict(with_store=False)
+        state["selector"] = self.selector.state_dict()  # holds no scores: saved beside it
         state.update(self.scores.save(self.selector.store, self.selector.step))
         return state
 

@@ -23,7 +23,6 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 
 from ...corpus import Corpus
-from ...feedback import FeedbackChannel
 from ...manifest import read_epoch
 from ...policy import InfoBatchPolicy
 from ...pruner import Pruner
@@ -154,7 +153,6 @@ class InfoBatch(Algorithm):
         self.last_weights: torch.Tensor | None = None  # their loss weights (CPU float32)
         self.step = 0
         self._pending: dict[str, Any] | None = None
-        self._channels: dict[torch.device, FeedbackChannel] = {}
         self._weights_epoch: int | None = None
         self._up_ids = np.empty(0, np.int64)       # the epoch's ids with weight != 1, sorted
         self._up_weights = np.empty(0, np.float32)  # and their weights
@@ -281,10 +279,7 @@ class InfoBatch(Algorithm):
                 or store.device.type != "cpu":
             store.scatter(ids, losses, checked=True)
             return
-        channel = self._channels.get(losses.device)
-        if channel is None:
-            channel = self._channels[losses.device] = FeedbackChannel(store, losses.device)
-        channel.commit(ids, losses)
+        store.channel(losses.device).commit(ids, losses)
 
     def _end_step(self) -> None:
         if self.last_ids is None:
