@@ -268,29 +268,11 @@ class ESDataset(IterableDataset):
             if state[name] != mine:
                 raise ValueError(f"cannot resume: the state has {name}={state[name]!r}, this dataset "
                                  f"{name}={mine!r}; " + fix.format(name, state[name]))
-        epoch, batches, workers = int(state["epoch"]), int(state["batches"]), int(state["num_workers"])
-        total = self.plan(epoch).num_batches
-        if state["epoch_batches"] != total or not 0 <= batches <= total:
-            raise ValueError(f"cannot resume: epoch {epoch} had {state['epoch_batches']} meta-batches "
-                             f"when the state was taken (batches={batches}) and has {total} now; "
-                             "was its pruning manifest rewritten?")
-        self.set_epoch(epoch)
-        self._resume.copy_(torch.tensor([epoch, batches, max(workers, 1)]))
-        self._progress = BatchCount(epoch, batches)
-        if batches:
-            self._loader_workers.fill_(max(workers, 1))
+        restore_position(self, state)
 
     def _worker_run(self, epoch: int, num_batches: int, worker: int, num_workers: int) -> tuple[int, int]:
         """(run, skip) this worker reads: its own run from the start unless resuming ``epoch``."""
-        resume_epoch, consumed, taken_with = self._resume.tolist()
-        if resume_epoch != epoch or consumed == 0:
-            return worker, 0
-        if taken_with != num_workers:
-            raise ValueError(f"cannot resume epoch {epoch}: the state was taken with num_workers="
-                             f"{taken_with if taken_with > 1 else '0 or 1'} and this DataLoader has "
-                             f"num_workers={num_workers if num_workers > 1 else '0 or 1'}; resume with "
-                             "the same number of workers (the meta-batch order depends on it)")
-        return worker_resume(num_batches, num_workers, consumed, worker)
+        return worker_run(self._resume, epoch, num_batches, worker, num_workers)
 
     def epoch_keep(self, epoch: int) -> EpochKeep | None:
         """The manifest decision for ``epoch``, or None when nothing is pruned (cached)."""
@@ -477,6 +459,39 @@ class BatchCount:
 
     def __repr__(self) -> str:
         return f"BatchCount(epoch={self.epoch}, batches={self.batches})"
+
+def restore_position(dataset: Any, state: dict[str, Any]) -> None:
+    """Put ``dataset`` (an :class:`ESDataset` or a dataset of the same progress protocol, as
+    :class:`es_stream.mixing.MixedDataset`) at the place ``state`` records: its epoch, the
+    meta-batches consumed in it and the worker count they were read with. Raises ``ValueError``
+    when the epoch no longer has the meta-batches it had (a rewritten pruning manifest)."""
+    epoch, batches, workers = int(state["epoch"]), int(state["batches"]), int(state["num_workers"])
+    total = dataset.plan(epoch).num_batches
+    if state["epoch_batches"] != total or not 0 <= batches <= total:
+        raise ValueError(f"cannot resume: epoch {epoch} had {state['epoch_batches']} meta-batches "
+                         f"when the state was taken (batches={batches}) and has {total} now; "
+                         "was its pruning manifest rewritten?")
+    dataset.set_epoch(epoch)
+    dataset._resume.copy_(torch.tensor([epoch, batches, max(workers, 1)]))
+    dataset._progress = BatchCount(epoch, batches)
+    if batches:
+        dataset._loader_workers.fill_(max(workers, 1))
+
+
+def worker_run(resume: torch.Tensor, epoch: int, num_batches: int, worker: int,
+               num_workers: int) -> tuple[int, int]:
+    """(run, skip) a DataLoader worker reads of ``epoch``: its own run from the start, unless
+    ``resume`` (``[epoch, consumed, taken_with_workers]``) resumes this epoch."""
+    resume_epoch, consumed, taken_with = resume.tolist()
+    if resume_epoch != epoch or consumed == 0:
+        return worker, 0
+    if taken_with != num_workers:
+        raise ValueError(f"cannot resume epoch {epoch}: the state was taken with num_workers="
+                         f"{taken_with if taken_with > 1 else '0 or 1'} and this DataLoader has "
+                         f"num_workers={num_workers if num_workers > 1 else '0 or 1'}; resume with "
+                         "the same number of workers (the meta-batch order depends on it)")
+    return worker_resume(num_batches, num_workers, consumed, worker)
+
 
 
 def _counted_dataset(dataset: Any) -> bool:

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .dataset import BatchCount, ESDataset
+from .dataset import BatchCount, ESDataset, restore_position, worker_run
 from .distributed import worker_and_count
 from .metabatch import MetaBatch
-from .plan import EpochPlan, worker_batch_range, worker_resume
+from .plan import EpochPlan, worker_batch_range
 from .sources import open_reader
 
 
@@ -315,28 +315,11 @@ class MixedDataset(IterableDataset):
                                  f"{name}={mine!r}; build the MixedDataset (and its datasets) as "
                                  "when the state was taken")
         self.set_proportions(state["proportions"])
-        epoch, batches, workers = int(state["epoch"]), int(state["batches"]), int(state["num_workers"])
-        total = self.plan(epoch).num_batches
-        if state["epoch_batches"] != total or not 0 <= batches <= total:
-            raise ValueError(f"cannot resume: epoch {epoch} had {state['epoch_batches']} "
-                             f"meta-batches when the state was taken and has {total} now; was a "
-                             "pruning manifest rewritten?")
-        self.set_epoch(epoch)
-        self._resume.copy_(torch.tensor([epoch, batches, max(workers, 1)]))
-        self._progress = BatchCount(epoch, batches)
-        if batches:
-            self._loader_workers.fill_(max(workers, 1))
+        restore_position(self, state)
 
     def _worker_run(self, epoch: int, num_batches: int, worker: int, num_workers: int
                     ) -> tuple[int, int]:
-        resume_epoch, consumed, taken_with = self._resume.tolist()
-        if resume_epoch != epoch or consumed == 0:
-            return worker, 0
-        if taken_with != num_workers:
-            raise ValueError(f"cannot resume epoch {epoch}: the state was taken with num_workers="
-                             f"{taken_with} and this DataLoader has {num_workers}; resume with "
-                             "the same number of workers (the order depends on it)")
-        return worker_resume(num_batches, num_workers, consumed, worker)
+        return worker_run(self._resume, epoch, num_batches, worker, num_workers)
 
     # ---------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[MetaBatch]:
