@@ -149,10 +149,10 @@ def check_data(batches) -> None:
 def run_recording_states(ds, dl, epoch):
     """One uninterrupted epoch through ``dl``, with ``state_dict(k)`` after every k."""
     ds.set_epoch(epoch)
-    batches, states = [], [ds.state_dict(0)]
+    batches, states = [], [ds.state_at(0)]
     for mb in dl:
         batches.append(content(mb))
-        states.append(ds.state_dict(len(batches)))
+        states.append(ds.state_at(len(batches)))
     assert len(batches) == len(ds)
     return batches, states
 
@@ -210,7 +210,7 @@ def test_resume_mid_iteration_then_the_next_epochs_are_unchanged(workers, wds_di
     ds.set_epoch(0)
     it = iter(dl)
     first = [content(next(it)) for _ in range(5)]
-    state = ds.state_dict(5)
+    state = ds.state_at(5)
     del it
     assert first == epochs[0][:5]
     fresh = ESDataset(corpus, B, seed=1)
@@ -227,7 +227,7 @@ def test_resume_mid_iteration_then_the_next_epochs_are_unchanged(workers, wds_di
     it = iter(dl2)
     more = [content(next(it)) for _ in range(3)]
     again = ESDataset(corpus, B, seed=1)
-    again.load_state_dict(fresh.state_dict(8))
+    again.load_state_dict(fresh.state_at(8))
     assert more == epochs[0][5:8]
     assert [content(mb) for mb in loader(again, num_workers=workers)] == epochs[0][8:]
 
@@ -236,7 +236,7 @@ def test_state_at_the_epoch_end_resumes_to_nothing(wds_dir):
     corpus = Corpus.from_webdataset(str(wds_dir))
     ds = ESDataset(corpus, B)
     ref = [content(mb) for mb in ds]
-    state = ds.state_dict(len(ds))
+    state = ds.state_at(len(ds))
     assert state["batches"] == state["epoch_batches"] == 13
     fresh = ESDataset(corpus, B)
     fresh.load_state_dict(state)
@@ -251,7 +251,7 @@ def test_state_before_any_iteration(wds_dir):
     corpus = Corpus.from_webdataset(str(wds_dir))
     ds = ESDataset(corpus, B, seed=4)
     ds.set_epoch(3)
-    state = ds.state_dict(0)
+    state = ds.state_at(0)
     assert state == {"epoch": 3, "batches": 0, "epoch_batches": 13, "num_workers": 0,
                      "corpus_fingerprint": corpus.fingerprint, "world_size": 1, "seed": 4,
                      "meta_batch_size": B, "shuffle": True, "drop_last": False,
@@ -380,7 +380,7 @@ def test_main_process_state_refuses_workers(wds_dir):
     corpus = Corpus.from_webdataset(str(wds_dir))
     ds = ESDataset(corpus, B)
     next(iter(ds))
-    state = ds.state_dict(1)
+    state = ds.state_at(1)
     assert state["num_workers"] == 1
     fresh = ESDataset(corpus, B)
     fresh.load_state_dict(state)
@@ -390,7 +390,9 @@ def test_main_process_state_refuses_workers(wds_dir):
     assert len(list(loader(fresh, num_workers=1))) == 12  # one worker is one stream too
 
 
+@pytest.mark.filterwarnings("ignore:ESDataset.state_dict\\(num_batches\\) is deprecated")
 def test_bad_state_dict_arguments(wds_dir):
+    """The deprecated argument is still checked as before (state_at takes the same checks)."""
     ds = ESDataset(Corpus.from_webdataset(str(wds_dir)), B)
     with pytest.raises(ValueError, match=r"num_batches=14 is outside \[0, 13\]: pass the "
                                          r"meta-batches of the current epoch \(0\)"):
