@@ -144,3 +144,22 @@ def test_edited_index_values_are_named(tmp_path, column, row, item, value, why):
     text = str(info.value)
     assert text.startswith(f"{path}: column {column!r} row {row} ")
     assert why in text and "es-stream index SHARDS -o" in text
+
+
+def test_mds_index_json_hashes_are_part_of_the_identity(tmp_path):
+    """An MDS dataset whose index.json now records other shard hashes (same names, counts and
+    sizes) is not the one indexed: loading the index raises StaleIndexError naming index.json."""
+    from streaming import MDSWriter
+
+    for tag in (b"A", b"B"):
+        with MDSWriter(out=str(tmp_path / tag.decode()), columns={"bin": "bytes"},
+                       hashes=["sha1"], size_limit=2 << 10) as w:
+            for i in range(N):
+                w.write({"bin": (tag + b"%04d" % i).ljust(SIZE, b".")})
+    Corpus.from_mds(tmp_path / "A").save(tmp_path / "idx.parquet")
+    a, b = (json.loads((tmp_path / d / "index.json").read_text()) for d in "AB")
+    assert [s["raw_data"]["bytes"] for s in a["shards"]] == \
+        [s["raw_data"]["bytes"] for s in b["shards"]]
+    (tmp_path / "A" / "index.json").write_text(json.dumps(b))
+    with pytest.raises(StaleIndexError, match=r"A/index.json: shard shard.00000.mds changed"):
+        Corpus.load(tmp_path / "idx.parquet")
