@@ -6,7 +6,6 @@ with real resource limits."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
@@ -64,6 +63,8 @@ def test_decompression_bounded_by_declared_size(tmp_path, compression, bomb):
     index = json.loads((out / "index.json").read_text())
     zipped = out / index["shards"][0]["zip_data"]["basename"]
     bomb(zipped)
+    index["shards"][0]["zip_data"]["bytes"] = zipped.stat().st_size  # as a hostile one declares
+    (out / "index.json").write_text(json.dumps(index))
     before = sorted(os.listdir(out))
     Corpus.from_mds(out).save(tmp_path / "idx.parquet")
     script = textwrap.dedent(f"""
@@ -83,7 +84,8 @@ def test_decompression_bounded_by_declared_size(tmp_path, compression, bomb):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert str(zipped) in proc.stderr and "index.json declares" in proc.stderr
+    assert str(zipped) in proc.stderr and "more than the" in proc.stderr
+    assert f"{index['shards'][0]['raw_data']['bytes']} bytes index.json declares" in proc.stderr
     assert int(proc.stdout.split()[-1]) < 128, "memory grew by the expanded size"
     lock = f".{index['shards'][0]['raw_data']['basename']}.es-stream-lock"
     assert sorted(os.listdir(out)) == sorted(before + [lock])  # no output, partial or whole

@@ -134,28 +134,22 @@ def _snappy(f: IO[bytes], limit: int) -> Iterator[bytes]:
     yield snappy.decompress(data)
 
 
-def decompress_bounded(compression: str, zip_path: str, raw_path: str, limit: int) -> None:
+def decompress_bounded(compression: str, zip_path: str, raw_path: str, limit: int,
+                       zip_size: int | None = None) -> None:
     """Decompress ``zip_path`` (streaming's ``compression`` name, e.g. ``"zstd"`` or ``"gz:9"``)
     into ``raw_path``, which must come out exactly ``limit`` bytes (the raw size ``index.json``
-    declares). A :class:`ShardError` naming ``zip_path`` otherwise, with nothing left at
-    ``raw_path`` or its temporary name."""
+    declares); ``zip_size``, when given, is the compressed size it declares, checked first. A
+    :class:`ShardError` naming ``zip_path`` otherwise, with nothing left at ``raw_path`` or its
+    temporary name."""
     family = compression.split(":")[0]
     tmp = f"{raw_path}.es-stream-tmp"
-    written = 0
     try:
-        with open(zip_path, "rb") as f, open(tmp, "wb") as out:
-            chunks = {"gz": lambda: _gzip(f), "bz2": lambda: _bz2(f), "br": lambda: _brotli(f),
-                      "zstd": lambda: _zstd(f, limit), "snappy": lambda: _snappy(f, limit)}
-            if family not in chunks:
-                raise _Bound(f"unknown compression {compression!r}")
-            for chunk in chunks[family]():
-                written += len(chunk)
-                if written > limit:
-                    raise _Bound(f"it decompresses to more than the {limit} bytes index.json "
-                                 "declares for the raw shard")
-                out.write(chunk)
-        if written != limit:
-            raise _Bound(f"it decompresses to {written} bytes, index.json declares {limit}")
+        with open(zip_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if zip_size is not None and size != zip_size:
+                raise _Bound(f"the compressed file has {size} bytes, index.json declares "
+                             f"{zip_size}")
+            _write_bounded(f, family, compression, tmp, limit)
         os.rename(tmp, raw_path)
     except BaseException as exc:
         try:
@@ -168,3 +162,21 @@ def decompress_bounded(compression: str, zip_path: str, raw_path: str, limit: in
         raise ShardError(zip_path, f"cannot decompress the shard into {raw_path} ({exc}); "
                          "stopped, the partial output removed — re-create or re-fetch the "
                          "dataset") from exc
+
+
+def _write_bounded(f: IO[bytes], family: str, compression: str, tmp: str, limit: int) -> None:
+    """Decompress ``f`` into ``tmp`` chunk by chunk, stopping as soon as ``limit`` is passed."""
+    chunks = {"gz": lambda: _gzip(f), "bz2": lambda: _bz2(f), "br": lambda: _brotli(f),
+              "zstd": lambda: _zstd(f, limit), "snappy": lambda: _snappy(f, limit)}
+    if family not in chunks:
+        raise _Bound(f"unknown compression {compression!r}")
+    written = 0
+    with open(tmp, "wb") as out:
+        for chunk in chunks[family]():
+            written += len(chunk)
+            if written > limit:
+                raise _Bound(f"it decompresses to more than the {limit} bytes index.json "
+                             "declares for the raw shard")
+            out.write(chunk)
+    if written != limit:
+        raise _Bound(f"it decompresses to {written} bytes, index.json declares {limit}")

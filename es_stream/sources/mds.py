@@ -163,7 +163,8 @@ class MDSShardReader:
                     if not os.path.isfile(zip_path):
                         self.stream._download_file(zip_info.basename)
                     decompress_bounded(reader.compression, zip_path,
-                                       os.path.join(where, raw_info.basename), raw_info.bytes)
+                                       os.path.join(where, raw_info.basename), raw_info.bytes,
+                                       zip_info.bytes)
                     if not self.stream.safe_keep_zip:
                         os.remove(zip_path)
             except ShardError:
