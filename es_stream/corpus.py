@@ -23,10 +23,11 @@ from ._version import __version__
 from .errors import ShardError, StaleIndexError
 from .index_file import META_KEY, index_error, index_meta, is_index_file, read_index_table
 from .mds_index import load_mds_index, mds_identity, read_mds_index_file
+from .shard_identity import content_check
 from .shard_paths import (RELATIVE_TO_INDEX, expand_urls, is_local_url, local_path, resolve_path,
                           stored_path)
-from .tar_table import (TarColumnsProblem, TarTable, build_tar_table, tar_columns,
-                        tar_table_from_arrow)
+from .tar_table import (TarColumnsProblem, TarTable, build_tar_table, check_tar_values,
+                        tar_columns, tar_table_from_arrow)
 from .tarscan import ShardLayout, scan_tar
 
 # defined with the index file, shard paths and tar table; importable from here as before
@@ -39,6 +40,10 @@ class ShardInfo:
     """One shard: its path or URL, sample count, and the size and mtime it had when indexed
     (-1 when unknown, for streamed URLs).
 
+    ``check`` is its content check when indexed (see :mod:`es_stream.shard_identity`), verified
+    with size and mtime when a reader opens the shard; None for streamed URLs, MDS shards not
+    fetched when indexed, and indexes written before it was recorded.
+
     ``dropped`` is None for a complete shard. For a truncated tar shard indexed with
     ``allow_truncated=True`` it is the number of samples left out (0 or 1: its last sample,
     which may be incomplete; what the cut removed entirely cannot be counted).
@@ -49,6 +54,7 @@ class ShardInfo:
     size: int
     mtime_ns: int
     dropped: int | None = None
+    check: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,12 +68,13 @@ class MDSInfo:
     index: dict[str, Any]
 
 
-def _scan_local(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int]:
-    """Scan a local shard by seeking: (layout, size, mtime_ns)."""
+def _scan_local(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int, str | None]:
+    """Scan a local shard by seeking: (layout, size, mtime_ns, content check)."""
     path = local_path(url)
     try:
-        st = os.stat(path)
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            check = content_check(f.fileno(), st.st_size)
             layout = scan_tar(f, url, seekable=True, allow_truncated=allow_truncated)
     except FileNotFoundError as exc:
         raise ShardError(url, "no such shard file; check the path or pattern") from exc
@@ -76,11 +83,11 @@ def _scan_local(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int]
     except OSError as exc:  # a directory, no permission, an I/O error: name the shard
         raise ShardError(url, f"cannot read the shard ({exc.strerror or exc}); a tar file is "
                          "expected here") from exc
-    return layout, st.st_size, st.st_mtime_ns
+    return layout, st.st_size, st.st_mtime_ns, check
 
 
-def _scan_stream(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int]:
-    """Scan a ``pipe:`` or remote shard in one forward pass: (layout, bytes read, -1)."""
+def _scan_stream(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int, None]:
+    """Scan a ``pipe:`` or remote shard in one forward pass: (layout, bytes read, -1, None)."""
     from webdataset import gopen
 
     try:
@@ -94,7 +101,20 @@ def _scan_stream(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int
             stream.close()
         except Exception as exc:  # a pipe: command that failed reports it on close
             raise ShardError(url, f"stream failed: {exc}") from exc
-    return layout, layout.size, -1
+    return layout, layout.size, -1, None
+
+
+def _mds_identity_now(path: str) -> tuple[int, str | None]:
+    """(mtime_ns, content check) of a local MDS shard file, (-1, None) when it is not there yet
+    (a remote or compressed shard fetched on first read)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            return st.st_mtime_ns, content_check(f.fileno(), st.st_size)
+    except FileNotFoundError:
+        return -1, None
+    except OSError as exc:
+        raise ShardError(path, f"cannot read the shard ({exc.strerror or exc})") from exc
 
 
 class Corpus:
@@ -118,6 +138,9 @@ class Corpus:
         #: (None for a corpus built in this process: paths as given)
         self.index_path: str | None = None
         self.path_rule: str | None = None
+        #: whether readers verify each shard against what was indexed when they open it
+        #: (:mod:`es_stream.shard_identity`); False after ``Corpus.load(check=False)``
+        self.verify_shards = True
         if self.num_samples == 0:
             names = ", ".join(s.name for s in self.shards[:3]) or "no shards"
             raise ShardError(names, "the corpus has no samples; check the paths or pattern")
@@ -193,9 +216,9 @@ class Corpus:
         expanded = expand_urls(urls)
         for url in (expanded if progress is None else progress(expanded)):
             scan = _scan_local if is_local_url(url) else _scan_stream
-            layout, size, mtime_ns = scan(url, allow_truncated)
+            layout, size, mtime_ns, check = scan(url, allow_truncated)
             dropped = len(layout.dropped) if layout.truncated else None
-            shards.append(ShardInfo(url, len(layout), size, mtime_ns, dropped))
+            shards.append(ShardInfo(url, len(layout), size, mtime_ns, dropped, check))
             layouts.append(layout)
         return cls("wds", shards, tar=build_tar_table(layouts))
 
@@ -235,8 +258,9 @@ class Corpus:
         for info in index["shards"]:
             raw = info["raw_data"]
             path = os.path.join(local, split or "", raw["basename"])
-            mtime = os.stat(path).st_mtime_ns if os.path.exists(path) else -1
-            shards.append(ShardInfo(raw["basename"], int(info["samples"]), int(raw["bytes"]), mtime))
+            mtime, check = _mds_identity_now(path)
+            shards.append(ShardInfo(raw["basename"], int(info["samples"]), int(raw["bytes"]), mtime,
+                                    check=check))
         return cls("mds", shards, mds=MDSInfo(local, remote, split, index))
 
     # ---------------------------------------------------------- persistence
@@ -294,7 +318,14 @@ class Corpus:
         missing shard raises :class:`ShardError` saying where it was looked for and by which
         rule; a shard whose size or mtime changed, or an MDS shard whose count changed in
         ``index.json``, raises :class:`StaleIndexError` naming it — a cached index is never
-        silently reused for different data.
+        silently reused for different data. Readers verify each shard again when they open it,
+        with its content check when the index has one (see :mod:`es_stream.shard_identity`): a
+        shard replaced after loading raises :class:`StaleIndexError` then. ``check=False``
+        turns both off.
+
+        The tar layout columns are validated (offsets and sizes inside their shard, samples in
+        order without overlap): an edited value raises :class:`~es_stream.errors.IndexFileError`
+        naming the column, row and file.
         """
         path = os.fspath(path)
         table = read_index_table(path)
@@ -319,7 +350,15 @@ class Corpus:
         if table.num_rows != corpus.num_samples:
             raise index_error(path, f"it holds {table.num_rows} rows but its metadata lists "
                               f"{corpus.num_samples} samples")
+        if tar is not None:
+            try:
+                check_tar_values(tar, corpus.shard_starts,
+                                 np.array([s.size for s in shards], dtype=np.int64),
+                                 [s.name for s in shards])
+            except TarColumnsProblem as exc:
+                raise index_error(path, str(exc)) from exc
         corpus.index_path, corpus.path_rule = path, rule
+        corpus.verify_shards = check
         if check:
             corpus.check_fresh(path)
         return corpus

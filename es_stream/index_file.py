@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from .errors import IndexFileError
 from .mds_index import MDSIndexProblem, check_mds_index
+from .shard_identity import is_check
 from .shard_paths import RELATIVE_TO_INDEX
 
 META_KEY = b"es_stream.corpus"
@@ -45,7 +46,8 @@ _SHARD_FIELDS = {"name": lambda v: isinstance(v, str) and v != "",
                  "num_samples": lambda v: _is_int(v) and v >= 0,
                  "size": _is_int, "mtime_ns": _is_int}
 # written by later versions only; an index without them loads with the ShardInfo default
-_OPTIONAL_SHARD_FIELDS = {"dropped": lambda v: v is None or (_is_int(v) and v >= 0)}
+_OPTIONAL_SHARD_FIELDS = {"dropped": lambda v: v is None or (_is_int(v) and v >= 0),
+                          "check": is_check}
 
 
 def is_index_file(path: str | os.PathLike) -> bool:

@@ -214,10 +214,12 @@ def load_mds_index(local: str, remote: str | None, split: str | None) -> dict[st
 
 
 def mds_identity(entry: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes an MDS shard the same shard: its file, sample count and size (the raw file
-    may not be fetched yet, so its size in ``index.json`` stands in for the one on disk)."""
+    """What makes an MDS shard the same shard: its file, sample count, size and the hashes
+    ``MDSWriter`` recorded, if any (the raw file may not be fetched yet, so what ``index.json``
+    says stands in for the file on disk)."""
     raw = entry["raw_data"]
-    return raw["basename"], entry["samples"], raw["bytes"]
+    return raw["basename"], entry["samples"], raw["bytes"], json.dumps(raw["hashes"],
+                                                                      sort_keys=True)
 
 
 #: MDS encodings whose decoding runs code (streaming's own list of unsafe encodings)

@@ -154,6 +154,51 @@ def tar_table_from_arrow(table: pa.Table) -> TarTable:
     return tar
 
 
+def check_tar_values(t: TarTable, shard_starts: np.ndarray, sizes: np.ndarray,
+                     names: list[str]) -> None:
+    """Check that the layout values lie inside their shards and agree with their neighbours:
+    every sample's span inside its shard (``sizes[s]`` bytes; not checked where the size is
+    unknown, -1), the samples of a shard in order without overlap, every file inside its
+    sample's span after a header. :class:`TarColumnsProblem` naming the column and row (the row
+    is the sample id) otherwise: an edited value would read other samples' bytes, or ask for
+    more memory than there is."""
+    n = len(t.offsets)
+    counts = np.diff(shard_starts)
+    shard_of = np.repeat(np.arange(len(counts)), counts)
+    size = sizes[shard_of]
+    end = t.offsets + t.lengths
+
+    def fail(column: str, bad: np.ndarray, value: np.ndarray, why: str, row=None) -> None:
+        i = int(np.flatnonzero(bad)[0])
+        r = i if row is None else int(row[i])
+        raise TarColumnsProblem(f"column {column!r} row {r} (shard {names[shard_of[r]]}): "
+                                f"{int(value[i])} {why}; the file was edited or is corrupt")
+
+    for column, bad, value, why in (
+            ("offset", t.offsets < 0, t.offsets, "is negative"),
+            ("length", t.lengths < _MIN_SAMPLE, t.lengths, f"is less than {_MIN_SAMPLE} bytes (one "
+             "header)"),
+            ("length", (size >= 0) & (end > size), end, "is where the sample would end, past "
+             "the end of its shard"),
+            ("offset", (shard_of[1:] == shard_of[:-1]) & (t.offsets[1:] < end[:-1]),
+             t.offsets[1:], "overlaps the sample before it in the shard")):
+        if bad.any():
+            fail(column, bad, value, why, None if len(bad) == n else np.arange(1, n))
+    sample_of = np.repeat(np.arange(n), np.diff(t.member_ptr))
+    m_end = t.member_offset + t.member_size
+    for column, bad, value, why in (
+            ("member_offset", t.member_offset < tarfile.BLOCKSIZE, t.member_offset,
+             "lies inside the sample's first header"),
+            ("member_size", t.member_size < 0, t.member_size, "is negative"),
+            ("member_size", m_end > t.lengths[sample_of], t.member_size, "runs past the end "
+             "of its sample's span")):
+        if bad.any():
+            fail(column, bad, value, why, sample_of)
+
+
+_MIN_SAMPLE = tarfile.BLOCKSIZE
+
+
 def text_array(values: list[str]) -> pa.Array:
     """Names as an Arrow ``string`` array, or, when one is not valid UTF-8, a ``binary`` array
     of the raw bytes tarfile decoded it from, which Parquet keeps exactly."""

@@ -153,6 +153,23 @@ def _not_tar(name: str, exc: tarfile.TarError, head: bytes) -> ShardError:
                       "corrupt — re-create it or remove it from the corpus")
 
 
+def _skip_payload(archive: tarfile.TarFile) -> bool:
+    """Read a streamed archive forward to the end of the last member's payload, where the next
+    header starts; False when the stream ends first (the scan then reports the cut).
+
+    tarfile would skip it itself by reading fixed-size blocks a number of times computed from
+    the header's size field alone, even after the stream ended: a header claiming 2^40 bytes
+    kept it reading nothing for minutes. Here the skip ends with the stream."""
+    stream = archive.fileobj
+    position = stream.tell()
+    while position < archive.offset:
+        got = len(stream.read(min(archive.offset - position, 1 << 20)))
+        if got == 0:
+            return False
+        position += got
+    return True
+
+
 def _drain(read: Callable[[int], bytes]) -> bool:
     """Read to the end; True when every byte read was zero."""
     zero = True
@@ -190,10 +207,13 @@ def scan_tar(fileobj: IO[bytes], name: str, *, seekable: bool,
     grouper = _Grouper(name)
     failure: tarfile.TarError | None = None
     try:
-        for info in archive:
+        # a stream is skipped forward by this scan, not by tarfile: see _skip_payload
+        while (info := archive.next()) is not None:
             grouper.add(info)
             if not seekable:
                 archive.members = []  # streaming: do not keep every TarInfo alive
+                if not _skip_payload(archive):
+                    break
     except tarfile.TarError as exc:  # a member past the first tarfile could not process
         failure = exc
     grouper.close()

@@ -21,8 +21,8 @@ import pytest
 
 from es_stream import Corpus
 from es_stream.compact import MARKER, compact
-from es_stream.errors import ShardError
-from conftest import write_wds
+from es_stream.errors import ShardError, StaleIndexError
+from conftest import payload, write_wds
 from test_cli import run  # the installed console script
 
 
@@ -210,7 +210,7 @@ def test_error_mid_write_leaves_the_output_as_it_was(tmp_path, fmt, previous):
     before = snapshot(out) if previous else None
     with open(paths[-1], "r+b") as f:  # the last shard is cut short after indexing
         f.truncate(1024)
-    with pytest.raises(ShardError, match="truncated"):
+    with pytest.raises(StaleIndexError, match="train-000004.tar: shard changed.*size"):
         compact(corpus, np.arange(50), out, fmt, max_count=5, **({"overwrite": True} if previous else {}))
     if previous:
         assert snapshot(out) == before
@@ -312,3 +312,25 @@ def test_outputs_get_the_umask_mode_not_the_private_temporary_one(wds_dir, tmp_p
     compact(corpus, np.arange(0, corpus.num_samples, 2), out)
     assert stat.S_IMODE(out.stat().st_mode) == dir_mode
     assert stat.S_IMODE((out / "mapping.parquet").stat().st_mode) == file_mode
+
+
+@pytest.mark.parametrize("fmt", ["wds", "mds"])
+def test_overwrite_under_a_reader_is_stale_not_other_samples(wds_dir, tmp_path, fmt):
+    """A run reads a compaction output by its index while ``compact --overwrite`` replaces the
+    output with another manifest's samples (same shard names): its next epoch raises
+    StaleIndexError naming a shard, and no sample of the new output arrives under an old id."""
+    from es_stream import ESDataset
+
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    out = tmp_path / "out"
+    compact(corpus, np.arange(0, 40, 2), out, fmt, max_count=5)
+    reindex(out, fmt).save(tmp_path / "out.parquet")
+    reading = Corpus.load(tmp_path / "out.parquet")
+    ds = ESDataset(reading, 4, decode=lambda s: s, collate=list, shuffle=False)
+    first = [bytes(s["bin"]) for mb in ds for s in mb.data]
+    assert first == [payload(i) for i in range(0, 40, 2)]
+    compact(corpus, np.arange(1, 41, 2), out, fmt, max_count=5, overwrite=True)
+    ds.set_epoch(1)
+    with pytest.raises(StaleIndexError, match=r"out/shard.*shard changed since it was indexed"):
+        for n, mb in enumerate(ds):  # whatever arrives before the error is the old samples
+            assert [bytes(s["bin"]) for s in mb.data] == first[4 * n:4 * n + len(mb.data)]

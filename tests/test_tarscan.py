@@ -216,3 +216,36 @@ def test_non_utf8_member_names_read_as_webdataset_reads_them(tmp_path, producer)
         assert [s["__key__"] for s in got] == list(reference)
         for sample in got:
             assert sample["d\udce9"] == reference[sample["__key__"]]["d\udce9"]
+
+
+def claiming_tar(claim: int) -> bytes:
+    """A two-member tar whose first header claims ``claim`` bytes of data (GNU base-256 size
+    field, checksum recomputed), though the archive is 10 KiB."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name in ("s0.txt", "s1.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 10
+            tf.addfile(info, io.BytesIO(b"x" * 10))
+    raw = bytearray(buf.getvalue())
+    raw[124:136] = bytes([0x80]) + claim.to_bytes(11, "big")
+    raw[148:156] = b" " * 8
+    raw[148:156] = f"{sum(raw[:512]):06o}\0 ".encode()
+    assert tarfile.TarInfo.frombuf(bytes(raw[:512]), "utf-8", "surrogateescape").size == claim
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("claim", [1 << 40, 1 << 62])
+def test_pipe_header_claiming_huge_size_ends_with_the_stream(tmp_path, claim):
+    """Scanning a stream reads no further than the stream: a header's size claim past its end
+    is a truncated shard, reported at once (it used to spin reading nothing for minutes)."""
+    path = tmp_path / "claims.tar"
+    path.write_bytes(claiming_tar(claim))
+    try:
+        proc = subprocess.run([EXE, "index", f"pipe:cat {path}", "-o", str(tmp_path / "i.parquet")],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("es-stream index of a pipe: tar claiming a huge member did not end in 60 s")
+    assert proc.returncode != 0
+    assert f"pipe:cat {path}" in proc.stderr and "truncated" in proc.stderr
+    assert not (tmp_path / "i.parquet").exists()

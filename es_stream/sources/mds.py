@@ -26,6 +26,9 @@ import numpy as np
 
 from .._deprecated import warn_moved
 from ..errors import SampleError, ShardError
+from ..shard_identity import ShardVerifier
+from .decompress import decompress_bounded
+from .handles import MAX_OPEN_SHARDS, OpenShards
 # the index functions lived here before es_stream.mds_index; kept importable from here
 from ..mds_index import (MDSIndexProblem, check_mds_index, import_streaming,  # noqa: F401
                          load_mds_index, make_stream, read_mds_index_file)
@@ -82,28 +85,33 @@ def shard_lock(path: str) -> Iterator[None]:
 class MDSShardReader:
     """Random access to the samples of an MDS corpus, one memory map per open shard.
 
-    Create it inside the process that reads (a DataLoader worker): it holds file maps.
+    Create it inside the process that reads (a DataLoader worker): it holds file maps, at most
+    ``max_open`` (:data:`~es_stream.sources.handles.MAX_OPEN_SHARDS`, least recently used
+    closed first: each map holds a file descriptor). Each shard is verified against the index
+    when first opened (see :mod:`es_stream.shard_identity`).
     """
 
-    def __init__(self, corpus) -> None:
+    def __init__(self, corpus, max_open: int = MAX_OPEN_SHARDS) -> None:
         _, _, reader_from_json = import_streaming()
         info = corpus.mds
         self.corpus = corpus
         self.stream = make_stream(info.local, info.remote, info.split)
         self.readers = [reader_from_json(info.local, info.split, s) for s in info.index["shards"]]
-        self.open_shards: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
+        self.verifier = ShardVerifier(corpus)
+        self.open_shards: OpenShards[tuple[mmap.mmap, np.ndarray]] = OpenShards(
+            self._map, lambda opened: opened[0].close(), max_open)
 
     def _open(self, shard: int) -> tuple[mmap.mmap, np.ndarray]:
-        opened = self.open_shards.get(shard)
-        if opened is not None:
-            return opened
+        return self.open_shards.get(shard)
+
+    def _map(self, shard: int) -> tuple[mmap.mmap, np.ndarray]:
         reader = self.readers[shard]
         path = self.corpus.local_path(shard)
         if not os.path.exists(path):
             self._fetch(shard, path)
         try:
             with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+                size = self.verifier.verify(shard, f.fileno(), path).st_size
                 expected = reader.raw_data.bytes
                 if size != expected:
                     raise ShardError(path, f"shard has {size} bytes, index.json says {expected}: "
@@ -112,30 +120,55 @@ class MDSShardReader:
         except FileNotFoundError as exc:
             raise ShardError(path, f"shard file is missing: {self.corpus.where_looked(path)}"
                              ) from exc
-        count = int(np.frombuffer(mm, np.uint32, 1, 0)[0])
-        if count != reader.samples:
-            raise ShardError(path, f"shard header says {count} samples, index.json says "
-                             f"{reader.samples}: the shard is corrupt or from another dataset")
-        offsets = np.frombuffer(mm, np.uint32, count + 1, 4).astype(np.int64)
-        if offsets[0] < 4 * (count + 2) or offsets[-1] > size or np.any(np.diff(offsets) < 0):
-            raise ShardError(path, "sample offset table is corrupt; re-create the shard")
-        self.open_shards[shard] = (mm, offsets)
+        except ShardError:
+            raise
+        except (OSError, ValueError) as exc:  # a directory, no permission, an empty file
+            raise ShardError(path, f"cannot read the shard ({exc}); an MDS shard file is "
+                             "expected here — re-create or re-fetch it") from exc
+        try:
+            count = int(np.frombuffer(mm, np.uint32, 1, 0)[0])
+            if count != reader.samples:
+                raise ShardError(path, f"shard header says {count} samples, index.json says "
+                                 f"{reader.samples}: the shard is corrupt or from another dataset")
+            offsets = np.frombuffer(mm, np.uint32, count + 1, 4).astype(np.int64)
+            if offsets[0] < 4 * (count + 2) or offsets[-1] > size or np.any(np.diff(offsets) < 0):
+                raise ShardError(path, "sample offset table is corrupt; re-create the shard")
+        except BaseException:
+            mm.close()
+            raise
         return mm, offsets
 
     def _fetch(self, shard: int, path: str) -> None:
         """Download and/or decompress shard ``shard`` to ``path``, once across processes.
 
         Under :func:`shard_lock`, whoever comes second finds the file and does nothing. The raw
-        file appears whole or not at all: streaming's ``Stream.prepare_shard`` writes it to a
-        temporary name and renames it (downloads too), and the lock keeps that temporary name
-        to one writer at a time — before, two workers decompressing the same shard truncated
-        each other's file, failing the rename or crashing the reader that mapped it.
+        file appears whole or not at all: it is written to a temporary name and renamed (by
+        streaming's ``Stream`` for a download, by :func:`decompress_bounded` for a compressed
+        shard, bounded by the raw size ``index.json`` declares), and the lock keeps that
+        temporary name to one writer at a time — before, two workers decompressing the same
+        shard truncated each other's file, failing the rename or crashing the reader that
+        mapped it.
         """
         with shard_lock(path):
             if os.path.isfile(path):  # another worker, rank or run made it while we waited
                 return
+            reader = self.readers[shard]
             try:
-                self.stream.prepare_shard(self.readers[shard])  # download / decompress
+                for raw_info, zip_info in reader.file_pairs:
+                    if zip_info is None:
+                        self.stream.prepare_shard(reader)  # download a raw shard
+                        continue
+                    where = os.path.dirname(path)
+                    zip_path = os.path.join(where, zip_info.basename)
+                    if not os.path.isfile(zip_path):
+                        self.stream._download_file(zip_info.basename)
+                    decompress_bounded(reader.compression, zip_path,
+                                       os.path.join(where, raw_info.basename), raw_info.bytes,
+                                       zip_info.bytes)
+                    if not self.stream.safe_keep_zip:
+                        os.remove(zip_path)
+            except ShardError:
+                raise
             except Exception as exc:
                 raise ShardError(path, f"cannot fetch shard ({exc})") from exc
 
@@ -161,6 +194,5 @@ class MDSShardReader:
         return [None] * len(ids)
 
     def close(self) -> None:
-        for mm, _ in self.open_shards.values():
-            mm.close()
-        self.open_shards.clear()
+        self.open_shards.close()
+        self.verifier.reset()

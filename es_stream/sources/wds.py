@@ -24,7 +24,9 @@ from typing import Any, IO
 import numpy as np
 
 from ..errors import SampleError, ShardError
+from ..shard_identity import ShardVerifier
 from ..shard_paths import is_local_url, local_path
+from .handles import MAX_OPEN_SHARDS, OpenShards
 from ..tar_table import py_text
 
 # Samples of a shard whose spans are at most this many bytes apart are read by one pread. It is
@@ -109,14 +111,18 @@ class _StreamedShard:
 class WDSShardReader:
     """Random access to the samples of an indexed WebDataset corpus.
 
-    Create it inside the process that reads: it holds open file descriptors. ``bytes_read``
-    counts payload and header bytes actually read.
+    Create it inside the process that reads: it holds open file descriptors, at most
+    ``max_open`` (:data:`~es_stream.sources.handles.MAX_OPEN_SHARDS`, least recently used closed
+    first). Each local shard is verified against the index when first opened (see
+    :mod:`es_stream.shard_identity`). ``bytes_read`` counts payload and header bytes actually
+    read.
     """
 
-    def __init__(self, corpus) -> None:
+    def __init__(self, corpus, max_open: int = MAX_OPEN_SHARDS) -> None:
         self.corpus = corpus
         self.table = corpus.tar
-        self.fds: dict[int, int] = {}
+        self.verifier = ShardVerifier(corpus)
+        self.files: OpenShards[int] = OpenShards(self._open_local, os.close, max_open)
         self.streams: dict[int, _StreamedShard] = {}
         self.bytes_read = 0
         self.local = np.array([is_local_url(s.name) for s in corpus.shards], dtype=bool)
@@ -142,18 +148,27 @@ class WDSShardReader:
             del self.streams[shard]
             raise
 
+    def _open_local(self, shard: int) -> int:
+        path = local_path(self.corpus.shards[shard].name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise ShardError(path, "shard file is missing (deleted or moved since "
+                             f"indexing): {self.corpus.where_looked(path)}") from exc
+        except OSError as exc:
+            raise ShardError(path, f"cannot open shard ({exc})") from exc
+        try:
+            self.verifier.verify(shard, fd, path)
+        except OSError as exc:  # a directory, an I/O error while hashing its ends
+            os.close(fd)
+            raise ShardError(path, f"cannot read shard ({exc})") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _pread_local(self, shard: int, length: int, offset: int) -> bytes:
-        fd = self.fds.get(shard)
-        if fd is None:
-            path = local_path(self.corpus.shards[shard].name)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError as exc:
-                raise ShardError(path, "shard file is missing (deleted or moved since "
-                                 f"indexing): {self.corpus.where_looked(path)}") from exc
-            except OSError as exc:
-                raise ShardError(path, f"cannot open shard ({exc})") from exc
-            self.fds[shard] = fd
+        fd = self.files.get(shard)
         try:
             return os.pread(fd, length, offset)
         except OSError as exc:
@@ -277,11 +292,10 @@ class WDSShardReader:
         return suffixes, t.member_offset[idx].tolist(), t.member_size[idx].tolist(), ptr.tolist()
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        self.files.close()
+        self.verifier.reset()
         for stream in self.streams.values():
             stream.close()
-        self.fds.clear()
         self.streams.clear()
 
 
