@@ -312,6 +312,28 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    from .corpus import Corpus
+    from .dedup import REASONS, DedupConfig, corpus_dedup, write_manifests
+
+    config = DedupConfig(near=args.near, threshold=args.threshold, num_perm=args.num_perm,
+                         bands=args.bands, shingle=args.shingle, seed=args.seed)
+    if os.path.exists(args.manifests) and not os.path.isdir(args.manifests):
+        raise ValueError(f"--manifests {args.manifests} is a file; dedup writes a manifest "
+                         "directory (epoch=00000/ inside it): give a new or existing directory")
+    corpus = Corpus.load(args.corpus)
+    start = time.perf_counter()
+    result = corpus_dedup(corpus, config, filter_dir=args.filter, field=args.field,
+                          num_workers=args.workers)
+    seconds = time.perf_counter() - start
+    out = write_manifests(corpus, result, args.manifests, config, filter_dir=args.filter)
+    counts = ", ".join(f"{name} {result.counts[name]}" for name in REASONS)
+    print(f"dedup: kept {result.counts['kept']} of {corpus.num_samples} samples ({counts}) in "
+          f"{seconds:.2f}s ({corpus.num_samples / max(seconds, 1e-9):.0f} samples/s), for every "
+          f"epoch -> {out}")
+    return 0
+
+
 _DESCRIPTION = ("Evolved Sampling over sharded corpora, offline: index shards, score them with a "
                 "reference model, prune from saved scores, inspect and compact the manifests.")
 _DEBUG_HELP = "on an error, show the full traceback instead of one line"
@@ -420,6 +442,35 @@ def build_parser() -> argparse.ArgumentParser:
                        help="meta-batches between progress points (default 100)")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(func=_cmd_score)
+
+    dd = sub.add_parser(
+        "dedup", parents=[common], help="drop exact (and near) duplicates, once for every epoch",
+        description="Read every sample once, keep the first of each group of byte-identical "
+        "samples (BLAKE2b-128 of the payload) and, with --near, of each group of near duplicates "
+        "(MinHash + LSH over byte shingles, estimated Jaccard >= --threshold), and write the "
+        "decision as epoch 0 for every epoch (applies_to=all) with a reason column per sample. "
+        "With --filter, combined with a `prune --policy band|threshold` decision: only samples "
+        "it keeps are kept. One process (DataLoader workers read); a rerun rewrites the same "
+        "files.")
+    dd.add_argument("--corpus", required=True, help="corpus index (Parquet)")
+    dd.add_argument("--manifests", required=True, help="manifest directory to write")
+    dd.add_argument("--near", action="store_true", help="also drop near duplicates")
+    dd.add_argument("--threshold", type=_float_in(lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]"),
+                    default=0.8, help="near: estimated Jaccard similarity at or above which two "
+                    "samples are near duplicates (default 0.8)")
+    dd.add_argument("--shingle", type=_positive_int, default=5, help="near: bytes per shingle")
+    dd.add_argument("--num-perm", type=_positive_int, default=128,
+                    help="near: MinHash values per sample (4 bytes each)")
+    dd.add_argument("--bands", type=_positive_int, default=32,
+                    help="near: LSH bands (must divide --num-perm)")
+    dd.add_argument("--seed", type=_non_negative_int, default=0, help="near: MinHash seed")
+    dd.add_argument("--field", default=None, help="the sample field to compare (default: every "
+                    "payload field)")
+    dd.add_argument("--filter", default=None, metavar="DIR",
+                    help="a manifest directory holding a once-for-all decision (band/threshold) "
+                    "to combine with")
+    dd.add_argument("--workers", type=_non_negative_int, default=2, help="DataLoader workers")
+    dd.set_defaults(func=_cmd_dedup)
 
     comp = sub.add_parser("compact", parents=[common],
                           help="rewrite a corpus with only the kept samples",

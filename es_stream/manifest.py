@@ -92,8 +92,10 @@ def shard_file(out_dir: str | os.PathLike, epoch: int, shard: int) -> str:
 
 
 def write_shard(path: str, first_id: int, keep: np.ndarray, score: np.ndarray,
-                weight: np.ndarray, metadata: dict[str, str]) -> None:
-    """Write one shard's manifest atomically."""
+                weight: np.ndarray, metadata: dict[str, str],
+                extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write one shard's manifest atomically; ``extra``: more columns after the standard ones
+    (readers ignore them; e.g. dedup's ``reason``)."""
     n = len(keep)
     table = pa.table({
         "sample": pa.array(np.arange(n, dtype=np.uint32)),
@@ -101,10 +103,11 @@ def write_shard(path: str, first_id: int, keep: np.ndarray, score: np.ndarray,
         "keep": pa.array(keep.astype(bool)),
         "score": pa.array(score.astype(np.float32)),
         "weight": pa.array(weight.astype(np.float32)),
+        **{name: pa.array(values) for name, values in (extra or {}).items()},
     }).replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     with atomic_write(path) as tmp:
         pq.write_table(table, tmp, compression="zstd",
-                       use_dictionary=["keep", "weight"],
+                       use_dictionary=["keep", "weight", *(extra or {})],
                        column_encoding={"sample": "DELTA_BINARY_PACKED", "id": "DELTA_BINARY_PACKED",
                                         "score": "BYTE_STREAM_SPLIT"})
 
