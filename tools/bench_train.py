@@ -187,8 +187,8 @@ from typing import Any, Sequence
 
 from benchtrain.plan import estimate, experiment_records, parse_args, plan
 from benchtrain.report import (describe, diagnostics_table, goals_table, markdown_table,
-                               plot_experiment, plot_heatmap, summary_entry, write_tables,
-                               write_text)
+                               plot_experiment, plot_heatmap, summary_entry, web_table,
+                               write_tables, write_text)
 from benchtrain.run import Data, Store, execute
 
 
@@ -237,10 +237,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         plot_heatmap(entries, out / "betas_heatmap.png")
         write_text(summary_path, json.dumps(entries, indent=1))
         write_tables(out, entries)
-        if exp.group in ("main", "fixes", "regimes"):
+        if exp.group in ("main", "fixes", "regimes", "web"):
             print(f"\n## {exp.title}\n{describe(entry)}\n\n{markdown_table(entry)}\n", flush=True)
         if exp.group == "regimes":
             print(f"{diagnostics_table(entry)}\n", flush=True)
+        if exp.group == "web":
+            print(f"{web_table(entry)}\n", flush=True)
     goals = goals_table({e.name: entries[e.name] for e in exps})
     if goals:
         print("\n".join(goals), flush=True)

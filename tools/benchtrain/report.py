@@ -81,6 +81,8 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], tolerance: float) 
         learned = learned_by_epoch(rs)
         if learned is not None:
             row["learned_fraction"] = learned
+        if all("backpropagated_by_kind" in r for r in rs):   # the web stream's side table
+            row.update(kinds_summary(rs))
         if any("reference_s" in r for r in rs):   # included in wall_clock_s and the curves
             for k in ("reference_s", "reference_train_s", "reference_score_s"):
                 row[k] = _stats([float(r.get(k, 0.0)) for r in rs])
@@ -114,6 +116,93 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], tolerance: float) 
     if start is not None:   # fine-tuning: what the pre-trained model knew of the target
         out["start"] = start
     return out
+
+
+def kinds_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over seeds of what a web-stream run trained on: ``trained_share`` (share of the
+    back-propagated samples of each kind), ``kept_share`` (a prune-once method: share of each
+    kind's samples it kept), ``final_metrics`` (held-out bits per byte per kind)."""
+    def mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
+        return {k: statistics.fmean(d[k] for d in dicts) for k in dicts[0]}
+
+    trained = [{k: v / max(1, sum(r["backpropagated_by_kind"].values()))
+                for k, v in r["backpropagated_by_kind"].items()} for r in results]
+    out: dict[str, Any] = {"trained_share": mean_of(trained)}
+    if all("kept_by_kind" in r and "samples_by_kind" in r for r in results):
+        out["kept_share"] = mean_of([{k: v / max(1, r["samples_by_kind"][k])
+                                      for k, v in r["kept_by_kind"].items()} for r in results])
+    if all("final_metrics" in r for r in results):
+        out["final_metrics"] = mean_of([r["final_metrics"] for r in results])
+    return out
+
+
+def web_goals(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method of a web-stream experiment, the goals' figures: ``time_ratio`` (mean over
+    seeds of the time at which it first reached uniform's mean final bits/byte, over uniform's
+    mean time; None when a seed never did), ``ahead_of_control`` (its budget control's mean
+    final minus its own) against ``twice_spread`` (twice the larger std of the two), and
+    ``gap_closed`` ((control - method) / (control - oracle)). Without a control, uniform stands
+    in (a method whose cost is uniform's, such as the oracle's, is its own control)."""
+    rows = summary["methods"]
+    if "uniform" not in rows:
+        return {}
+    u_time = rows["uniform"]["wall_clock_s"]["mean"]
+    oracle = rows.get("oracle", {}).get("final", {}).get("mean")
+    out = {}
+    for m, row in rows.items():
+        if m.startswith(registry.BUDGET_PREFIX):
+            continue
+        t = row["time_to_uniform_mean_final_s"]["per_seed"]
+        control = rows.get(registry.BUDGET_PREFIX + m, rows["uniform"])
+        c, f = control["final"], row["final"]
+        ahead = c["mean"] - f["mean"]
+        g = {"time_ratio": (statistics.fmean(t) / u_time if all(x is not None for x in t)
+                            else None),
+             "control": (registry.BUDGET_PREFIX + m) if control is not rows["uniform"]
+             else "uniform", "ahead_of_control": ahead,
+             "twice_spread": 2 * max(c["std"], f["std"]),
+             "gap_closed": (ahead / (c["mean"] - oracle)
+                            if oracle is not None and c["mean"] != oracle else None)}
+        g["met"] = {"time": g["time_ratio"] is not None and g["time_ratio"] <= 0.5,
+                    "ahead": ahead > g["twice_spread"],
+                    "gap": g["gap_closed"] is not None and g["gap_closed"] >= 0.8}
+        out[m] = g
+    return out
+
+
+def web_table(entry: dict[str, Any]) -> str:
+    """The web stream's second table: per method, what it kept and trained on of each kind, the
+    held-out bits/byte per kind, and the goals' figures (:func:`web_goals`)."""
+    s = entry["summary"]
+    rows = s.get("methods", {})
+    if not rows or "trained_share" not in rows.get("uniform", {}):
+        return ""
+    kinds = list(rows["uniform"]["trained_share"])
+    short = {"clean": "clean", "html": "html", "binary": "bin", "base64": "b64",
+             "exact_dup": "exact", "near_dup": "near", "template": "tmpl", "random": "rand"}
+    goals = web_goals(s)
+    head = (["method", "× unif time", "to unif final × unif", "ahead of control (2×spread)",
+             "gap closed"] + [f"kept {short.get(k, k)}" for k in kinds]
+            + [f"trained {short.get(k, k)}" for k in kinds]
+            + [f"bpb {short.get(k, k)}" for k in kinds])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, row in rows.items():
+        g = goals.get(m)
+        cells = [LABELS.get(m, m), _x(row["ratio_to_uniform"]["wall_clock_s"])]
+        if g is None:
+            cells += ["", "", ""]
+        else:
+            cells += [_x(g["time_ratio"]) if g["time_ratio"] is not None else "never (some seed)",
+                      f"{g['ahead_of_control']:+.4f} vs {g['control']} "
+                      f"({g['twice_spread']:.4f})",
+                      "—" if g["gap_closed"] is None else f"{100 * g['gap_closed']:.0f}%"]
+        kept = row.get("kept_share")
+        cells += [f"{100 * kept[k]:.0f}%" if kept else "all" for k in kinds]
+        cells += [f"{100 * row['trained_share'][k]:.0f}%" for k in kinds]
+        fm = row.get("final_metrics", {})
+        cells += [f"{fm[f'bpb_{k}']:.2f}" if f"bpb_{k}" in fm else "—" for k in kinds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def scoring_cost(exp: Experiment, rows: dict[str, Any]) -> dict[str, float] | None:
@@ -454,6 +543,18 @@ def write_tables(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
     for e in regimes:
         sec = section(e, "###")
         lines += sec[:6] + [diagnostics_table(e), ""] + sec[6:]
+    web = [e for e in entries.values() if e["group"] == "web"]
+    if web:
+        lines += ["## The web-like stream", "",
+                  "Below each table: per method, the share of each kind's samples it kept "
+                  "(prune-once methods), the share of each kind among the samples it trained "
+                  "on, the held-out bits/byte per kind, and the goals' figures: time to "
+                  "uniform's final bits/byte over uniform's time, lead over the budget-matched "
+                  "control (uniform where the method has none) against twice the seeds' "
+                  "spread, and the share of the control-to-oracle gap closed.", ""]
+    for e in web:
+        sec = section(e, "###")
+        lines += sec[:6] + [web_table(e), ""] + sec[6:]
     for e in entries.values():
         if e["group"] == "variants":
             lines += section(e, "##")
