@@ -72,11 +72,13 @@ from .methods import random_scores  # noqa: F401  (its old home: kept importable
 #: the variants of ES (their own benchmark grid)
 VARIANTS = methods.names(group="variant")
 #: the methods that need nothing but the corpus (every one runs in tests/test_loop.py)
-METHODS = methods.names(reference=False)
+METHODS = methods.names(reference=False, oracle=False)
 #: the methods that read a reference model's losses (:class:`Reference`)
 REFERENCE_METHODS = methods.names(reference=True)
+#: the methods that read the workload's side table of kinds (``Workload.sample_kinds``)
+ORACLE_METHODS = methods.names(reference=False, oracle=True)
 #: every method of the loop (the reference methods need ``RunConfig.reference``)
-ALL_METHODS = METHODS + REFERENCE_METHODS
+ALL_METHODS = METHODS + REFERENCE_METHODS + ORACLE_METHODS
 #: the methods whose b moves over the run, and how (:class:`~es_stream.BatchSchedule`)
 SCHEDULES = {m.name: m.schedule for m in methods.methods() if m.schedule}
 

@@ -40,6 +40,15 @@ same path over random scores: exactly as many samples kept at random, no referen
 ``prune_chance`` prunes once with ``ThresholdPolicy(high=workload.chance_loss)``, dropping the
 samples the reference model predicts worse than a uniform guess.
 
+The web stream's curation methods (``group="reference"``, prune-once): ``oracle`` keeps exactly
+the samples the workload's side table labels clean (an upper bound: it reads the labels, which
+no other method does); ``dedup_exact`` / ``dedup_near`` drop exact (content hash) / exact and
+near (MinHash + LSH) duplicates, reading the corpus once on the method's clock
+(:class:`pipelines.curation.DedupPruner`, ``es_stream.dedup``); ``ref_filter`` keeps the samples
+whose reference loss is at most the ``filter_quantile`` of the reference's losses on clean
+validation text (``ThresholdPolicy``); ``dedup_filter`` is both, dedup keeping only what the
+filter keeps.
+
 **Benchmark controls.** A method with ``control`` set gets a budget-matched control in the
 benchmark, ``budget_<name>``: uniform training cut to that method's time (:func:`controls`).
 ``uniform_B`` (uniform batches of B) is the benchmark's other control.
@@ -109,6 +118,8 @@ class Method:
     ``reference`` (the benchmark's grids and tables). ``control``: its name in the label of its
     budget-matched control ``budget_<name>`` (None: no control). ``label``: its name in tables;
     ``cost``: its run's cost relative to uniform's, for the benchmark's estimate only.
+    ``oracle``: it reads the workload's side table of kinds (``Workload.sample_kinds``), which
+    only a workload that labels its samples has: an upper bound, not a method to ship.
     """
 
     name: str
@@ -126,6 +137,7 @@ class Method:
     control: str | None = None
     label: str | None = None
     cost: float = 1.0
+    oracle: bool = False
 
     def __post_init__(self) -> None:
         if self.prune not in (None, "epoch", "once"):
@@ -433,7 +445,7 @@ register(Method("prune_chance", pruner=chance_pruner, prune="once", batch_of_b=T
                 reference=True, group="reference", control="chance-pruning",
                 label="reference loss < chance (pruned once)", cost=0.65))
 register(Method("oracle", pruner=oracle_pruner, prune="once", batch_of_b=True,
-                group="reference", label="oracle filter (labels; an upper bound)", cost=1.0))
+                oracle=True, group="reference", label="oracle filter (labels; an upper bound)", cost=1.0))
 register(Method("dedup_exact", pruner=dedup_pruner(False), prune="once", batch_of_b=True,
                 group="reference", label="dedup, exact (once)", cost=1.0))
 register(Method("dedup_near", pruner=dedup_pruner(True), prune="once", batch_of_b=True,

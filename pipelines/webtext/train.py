@@ -80,7 +80,7 @@ class KindMetrics:
 
 
 def workload(data: WebText, eval_sequences: int = 1024, per_kind: int = 128, arch: str = "gru",
-             hidden: int = 128, embed: int = 32, layers: int = 1,
+             hidden: int = 64, embed: int = 32, layers: int = 1,
              device: str = "cpu") -> Workload:
     """The byte LM (:func:`pipelines.textlm.train.workload`) on ``data``'s training corpus,
     quality = clean held-out bits per byte on ``eval_sequences`` evenly spaced clean held-out

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--web-b", type=int, default=32, help="b")
     g.add_argument("--web-B", type=int, default=64, help="B")
     g.add_argument("--web-lr", type=float, default=3e-3, help="Adam peak LR (cosine)")
-    g.add_argument("--web-hidden", type=int, default=128, help="GRU hidden size")
+    g.add_argument("--web-hidden", type=int, default=64, help="GRU hidden size")
     g.add_argument("--web-embed", type=int, default=32, help="GRU embedding size")
     g.add_argument("--web-eval-sequences", type=int, default=512,
                    help="clean held-out sequences evaluated")

@@ -336,7 +336,7 @@ def budget_cut(records: list[dict[str, Any]], epochs: float, of: str,
     t_uni = statistics.fmean(r["result"]["wall_clock_s"] for r in records if r["method"] == "uniform")
     raw = epochs * t_of / t_uni
     cut = round(min(raw, float(epochs)), 3) if cap else round(raw, 4)
-    return {"of": of, "epochs": cut, "raw_epochs": raw, "capped": raw > epochs,
+    return {"of": of, "epochs": cut, "raw_epochs": raw, "capped": cap and raw > epochs,
             "mean_train_s_of": t_of, "mean_train_s_uniform": t_uni}
 
 

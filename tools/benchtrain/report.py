@@ -5,6 +5,7 @@ ratios to uniform, the lossless flag, the scoring forward's cost), the summary e
 from __future__ import annotations
 
 import datetime
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,15 @@ def describe(entry: dict[str, Any]) -> str:
         model = "1D CNN fine-tuned from a pre-trained one" if "pretrain" in c else "1D CNN"
         what = (f"{c['train']} train / {c['test']} test samples, noise {c['noise']:g}, {model}, "
                 f"{c['epochs']} epochs, Adam {c['lr']:g} cosine, b = {c['b']}, B = {c['B']}")
+    elif entry["workload"] == "webtext":
+        n = entry.get("train_samples")
+        what = (f"{c['arch']} LM (hidden {c['hidden']}, embedding {c['embed']}), a web-like "
+                f"stream of {n} samples of {c['seq_len']} B ({c['mixture']} mixture, builder "
+                f"seed {c['data_seed']}); budget {c['passes']:g} pass(es) of uniform over it = "
+                f"{math.ceil(c['passes'] * n / c['b'])} steps of b = {c['b']} for every method "
+                f"(B = {c['B']} read per step by the selecting ones), Adam {c['lr']:g} cosine; "
+                f"quality: clean held-out bits/byte on {c['eval_sequences']} sequences "
+                f"({c['evals_per_run']} evaluations per run)")
     else:
         n = entry.get("train_samples")
         size = (f"{n} train sequences = {n * c['seq_len'] / 2**20:.2f} MiB" if n else
@@ -344,15 +354,30 @@ def describe(entry: dict[str, Any]) -> str:
     if refs:
         row = next(iter(refs.values()))
         ref = c["ref_model"]
-        lines.append(f"reference model (RHO-LOSS's protocol: a held-out split with the same label "
-                     f"noise, no clean label): {ref['heldout']} held-out samples, width "
-                     f"{ref['width']}, {ref['epochs']} epochs; trained in "
-                     f"{row['reference_train_s']['mean']:.1f} s and the corpus scored in "
-                     f"{row['reference_score_s']['mean']:.1f} s, counted in full in the time "
-                     f"(and time to target) of {', '.join(refs)}; the bands and random pruning "
-                     f"keep {c['prune_keep']:g} of the corpus, decided once, and train "
-                     f"{c['epochs']} epochs over it (the same training compute for each)")
+        if entry["workload"] == "webtext":
+            lines.append(
+                f"reference model: a GRU of hidden size {ref['width']} trained on a clean seed set "
+                f"of {c['ref_model']['heldout']} windows of unused train text for "
+                f"{c['ref_model']['epochs']} epochs in {row['reference_train_s']['mean']:.1f} s; "
+                f"the stream scored (and 512 clean validation windows, the filter's bound: "
+                f"the {c['filter_quantile']:g} quantile of their losses) in "
+                f"{row['reference_score_s']['mean']:.1f} s; counted in full in the time of "
+                f"{', '.join(refs)}; random pruning keeps {c['prune_keep']:g}")
+        else:
+            lines.append(f"reference model (RHO-LOSS's protocol: a held-out split with the same label "
+                       f"noise, no clean label): {ref['heldout']} held-out samples, width "
+                       f"{ref['width']}, {ref['epochs']} epochs; trained in "
+                       f"{row['reference_train_s']['mean']:.1f} s and the corpus scored in "
+                       f"{row['reference_score_s']['mean']:.1f} s, counted in full in the time "
+                       f"(and time to target) of {', '.join(refs)}; the bands and random pruning "
+                       f"keep {c['prune_keep']:g} of the corpus, decided once, and train "
+                       f"{c['epochs']} epochs over it (the same training compute for each)")
     for m, cut in entry["budget_cuts"].items():
+        if "passes" in c:
+            lines.append(f"{m}: {cut['epochs']:.4f} passes = {c['passes']:g} x "
+                         f"{cut['mean_train_s_of']:.2f} s ({cut['of']}) / "
+                         f"{cut['mean_train_s_uniform']:.2f} s (uniform)")
+            continue
         lines.append(f"{m}: {cut['epochs']:.3f} epochs = {c['epochs']} x {cut['mean_train_s_of']:.2f} s "
                      f"({cut['of']}) / {cut['mean_train_s_uniform']:.2f} s (uniform)"
                      + (" (capped: slower than uniform)" if cut["capped"] else ""))
