@@ -56,14 +56,16 @@ def kept_ids(web: dict, tmp_path: Path, method: str) -> np.ndarray:
     return np.sort(keep.kept_ids)
 
 
-def test_the_clean_seed_set_is_neither_trained_on_nor_held_out(web: dict) -> None:
-    seeds = seed_set(web["data"], REF.heldout, 64)
+@pytest.mark.parametrize("spread", [False, True])
+def test_the_clean_seed_set_is_neither_trained_on_nor_held_out(web: dict, spread: bool) -> None:
+    seeds = seed_set(web["data"], REF.heldout, 64, spread)
     windows = _read_all(seeds.corpus, SEQ)
     assert windows.shape == (REF.heldout, SEQ) and seeds.validation.shape == (64, SEQ)
     train = {bytes(r) for r in web["samples"]}
     held = {bytes(r) for r in web["data"].heldout.numpy()}
     mine = {bytes(r) for r in windows} | {bytes(r) for r in seeds.validation.numpy()}
     assert not mine & train and not mine & held
+    assert len(mine) == REF.heldout + 64     # distinct windows, training apart from validation
     # real text: printable bytes and newlines, not the binary kinds
     assert np.isin(windows, list(range(9, 14)) + list(range(32, 127))).mean() > 0.99
     ref = web["ref"]

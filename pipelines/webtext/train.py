@@ -102,14 +102,18 @@ class SeedSet:
     directory: Path
 
 
-def seed_set(data: WebText, sequences: int, validation: int = 512) -> SeedSet:
+def seed_set(data: WebText, sequences: int, validation: int = 512,
+             spread: bool = False) -> SeedSet:
     """The clean seed set of ``data`` (see the module docstring), cached beside the build as
-    ``<build>-seed-<sequences>-<validation>/``. ValueError naming the sizes when the unused
-    text is too short."""
+    ``<build>-seed-<sequences>-<validation>[-spread]/``. ``spread``: windows evenly spaced
+    over all the unused train text (many files, every kind of text the stdlib holds) instead
+    of consecutive ones (the few files right after the corpus's text). ValueError naming the
+    sizes when the unused text is too short."""
     import webdataset as wds
 
     L = data.seq_len
-    directory = data.directory.parent / f"{data.directory.name}-seed-{sequences}-{validation}"
+    directory = data.directory.parent / (f"{data.directory.name}-seed-{sequences}-{validation}"
+                                         + ("-spread" if spread else ""))
     if not (directory / "meta.json").exists():
         files = json.loads((data.directory / "files.json").read_text())["train"]
         text = _concat(Path(data.meta["source"]), files)
@@ -120,7 +124,13 @@ def seed_set(data: WebText, sequences: int, validation: int = 512) -> SeedSet:
             raise ValueError(f"a seed set of {sequences} + {validation} windows of {L} B needs "
                              f"{need} B of unused train text; {data.directory} leaves "
                              f"{len(text) - used} B (build fewer samples or a smaller seed set)")
-        windows = [text[used + i * L:used + (i + 1) * L] for i in range(sequences + validation)]
+        count = sequences + validation
+        step = (len(text) - used) // count // L * L if spread else L
+        windows = [text[used + i * step:used + i * step + L] for i in range(count)]
+        if spread:   # validation windows evenly among them, so both span all the text
+            val = set(np.linspace(0, count - 1, validation).round().astype(int).tolist())
+            windows = ([w for i, w in enumerate(windows) if i not in val]
+                       + [w for i, w in enumerate(windows) if i in val])
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".webtext-seed-", dir=directory.parent))
         try:
@@ -156,19 +166,20 @@ def _clean_losses(model: nn.Module, seqs: torch.Tensor, device: str) -> list[flo
 
 
 def webtext_reference(root: str | os.PathLike, data: WebText, target: Workload, config: Any, *,
-                      validation: int = 512, progress: bool = False,
+                      validation: int = 512, spread: bool = False, progress: bool = False,
                       log: Callable[[str], None] = print) -> tuple[Reference, dict[str, Any]]:
     """The reference of the web-like stream: a GRU of hidden size ``config.width`` trained on
     the clean seed set (``config.heldout`` windows, :func:`seed_set`) through the loop, its
     losses on every training sample of ``target`` scored into a store
     (:func:`pipelines.reference.reference_scores`), and its losses on ``validation`` clean
     windows (``Reference.clean_losses``, the reference filter's bound), whose forward is added
-    to the scoring seconds. Cached under ``root``."""
+    to the scoring seconds; ``spread``: the seed set of :func:`seed_set`'s ``spread``. Cached
+    under ``root``."""
     from ..loop import cpu_seconds
     from ..reference import reference_scores
     from ..textlm.train import make_model
 
-    seeds = seed_set(data, config.heldout, validation)
+    seeds = seed_set(data, config.heldout, validation, spread)
     heldout = textlm_workload(seeds.corpus, target.evaluate.keywords["seqs"], "gru", config.width,
                               device=target.device)
     identity = {"workload": "webtext", "build": data.directory.name,

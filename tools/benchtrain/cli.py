@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out sequences per other kind (final per-kind bits/byte)")
     g.add_argument("--web-evals", type=int, default=4, help="held-out evaluations per run")
     g.add_argument("--web-data-seed", type=int, default=0, help="the corpus builder's seed")
+    g.add_argument("--web-seed-set", choices=("contiguous", "spread"), default="contiguous",
+                   help="the reference's clean seed set: consecutive windows of the unused "
+                        "train text (a few files) or windows spread over all of it")
     g.add_argument("--filter-quantile", type=float, default=0.95,
                    help="ref_filter/dedup_filter: keep samples whose reference loss is at most "
                         "this quantile of its losses on clean validation text")

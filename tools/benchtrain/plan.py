@@ -111,6 +111,8 @@ def base_config(args: argparse.Namespace, workload: str, **override: Any) -> dic
                "eval_sequences": args.web_eval_sequences, "per_kind": args.web_per_kind,
                "evals_per_run": args.web_evals, "device": args.text_device,
                "filter_quantile": args.filter_quantile}
+        if args.web_seed_set != "contiguous":   # keyed only when not the first runs' default
+            cfg["seed_set"] = args.web_seed_set
     elif workload == "mnist1d":
         cfg = {"train": args.m1d_train, "test": args.m1d_test, "noise": 0.0, "data_seed": 42,
                "epochs": args.m1d_epochs, "b": args.m1d_b, "B": args.m1d_B, "lr": args.m1d_lr}
@@ -142,7 +144,8 @@ def plan(args: argparse.Namespace) -> list[Experiment]:
             exps.insert(1, exps.pop())
     if "webtext" in args.workload:
         for passes in args.web_passes:
-            name = f"webtext-{args.web_mixture}-n{args.web_samples}-p{passes:g}"
+            name = (f"webtext-{args.web_mixture}-n{args.web_samples}-p{passes:g}"
+                    + ("" if args.web_seed_set == "contiguous" else f"-{args.web_seed_set}-seed"))
             exps.append(Experiment(
                 name, f"byte LM on the web-like stream ({args.web_mixture} mixture, "
                 f"{args.web_samples} samples), {passes:g} pass(es) of training budget", "webtext",

@@ -163,10 +163,12 @@ class Data:
 
             key = json.dumps(["reference", name, [cfg[f] for f in (
                 "mixture", "samples", "seq_len", "data_seed", "eval_sequences", "device")],
+                cfg.get("seed_set"),
                 config.to_dict()])
             if key not in self.cache:
-                self.cache[key], _ = webtext_reference(self.root / "reference", self.webtext(cfg),
-                                                       self.workload(name, cfg), config)
+                self.cache[key], _ = webtext_reference(
+                    self.root / "reference", self.webtext(cfg), self.workload(name, cfg), config,
+                    spread=cfg.get("seed_set") == "spread")
             return self.cache[key]
         if name == "mnist1d":
             key = json.dumps(["reference", name, cfg["train"], cfg["test"], cfg["noise"],
