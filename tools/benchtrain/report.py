@@ -162,8 +162,10 @@ def web_goals(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
              "control": (registry.BUDGET_PREFIX + m) if control is not rows["uniform"]
              else "uniform", "ahead_of_control": ahead,
              "twice_spread": 2 * max(c["std"], f["std"]),
+             # the share of the control-to-oracle gap closed; None where the control is at or
+             # past the oracle (no gap to close)
              "gap_closed": (ahead / (c["mean"] - oracle)
-                            if oracle is not None and c["mean"] != oracle else None)}
+                            if oracle is not None and c["mean"] > oracle else None)}
         g["met"] = {"time": g["time_ratio"] is not None and g["time_ratio"] <= 0.5,
                     "ahead": ahead > g["twice_spread"],
                     "gap": g["gap_closed"] is not None and g["gap_closed"] >= 0.8}
@@ -196,7 +198,8 @@ def web_table(entry: dict[str, Any]) -> str:
             cells += [_x(g["time_ratio"]) if g["time_ratio"] is not None else "never (some seed)",
                       f"{g['ahead_of_control']:+.4f} vs {g['control']} "
                       f"({g['twice_spread']:.4f})",
-                      "—" if g["gap_closed"] is None else f"{100 * g['gap_closed']:.0f}%"]
+                      "— (control at or past the oracle)" if g["gap_closed"] is None
+                      else f"{100 * g['gap_closed']:.0f}%"]
         kept = row.get("kept_share")
         cells += [f"{100 * kept[k]:.0f}%" if kept else "all" for k in kinds]
         cells += [f"{100 * row['trained_share'][k]:.0f}%" for k in kinds]
