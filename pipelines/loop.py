@@ -49,6 +49,7 @@ load pre-trained weights.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -71,11 +72,13 @@ from .methods import random_scores  # noqa: F401  (its old home: kept importable
 #: the variants of ES (their own benchmark grid)
 VARIANTS = methods.names(group="variant")
 #: the methods that need nothing but the corpus (every one runs in tests/test_loop.py)
-METHODS = methods.names(reference=False)
+METHODS = methods.names(reference=False, oracle=False)
 #: the methods that read a reference model's losses (:class:`Reference`)
 REFERENCE_METHODS = methods.names(reference=True)
+#: the methods that read the workload's side table of kinds (``Workload.sample_kinds``)
+ORACLE_METHODS = methods.names(reference=False, oracle=True)
 #: every method of the loop (the reference methods need ``RunConfig.reference``)
-ALL_METHODS = METHODS + REFERENCE_METHODS
+ALL_METHODS = METHODS + REFERENCE_METHODS + ORACLE_METHODS
 #: the methods whose b moves over the run, and how (:class:`~es_stream.BatchSchedule`)
 SCHEDULES = {m.name: m.schedule for m in methods.methods() if m.schedule}
 
@@ -104,6 +107,11 @@ class Workload:
     ``higher_is_better`` picks the best. ``clip``: gradient-norm clipping (0: none).
     ``learned_loss``: a sample whose loss is below it counts as already learned (the per-epoch
     ``learned_fraction`` of the result; None: not measured).
+    ``sample_kinds`` (int64 ``[n]``, codes into ``kind_names``): a side table of each sample's
+    kind, for reporting only (the result's ``backpropagated_by_kind`` and, for a prune-once
+    method, ``kept_by_kind``); no method reads it but one that declares it is an oracle.
+    ``final_metrics(model)``: more held-out figures, computed once after training (timer
+    stopped), the result's ``final_metrics``.
     """
 
     name: str
@@ -119,6 +127,9 @@ class Workload:
     device: str = "cpu"
     learned_loss: float | None = None
     chance_loss: float | None = None
+    sample_kinds: torch.Tensor | None = None
+    kind_names: tuple[str, ...] = ()
+    final_metrics: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,7 @@ class Reference:
     name: str = ""
     train_cpu_s: float | None = None   # CPU seconds of the same (None: not measured; the
     score_cpu_s: float | None = None   # wall-clock stands in)
+    clean_losses: tuple[float, ...] | None = None  # its losses on clean validation text
 
     @property
     def seconds(self) -> float:
@@ -167,6 +179,17 @@ class RunConfig:
     ``prune_keep``: the fraction the bands and ``prune_random`` keep (``ceil(prune_keep * n)``
     samples, decided once; every epoch then reads only those, so such a run trains ``epochs``
     epochs over the kept part: the same training compute for every band and the random control).
+
+    ``budget_passes`` (the web regime's budget): the run takes ``ceil(budget_passes * n / b)``
+    optimizer steps, ``n`` the corpus's samples, whatever the method prunes or selects — the
+    same training compute for every method, uniform reading ``budget_passes`` of one pass over
+    the stream (a prune-once method reads that many samples of its kept part, passing over it
+    more than once when it keeps less; a selecting method reads B per step). The loop resolves
+    it into ``epochs`` and ``budget_epochs`` once the epoch's length is known
+    (:func:`resolve_budget`), which replace those given. ``evals_per_run``: with it, held-out
+    evaluations per run instead of ``evals_per_epoch``. ``filter_quantile``: the reference
+    filter keeps samples whose reference loss is at most this quantile of the reference's
+    losses on its clean validation text (``Reference.clean_losses``).
     """
 
     epochs: int
@@ -189,6 +212,9 @@ class RunConfig:
     fresh_epochs: float = 1.0
     reference: Reference | None = None
     prune_keep: float = 0.5
+    budget_passes: float | None = None
+    evals_per_run: int | None = None
+    filter_quantile: float = 0.95
 
     @property
     def horizon(self) -> float:
@@ -228,6 +254,27 @@ class RunConfig:
             raise ValueError(f"b_ramp must be in (0, 1], got {self.b_ramp}")
         if not self.fresh_epochs > 0:
             raise ValueError(f"fresh_epochs must be > 0, got {self.fresh_epochs}")
+        if self.budget_passes is not None and not self.budget_passes > 0:
+            raise ValueError(f"budget_passes must be > 0, got {self.budget_passes}")
+        if self.evals_per_run is not None and self.evals_per_run < 1:
+            raise ValueError(f"evals_per_run must be >= 1, got {self.evals_per_run}")
+        if not 0.0 < self.filter_quantile <= 1.0:
+            raise ValueError(f"filter_quantile must be in (0, 1], got {self.filter_quantile}")
+
+
+def resolve_budget(config: RunConfig, num_samples: int, steps_per_epoch: int) -> RunConfig:
+    """``config`` with ``budget_passes`` turned into epochs of an epoch of ``steps_per_epoch``
+    steps (``num_samples``: the whole corpus's), and ``evals_per_run`` into evaluations per
+    epoch; unchanged without ``budget_passes``."""
+    if config.budget_passes is None:
+        return config
+    steps = max(1, math.ceil(config.budget_passes * num_samples / config.b))
+    horizon = steps / max(1, steps_per_epoch)
+    evals = config.evals_per_epoch
+    if config.evals_per_run is not None:
+        evals = max(1, math.ceil(config.evals_per_run / horizon))
+    return dataclasses.replace(config, epochs=max(1, math.ceil(horizon)), budget_epochs=horizon,
+                               evals_per_epoch=evals)
 
 
 # ----------------------------------------------------------------------------- the method's parts
@@ -362,6 +409,13 @@ class _Run:
         # tensor summed per step (no per-step sync), read at the epoch's end
         self._learned: torch.Tensor | int = 0
         self._seen = 0
+        # back-propagated samples per kind of the workload's side table: a device tensor, read
+        # once at the end
+        kinds = workload.sample_kinds
+        self._kinds = kinds.to(self.dev) if kinds is not None else None
+        self._by_kind = (torch.zeros(len(workload.kind_names), dtype=torch.long, device=self.dev)
+                         if kinds is not None else None)
+        self.kept_by_kind: dict[str, int] | None = None
 
     def observe(self, losses: torch.Tensor) -> None:
         """Count the samples of ``losses`` (before this step's update) below ``learned_loss``."""
@@ -454,6 +508,10 @@ class _Run:
                 self.pruner.store.scatter(ids, losses.detach())
             elif self.spec.train_loss_scores == "selector":
                 self.selector.record(ids, losses.detach())
+        if self._kinds is not None:
+            trained = ids.to(self.dev)
+            trained = trained[chosen] if chosen is not None else trained
+            self._by_kind += torch.bincount(self._kinds[trained], minlength=len(self._by_kind))
         weights = self.weights(mb, chosen)
         loss = losses.mean() if weights is None else (losses * weights).mean()
         self.opt.zero_grad(set_to_none=True)
@@ -521,6 +579,11 @@ class _Run:
             self.pruner.policy.check(self.pruner.store)  # refused before anything is written
             self.pruner.write(0, self.config.epochs)
             self.clock.stop()
+            keep = self.ds.epoch_keep(0)
+            if self._kinds is not None and keep is not None:
+                kept = torch.bincount(self.workload.sample_kinds[torch.as_tensor(keep.kept_ids)],
+                                      minlength=len(self.workload.kind_names))
+                self.kept_by_kind = dict(zip(self.workload.kind_names, kept.tolist()))
 
     def result(self) -> dict[str, Any]:
         """The result dict of :func:`train`."""
@@ -547,7 +610,24 @@ class _Run:
                 f"best_{quality}": best(values, default=float("nan")),
                 "curve": curve, "learned_fraction": self.counts.learned_fraction,
                 "cpu_curve": [(t + extra_cpu, q) for t, q in self.counts.cpu_curve],
-                "stats": self.counts.stats}
+                "stats": self.counts.stats, **self.side_results()}
+
+    def side_results(self) -> dict[str, Any]:
+        """What the run trained on per kind of the workload's side table, and its
+        ``final_metrics`` (both only where the workload has them; call with the clock stopped)."""
+        out: dict[str, Any] = {}
+        if self._by_kind is not None:
+            names = self.workload.kind_names
+            out["backpropagated_by_kind"] = dict(zip(names, self._by_kind.tolist()))
+            out["samples_by_kind"] = dict(zip(names, torch.bincount(
+                self.workload.sample_kinds, minlength=len(names)).tolist()))
+            if self.kept_by_kind is not None:
+                out["kept_by_kind"] = self.kept_by_kind
+        if self.workload.final_metrics is not None:
+            self.model.eval()
+            out["final_metrics"] = self.workload.final_metrics(self.model)
+            self.model.train()
+        return out
 
 
 def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
@@ -580,10 +660,15 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
                        seed=config.seed,
                        manifests=manifests if spec.prune else None)
         dl = es_stream.loader(ds, num_workers=config.workers)
+        if spec.prune != "once":  # a selector's steps need the run's length up front
+            config = resolve_budget(config, workload.corpus.num_samples, len(ds))
         bar = tqdm(total=config.epochs_run, desc=f"{method} seed {config.seed}", unit="epoch",
                    disable=not config.progress, dynamic_ncols=True, leave=False, mininterval=1.0)
         run = _Run(workload, method, config, model, ds, manifests, bar)
         run.prune_once()
+        if spec.prune == "once":  # the kept part's length is known now
+            config = run.config = resolve_budget(config, workload.corpus.num_samples, len(ds))
+            bar.total = config.epochs_run
         try:
             for epoch in range(config.epochs_run):
                 run.epoch(epoch, dl)

@@ -40,6 +40,15 @@ same path over random scores: exactly as many samples kept at random, no referen
 ``prune_chance`` prunes once with ``ThresholdPolicy(high=workload.chance_loss)``, dropping the
 samples the reference model predicts worse than a uniform guess.
 
+The web stream's curation methods (``group="reference"``, prune-once): ``oracle`` keeps exactly
+the samples the workload's side table labels clean (an upper bound: it reads the labels, which
+no other method does); ``dedup_exact`` / ``dedup_near`` drop exact (content hash) / exact and
+near (MinHash + LSH) duplicates, reading the corpus once on the method's clock
+(:class:`pipelines.curation.DedupPruner`, ``es_stream.dedup``); ``ref_filter`` keeps the samples
+whose reference loss is at most the ``filter_quantile`` of the reference's losses on clean
+validation text (``ThresholdPolicy``); ``dedup_filter`` is both, dedup keeping only what the
+filter keeps.
+
 **Benchmark controls.** A method with ``control`` set gets a budget-matched control in the
 benchmark, ``budget_<name>``: uniform training cut to that method's time (:func:`controls`).
 ``uniform_B`` (uniform batches of B) is the benchmark's other control.
@@ -109,6 +118,8 @@ class Method:
     ``reference`` (the benchmark's grids and tables). ``control``: its name in the label of its
     budget-matched control ``budget_<name>`` (None: no control). ``label``: its name in tables;
     ``cost``: its run's cost relative to uniform's, for the benchmark's estimate only.
+    ``oracle``: it reads the workload's side table of kinds (``Workload.sample_kinds``), which
+    only a workload that labels its samples has: an upper bound, not a method to ship.
     """
 
     name: str
@@ -126,6 +137,7 @@ class Method:
     control: str | None = None
     label: str | None = None
     cost: float = 1.0
+    oracle: bool = False
 
     def __post_init__(self) -> None:
         if self.prune not in (None, "epoch", "once"):
@@ -322,6 +334,56 @@ def chance_pruner(ctx: Context, selector: Any) -> Any:
     return Pruner(ctx.corpus, ctx.reference, ThresholdPolicy(high=ctx.chance_loss), ctx.manifests)
 
 
+def oracle_pruner(ctx: Context, selector: Any) -> Any:
+    """Keep exactly the samples the workload's side table labels clean (``kind_names[0]``),
+    through the same prune-once path (a store of 0 for clean, 1 for the rest, kept up to 0.5)."""
+    import torch
+    from es_stream import Pruner, ScoreStore, ThresholdPolicy
+
+    w = ctx.workload
+    if w is None or w.sample_kinds is None:
+        raise ValueError("method 'oracle' reads the workload's side table of kinds "
+                         "(Workload.sample_kinds): this workload has none")
+    store = ScoreStore(ctx.corpus.num_samples, fingerprint=ctx.corpus.fingerprint)
+    store.scatter(torch.arange(ctx.corpus.num_samples), (w.sample_kinds != 0).float())
+    return Pruner(ctx.corpus, store, ThresholdPolicy(high=0.5), ctx.manifests)
+
+
+def filter_threshold(ctx: Context) -> float:
+    """The reference filter's bound: the ``filter_quantile`` of the reference's losses on its
+    clean validation text (a sample the reference predicts worse than that does not look like
+    the curated text it was trained on)."""
+    import numpy as np
+
+    ref = ctx.config.reference
+    if ctx.reference is None or ref is None or not ref.clean_losses:
+        raise ValueError("the reference filter needs the reference store and the reference's "
+                         "losses on clean validation text (Reference.clean_losses)")
+    return float(np.quantile(np.asarray(ref.clean_losses), ctx.config.filter_quantile))
+
+
+def filter_pruner(ctx: Context, selector: Any, out_dir: str | None = None) -> Any:
+    """Keep the samples whose reference loss is at most :func:`filter_threshold`, once."""
+    from es_stream import Pruner, ThresholdPolicy
+
+    return Pruner(ctx.corpus, ctx.reference, ThresholdPolicy(high=filter_threshold(ctx)),
+                  out_dir or ctx.manifests)
+
+
+def dedup_pruner(near: bool, filtered: bool = False) -> PrunerFactory:
+    """Exact (and with ``near`` near-duplicate) deduplication, once, read from the corpus on the
+    method's clock (:class:`pipelines.curation.DedupPruner`); ``filtered``: ANDed with the
+    reference filter (:func:`filter_pruner`), dedup keeping only what the filter keeps."""
+    def make(ctx: Context, selector: Any) -> Any:
+        from es_stream.dedup import DedupConfig
+
+        from .curation import DedupPruner, filter_dir
+
+        flt = filter_pruner(ctx, selector, filter_dir(ctx.manifests)) if filtered else None
+        return DedupPruner(ctx.corpus, ctx.manifests, DedupConfig(near=near), flt)
+    return make
+
+
 def random_scores(corpus: Any, seed: int) -> Any:
     """An in-memory :class:`~es_stream.ScoreStore` of uniform random scores in [0, 1), one per
     sample of ``corpus``, drawn from ``seed`` (a band of it is a random subset of exactly the
@@ -382,3 +444,17 @@ for _band in ("low", "middle", "high"):
 register(Method("prune_chance", pruner=chance_pruner, prune="once", batch_of_b=True,
                 reference=True, group="reference", control="chance-pruning",
                 label="reference loss < chance (pruned once)", cost=0.65))
+register(Method("oracle", pruner=oracle_pruner, prune="once", batch_of_b=True,
+                oracle=True, group="reference", label="oracle filter (labels; an upper bound)", cost=1.0))
+register(Method("dedup_exact", pruner=dedup_pruner(False), prune="once", batch_of_b=True,
+                group="reference", label="dedup, exact (once)", cost=1.0))
+register(Method("dedup_near", pruner=dedup_pruner(True), prune="once", batch_of_b=True,
+                group="reference", control="near-dedup", label="dedup, exact + near (once)",
+                cost=1.1))
+register(Method("ref_filter", pruner=filter_pruner, prune="once", batch_of_b=True,
+                reference=True, options=("filter_quantile",), group="reference",
+                control="reference-filter", label="reference filter (once)", cost=1.5))
+register(Method("dedup_filter", pruner=dedup_pruner(True, filtered=True), prune="once",
+                batch_of_b=True, reference=True, options=("filter_quantile",),
+                group="reference", control="dedup + filter",
+                label="dedup (near) + reference filter (once)", cost=1.6))

@@ -57,6 +57,8 @@ CACHE_VERSION = 2  # 2: meta.json carries the CPU seconds of training and scorin
 DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist1d": {"heldout": 10000, "width": 16, "epochs": 10, "b": 64, "lr": 3e-3},
     "textlm": {"heldout": 4096, "width": 64, "epochs": 2, "b": 32, "lr": 3e-3},
+    # webtext: the clean seed set (pipelines.webtext.train.seed_set), 256 KiB of text
+    "webtext": {"heldout": 2048, "width": 64, "epochs": 2, "b": 32, "lr": 3e-3},
 }
 #: MNIST-1D test samples generated with the held-out split (unused: the reference is evaluated
 #: on the target's test set, for the record only)

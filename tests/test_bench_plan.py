@@ -64,6 +64,12 @@ def test_a_run_is_keyed_by_the_fields_its_method_uses(tmp_path: Path) -> None:
         "prune_chance": data | {"ref_model"}, "budget_prune_chance": data | {"budget_epochs"},
         "band_high": data | {"ref_model", "prune_keep"}, "prune_random": data | {"prune_keep"},
         "budget_rho": data | {"budget_epochs"},
+        # the web stream's curation methods (prune-once; the oracle reads the side table)
+        "oracle": data, "dedup_exact": data, "dedup_near": data,
+        "ref_filter": data | {"ref_model"}, "dedup_filter": data | {"ref_model"},
+        "budget_dedup_near": data | {"budget_epochs"},
+        "budget_ref_filter": data | {"budget_epochs"},
+        "budget_dedup_filter": data | {"budget_epochs"},
     }
     assert set(expected) == set(P.METHODS)
     for method, keys in expected.items():

@@ -18,6 +18,22 @@
     python tools/bench_train.py --workload textlm \
         --methods uniform,rho,band_low,band_middle,band_high,prune_random,budget_rho
 
+    # the web-like stream (pipelines.webtext): a budget in passes, the curation methods
+    python tools/bench_train.py --workload webtext --web-passes 0.25 --out docs/evidence/webtext \
+        --methods uniform,oracle,dedup_near,dedup_filter,es,rho,budget_dedup_filter,budget_es,budget_rho
+
+**The web-like stream** (``--workload webtext``; opt-in, not in ``--all``): the byte LM (GRU,
+``--web-hidden`` 64) on a :mod:`pipelines.webtext` build of ``--web-samples`` 32,768 samples of
+``--web-seq-len`` 128 B in the ``--web-mixture`` (``default``: 40% clean; ``dupes``: 20% clean,
+45% duplicates), one experiment per budget of ``--web-passes`` (passes of uniform over the
+stream: every method takes ``passes * samples / b`` steps, the selecting ones reading B per step,
+the prune-once ones passing over their kept part as often as that takes). A budget control is
+cut in passes (uncapped: a method dearer than uniform buys its control more steps). Quality:
+clean held-out bits/byte; the per-kind held-out bits/byte, what each method kept and trained on
+of each kind (the side table, read by the oracle only) and the goals' figures are the second
+table. The reference of ``rho``, ``ref_filter`` and ``dedup_filter`` is a GRU trained on a clean
+seed set (``pipelines.webtext.train.seed_set``), its training and scoring in their time.
+
 ``--all`` is the main evidence committed in ``docs/evidence`` (its dry run finds every run
 done); the regimes are new experiments with run keys of their own, run with ``--regimes`` (or
 ``--all --regimes`` for everything).
@@ -187,8 +203,8 @@ from typing import Any, Sequence
 
 from benchtrain.plan import estimate, experiment_records, parse_args, plan
 from benchtrain.report import (describe, diagnostics_table, goals_table, markdown_table,
-                               plot_experiment, plot_heatmap, summary_entry, write_tables,
-                               write_text)
+                               plot_experiment, plot_heatmap, summary_entry, web_table,
+                               write_tables, write_text)
 from benchtrain.run import Data, Store, execute
 
 
@@ -237,10 +253,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         plot_heatmap(entries, out / "betas_heatmap.png")
         write_text(summary_path, json.dumps(entries, indent=1))
         write_tables(out, entries)
-        if exp.group in ("main", "fixes", "regimes"):
+        if exp.group in ("main", "fixes", "regimes", "web"):
             print(f"\n## {exp.title}\n{describe(entry)}\n\n{markdown_table(entry)}\n", flush=True)
         if exp.group == "regimes":
             print(f"{diagnostics_table(entry)}\n", flush=True)
+        if exp.group == "web":
+            print(f"{web_table(entry)}\n", flush=True)
     goals = goals_table({e.name: entries[e.name] for e in exps})
     if goals:
         print("\n".join(goals), flush=True)

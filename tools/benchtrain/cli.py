@@ -14,6 +14,8 @@ from pipelines.common import add_reference_args, add_selection_args, floats, int
 from . import ROOT
 
 WORKLOADS = ("mnist1d", "textlm")
+#: the web-like stream (pipelines.webtext): opt-in, not part of --all
+WEB = ("webtext",)
 #: the regimes the paper claims, each an experiment on one of WORKLOADS (see plan.plan())
 REGIMES = ("mnist1d-long", "mnist1d-finetune", "textlm-long")
 GRIDS = ("betas", "ratio", "prune", "fixes", "variants")
@@ -32,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "the selection baselines and the budget-matched and random controls.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_argument_group("what to run (at least one)")
-    what.add_argument("--workload", action="append", choices=WORKLOADS + REGIMES, default=[],
+    what.add_argument("--workload", action="append", choices=WORKLOADS + REGIMES + WEB, default=[],
                       help="a main comparison or a regime (repeatable): mnist1d-long (MNIST-1D "
                            "to convergence, time to uniform's plateau), mnist1d-finetune "
                            "(fine-tuning a model pre-trained on part of the classes), "
-                           "textlm-long (the byte LM, Transformer, more text and epochs)")
+                           "textlm-long (the byte LM, Transformer, more text and epochs), webtext "
+                           "(the byte LM on a web-like stream read in part, --web-*)")
     what.add_argument("--regimes", action="store_true",
                       help="every regime: " + ", ".join(REGIMES))
     what.add_argument("--grid", action="append", choices=GRIDS, default=[],
@@ -110,6 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-evals-per-epoch", type=int, default=TEXT["evals_per_epoch"],
                    help="held-out evaluations per epoch")
     g.add_argument("--text-device", default="cpu", help="torch device")
+    g = p.add_argument_group("webtext workload: the byte LM on a web-like stream (pipelines.webtext)")
+    g.add_argument("--web-mixture", default="default",
+                   help="named mixture (pipelines.webtext.train.MIXTURES: default, dupes)")
+    g.add_argument("--web-samples", type=int, default=32768, help="samples in the stream")
+    g.add_argument("--web-seq-len", type=int, default=128, help="bytes per sample")
+    g.add_argument("--web-passes", default="0.25",
+                   help="comma-separated training budgets, in passes of uniform over the "
+                        "stream (one experiment each): every method takes passes * samples / b "
+                        "steps")
+    g.add_argument("--web-b", type=int, default=32, help="b")
+    g.add_argument("--web-B", type=int, default=64, help="B")
+    g.add_argument("--web-lr", type=float, default=3e-3, help="Adam peak LR (cosine)")
+    g.add_argument("--web-hidden", type=int, default=64, help="GRU hidden size")
+    g.add_argument("--web-embed", type=int, default=32, help="GRU embedding size")
+    g.add_argument("--web-eval-sequences", type=int, default=512,
+                   help="clean held-out sequences evaluated")
+    g.add_argument("--web-per-kind", type=int, default=128,
+                   help="held-out sequences per other kind (final per-kind bits/byte)")
+    g.add_argument("--web-evals", type=int, default=4, help="held-out evaluations per run")
+    g.add_argument("--web-data-seed", type=int, default=0, help="the corpus builder's seed")
+    g.add_argument("--web-seed-set", choices=("contiguous", "spread"), default="contiguous",
+                   help="the reference's clean seed set: consecutive windows of the unused "
+                        "train text (a few files) or windows spread over all of it")
+    g.add_argument("--filter-quantile", type=float, default=0.95,
+                   help="ref_filter/dedup_filter: keep samples whose reference loss is at most "
+                        "this quantile of its losses on clean validation text")
     g = p.add_argument_group("regime mnist1d-long (test set, b, B, lr: the --m1d-* flags)")
     g.add_argument("--long-train", type=int, default=20000, help="train samples")
     g.add_argument("--long-epochs", type=int, default=40, help="epochs (>= 40: to convergence)")
@@ -169,7 +198,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.workload += [r for r in REGIMES if r not in args.workload]
     if not args.workload and not args.grid:
         parser.error("nothing to run: give --workload, --grid or --all")
-    for b, B, name in ((args.m1d_b, args.m1d_B, "m1d"), (args.text_b, args.text_B, "text")):
+    args.web_passes = floats(args.web_passes)
+    if not args.web_passes or min(args.web_passes) <= 0 or args.web_samples < 1:
+        parser.error("need --web-passes > 0 and --web-samples >= 1")
+    if not 0 < args.filter_quantile <= 1:
+        parser.error(f"--filter-quantile must be in (0, 1], got {args.filter_quantile}")
+    from pipelines.webtext.train import MIXTURES
+    if args.web_mixture not in MIXTURES:
+        parser.error(f"--web-mixture: choose from {', '.join(MIXTURES)}, got {args.web_mixture!r}")
+    for b, B, name in ((args.m1d_b, args.m1d_B, "m1d"), (args.text_b, args.text_B, "text"),
+                       (args.web_b, args.web_B, "web")):
         if not 1 <= b <= B:
             parser.error(f"need 1 <= --{name}-b <= --{name}-B, got {b}, {B}")
     # checked here, not at the fixes grid's first ES run an hour into --all
@@ -198,7 +236,7 @@ def reference_config(args: argparse.Namespace, workload: str) -> dict[str, Any]:
     return ReferenceConfig.for_workload(
         workload, heldout=args.reference_heldout, width=args.reference_width,
         epochs=args.reference_epochs, lr=args.reference_lr, data_seed=args.reference_seed,
-        b=args.m1d_b if workload == "mnist1d" else args.text_b).to_dict()
+        b={"mnist1d": args.m1d_b, "webtext": args.web_b}.get(workload, args.text_b)).to_dict()
 
 
 def check_reference(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -208,7 +246,7 @@ def check_reference(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.reference_seed == 42:
         parser.error("--reference-seed 42 is the MNIST-1D corpus's generation seed: the held-out "
                      "split would repeat its training samples; give another")
-    for workload in WORKLOADS:
+    for workload in WORKLOADS + WEB:
         try:
             reference_config(args, workload)
         except ValueError as e:

@@ -23,7 +23,7 @@ from typing import Any
 from pipelines import methods as registry
 from pipelines.common import floats, ints
 
-from .cli import (GRIDS, MAIN_METHODS, REGIMES, WORKLOADS, build_parser,  # noqa: F401
+from .cli import (GRIDS, MAIN_METHODS, REGIMES, WEB, WORKLOADS, build_parser,  # noqa: F401
                   check_reference, check_regimes, parse_args, reference_config)
 
 #: every method the benchmark runs (the registry's, uniform_B and the budget controls)
@@ -62,6 +62,9 @@ COSTS = {
     "mnist1d": {"uniform_s_per_sample_epoch": 9.0e-5, "build_s": 20.0},
     "textlm": {"uniform_s_per_sample_epoch": 3.3e-3, "build_s": 25.0},
     "textlm-transformer": {"uniform_s_per_sample_epoch": TRANSFORMER_COST, "build_s": 25.0},
+    # webtext (defaults: GRU 128, 128-byte samples): 8,192 samples trained in 15.8 CPU s at
+    # load ~6 (per sample trained; _samples counts the budget's samples)
+    "webtext": {"uniform_s_per_sample_epoch": 2.0e-3, "build_s": 10.0},
 }
 #: Relative cost of a method's run against uniform's, for the estimate only (a budget control
 #: costs what the method it is cut to costs).
@@ -100,7 +103,17 @@ def base_config(args: argparse.Namespace, workload: str, **override: Any) -> dic
               "prune_burn_in_epochs": args.prune_burn_in_epochs, "threads": args.threads,
               "workers": args.workers, **{k: getattr(args, k) for k in VARIANT_OPTIONS},
               "ref_model": reference_config(args, workload), "prune_keep": args.prune_keep}
-    if workload == "mnist1d":
+    if workload == "webtext":
+        cfg = {"mixture": args.web_mixture, "samples": args.web_samples,
+               "seq_len": args.web_seq_len, "data_seed": args.web_data_seed, "passes": 0.25,
+               "epochs": 1, "b": args.web_b, "B": args.web_B, "lr": args.web_lr, "arch": "gru",
+               "hidden": args.web_hidden, "embed": args.web_embed, "layers": 1,
+               "eval_sequences": args.web_eval_sequences, "per_kind": args.web_per_kind,
+               "evals_per_run": args.web_evals, "device": args.text_device,
+               "filter_quantile": args.filter_quantile}
+        if args.web_seed_set != "contiguous":   # keyed only when not the first runs' default
+            cfg["seed_set"] = args.web_seed_set
+    elif workload == "mnist1d":
         cfg = {"train": args.m1d_train, "test": args.m1d_test, "noise": 0.0, "data_seed": 42,
                "epochs": args.m1d_epochs, "b": args.m1d_b, "B": args.m1d_B, "lr": args.m1d_lr}
     else:
@@ -129,6 +142,15 @@ def plan(args: argparse.Namespace) -> list[Experiment]:
                                base_config(args, "textlm"), list(args.methods), list(args.seeds)))
         if exps[0].workload == "mnist1d" and len(exps) > 2:   # textlm right after clean MNIST-1D
             exps.insert(1, exps.pop())
+    if "webtext" in args.workload:
+        for passes in args.web_passes:
+            name = (f"webtext-{args.web_mixture}-n{args.web_samples}-p{passes:g}"
+                    + ("" if args.web_seed_set == "contiguous" else f"-{args.web_seed_set}-seed"))
+            exps.append(Experiment(
+                name, f"byte LM on the web-like stream ({args.web_mixture} mixture, "
+                f"{args.web_samples} samples), {passes:g} pass(es) of training budget", "webtext",
+                base_config(args, "webtext", passes=passes), list(args.methods),
+                list(args.seeds), group="web"))
     exps += regimes(args)
     grid_cfg = base_config(args, "mnist1d", noise=args.grid_noise)
 
@@ -307,14 +329,17 @@ def cut_sources(exp: Experiment, method: str) -> list[Run]:
     return [planned_run(exp, m, s) for m in ("uniform", registry.controls()[method]) for s in exp.seeds]
 
 
-def budget_cut(records: list[dict[str, Any]], epochs: int, of: str) -> dict[str, Any]:
+def budget_cut(records: list[dict[str, Any]], epochs: float, of: str,
+               cap: bool = True) -> dict[str, Any]:
     """The epochs of the budget-matched control of ``of``: ``epochs * mean(of's train s) /
-    mean(uniform's train s)`` over ``records``, at most ``epochs``, rounded to 0.001 epoch."""
+    mean(uniform's train s)`` over ``records``, at most ``epochs`` (without ``cap``: uncapped,
+    the web stream's budget in passes, where a control may read more than uniform), rounded to
+    0.001 epoch (0.0001 pass)."""
     t_of = statistics.fmean(r["result"]["wall_clock_s"] for r in records if r["method"] == of)
     t_uni = statistics.fmean(r["result"]["wall_clock_s"] for r in records if r["method"] == "uniform")
     raw = epochs * t_of / t_uni
-    cut = round(min(raw, float(epochs)), 3)
-    return {"of": of, "epochs": cut, "raw_epochs": raw, "capped": raw > epochs,
+    cut = round(min(raw, float(epochs)), 3) if cap else round(raw, 4)
+    return {"of": of, "epochs": cut, "raw_epochs": raw, "capped": cap and raw > epochs,
             "mean_train_s_of": t_of, "mean_train_s_uniform": t_uni}
 
 
@@ -326,8 +351,10 @@ def budget_cuts(exp: Experiment, records: dict[str, dict[str, Any]]) -> dict[str
         if method in registry.controls():
             sources = cut_sources(exp, method)
             if all(r.key in records for r in sources):
+                passes = exp.config.get("passes")   # the web stream: cut in passes
                 cuts[method] = budget_cut([records[r.key] for r in sources],
-                                          exp.config["epochs"], registry.controls()[method])
+                                          exp.config["epochs"] if passes is None else passes,
+                                          registry.controls()[method], cap=passes is None)
     return cuts
 
 
@@ -453,7 +480,7 @@ def _cost_scale(records: dict[str, dict[str, Any]]) -> dict[str, float]:
     (median over recorded uniform runs); entries without one are left out."""
     per: dict[str, list[float]] = {}
     for r in records.values():
-        if r["method"] == "uniform" and r["workload"] in WORKLOADS:
+        if r["method"] == "uniform" and r["workload"] in WORKLOADS + WEB:
             samples = _samples(r["workload"], r["config"]) * r["config"]["epochs"]
             per.setdefault(cost_kind(r["workload"], r["config"]), []).append(r["run_s"] / samples)
     return {kind: statistics.median(v) / COSTS[kind]["uniform_s_per_sample_epoch"]
@@ -474,6 +501,8 @@ def _budget_runs_or_placeholders(exp: Experiment, records: dict[str, dict[str, A
 
 
 def _samples(workload: str, cfg: dict[str, Any]) -> float:
+    if workload == "webtext":   # the samples the budget trains on
+        return cfg["samples"] * cfg["passes"] * cfg["seq_len"] / 128
     if workload == "mnist1d":
         return cfg["train"]
     # whole shards of shard_sequences; train_mb 0 = every shard (~30 MiB of stdlib text)
@@ -486,10 +515,14 @@ def _data_id(exp: Experiment) -> tuple[str, str]:
     c = exp.config
     if exp.workload == "mnist1d":
         return ("mnist1d", f"mnist1d-n{c['train']}-t{c['test']}-noise{c['noise']:g}-s{c['data_seed']}")
+    if exp.workload == "webtext":
+        return ("webtext", f"{c['mixture']}-{c['samples']}-{c['seq_len']}-{c['data_seed']}")
     return ("textlm", "")
 
 
 def _data_cached(root: Path, workload: str, ident: str) -> bool:
+    if workload == "webtext":
+        return any((root / "webtext").glob("webtext-*/meta.json"))
     if workload == "mnist1d":
         return (root / "mnist1d" / ident / "wds.parquet").exists()
     return any((root / "textlm").glob("textlm-*/meta.json"))

@@ -5,6 +5,7 @@ ratios to uniform, the lossless flag, the scoring forward's cost), the summary e
 from __future__ import annotations
 
 import datetime
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,8 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], tolerance: float) 
         learned = learned_by_epoch(rs)
         if learned is not None:
             row["learned_fraction"] = learned
+        if all("backpropagated_by_kind" in r for r in rs):   # the web stream's side table
+            row.update(kinds_summary(rs))
         if any("reference_s" in r for r in rs):   # included in wall_clock_s and the curves
             for k in ("reference_s", "reference_train_s", "reference_score_s"):
                 row[k] = _stats([float(r.get(k, 0.0)) for r in rs])
@@ -114,6 +117,96 @@ def summarize(exp: Experiment, records: list[dict[str, Any]], tolerance: float) 
     if start is not None:   # fine-tuning: what the pre-trained model knew of the target
         out["start"] = start
     return out
+
+
+def kinds_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over seeds of what a web-stream run trained on: ``trained_share`` (share of the
+    back-propagated samples of each kind), ``kept_share`` (a prune-once method: share of each
+    kind's samples it kept), ``final_metrics`` (held-out bits per byte per kind)."""
+    def mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
+        return {k: statistics.fmean(d[k] for d in dicts) for k in dicts[0]}
+
+    trained = [{k: v / max(1, sum(r["backpropagated_by_kind"].values()))
+                for k, v in r["backpropagated_by_kind"].items()} for r in results]
+    out: dict[str, Any] = {"trained_share": mean_of(trained)}
+    if all("kept_by_kind" in r and "samples_by_kind" in r for r in results):
+        out["kept_share"] = mean_of([{k: v / max(1, r["samples_by_kind"][k])
+                                      for k, v in r["kept_by_kind"].items()} for r in results])
+    if all("final_metrics" in r for r in results):
+        out["final_metrics"] = mean_of([r["final_metrics"] for r in results])
+    return out
+
+
+def web_goals(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method of a web-stream experiment, the goals' figures: ``time_ratio`` (mean over
+    seeds of the time at which it first reached uniform's mean final bits/byte, over uniform's
+    mean time; None when a seed never did), ``ahead_of_control`` (its budget control's mean
+    final minus its own) against ``twice_spread`` (twice the larger std of the two), and
+    ``gap_closed`` ((control - method) / (control - oracle)). Without a control, uniform stands
+    in (a method whose cost is uniform's, such as the oracle's, is its own control)."""
+    rows = summary["methods"]
+    if "uniform" not in rows:
+        return {}
+    u_time = rows["uniform"]["wall_clock_s"]["mean"]
+    oracle = rows.get("oracle", {}).get("final", {}).get("mean")
+    out = {}
+    for m, row in rows.items():
+        if m.startswith(registry.BUDGET_PREFIX):
+            continue
+        t = row["time_to_uniform_mean_final_s"]["per_seed"]
+        control = rows.get(registry.BUDGET_PREFIX + m, rows["uniform"])
+        c, f = control["final"], row["final"]
+        ahead = c["mean"] - f["mean"]
+        g = {"time_ratio": (statistics.fmean(t) / u_time if all(x is not None for x in t)
+                            else None),
+             "control": (registry.BUDGET_PREFIX + m) if control is not rows["uniform"]
+             else "uniform", "ahead_of_control": ahead,
+             "twice_spread": 2 * max(c["std"], f["std"]),
+             # the share of the control-to-oracle gap closed; None where the control is at or
+             # past the oracle (no gap to close)
+             "gap_closed": (ahead / (c["mean"] - oracle)
+                            if oracle is not None and c["mean"] > oracle else None)}
+        g["met"] = {"time": g["time_ratio"] is not None and g["time_ratio"] <= 0.5,
+                    "ahead": ahead > g["twice_spread"],
+                    "gap": g["gap_closed"] is not None and g["gap_closed"] >= 0.8}
+        out[m] = g
+    return out
+
+
+def web_table(entry: dict[str, Any]) -> str:
+    """The web stream's second table: per method, what it kept and trained on of each kind, the
+    held-out bits/byte per kind, and the goals' figures (:func:`web_goals`)."""
+    s = entry["summary"]
+    rows = s.get("methods", {})
+    if not rows or "trained_share" not in rows.get("uniform", {}):
+        return ""
+    kinds = list(rows["uniform"]["trained_share"])
+    short = {"clean": "clean", "html": "html", "binary": "bin", "base64": "b64",
+             "exact_dup": "exact", "near_dup": "near", "template": "tmpl", "random": "rand"}
+    goals = web_goals(s)
+    head = (["method", "× unif time", "to unif final × unif", "ahead of control (2×spread)",
+             "gap closed"] + [f"kept {short.get(k, k)}" for k in kinds]
+            + [f"trained {short.get(k, k)}" for k in kinds]
+            + [f"bpb {short.get(k, k)}" for k in kinds])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, row in rows.items():
+        g = goals.get(m)
+        cells = [LABELS.get(m, m), _x(row["ratio_to_uniform"]["wall_clock_s"])]
+        if g is None:
+            cells += ["", "", ""]
+        else:
+            cells += [_x(g["time_ratio"]) if g["time_ratio"] is not None else "never (some seed)",
+                      f"{g['ahead_of_control']:+.4f} vs {g['control']} "
+                      f"({g['twice_spread']:.4f})",
+                      "— (control at or past the oracle)" if g["gap_closed"] is None
+                      else f"{100 * g['gap_closed']:.0f}%"]
+        kept = row.get("kept_share")
+        cells += [f"{100 * kept[k]:.0f}%" if kept else "all" for k in kinds]
+        cells += [f"{100 * row['trained_share'][k]:.0f}%" for k in kinds]
+        fm = row.get("final_metrics", {})
+        cells += [f"{fm[f'bpb_{k}']:.2f}" if f"bpb_{k}" in fm else "—" for k in kinds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def scoring_cost(exp: Experiment, rows: dict[str, Any]) -> dict[str, float] | None:
@@ -210,6 +303,15 @@ def describe(entry: dict[str, Any]) -> str:
         model = "1D CNN fine-tuned from a pre-trained one" if "pretrain" in c else "1D CNN"
         what = (f"{c['train']} train / {c['test']} test samples, noise {c['noise']:g}, {model}, "
                 f"{c['epochs']} epochs, Adam {c['lr']:g} cosine, b = {c['b']}, B = {c['B']}")
+    elif entry["workload"] == "webtext":
+        n = entry.get("train_samples")
+        what = (f"{c['arch']} LM (hidden {c['hidden']}, embedding {c['embed']}), a web-like "
+                f"stream of {n} samples of {c['seq_len']} B ({c['mixture']} mixture, builder "
+                f"seed {c['data_seed']}); budget {c['passes']:g} pass(es) of uniform over it = "
+                f"{math.ceil(c['passes'] * n / c['b'])} steps of b = {c['b']} for every method "
+                f"(B = {c['B']} read per step by the selecting ones), Adam {c['lr']:g} cosine; "
+                f"quality: clean held-out bits/byte on {c['eval_sequences']} sequences "
+                f"({c['evals_per_run']} evaluations per run)")
     else:
         n = entry.get("train_samples")
         size = (f"{n} train sequences = {n * c['seq_len'] / 2**20:.2f} MiB" if n else
@@ -255,15 +357,30 @@ def describe(entry: dict[str, Any]) -> str:
     if refs:
         row = next(iter(refs.values()))
         ref = c["ref_model"]
-        lines.append(f"reference model (RHO-LOSS's protocol: a held-out split with the same label "
-                     f"noise, no clean label): {ref['heldout']} held-out samples, width "
-                     f"{ref['width']}, {ref['epochs']} epochs; trained in "
-                     f"{row['reference_train_s']['mean']:.1f} s and the corpus scored in "
-                     f"{row['reference_score_s']['mean']:.1f} s, counted in full in the time "
-                     f"(and time to target) of {', '.join(refs)}; the bands and random pruning "
-                     f"keep {c['prune_keep']:g} of the corpus, decided once, and train "
-                     f"{c['epochs']} epochs over it (the same training compute for each)")
+        if entry["workload"] == "webtext":
+            lines.append(
+                f"reference model: a GRU of hidden size {ref['width']} trained on a clean seed set "
+                f"of {c['ref_model']['heldout']} windows of unused train text for "
+                f"{c['ref_model']['epochs']} epochs in {row['reference_train_s']['mean']:.1f} s; "
+                f"the stream scored (and 512 clean validation windows, the filter's bound: "
+                f"the {c['filter_quantile']:g} quantile of their losses) in "
+                f"{row['reference_score_s']['mean']:.1f} s; counted in full in the time of "
+                f"{', '.join(refs)}; random pruning keeps {c['prune_keep']:g}")
+        else:
+            lines.append(f"reference model (RHO-LOSS's protocol: a held-out split with the same label "
+                       f"noise, no clean label): {ref['heldout']} held-out samples, width "
+                       f"{ref['width']}, {ref['epochs']} epochs; trained in "
+                       f"{row['reference_train_s']['mean']:.1f} s and the corpus scored in "
+                       f"{row['reference_score_s']['mean']:.1f} s, counted in full in the time "
+                       f"(and time to target) of {', '.join(refs)}; the bands and random pruning "
+                       f"keep {c['prune_keep']:g} of the corpus, decided once, and train "
+                       f"{c['epochs']} epochs over it (the same training compute for each)")
     for m, cut in entry["budget_cuts"].items():
+        if "passes" in c:
+            lines.append(f"{m}: {cut['epochs']:.4f} passes = {c['passes']:g} x "
+                         f"{cut['mean_train_s_of']:.2f} s ({cut['of']}) / "
+                         f"{cut['mean_train_s_uniform']:.2f} s (uniform)")
+            continue
         lines.append(f"{m}: {cut['epochs']:.3f} epochs = {c['epochs']} x {cut['mean_train_s_of']:.2f} s "
                      f"({cut['of']}) / {cut['mean_train_s_uniform']:.2f} s (uniform)"
                      + (" (capped: slower than uniform)" if cut["capped"] else ""))
@@ -454,6 +571,18 @@ def write_tables(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
     for e in regimes:
         sec = section(e, "###")
         lines += sec[:6] + [diagnostics_table(e), ""] + sec[6:]
+    web = [e for e in entries.values() if e["group"] == "web"]
+    if web:
+        lines += ["## The web-like stream", "",
+                  "Below each table: per method, the share of each kind's samples it kept "
+                  "(prune-once methods), the share of each kind among the samples it trained "
+                  "on, the held-out bits/byte per kind, and the goals' figures: time to "
+                  "uniform's final bits/byte over uniform's time, lead over the budget-matched "
+                  "control (uniform where the method has none) against twice the seeds' "
+                  "spread, and the share of the control-to-oracle gap closed.", ""]
+    for e in web:
+        sec = section(e, "###")
+        lines += sec[:6] + [web_table(e), ""] + sec[6:]
     for e in entries.values():
         if e["group"] == "variants":
             lines += section(e, "##")

@@ -19,7 +19,7 @@ from pipelines.common import ES_OPTIONS, PRUNE_OPTIONS, torch_threads
 from .plan import VARIANT_OPTIONS, Experiment, Run, budget_cuts, budget_runs, measured_runs
 
 #: the ``quality`` recorded in runs.jsonl for each workload's held-out quality
-QUALITY = {"mnist1d": "test_acc", "textlm": "heldout_bpb"}
+QUALITY = {"mnist1d": "test_acc", "textlm": "heldout_bpb", "webtext": "heldout_bpb"}
 
 
 TIME_BASES = ("cpu", "wall")
@@ -104,6 +104,20 @@ class Data:
             self.cache[key] = (data, eval_subset(data.heldout, cfg["eval_sequences"] or None))
         return self.cache[key]
 
+    def webtext(self, cfg: dict[str, Any]):
+        """The web-like stream of ``cfg`` (:func:`pipelines.webtext.build` with the named
+        mixture), built under ``root/webtext`` the first time."""
+        from pipelines.webtext.corpus import build
+        from pipelines.webtext.train import mixture
+
+        key = json.dumps(["webtext", cfg["mixture"], cfg["samples"], cfg["seq_len"],
+                          cfg["data_seed"]])
+        if key not in self.cache:
+            self.cache[key] = build(self.root / "webtext", mixture=mixture(cfg["mixture"]),
+                                    samples=cfg["samples"], seq_len=cfg["seq_len"],
+                                    seed=cfg["data_seed"], min_bytes=0)
+        return self.cache[key]
+
     def pretrained(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """The fine-tuning regime's pre-trained model of ``cfg["pretrain"]`` (its meta.json,
         :func:`pipelines.mnist1d.pretrain.pretrain`): built under ``root/pretrain`` the first
@@ -144,6 +158,18 @@ class Data:
         from pipelines.reference import ReferenceConfig, mnist1d_reference, textlm_reference
 
         config = ReferenceConfig(**cfg["ref_model"])
+        if name == "webtext":
+            from pipelines.webtext.train import webtext_reference
+
+            key = json.dumps(["reference", name, [cfg[f] for f in (
+                "mixture", "samples", "seq_len", "data_seed", "eval_sequences", "device")],
+                cfg.get("seed_set"),
+                config.to_dict()])
+            if key not in self.cache:
+                self.cache[key], _ = webtext_reference(
+                    self.root / "reference", self.webtext(cfg), self.workload(name, cfg), config,
+                    spread=cfg.get("seed_set") == "spread")
+            return self.cache[key]
         if name == "mnist1d":
             key = json.dumps(["reference", name, cfg["train"], cfg["test"], cfg["noise"],
                               cfg["data_seed"], config.to_dict()])
@@ -173,6 +199,12 @@ class Data:
             d = self.mnist1d(cfg)
             make_model = Pretrained(self.pretrained(cfg)["path"]) if "pretrain" in cfg else None
             return workload(d.corpus, d.test_x, d.test_y, make_model)
+        if name == "webtext":
+            from pipelines.webtext.train import workload as web_workload
+
+            return web_workload(self.webtext(cfg), cfg["eval_sequences"], cfg["per_kind"],
+                                cfg["arch"], cfg["hidden"], cfg["embed"], cfg["layers"],
+                                device=cfg["device"])
         from pipelines.textlm.train import workload
 
         d, heldout = self.textlm(cfg)
@@ -192,6 +224,15 @@ def loop_config(method: str, seed: int, cfg: dict[str, Any], progress: bool,
 
     b = cfg["B"] if method == registry.UNIFORM_B else cfg["b"]
     budget = cfg.get("budget_epochs")
+    if "passes" in cfg:   # the web stream: a budget in passes (a control's cut is one too)
+        return RunConfig(1, b=b, B=cfg.get("B", b), lr=cfg["lr"], seed=seed,
+                         workers=cfg["workers"], progress=progress,
+                         es_options={k: cfg[k] for k in ES_OPTIONS if k in cfg},
+                         **{k: cfg[k] for k in PRUNE_OPTIONS + VARIANT_OPTIONS if k in cfg},
+                         budget_passes=cfg["passes"] if budget is None else budget,
+                         evals_per_run=cfg["evals_per_run"], reference=reference,
+                         prune_keep=cfg.get("prune_keep", 0.5),
+                         filter_quantile=cfg.get("filter_quantile", 0.95))
     return RunConfig(cfg["epochs"] if budget is None else math.ceil(budget), b=b,
                      B=cfg.get("B", b), lr=cfg["lr"], seed=seed, workers=cfg["workers"],
                      progress=progress, es_options={k: cfg[k] for k in ES_OPTIONS if k in cfg},
@@ -231,6 +272,12 @@ def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, 
            "higher_is_better": w.higher_is_better, "final": r[f"final_{w.quality}"],
            "best": r[f"best_{w.quality}"], "curve": [list(p) for p in r["curve"]],
            "learned_fraction": r["learned_fraction"]}
+    for k in ("backpropagated_by_kind", "samples_by_kind", "kept_by_kind", "final_metrics"):
+        if k in r:   # the web stream's side table and per-kind held-out figures
+            out[k] = r[k]
+    if "passes" in cfg:
+        out["epochs"] = r["epochs_done"]
+        out["passes"] = cfg["passes"] if cfg.get("budget_epochs") is None else cfg["budget_epochs"]
     if "pretrain" in cfg:
         out["start"] = data.start(cfg)
     if reference is not None:   # in wall_clock_s and the curve already (the loop adds it)
