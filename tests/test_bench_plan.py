@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
-from benchtrain import plan as P  # noqa: E402
-from benchtrain.run import Store, loop_config, loop_method  # noqa: E402
+from benchtrain import experiments as P  # noqa: E402
+from benchtrain.run import RunLog, loop_config, loop_method  # noqa: E402
 
 EPOCHS = 3
 
@@ -128,13 +128,13 @@ def test_a_resumed_invocation_runs_exactly_what_is_not_recorded(tmp_path: Path) 
     assert [(r.method, r.seed) for r in measured] == [
         (m, s) for s in (0, 1) for m in ("uniform", "es", "eswp")]
     wall = {"uniform": 10.0, "es": 7.0, "eswp": 5.0}
-    store = Store(tmp_path / "runs.jsonl")
+    store = RunLog(tmp_path / "runs.jsonl")
     for run in measured[:4]:  # killed after seed 0's runs and seed 1's uniform
         store.add(record(exp, run, wall[run.method] + run.seed))
     # the next run's line torn by the kill: ignored on reading, that run redone
     with open(store.path, "a") as f:
         f.write(json.dumps(record(exp, measured[4], 8.0))[:30])
-    records = Store(store.path).records
+    records = RunLog(store.path).records
     assert set(records) == {r.key for r in measured[:4]}
     assert [r for r in measured if r.key not in records] == measured[4:]
     # the budget control waits for every seed of uniform and es ...
@@ -144,7 +144,7 @@ def test_a_resumed_invocation_runs_exactly_what_is_not_recorded(tmp_path: Path) 
     # ... then is cut from them; a budget run recorded at another cut is not this one
     for run in measured[4:]:
         store.add(record(exp, run, wall[run.method] + run.seed))
-    records = Store(store.path).records
+    records = RunLog(store.path).records
     cuts = P.budget_cuts(exp, records)
     assert set(cuts) == {"budget_es"}
     assert cuts["budget_es"]["epochs"] == round(EPOCHS * 7.5 / 10.5, 3)
@@ -154,7 +154,7 @@ def test_a_resumed_invocation_runs_exactly_what_is_not_recorded(tmp_path: Path) 
     store.add(record(exp, budget[0], 6.0))
     stale = P.planned_run(exp, "budget_es", 1, cuts["budget_es"]["epochs"] + 0.1)
     store.add(record(exp, stale, 6.0))
-    records = Store(store.path).records
+    records = RunLog(store.path).records
     assert [r for r in measured + budget if r.key not in records] == [budget[1]]
     assert P.estimate([exp], records, tmp_path / "no-data")["runs"] == 1
     # what the tables show: the recorded runs at the current cut, methods outermost
@@ -231,7 +231,7 @@ def test_the_recorded_evidence_still_covers_every_run_of_the_issue_7_plan() -> N
     # new methods and options must not re-key a run already measured: `--all` (as BENCHMARKS.md
     # ran it) finds every run of its experiments other than the variants grid in
     # docs/evidence/runs.jsonl, nothing to redo
-    store = Store(ROOT / "docs" / "evidence" / "runs.jsonl")
+    store = RunLog(ROOT / "docs" / "evidence" / "runs.jsonl")
     if not store.records:
         pytest.skip("no recorded evidence runs in this checkout")
     args = P.parse_args(["--all", "--grid-seeds", "0,1", "--out", str(ROOT / "docs" / "evidence")])

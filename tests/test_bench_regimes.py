@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
 import bench_train  # noqa: E402
-from benchtrain import plan as P  # noqa: E402
+from benchtrain import experiments as P  # noqa: E402
 from benchtrain.report import plateau, summarize, time_to_target  # noqa: E402
 from benchtrain.run import Data  # noqa: E402
 from pipelines import loop  # noqa: E402

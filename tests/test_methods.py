@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))   # `pipelines` is not an installed package
 sys.path.insert(0, str(ROOT / "tools"))
 
 import es_stream  # noqa: E402
-from benchtrain import plan as P  # noqa: E402
+from benchtrain import experiments as P  # noqa: E402
 from pipelines import loop  # noqa: E402
 from pipelines import methods as registry  # noqa: E402
 from pipelines.mnist1d import __main__ as m1d_cli  # noqa: E402

@@ -65,7 +65,7 @@ controls, the tables below) plus diagnostics (the regimes' second table):
 =================== ===========================================================================
 
 Measured per-run costs on the 2-core machine, 1 torch thread, load ~2 (see ``COSTS`` in
-``benchtrain/plan.py``): ``mnist1d-long`` ~1.5 min a uniform run, ~35 min for 3 seeds x the 10
+``benchtrain/experiments.py``): ``mnist1d-long`` ~1.5 min a uniform run, ~35 min for 3 seeds x the 10
 methods; ``mnist1d-finetune`` ~0.4 min a run, ~10 min in all, plus ~0.6 min of pre-training
 once; ``textlm-long`` ~10 min a uniform run (8.5 min of it training), ~9 min per run over the
 methods, ~4.7 h in all (``--methods`` trims it). The machine's speed drifts: rescaled by the
@@ -186,7 +186,7 @@ the wall time before starting, from per-workload costs measured on the 2-core de
 (``COSTS``), rescaled by the uniform runs already in ``runs.jsonl`` when there are any.
 
 **Code.** This file is the command line; the work is in ``tools/benchtrain/``: ``cli.py`` (flags
-and their checks), ``plan.py`` (experiments, run keys, budget cuts, the estimate), ``run.py``
+and their checks), ``experiments.py`` (experiments, run keys, budget cuts, the estimate), ``run.py``
 (data, one run through the shared loop, the ``runs.jsonl`` store) and ``report.py`` (statistics,
 tables, summary, plots). The methods, their options and controls: ``pipelines/methods.py``.
 """
@@ -201,11 +201,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchtrain.plan import estimate, experiment_records, parse_args, plan
+from benchtrain.experiments import estimate, experiment_records, parse_args, plan
 from benchtrain.report import (describe, diagnostics_table, goals_table, markdown_table,
                                plot_experiment, plot_heatmap, summary_entry, web_table,
                                write_tables, write_text)
-from benchtrain.run import Data, Store, execute
+from benchtrain.run import Data, RunLog, execute
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     command = "python tools/bench_train.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    store = Store(out / "runs.jsonl", args.time)
+    store = RunLog(out / "runs.jsonl", args.time)
     exps = plan(args)
     est = estimate(exps, store.records, Path(args.data_dir))
     print(f"bench_train: {len(exps)} experiment(s), {est['runs']} run(s) to do "

@@ -15,7 +15,7 @@ from pipelines import methods as registry
 from pipelines.report import plot_curves
 from pipelines.report import stats as _stats
 
-from .plan import Experiment
+from .experiments import Experiment
 from .run import machine
 
 #: table labels of the methods (the others are shown by name)
@@ -433,7 +433,7 @@ def goals_table(entries: dict[str, dict[str, Any]]) -> list[str]:
     to reach uniform_p's mean final accuracy over uniform_p's; met when >= 0.5 and <= 0.6x.
     Clean MNIST-1D and the byte LM: lossless and <= 0.8x of uniform's wall-clock. The bands
     also against random pruning at the same keep (final minus prune_random's)."""
-    from .plan import REFERENCE_METHODS
+    from .experiments import REFERENCE_METHODS
 
     main = [e for e in entries.values() if e["group"] == "main"
             and any(m in REFERENCE_METHODS for m in e["summary"].get("methods", {}))]

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from pipelines import methods as registry
 from pipelines.common import ES_OPTIONS, PRUNE_OPTIONS, torch_threads
 
-from .plan import VARIANT_OPTIONS, Experiment, Run, budget_cuts, budget_runs, measured_runs
+from .experiments import VARIANT_OPTIONS, Experiment, Run, budget_cuts, budget_runs, measured_runs
 
 #: the ``quality`` recorded in runs.jsonl for each workload's held-out quality
 QUALITY = {"mnist1d": "test_acc", "textlm": "heldout_bpb", "webtext": "heldout_bpb"}
@@ -45,7 +45,7 @@ def on_time_basis(rec: dict[str, Any], basis: str) -> dict[str, Any]:
     return {**rec, "result": out}
 
 
-class Store:
+class RunLog:
     """``runs.jsonl``: one line per finished run, appended and flushed as it ends. A line cut
     short by a kill is ignored (and that run redone). ``records`` are on ``time_basis``
     (:func:`on_time_basis`); the file keeps both times as measured."""
@@ -288,7 +288,7 @@ def train_one(data: Data, workload: str, method: str, seed: int, cfg: dict[str, 
     return out
 
 
-def execute(exp: Experiment, store: Store, data: Data, progress: bool,
+def execute(exp: Experiment, store: RunLog, data: Data, progress: bool,
             log: Callable[[str], None]) -> dict[str, Any]:
     """Run what is missing of ``exp``: uniform and the measured methods first, every seed, then
     the budget-matched controls, cut from what those measured. Returns ``{"ran": n,
@@ -313,7 +313,7 @@ def execute(exp: Experiment, store: Store, data: Data, progress: bool,
     return {**counts, "cuts": cuts}
 
 
-def _run_missing(exp: Experiment, run: Run, store: Store, data: Data, progress: bool,
+def _run_missing(exp: Experiment, run: Run, store: RunLog, data: Data, progress: bool,
                  log: Callable[[str], None], counts: dict[str, int]) -> None:
     """Train ``run`` and record it, unless ``store`` has it already."""
     if run.key in store.records:
