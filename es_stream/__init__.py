@@ -15,10 +15,10 @@ from .errors import (ESStreamError, IndexFileError, ManifestError, MissingExtraE
 from .metabatch import MetaBatch
 from .plan import EpochPlan
 from .policy import ESWPPolicy, InfoBatchPolicy
-from .band import BandPolicy, ThresholdPolicy
+from .reference_policy import BandPolicy, ThresholdPolicy
 from .pruner import Pruner
 from .reducible import ReducibleLossSelector
-from .score import Scorer, ScoreResult, score_corpus
+from .reference_scoring import Scorer, ScoreResult, score_corpus
 from .batch_schedule import BatchSchedule
 from .selector import (ESSelector, LossSelector, SelectiveBackpropSelector, Selector,
                        TopKSelector, UniformSelector)

@@ -193,7 +193,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         policy = (ESWPPolicy(ratio=args.ratio, anneal=0.0, burn_in_epochs=0, seed=args.seed)
                   if args.policy == "es" else InfoBatchPolicy(ratio=args.ratio, anneal=0.0, seed=args.seed))
     else:
-        from .score import require_complete
+        from .reference_scoring import require_complete
 
         require_complete(store, f"--policy {args.policy}")
         policy.check(store)  # never-scored, non-finite, or nothing kept: refused before writing
@@ -225,7 +225,7 @@ def open_scores_read_only(path: str, num_samples: int, fingerprint: str):
 def _prune_policy(args: argparse.Namespace):
     """The band or threshold policy the arguments ask for (None for es/infobatch), checking
     that each policy got its own arguments and no other's."""
-    from .band import BandPolicy, ThresholdPolicy
+    from .reference_policy import BandPolicy, ThresholdPolicy
 
     given = {name: getattr(args, name) for name in ("ratio", "band", "keep", "low", "high")
              if getattr(args, name) is not None}
@@ -274,7 +274,7 @@ def _torchrun_group() -> Iterator[None]:
 def _cmd_score(args: argparse.Namespace) -> int:
     from .corpus import Corpus
     from .progress import show_progress
-    from .score import load_scorer, score_corpus
+    from .reference_scoring import load_scorer, score_corpus
 
     # an existing store is checked by score_corpus (resumed, or refused when no scoring wrote it)
     _check_output("--out", args.out, "scores.npy")

@@ -141,6 +141,10 @@ class Corpus:
         #: whether readers verify each shard against what was indexed when they open it
         #: (:mod:`es_stream.shard_identity`); False after ``Corpus.load(check=False)``
         self.verify_shards = True
+        #: shard -> (st_dev, st_ino) of its file when this process loaded the index and checked
+        #: it: readers compare them at each open, so a shard replaced later is caught without
+        #: reading a byte of it (nothing of a pruned sample is read)
+        self.file_ids: dict[int, tuple[int, int]] = {}
         if self.num_samples == 0:
             names = ", ".join(s.name for s in self.shards[:3]) or "no shards"
             raise ShardError(names, "the corpus has no samples; check the paths or pattern")
@@ -296,7 +300,7 @@ class Corpus:
             pq.write_table(table, tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, check: bool = True,
+    def load(cls, path: str | os.PathLike, *, check: bool | str = True,
              root: str | os.PathLike | None = None) -> "Corpus":
         """Read an index written by :meth:`save` (or ``es-stream index``).
 
@@ -318,10 +322,12 @@ class Corpus:
         missing shard raises :class:`ShardError` saying where it was looked for and by which
         rule; a shard whose size or mtime changed, or an MDS shard whose count changed in
         ``index.json``, raises :class:`StaleIndexError` naming it — a cached index is never
-        silently reused for different data. Readers verify each shard again when they open it,
-        with its content check when the index has one (see :mod:`es_stream.shard_identity`): a
-        shard replaced after loading raises :class:`StaleIndexError` then. ``check=False``
-        turns both off.
+        silently reused for different data; ``check="content"`` also compares the content check
+        the index records (the first and last 64 KiB of each shard: a shard replaced by one of
+        the same size whose mtime was kept). Readers verify each shard again when
+        they open it, by ``fstat`` alone (size, mtime and the file seen here): a shard replaced
+        after loading raises :class:`StaleIndexError` then, and no byte of a pruned sample is
+        read to find out (see :mod:`es_stream.shard_identity`). ``check=False`` turns both off.
 
         The tar layout columns are validated (offsets and sizes inside their shard, samples in
         order without overlap): an edited value raises :class:`~es_stream.errors.IndexFileError`
@@ -358,17 +364,19 @@ class Corpus:
             except TarColumnsProblem as exc:
                 raise index_error(path, str(exc)) from exc
         corpus.index_path, corpus.path_rule = path, rule
-        corpus.verify_shards = check
+        corpus.verify_shards = bool(check)
         if check:
-            corpus.check_fresh(path)
+            corpus.check_fresh(path, content=check == "content")
         return corpus
 
-    def check_fresh(self, index_path: str | None = None) -> None:
+    def check_fresh(self, index_path: str | None = None, content: bool = False) -> None:
         """Raise :class:`StaleIndexError` if a local shard differs from when it was indexed,
-        :class:`ShardError` saying where it looked if one is missing."""
+        :class:`ShardError` saying where it looked if one is missing. By size and mtime (one
+        ``stat`` a shard); with ``content``, also by the content check the index records (reads
+        up to 128 KiB a shard). Records each file's identity for the readers' checks."""
         index_path = index_path or self.index_path
         advice = "re-index the corpus" + (f" (es-stream index ... -o {index_path})" if index_path else "")
-        for shard in self.shards:
+        for i, shard in enumerate(self.shards):
             if shard.mtime_ns < 0:
                 continue  # streamed URL, or an MDS shard not fetched yet: nothing to compare
             path = self.local_path(shard)
@@ -381,6 +389,13 @@ class Corpus:
                 raise StaleIndexError(
                     f"{path}: shard changed since it was indexed (size {shard.size} -> "
                     f"{st.st_size}, mtime {shard.mtime_ns} -> {st.st_mtime_ns}); {advice}")
+            if content and shard.check is not None:
+                with open(path, "rb") as f:
+                    if content_check(f.fileno(), st.st_size) != shard.check:
+                        raise StaleIndexError(
+                            f"{path}: shard changed since it was indexed (same size and mtime, "
+                            f"different content); {advice}")
+            self.file_ids[i] = (st.st_dev, st.st_ino)
         if self.mds is not None:
             self._check_mds_index_fresh(advice)
 

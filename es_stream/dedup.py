@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ._version import __version__
-from .band import ALL_EPOCHS
+from .reference_policy import ALL_EPOCHS
 from .corpus import Corpus
 from .errors import ManifestError
 from .manifest import (APPLIES_TO, WRITE_ID, applies_to_all, clear_success, epoch_writer,

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from .band import refuse_never_scored
+from .reference_policy import refuse_never_scored
 from .metrics import LogFn
-from .score import require_complete
+from .reference_scoring import require_complete
 from .selector import ESSelector, Selector, deprecated_with_store, feedback_channel
 from .store import ScoreStore, as_index
 

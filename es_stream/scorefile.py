@@ -54,7 +54,7 @@ def write_metadata(path: str, num_samples: int, fingerprint: str | None,
             "encoding": "float32 per sample id; 0.0 = never scored (reads as 1/num_samples)",
             "num_samples": num_samples, "corpus_fingerprint": fingerprint,
             "es_stream_version": __version__}
-    if reference is not None:  # a reference-model pass wrote these scores (es_stream.score)
+    if reference is not None:  # a reference-model pass wrote these scores (es_stream.reference_scoring)
         meta["reference"] = reference
     with atomic_write(metadata_path(path)) as tmp:
         with open(tmp, "w") as f:

@@ -283,7 +283,7 @@ def open_reference(corpus: Corpus, reference: Reference) -> Any:
     ``corpus`` (a store of another corpus is refused, naming it) and complete (an unfinished
     scoring pass is refused, naming the store)."""
     from es_stream import ScoreStore
-    from es_stream.score import require_complete
+    from es_stream.reference_scoring import require_complete
 
     store = ScoreStore.open(reference.store, corpus.num_samples, fingerprint=corpus.fingerprint)
     require_complete(store, "this run")

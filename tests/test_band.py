@@ -16,7 +16,7 @@ import torch
 
 from conftest import payload, write_wds
 from es_stream import Corpus, ESDataset, ScoreError, ScoreStore, loader, score_corpus
-from es_stream.band import BandPolicy, ThresholdPolicy, rank_cut
+from es_stream.reference_policy import BandPolicy, ThresholdPolicy, rank_cut
 from es_stream.manifest import read_epoch
 
 EXE = shutil.which("es-stream", path=str(Path(sys.executable).parent))
@@ -27,7 +27,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def decide(policy, scores: np.ndarray, chunk: int | None = None) -> np.ndarray:
-    import es_stream.band as band
+    import es_stream.reference_policy as band
     import es_stream.policy as pol
 
     old = (band.CHUNK, pol.CHUNK)
@@ -74,7 +74,7 @@ def test_ties_are_broken_by_id_across_chunks(band):
 
 
 def test_rank_cut_narrows_a_crowded_bin(monkeypatch):
-    import es_stream.band as band
+    import es_stream.reference_policy as band
 
     monkeypatch.setattr(band, "_COLLECT", 10)  # force the refinement passes
     rng = np.random.default_rng(0)

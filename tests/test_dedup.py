@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from es_stream import Corpus, ESDataset, ScoreStore, loader
-from es_stream.band import ThresholdPolicy
+from es_stream.reference_policy import ThresholdPolicy
 from es_stream.dedup import (REASONS, DedupConfig, MinHasher, content_digests, corpus_dedup,
                              decide, exact_groups, similarity, write_manifests)
 from es_stream.pruner import Pruner

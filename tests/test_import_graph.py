@@ -200,3 +200,15 @@ def test_old_composer_paths_still_work_and_warn():
     for name in ("EvolvedSampling", "InfoBatch", "ScoreCheckpoint", "causal_lm_sample_loss",
                  "run_evolved_sampling_first"):  # what the README and tests import from there
         assert name in composer.__all__ and hasattr(composer, name)
+
+
+@pytest.mark.parametrize("old, new, name", [("es_stream.band", "es_stream.reference_policy", "BandPolicy"),
+                                            ("es_stream.score", "es_stream.reference_scoring", "score_corpus")])
+def test_renamed_modules_still_import_and_warn(old, new, name):
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.deprecated_call(match=f"{old} is deprecated"):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)

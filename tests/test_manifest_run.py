@@ -147,7 +147,7 @@ def test_pruned_epochs_follow_the_schedule():
     assert pruned_epochs(InfoBatchPolicy(ratio=0.5, anneal=0.0), 2) == [1]
     assert pruned_epochs(ESWPPolicy(ratio=0.3, burn_in_epochs=3, anneal=0.25), 8) == [3, 4, 5]
     assert pruned_epochs(ESWPPolicy(ratio=0.0, anneal=0.0), 8) == []
-    from es_stream.band import BandPolicy
+    from es_stream.reference_policy import BandPolicy
 
     assert pruned_epochs(BandPolicy(keep=0.5), 3) == [0, 1, 2]  # decided before training
     assert schedule_warning(InfoBatchPolicy(ratio=0.5, anneal=0.0), 2) is None

@@ -19,7 +19,7 @@ import torch
 
 from conftest import SHARD_SIZES, payload
 from es_stream import Corpus, ScoreError, ScoreStore
-from es_stream.score import progress_path, score_corpus
+from es_stream.reference_scoring import progress_path, score_corpus
 from es_stream.store import read_metadata
 
 EXE = shutil.which("es-stream", path=str(Path(sys.executable).parent))

@@ -163,3 +163,19 @@ def test_mds_index_json_hashes_are_part_of_the_identity(tmp_path):
     (tmp_path / "A" / "index.json").write_text(json.dumps(b))
     with pytest.raises(StaleIndexError, match=r"A/index.json: shard shard.00000.mds changed"):
         Corpus.load(tmp_path / "idx.parquet")
+
+
+def test_content_check_on_request_catches_an_in_place_rewrite_that_kept_its_mtime(tmp_path):
+    """The same file (same inode), rewritten with other bytes of the same size and its mtime
+    put back: size, mtime and file identity all agree; check="content" still finds it."""
+    paths = write_equal(tmp_path / "a", b"A")
+    write_equal(tmp_path / "b", b"B")
+    Corpus.from_webdataset(paths).save(tmp_path / "idx.parquet")
+    st = os.stat(paths[1])
+    with open(paths[1], "r+b") as f:
+        f.write((tmp_path / "b" / "eq-000001.tar").read_bytes())
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    Corpus.load(tmp_path / "idx.parquet")  # by stat alone: not seen
+    with pytest.raises(StaleIndexError, match=r"eq-000001\.tar: shard changed since it was "
+                                              r"indexed \(same size and mtime, different content"):
+        Corpus.load(tmp_path / "idx.parquet", check="content")
