@@ -33,7 +33,8 @@ from ...reducible import ReducibleLossSelector
 from ...selector import ESSelector
 from ...store import ScoreStore
 from ..batch import IdKey, default_id_key, split_ids, take_rows
-from .common import (LossFn, ScoreCheckpoint, agreed_manifests, per_sample_losses,
+from .common import (LossFn, ScoreCheckpoint, agreed_manifests, check_dataset_ranks,
+                     per_sample_losses,
                      refresh_dataloader_len, train_dataset, unwrap_model)
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ class EvolvedSampling(Algorithm):
             self._setup(state)
             self._refresh_dataloader_len(state)
         elif event == Event.EPOCH_START:
+            check_dataset_ranks(state)
             self._refresh_dataloader_len(state)
         elif event == Event.AFTER_DATALOADER:
             self._select(state, logger)

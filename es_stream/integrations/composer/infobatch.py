@@ -29,7 +29,8 @@ from ...policy import InfoBatchPolicy
 from ...pruner import Pruner
 from ...store import ScoreStore
 from ..batch import IdKey, batch_size_of, default_id_key, split_ids
-from .common import (LossFn, ScoreCheckpoint, agreed_manifests, per_sample_losses,
+from .common import (LossFn, ScoreCheckpoint, agreed_manifests, check_dataset_ranks,
+                     per_sample_losses,
                      refresh_dataloader_len, train_dataset, unwrap_model)
 from .evolved_sampling import EvolvedSampling
 
@@ -186,6 +187,7 @@ class InfoBatch(Algorithm):
             self._setup(state)
             refresh_dataloader_len(state)
         elif event == Event.EPOCH_START:
+            check_dataset_ranks(state)
             refresh_dataloader_len(state)
             self._load_weights(int(state.timestamp.epoch))
         elif event == Event.AFTER_DATALOADER:
