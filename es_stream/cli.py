@@ -339,25 +339,11 @@ _finite_float = _float_in(math.isfinite, "a finite number")
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .compact import compact
+    from .compact import compact, kept_ids_of
     from .corpus import Corpus
-    from .manifest import read_epoch
 
     corpus = Corpus.load(args.corpus)
-    if args.all:
-        kept_ids = np.arange(corpus.num_samples, dtype=np.int64)
-    else:
-        manifest = os.path.normpath(args.manifest)
-        name = os.path.basename(manifest)
-        if not name.startswith("epoch="):
-            raise ValueError(f"{args.manifest}: expected an epoch directory, DIR/epoch=EEEEE")
-        kept = read_epoch(os.path.dirname(manifest), int(name.split("=", 1)[1]),
-                          corpus.fingerprint, corpus.shard_counts)
-        if kept is None:
-            raise FileNotFoundError(f"{args.manifest}: no such manifest directory")
-        kept_ids = kept.kept_ids
+    kept_ids = kept_ids_of(corpus, None if args.all else args.manifest)
     from .progress import progress as bar, show_progress
 
     progress = bar if show_progress(args.no_progress) else None

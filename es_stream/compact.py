@@ -109,6 +109,24 @@ def compact(corpus: Corpus, kept_ids: np.ndarray, out_dir: str | os.PathLike, fm
     return os.path.join(target, MAPPING)
 
 
+def kept_ids_of(corpus: Corpus, manifest: str | os.PathLike | None) -> np.ndarray:
+    """The ids to compact: those an epoch directory ``DIR/epoch=EEEEE`` keeps, or every id of
+    the corpus when ``manifest`` is None (a whole-corpus conversion, e.g. tar to MDS)."""
+    from .manifest import read_epoch
+
+    if manifest is None:
+        return np.arange(corpus.num_samples, dtype=np.int64)
+    path = os.path.normpath(os.fspath(manifest))
+    name = os.path.basename(path)
+    if not name.startswith("epoch="):
+        raise ValueError(f"{manifest}: expected an epoch directory, DIR/epoch=EEEEE")
+    kept = read_epoch(os.path.dirname(path), int(name.split("=", 1)[1]), corpus.fingerprint,
+                      corpus.shard_counts)
+    if kept is None:
+        raise FileNotFoundError(f"{manifest}: no such manifest directory")
+    return kept.kept_ids
+
+
 # ------------------------------------------------------------------ where the output may go
 def _source_dirs(corpus: Corpus) -> list[str]:
     """Resolved directories the source is read from: every local shard's directory (wds) or
