@@ -10,8 +10,8 @@ from .corpus import Corpus, ShardInfo
 from .dataset import ESDataset, loader
 from .distributed import merge_rank_scores
 from .device_channel import FeedbackChannel
-from .errors import (ESStreamError, IndexFileError, ManifestError, MissingExtraError, SampleError,
-                     ScoreError, ShardError, StaleIndexError)
+from .errors import (ESStreamError, IndexFileError, ManifestError, MissingExtraError,
+                     RankMismatchError, SampleError, ScoreError, ShardError, StaleIndexError)
 from .metabatch import MetaBatch
 from .plan import EpochPlan
 from .policy import ESWPPolicy, InfoBatchPolicy
@@ -30,7 +30,8 @@ __all__ = ["MappedScoreStore", "MemoryScoreStore",
     "BandPolicy", "BatchSchedule", "Checkpointer", "Corpus", "ESDataset", "ESSelector",
     "ESWPPolicy", "EpochPlan", "ESStreamError",
     "FeedbackChannel", "IndexFileError", "InfoBatchPolicy", "LossSelector", "ManifestError",
-    "MetaBatch", "MissingExtraError", "Pruner", "ReducibleLossSelector", "SampleError",
+    "MetaBatch", "MissingExtraError", "Pruner", "RankMismatchError", "ReducibleLossSelector",
+    "SampleError",
     "ScoreError", "ScoreResult", "ScoreStore", "Scorer", "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "ThresholdPolicy", "TopKSelector",
     "TrainingState", "UniformSelector",

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .errors import RankMismatchError
 
-__all__ = ["check_ranks_agree", "dataset_fields", "digest"]
+__all__ = ["check_ranks_agree", "corpus_fields", "dataset_fields", "digest", "in_multi_rank_run"]
 
 _ADVICE = ("every rank must run the same job: start them with the same arguments, corpus index, "
            "manifest directory and environment")
@@ -92,24 +92,43 @@ def dataset_fields(dataset: Any, epoch: int) -> dict[str, Any]:
     drop_last, the world size it partitions for, the epoch, and the run that wrote its manifests
     (None without), and that the rank the dataset partitions for is the process's own
     (``dataset_rank_is_process_rank``)."""
-    from .manifest_run import run_id
-
-    corpus = dataset.corpus
-    shards = [{k: v for k, v in dataclasses.asdict(s).items() if k not in _LOCAL_ONLY}
-              if dataclasses.is_dataclass(s) else repr(s) for s in corpus.shards]
-    manifests = getattr(dataset, "manifests", None)
     # a field, not a local raise: a rank that raised alone would leave the others waiting
     own_rank = not (dist.is_available() and dist.is_initialized()) or dataset.rank == dist.get_rank()
     return {
         "dataset_rank_is_process_rank": bool(own_rank),
-        "corpus_fingerprint": corpus.fingerprint,
-        "num_samples": int(corpus.num_samples),
-        "shards": digest(shards),
+        **corpus_fields(dataset.corpus),
         "seed": int(dataset.seed),
         "meta_batch_size": int(dataset.meta_batch_size),
         "world_size": int(dataset.world_size),
         "shuffle": bool(dataset.shuffle),
         "drop_last": bool(dataset.drop_last),
         "epoch": int(epoch),
-        "manifest_run_id": None if manifests is None else run_id(manifests),
+        "manifest_run_id": manifest_run(getattr(dataset, "manifests", None)),
     }
+
+
+def corpus_fields(corpus: Any) -> dict[str, Any]:
+    """The part of :func:`dataset_fields` that names the corpus: its fingerprint, sample count
+    and a digest of its shards' identities (mtimes left out: they differ between copies)."""
+    shards = [{k: v for k, v in dataclasses.asdict(s).items() if k not in _LOCAL_ONLY}
+              if dataclasses.is_dataclass(s) else repr(s) for s in corpus.shards]
+    return {"corpus_fingerprint": corpus.fingerprint, "num_samples": int(corpus.num_samples),
+            "shards": digest(shards)}
+
+
+def manifest_run(manifests: Any) -> str | None:
+    """The run id recorded in a manifest directory (None without a directory or a record)."""
+    from .errors import ManifestError
+    from .manifest_run import run_id
+
+    if manifests is None:
+        return None
+    try:
+        return run_id(manifests)
+    except ManifestError as exc:  # compared, not raised here: a rank raising alone hangs the rest
+        return f"unreadable run record: {exc}"
+
+
+def in_multi_rank_run() -> bool:
+    """Whether this process is one of several ranks of an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

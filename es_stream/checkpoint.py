@@ -82,6 +82,13 @@ class Checkpointer:
     selector.state_dict()}``, with the score store given separately. Either way
     the store is saved beside the state chunk by chunk, so a memory-mapped store of any size is
     never copied into memory; :meth:`restore` / :meth:`load` restore it the same way.
+
+    Args:
+        directory: where the ``step-<N>`` checkpoints and the ``latest`` pointer go.
+        keep: how many of the newest committed steps to keep (default 2: the one ``latest``
+            names, and the one before it in case the newest turns out to be bad); each
+            :meth:`save` deletes the older ``step-*`` directories under ``directory`` beyond
+            that. At least 1.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2) -> None:

@@ -339,25 +339,17 @@ _finite_float = _float_in(math.isfinite, "a finite number")
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    from .compact import compact
+    from .compact import compact, kept_ids_of
     from .corpus import Corpus
-    from .manifest import read_epoch
 
     corpus = Corpus.load(args.corpus)
-    manifest = os.path.normpath(args.manifest)
-    name = os.path.basename(manifest)
-    if not name.startswith("epoch="):
-        raise ValueError(f"{args.manifest}: expected an epoch directory, DIR/epoch=EEEEE")
-    kept = read_epoch(os.path.dirname(manifest), int(name.split("=", 1)[1]), corpus.fingerprint,
-                      corpus.shard_counts)
-    if kept is None:
-        raise FileNotFoundError(f"{args.manifest}: no such manifest directory")
+    kept_ids = kept_ids_of(corpus, None if args.all else args.manifest)
     from .progress import progress as bar, show_progress
 
     progress = bar if show_progress(args.no_progress) else None
-    mapping = compact(corpus, kept.kept_ids, args.out, args.format, progress=progress,
-                      overwrite=args.overwrite)
-    print(f"wrote {len(kept.kept_ids)} of {corpus.num_samples} samples to {args.out} "
+    mapping = compact(corpus, kept_ids, args.out, args.format, progress=progress,
+                      overwrite=args.overwrite, typed=not args.bytes_columns)
+    print(f"wrote {len(kept_ids)} of {corpus.num_samples} samples to {args.out} "
           f"({args.format or corpus.format}); id mapping: {mapping}")
     return 0
 
@@ -546,7 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "place only when complete: --out is never left half-written, and "
                           "nothing compaction did not write is deleted.")
     comp.add_argument("--corpus", required=True, help="corpus index (Parquet)")
-    comp.add_argument("--manifest", required=True, help="an epoch directory: DIR/epoch=EEEEE")
+    which = comp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--manifest", help="an epoch directory: DIR/epoch=EEEEE (its kept samples)")
+    which.add_argument("--all", action="store_true",
+                       help="every sample of the corpus (no manifest): e.g. a WebDataset corpus "
+                       "converted to MDS with --format mds for ESStreamingDataset / Composer")
     comp.add_argument("--out", required=True,
                       help="new or empty directory for the new shards; refused when it holds "
                       "other files, or is, contains or lies inside the source shards' directory "
@@ -556,7 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "(and nothing else), atomically: the new output is renamed in, then the "
                       "old one deleted; a directory holding any other file is still refused")
     comp.add_argument("--format", choices=["wds", "mds"], default=None,
-                      help="output format (default: the corpus's own)")
+                      help="output format (default: the corpus's own). Tar to MDS types each "
+                      "file suffix's column as webdataset decodes it: .cls/.index/.id int, "
+                      ".txt str, .json json, .npy ndarray, others bytes")
+    comp.add_argument("--bytes-columns", action="store_true",
+                      help="tar to MDS: every file suffix a bytes column, byte-identical (no "
+                      "typed int/str/json/ndarray columns)")
     comp.add_argument("--no-progress", action="store_true",
                       help="no progress bar (shown only when stderr is a terminal)")
     comp.set_defaults(func=_cmd_compact)

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from .atomic import fsync_path, public_mode
 from ._version import __version__
 from .corpus import Corpus
+from .mds_columns import column_encoding, column_value
 from .mds_index import check_safe_columns
 from .shard_paths import is_local_url, local_path
 from .sources import open_reader
@@ -44,13 +45,17 @@ _LEGACY_NAMES = re.compile(r"shard-\d{6}\.tar|shard\.\d{5}\.mds(\.[a-z0-9]+)?|in
 
 def compact(corpus: Corpus, kept_ids: np.ndarray, out_dir: str | os.PathLike, fmt: str | None = None,
             max_count: int = 10_000, progress: Callable[..., Iterable] | None = None, *,
-            overwrite: bool = False, allow_unsafe_types: bool = False) -> str:
+            overwrite: bool = False, allow_unsafe_types: bool = False, typed: bool = True) -> str:
     """Write the kept samples (in id order) to a new directory ``out_dir`` as ``fmt`` (default:
     the corpus's own format). Returns the path of ``mapping.parquet`` (``old_id``, ``new_id``).
 
-    Tar to tar and MDS to MDS keep every payload byte-identical; tar to MDS stores each file
-    suffix as a ``bytes`` column (plus ``__key__``). MDS to tar is refused: MDS columns are typed
-    values, and re-encoding them as files would not be byte-identical.
+    Tar to tar and MDS to MDS keep every payload byte-identical. Tar to MDS makes each file
+    suffix a column (plus ``__key__``, a ``str``), typed as webdataset's default decoding reads
+    that suffix (:mod:`es_stream.mds_columns`): ``.cls``/``.index``/``.id``... an ``int``
+    column (labels read back as ints), ``.txt`` ``str``, ``.json`` ``json``, ``.npy``
+    ``ndarray``, anything else (images, ...) ``bytes``; with ``typed=False`` every suffix is a
+    ``bytes`` column holding the file byte-identical. MDS to tar is refused: MDS columns are
+    typed values, and re-encoding them as files would not be byte-identical.
 
     Where the output goes (nothing that compaction did not write is ever deleted):
 
@@ -96,12 +101,30 @@ def compact(corpus: Corpus, kept_ids: np.ndarray, out_dir: str | os.PathLike, fm
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     public_mode(tmp, directory=True)  # it becomes --out: readable as a mkdir'd directory is
     try:
-        _write_all(corpus, kept_ids, tmp, fmt, max_count, progress, allow_unsafe_types)
+        _write_all(corpus, kept_ids, tmp, fmt, max_count, progress, allow_unsafe_types, typed)
         _move_into_place(tmp, target, replaces)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # ours alone: mkdtemp made it, hidden, this run
         raise
     return os.path.join(target, MAPPING)
+
+
+def kept_ids_of(corpus: Corpus, manifest: str | os.PathLike | None) -> np.ndarray:
+    """The ids to compact: those an epoch directory ``DIR/epoch=EEEEE`` keeps, or every id of
+    the corpus when ``manifest`` is None (a whole-corpus conversion, e.g. tar to MDS)."""
+    from .manifest import read_epoch
+
+    if manifest is None:
+        return np.arange(corpus.num_samples, dtype=np.int64)
+    path = os.path.normpath(os.fspath(manifest))
+    name = os.path.basename(path)
+    if not name.startswith("epoch="):
+        raise ValueError(f"{manifest}: expected an epoch directory, DIR/epoch=EEEEE")
+    kept = read_epoch(os.path.dirname(path), int(name.split("=", 1)[1]), corpus.fingerprint,
+                      corpus.shard_counts)
+    if kept is None:
+        raise FileNotFoundError(f"{manifest}: no such manifest directory")
+    return kept.kept_ids
 
 
 # ------------------------------------------------------------------ where the output may go
@@ -193,7 +216,7 @@ def _warn_leftovers(target: str) -> None:
 
 # ------------------------------------------------------------------ writing aside, moving in
 def _write_all(corpus: Corpus, kept_ids: np.ndarray, tmp: str, fmt: str, max_count: int,
-               progress, allow_unsafe_types: bool) -> None:
+               progress, allow_unsafe_types: bool, typed: bool) -> None:
     shards, positions = corpus.locate(kept_ids)
     reader = open_reader(corpus, allow_unsafe_types=allow_unsafe_types)
     rows = zip(kept_ids.tolist(), shards.tolist(), positions.tolist())
@@ -203,7 +226,7 @@ def _write_all(corpus: Corpus, kept_ids: np.ndarray, tmp: str, fmt: str, max_cou
         if fmt == "wds":
             _write_wds(reader, rows, tmp, max_count)
         else:
-            _write_mds(corpus, reader, rows, tmp)
+            _write_mds(corpus, reader, rows, tmp, typed)
     finally:
         reader.close()
     pq.write_table(pa.table({"old_id": pa.array(kept_ids),
@@ -292,7 +315,7 @@ def _write_wds(reader, rows, out_dir: str, max_count: int) -> None:
             w.write(sample)  # bytes values are written as they are
 
 
-def _write_mds(corpus: Corpus, reader, rows, out_dir: str) -> None:
+def _write_mds(corpus: Corpus, reader, rows, out_dir: str, typed: bool) -> None:
     from streaming import MDSWriter
 
     # out_dir is the fresh temporary directory; exist_ok=False makes MDSWriter raise rather than
@@ -304,7 +327,8 @@ def _write_mds(corpus: Corpus, reader, rows, out_dir: str) -> None:
             for sid, shard, pos in rows:
                 w.write(reader.read(shard, pos, sid))
         return
-    columns = {"__key__": "str", **{s: "bytes" for s in corpus.tar.suffixes}}
+    files = {s: column_encoding(s, typed) for s in corpus.tar.suffixes}
+    columns = {"__key__": "str", **files}
     for suffix in corpus.tar.suffixes:
         _check_utf8(suffix, f"file suffix {suffix!r}")
     with MDSWriter(out=out_dir, columns=columns, exist_ok=False) as w:
@@ -315,8 +339,10 @@ def _write_mds(corpus: Corpus, reader, rows, out_dir: str) -> None:
             if missing:
                 raise ValueError(f"sample id {sid} ({sample['__key__']}) lacks {sorted(missing)}: "
                                  "MDS needs every column in every sample; compact to wds instead")
-            _check_utf8(sample["__key__"], f"sample id {sid}'s key {sample['__key__']!r} "
-                        f"(shard {corpus.shards[shard].name})")
+            where = f"sample id {sid}'s key {sample['__key__']!r} (shard {corpus.shards[shard].name})"
+            _check_utf8(sample["__key__"], where)
+            for suffix, encoding in files.items():
+                sample[suffix] = column_value(encoding, sample[suffix], f"{where}, file .{suffix}")
             w.write(sample)
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from ._check import int_at_least
 from .corpus import Corpus
 from .shard_paths import is_local_url
+from .agreement import check_ranks_agree, dataset_fields, in_multi_rank_run
 from .distributed import rank_and_world_size, worker_and_count
 from .errors import SampleError, ShardError
 from .manifest import SUCCESS, EpochKeep, epoch_dir, read_epoch
@@ -167,12 +168,22 @@ class ESDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration yields. An epoch other than a loaded resume point's
-        clears that point: it applies to the resumed epoch only."""
+        clears that point: it applies to the resumed epoch only.
+
+        Under an initialised ``torch.distributed`` process group of several ranks this is a
+        collective (every rank calls it for the same epoch, as a training loop does): the ranks
+        compare :func:`es_stream.agreement.dataset_fields` (corpus and its shards, seed,
+        meta-batch size, world size, shuffle, drop_last, epoch, the manifests' run) and a
+        difference raises :class:`es_stream.RankMismatchError` on every rank, naming the field
+        and each rank's value, instead of duplicating samples or hanging."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if epoch != int(self._resume[0]):
             self._resume.copy_(torch.tensor([-1, 0, 0]))
         self._epoch.fill_(epoch)
+        if in_multi_rank_run():
+            # ranks that disagree would duplicate or drop samples, or hang at a collective
+            check_ranks_agree(dataset_fields(self, epoch), where=f"at the start of epoch {epoch}")
 
     def _resume_fields(self) -> dict[str, tuple[Any, str]]:
         """State fields an exact resume needs unchanged, with what to do when one differs."""

@@ -196,8 +196,15 @@ class SelectionStats:
       annealing, or a meta-batch trained whole, e.g. ``ESSelector.record``);
     * ``samples_seen``: samples in those meta-batches (B each); ``samples_selected``: samples
       selected (b each); ``selected_fraction``: ``samples_selected / samples_seen``;
-    * ``never_scored_fraction``: share of ``samples_seen`` whose score had never been set when their
-      meta-batch arrived (for an ES store: a score that read as the store's initial ``1/n``);
+    * ``first_visit_fraction``: share of ``samples_seen`` (since the last reset) whose score had
+      never been set when their meta-batch arrived — first visits (for an ES store: a score
+      that read as the store's initial ``1/n``). It counts visits in the period, not the
+      corpus: over an epoch of first visits it is 1, over the next 0, and over both together
+      (stats never reset) 0.5, although every sample has been scored. Reset each epoch
+      (``log_stats()`` does; ``EvolvedSampling`` does) to read it per epoch; how many samples
+      of the corpus were never scored is the pruning summary's ``never_scored``.
+      ``never_scored_fraction``: the same value under its earlier name, kept so existing
+      dashboards and code keep working;
     * ``weight_min``, ``weight_p50``, ``weight_max``: the loss weights handed out with the
       selected samples (``last_weights``; 1 for each selected sample when there are none,
       counted on the host rather than stored; when both kinds occur, ``weight_p50`` is the
@@ -253,6 +260,7 @@ class SelectionStats:
         out = {"steps": float(self.steps), "uniform_steps": float(self.uniform_steps),
                "samples_seen": float(self.samples), "samples_selected": float(self.selected),
                "selected_fraction": self.selected / self.samples if self.samples else nan,
+               "first_visit_fraction": never / self.samples if self.samples else nan,
                "never_scored_fraction": never / self.samples if self.samples else nan,
                **self._weight_stats()}
         for q, v in zip(self.QUANTILES, self._scores.quantiles(self.QUANTILES)):

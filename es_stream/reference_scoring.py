@@ -197,7 +197,8 @@ def score_corpus(corpus: Corpus, score_fn: ScoreFn | Scorer, store: ScoreStore |
             copies committed on CUDA events): no host synchronisation per batch.
         scorer: the identity recorded in the store's metadata (default: the Scorer's).
         checkpoint_every: meta-batches between progress points (flush + progress file).
-        progress: show a progress bar (samples/s and ETA) on rank 0.
+        progress: show a progress bar (samples/s and ETA) on rank 0, when stderr is a terminal
+            (:mod:`es_stream.progress`'s rule: logs and pipes get no bar).
 
     Returns a :class:`ScoreResult`; its ``store`` holds every sample's score on every rank.
 
@@ -364,14 +365,14 @@ def _run(ds: ESDataset, store: ScoreStore, fn: ScoreFn, device: torch.device | N
          num_workers: int, batches: int, checkpoint_every: int, progress_file: str | None,
          corpus: Corpus, scorer: str, show: bool) -> int:
     """The scoring loop; returns the samples scored."""
-    from tqdm import tqdm
+    from .progress import progress
 
     channel = None
     if device is not None and device.type == "cuda" and store.device.type == "cpu":
         channel = store.channel(device)
     done, total = _samples_done(ds, batches, num_workers)
-    bar = tqdm(total=total, initial=done, unit="sample", unit_scale=True, disable=not show,
-               desc="scoring", smoothing=0.1)
+    bar = progress(total=total, initial=done, unit="sample", unit_scale=True, disable=not show,
+                   desc="scoring", smoothing=0.1)
     bad: torch.Tensor | None = None  # any non-finite loss on the device, checked at checkpoints
     scored = 0
 

@@ -645,7 +645,7 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
     curve; 0 for the others). Raises ValueError naming the argument for an unknown method, ``b > B``, ``evals_per_epoch < 1`` or a budget outside
     ``(0, epochs]``.
     """
-    from tqdm.auto import tqdm
+    from es_stream.progress import progress
 
     config.check(method)
     spec = methods.get(method)
@@ -662,8 +662,9 @@ def train(workload: Workload, method: str, config: RunConfig) -> dict[str, Any]:
         dl = es_stream.loader(ds, num_workers=config.workers)
         if spec.prune != "once":  # a selector's steps need the run's length up front
             config = resolve_budget(config, workload.corpus.num_samples, len(ds))
-        bar = tqdm(total=config.epochs_run, desc=f"{method} seed {config.seed}", unit="epoch",
-                   disable=not config.progress, dynamic_ncols=True, leave=False, mininterval=1.0)
+        bar = progress(total=config.epochs_run, desc=f"{method} seed {config.seed}", unit="epoch",
+                       disable=not config.progress, dynamic_ncols=True, leave=False,
+                       mininterval=1.0)
         run = _Run(workload, method, config, model, ds, manifests, bar)
         run.prune_once()
         if spec.prune == "once":  # the kept part's length is known now

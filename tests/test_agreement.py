@@ -25,14 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_ranks(corpus_path: Path, tmp: Path, seeds: str, sizes: str) -> list[dict]:
+def two_ranks(corpus_path: Path, tmp: Path, seeds: str, sizes: str, via: str = "check"
+              ) -> list[dict]:
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                OMP_NUM_THREADS="1")
     procs = []
     for rank in range(2):
         out = tmp / f"agree{rank}.json"
         procs.append((out, subprocess.Popen(
-            [sys.executable, str(HERE / "_dist_agree.py"), str(corpus_path), str(out), seeds, sizes],
+            [sys.executable, str(HERE / "_dist_agree.py"), str(corpus_path), str(out), seeds, sizes, via],
             env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))))
     for _, p in procs:
         assert p.wait(timeout=240) == 0, "a rank failed or hung"
@@ -67,3 +68,19 @@ def test_equal_ranks_pass(corpus_path, tmp_path):
 def test_without_a_process_group_nothing_is_checked():
     check_ranks_agree({"seed": 1})  # one process: nothing to compare with, no error
     assert digest([1, "a"]) == digest([1, "a"]) != digest([1, "b"])
+
+
+def test_set_epoch_checks_the_ranks_different_seeds_raise_on_both(corpus_path, tmp_path):
+    """The check runs inside ESDataset.set_epoch: no call of the user's is needed."""
+    records = two_ranks(corpus_path, tmp_path, seeds="7,8", sizes="4,4", via="set_epoch")
+    for record in records:
+        assert not record["ok"] and record["type"] == "RankMismatchError", record
+        assert record["message"].startswith("ranks disagree on seed at the start of epoch 0: "
+                                            "rank 0 has 7, rank 1 has 8"), record["message"]
+
+
+def test_set_epoch_with_agreeing_ranks_reads_disjoint_samples(corpus_path, tmp_path):
+    records = two_ranks(corpus_path, tmp_path, seeds="7,7", sizes="4,4", via="set_epoch")
+    assert [r["ok"] for r in records] == [True, True], records
+    ids0, ids1 = set(records[0]["ids"]), set(records[1]["ids"])
+    assert ids0 and ids1 and not ids0 & ids1

@@ -81,6 +81,14 @@ def test_keep_two_newest(tmp_path):
         Checkpointer(tmp_path, keep=0)
 
 
+def test_the_default_keeps_the_two_newest_as_documented(tmp_path):
+    default = Checkpointer(tmp_path)
+    assert default.keep == 2 and "keep: how many of the newest" in Checkpointer.__doc__
+    for step in (1, 2, 3):
+        default.save(step, {"step": step})
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-000000000002", "step-000000000003"]
+
+
 def test_leftovers_ignored_then_cleaned(tmp_path):
     store = ScoreStore(N)
     store.scatter(torch.arange(N), torch.full((N,), 0.25))

@@ -229,6 +229,8 @@ def test_compact_to_mds(source, wds_dir, mds_dir, tmp_path):
         assert [s["idx"] for s in got] == kept.tolist()
     else:
         assert [s["__key__"] for s in got] == [f"sample{i:06d}" for i in kept]
+    # labels stay ints, as webdataset decodes .cls (not b"3")
+    assert [s["cls"] for s in got] == [i % 10 for i in kept]
 
 
 def test_compact_mds_to_wds_is_refused(mds_dir, tmp_path):

@@ -8,6 +8,7 @@ shard, a killed process), byte comparisons of everything that must survive.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -334,3 +335,56 @@ def test_overwrite_under_a_reader_is_stale_not_other_samples(wds_dir, tmp_path, 
     with pytest.raises(StaleIndexError, match=r"out/shard.*shard changed since it was indexed"):
         for n, mb in enumerate(ds):  # whatever arrives before the error is the old samples
             assert [bytes(s["bin"]) for s in mb.data] == first[4 * n:4 * n + len(mb.data)]
+
+
+def _typed_tar(directory: Path, bad_cls: bool = False) -> Corpus:
+    import io
+    import json as jsonlib
+
+    import webdataset as wds
+
+    directory.mkdir(parents=True)
+    with wds.ShardWriter(str(directory / "t-%06d.tar"), maxcount=3, verbose=0) as w:
+        for i in range(5):
+            buf = io.BytesIO()
+            np.save(buf, np.arange(i + 1, dtype=np.int16).reshape(1, -1))
+            w.write({"__key__": f"k{i}", "npy": buf.getvalue(),
+                     "cls": b"x" if bad_cls and i == 3 else str(i * 7).encode(),
+                     "txt": f"caption {i} é".encode(), "json": jsonlib.dumps({"i": i}).encode(),
+                     "jpg": bytes([255, 216, i]), "seg.id": str(-i).encode()})
+    return Corpus.from_webdataset(str(directory))
+
+
+def test_tar_to_mds_columns_are_typed_as_webdataset_decodes_them(tmp_path):
+    """.cls/.id -> int, .txt -> str, .json -> json, .npy -> ndarray, others bytes, read back
+    with streaming's own reader."""
+    from streaming import StreamingDataset
+
+    corpus = _typed_tar(tmp_path / "tar")
+    compact(corpus, np.arange(corpus.num_samples), tmp_path / "mds", "mds")
+    index = json.loads((tmp_path / "mds" / "index.json").read_text())
+    shard = index["shards"][0]
+    assert dict(zip(shard["column_names"], shard["column_encodings"])) == {
+        "__key__": "str", "cls": "int", "jpg": "bytes", "json": "json", "npy": "ndarray",
+        "seg.id": "int", "txt": "str"}
+    ds = StreamingDataset(local=str(tmp_path / "mds"), shuffle=False, batch_size=1)
+    for i in range(5):
+        s = ds[i]
+        assert s["cls"] == i * 7 and isinstance(s["cls"], int)
+        assert s["seg.id"] == -i and s["txt"] == f"caption {i} é" and s["json"] == {"i": i}
+        np.testing.assert_array_equal(s["npy"], np.arange(i + 1, dtype=np.int16).reshape(1, -1))
+        assert s["npy"].dtype == np.int16 and s["jpg"] == bytes([255, 216, i])
+
+
+def test_tar_to_mds_bytes_columns_keep_every_file_byte_identical(tmp_path):
+    corpus = _typed_tar(tmp_path / "tar", bad_cls=True)
+    compact(corpus, np.arange(corpus.num_samples), tmp_path / "mds", "mds", typed=False)
+    index = json.loads((tmp_path / "mds" / "index.json").read_text())
+    assert set(index["shards"][0]["column_encodings"]) == {"str", "bytes"}
+
+
+def test_a_file_that_is_not_what_its_suffix_says_is_named(tmp_path):
+    corpus = _typed_tar(tmp_path / "tar", bad_cls=True)
+    with pytest.raises(ValueError, match=r"sample id 3's key 'k3'.*file \.cls.*--bytes-columns"):
+        compact(corpus, np.arange(corpus.num_samples), tmp_path / "mds", "mds")
+    assert not (tmp_path / "mds").exists() and leftovers(tmp_path) == []

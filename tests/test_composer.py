@@ -421,13 +421,15 @@ def test_causal_lm_sample_loss_is_the_mean_over_target_tokens():
     torch.testing.assert_close(got, torch.stack([first, second]))
 
 
-def run_readme_block(name: str, tmp_path: Path, monkeypatch) -> dict:
+def run_readme_block(name: str, tmp_path: Path, monkeypatch, data: bool = True) -> dict:
     """Run the README's ``<!-- readme-test: NAME -->`` Composer block in ``tmp_path`` over a
-    512-sample MDS corpus at ``mds/``; returns the names it defined."""
+    512-sample MDS corpus at ``mds/`` (written here unless ``data=False``: the README's own
+    block wrote it); returns the names it defined."""
     text = README.read_text()
     match = re.search(rf"<!-- readme-test: {re.escape(name)} .*?-->\n```python\n(.*?)```", text, re.S)
     assert match, f"README block {name!r} not found"
-    write_mds(tmp_path / "mds", n=512, seed=1)
+    if data:
+        write_mds(tmp_path / "mds", n=512, seed=1)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(match.group(1), "README.md", "exec"), scope)

@@ -296,6 +296,15 @@ def test_readme_composer_infobatch_example_runs(tmp_path: Path, monkeypatch):
     assert algorithm.step == int(trainer.state.timestamp.batch)
 
 
+def test_readme_mds_block_writes_what_the_infobatch_block_reads(tmp_path: Path, monkeypatch):
+    run_readme_block("composer-mds", tmp_path, monkeypatch, data=False)
+    written = es.Corpus.from_mds(tmp_path / "mds")
+    assert written.num_samples == 512
+    scope = run_readme_block("composer-infobatch", tmp_path, monkeypatch, data=False)
+    assert int(scope["trainer"].state.timestamp.epoch) == 4
+    assert scope["algorithm"].pruner.corpus.fingerprint == written.fingerprint
+
+
 @pytest.mark.parametrize("split,match", [
     # a split that repeats the batch: the second microbatch does not fit after the first
     (lambda batch, size: [batch, batch], "must split the batch in order"),

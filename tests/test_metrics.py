@@ -296,3 +296,22 @@ def test_large_meta_batches_are_thinned_to_a_stratified_sample_with_exact_extrem
     assert out["weight_p50"] == pytest.approx(torch.quantile(w, 0.5).item(), abs=0.03)
     assert (out["weight_min"], out["weight_max"]) == (w.min().item(), w.max().item())
     assert out["samples_seen"] == s.numel() and out["samples_selected"] == w.numel()
+
+
+def test_first_visit_fraction_counts_visits_in_the_period_not_the_corpus() -> None:
+    """Two "epochs" over the same 4 ids: per epoch 1 then 0; over both without a reset 0.5,
+    though every sample is scored. never_scored_fraction is the same value (the earlier name)."""
+    sel = es.ESSelector(4, 2, seed=0)
+    ids = torch.arange(4)
+    sel.select(ids, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    first = sel.stats()
+    sel.select(ids, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    both = sel.stats()
+    sel.reset_stats()
+    sel.select(ids, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    third = sel.stats()
+    assert (first["first_visit_fraction"], both["first_visit_fraction"],
+            third["first_visit_fraction"]) == (1.0, 0.5, 0.0)
+    for stats in (first, both, third):
+        assert stats["never_scored_fraction"] == stats["first_visit_fraction"]
+    assert (sel.store.to_numpy() != sel.store.initial).all()  # every sample is scored

@@ -133,3 +133,18 @@ def test_every_command_and_flag_the_prose_names_exists():
         failures += [f"{fragment}: {words[0]} has no {w}" for w in words[1:]
                      if w.startswith("-") and w.split("=")[0] not in flags]
     assert not failures, "\n".join(failures)
+
+
+def test_readme_names_what_a_new_user_needs():
+    """The CPU-only install line, the extras of the README's tools, the run record and the
+    pruner's run-length/overwrite arguments are in the README, and no code comment claims a
+    manifest is written after the last epoch."""
+    text = README.read_text(encoding="utf-8")
+    for needed in ("pip install torch --index-url https://download.pytorch.org/whl/cpu",
+                   "[plot]", "[query]", "_run.json", "overwrite=True", "epochs=N",
+                   "prune --overwrite", "--no-progress", "no manifest is written after the last",
+                   "keep=2", "first_visit_fraction", "--all --format mds"):
+        assert needed in text, needed
+    assert "# writes manifests/epoch=<epoch+1>" not in text
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"plot", "query"} <= set(extras)

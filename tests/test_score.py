@@ -288,3 +288,23 @@ def test_cuda_scoring_through_the_feedback_channel_matches_the_host(setup, tmp_p
     np.testing.assert_array_equal(np.load(tmp_path / "g.npy"),
                                   (np.arange(N) % 10).astype(np.float32) * 2 + 1)
     assert result.scored == N
+
+
+def test_the_progress_bar_follows_the_one_rule(setup, tmp_path, capfd):
+    """progress=True draws no bar into a stderr that is not a terminal (a log, a pipe)."""
+    corpus, _ = setup
+    score_corpus(corpus, lambda b: b["cls"].float(), tmp_path / "bar.npy", meta_batch_size=8,
+                 num_workers=0, progress=True)
+    err = capfd.readouterr().err
+    assert "scoring" not in err and "\r" not in err, err
+
+
+def test_no_module_draws_a_bar_but_through_es_stream_progress():
+    """Every progress bar goes through es_stream.progress (terminal only, --no-progress)."""
+    root = Path(__file__).parent.parent
+    offenders = [str(p.relative_to(root))
+                 for folder in ("es_stream", "pipelines", "tools") for p in (root / folder).rglob("*.py")
+                 if p.name != "progress.py" and any(
+                     line.strip().startswith(("from tqdm", "import tqdm"))
+                     for line in p.read_text(encoding="utf-8").splitlines())]
+    assert not offenders, offenders

@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 from streaming import StreamingDataset
 from streaming.base.world import World
 
+from ..agreement import check_ranks_agree, corpus_fields, in_multi_rank_run, manifest_run
 from ..corpus import Corpus
 from ..errors import ShardError
 from ..manifest import EpochKeep, read_epoch
@@ -134,6 +135,33 @@ class ESStreamingDataset(StreamingDataset):
                              f"{self.id_key!r}; pass another id_key= to ESStreamingDataset")
         sample[self.id_key] = int(sample_id)
         return sample
+
+    # -------------------------------------------------------------- ranks
+    def agreement_fields(self, epoch: int) -> dict[str, Any]:
+        """What every rank must agree on for ``epoch``: the corpus (fingerprint, sample count,
+        shard identities), the shuffle (``shuffle``, ``shuffle_seed``, ``shuffle_algo``), the
+        per-rank ``batch_size``, ``sampling_method``, the number of ranks streaming partitions
+        for, that streaming's rank is the process group's, the epoch and the manifests' run."""
+        import torch.distributed as dist
+
+        world = World.detect()
+        own_rank = not (dist.is_available() and dist.is_initialized()) or world.rank == dist.get_rank()
+        return {"dataset_rank_is_process_rank": bool(own_rank), **corpus_fields(self.corpus),
+                "shuffle": bool(self.shuffle), "shuffle_seed": int(self.shuffle_seed),
+                "shuffle_algo": str(self.shuffle_algo), "batch_size": self.batch_size,
+                "sampling_method": str(self.sampling_method), "world_size": int(world.num_ranks),
+                "epoch": int(epoch), "manifest_run_id": manifest_run(self.manifests)}
+
+    def check_ranks(self, epoch: int) -> None:
+        """Under an initialised ``torch.distributed`` group of several ranks, compare
+        :meth:`agreement_fields` across ranks (a collective: every rank calls it for the same
+        epoch) and raise :class:`es_stream.RankMismatchError` on every rank, naming the field
+        and each rank's value, when they differ. A no-op in a single process. Streaming keeps
+        its epoch inside the iteration (in the DataLoader workers), so the loop calls this at
+        the epoch's start: Composer's ``InfoBatch`` and ``EvolvedSampling`` do at
+        ``EPOCH_START``."""
+        if in_multi_rank_run():
+            check_ranks_agree(self.agreement_fields(epoch), where=f"at the start of epoch {epoch}")
 
     # -------------------------------------------------------------- pruning
     def epoch_keep(self, epoch: int) -> EpochKeep | None:

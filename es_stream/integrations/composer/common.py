@@ -17,7 +17,8 @@ from ...corpus import Corpus
 from ...store import ScoreStore, metadata_path
 
 __all__ = ["LossFn", "ScoreCheckpoint", "agreed_manifests", "causal_lm_sample_loss",
-           "per_sample_losses", "refresh_dataloader_len", "train_dataset", "unwrap_model"]
+           "check_dataset_ranks", "per_sample_losses", "refresh_dataloader_len", "train_dataset",
+           "unwrap_model"]
 
 #: ``(outputs, batch) -> one loss per sample``
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -128,6 +129,14 @@ def agreed_manifests(state: State, dataset: Any, corpus: Corpus | None,
                          f"{read_by!r}: pruning would never apply; give "
                          "ESStreamingDataset(manifests=...) the same directory")
     return manifests
+
+
+def check_dataset_ranks(state: State) -> None:
+    """At an epoch's start: the ranks' training datasets agree (see
+    ``ESStreamingDataset.check_ranks``), or every rank raises ``RankMismatchError``."""
+    dataset = train_dataset(state)
+    if state.dataloader is state.train_dataloader and hasattr(dataset, "check_ranks"):
+        dataset.check_ranks(int(state.timestamp.epoch))
 
 
 def refresh_dataloader_len(state: State) -> None:

@@ -33,7 +33,8 @@ from ...reducible import ReducibleLossSelector
 from ...selector import ESSelector
 from ...store import ScoreStore
 from ..batch import IdKey, default_id_key, split_ids, take_rows
-from .common import (LossFn, ScoreCheckpoint, agreed_manifests, per_sample_losses,
+from .common import (LossFn, ScoreCheckpoint, agreed_manifests, check_dataset_ranks,
+                     per_sample_losses,
                      refresh_dataloader_len, train_dataset, unwrap_model)
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,9 @@ class EvolvedSampling(Algorithm):
       algorithm on ``AFTER_DATALOADER``: it ranks the samples as the DataLoader delivered them,
       before any augmentation (with passes of your own, add :func:`run_evolved_sampling_first`).
     * ``FIT_START``: the selector (and its score store) is created for the corpus, and a
-      restored checkpoint's state applied.
+      restored checkpoint's state applied; with a ``policy`` the :class:`es_stream.Pruner` is
+      built with the run's length (``max_duration`` in epochs), so a schedule that prunes no
+      epoch of the run warns here.
     * ``AFTER_DATALOADER``: the ids are taken out of the batch (kept with it when
       ``strip_ids=False``), the batch is moved to the device, a forward runs under
       ``torch.no_grad()`` and the trainer's precision context, ``loss_fn`` gives one loss per
@@ -166,6 +169,10 @@ class EvolvedSampling(Algorithm):
             (scores, burn-in, annealing, pruning as above) to the reducible loss; ``"topk"``
             back-propagates the b largest reducible losses (RHO-LOSS as published; the ES scores
             of the reducible loss are still updated, burn-in/annealing do not apply).
+        overwrite: with a ``policy``: let this run replace manifests that another run (another
+            corpus, policy or its settings, decay) wrote in ``manifests``; default False
+            refuses them at ``FIT_START`` with a :class:`es_stream.ManifestError` naming the
+            directory (see :class:`es_stream.Pruner`). A resumed run needs no overwrite.
     """
 
     def __init__(self, batch_size: int | None = None, keep: float | None = None, *,
@@ -177,7 +184,7 @@ class EvolvedSampling(Algorithm):
                  keep_snapshots: int = 2, store_device: torch.device | str | None = None,
                  uniform_mix: float = 0.0, floor: float = 1e-8, seed: int = 0,
                  reference_store: ScoreStore | str | os.PathLike | None = None,
-                 reference_rule: str = "es") -> None:
+                 reference_rule: str = "es", overwrite: bool = False) -> None:
         if (batch_size is None) == (keep is None):
             raise ValueError("EvolvedSampling: give exactly one of batch_size (b) or keep (b/B), "
                              f"got batch_size={batch_size!r}, keep={keep!r}")
@@ -199,6 +206,8 @@ class EvolvedSampling(Algorithm):
         if policy is not None and not hasattr(policy, "decide"):
             raise TypeError(f"policy must be a pruning policy such as es_stream.ESWPPolicy, got "
                             f"{type(policy).__name__}")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"EvolvedSampling: overwrite must be True or False, got {overwrite!r}")
         if reference_rule not in ("es", "topk"):
             raise ValueError(f"reference_rule must be 'es' or 'topk', got {reference_rule!r}")
         if reference_store is not None and not isinstance(reference_store, (ScoreStore, str, os.PathLike)):
@@ -211,6 +220,7 @@ class EvolvedSampling(Algorithm):
         self.beta1, self.beta2, self.burn_in, self.anneal = beta1, beta2, burn_in, anneal
         self.policy, self.decay = policy, decay
         self.manifests = None if manifests is None else os.fspath(manifests)
+        self.overwrite = overwrite
         self.loss_fn, self.id_key, self.strip_ids = loss_fn, id_key, strip_ids
         self.num_samples, self.corpus = num_samples, corpus
         self.uniform_mix, self.floor, self.seed = uniform_mix, floor, seed
@@ -238,6 +248,7 @@ class EvolvedSampling(Algorithm):
             self._setup(state)
             self._refresh_dataloader_len(state)
         elif event == Event.EPOCH_START:
+            check_dataset_ranks(state)
             self._refresh_dataloader_len(state)
         elif event == Event.AFTER_DATALOADER:
             self._select(state, logger)
@@ -293,7 +304,9 @@ class EvolvedSampling(Algorithm):
     def _make_pruner(self, state: State, dataset: Any, corpus: Corpus | None) -> Pruner:
         self.manifests = agreed_manifests(state, dataset, corpus, self.manifests,
                                           "EvolvedSampling(policy=...)")
-        return Pruner(corpus, self.selector.store, self.policy, self.manifests, self.decay)
+        # agreed_manifests checked that max_duration is in epochs: the run's length is known
+        return Pruner(corpus, self.selector.store, self.policy, self.manifests, self.decay,
+                      overwrite=self.overwrite, epochs=int(state.max_duration.value))
 
     def _refresh_dataloader_len(self, state: State) -> None:
         refresh_dataloader_len(state)

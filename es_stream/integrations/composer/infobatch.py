@@ -28,7 +28,8 @@ from ...policy import InfoBatchPolicy
 from ...pruner import Pruner
 from ...store import ScoreStore
 from ..batch import IdKey, batch_size_of, default_id_key, split_ids
-from .common import (LossFn, ScoreCheckpoint, agreed_manifests, per_sample_losses,
+from .common import (LossFn, ScoreCheckpoint, agreed_manifests, check_dataset_ranks,
+                     per_sample_losses,
                      refresh_dataloader_len, train_dataset, unwrap_model)
 from .evolved_sampling import EvolvedSampling
 
@@ -54,7 +55,8 @@ class InfoBatch(Algorithm):
       sees the batch as loaded. It refuses to share a Trainer with :class:`EvolvedSampling`: both
       take the ids out of the batch and both own a score store of the same corpus.
     * ``FIT_START``: opens the score store, builds the :class:`es_stream.Pruner` (epoch
-      ``max_duration``; the manifest directory the dataset reads), applies a restored
+      ``max_duration``, passed to it as the run's length, so a schedule that prunes no epoch of
+      the run warns here; the manifest directory the dataset reads), applies a restored
       checkpoint, and makes Composer re-read ``len(dataloader)`` (a pruned epoch has fewer
       batches).
     * ``EPOCH_START``: reads the epoch's manifests in the main process
@@ -114,6 +116,10 @@ class InfoBatch(Algorithm):
         keep_snapshots: score snapshots kept beside ``store_path``.
         store_device: device of an in-memory store (e.g. ``"cuda"``: the scores stay on the GPU).
         seed: the policy's seed (which below-mean samples are dropped).
+        overwrite: let this run replace manifests that another run (another corpus, ratio,
+            anneal or seed) wrote in ``manifests``; default False refuses them at
+            ``FIT_START`` with a :class:`es_stream.ManifestError` naming the directory (see
+            :class:`es_stream.Pruner`). A resumed run is the same run and needs no overwrite.
     """
 
     def __init__(self, ratio: float = 0.5, anneal: float = 0.125, loss_fn: LossFn | None = None,
@@ -121,7 +127,8 @@ class InfoBatch(Algorithm):
                  num_samples: int | None = None, corpus: Corpus | None = None,
                  manifests: str | os.PathLike | None = None,
                  store_path: str | os.PathLike | None = None, keep_snapshots: int = 2,
-                 store_device: torch.device | str | None = None, seed: int = 0) -> None:
+                 store_device: torch.device | str | None = None, seed: int = 0,
+                 overwrite: bool = False) -> None:
         for name, value in (("ratio", ratio), ("anneal", anneal)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"InfoBatch: {name} must be a number, got {type(value).__name__}")
@@ -134,6 +141,8 @@ class InfoBatch(Algorithm):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"InfoBatch: loss_fn must be a function (outputs, batch) -> per-sample "
                             f"losses, got {type(loss_fn).__name__}")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"InfoBatch: overwrite must be True or False, got {overwrite!r}")
         if corpus is not None and not isinstance(corpus, Corpus):
             raise TypeError(f"InfoBatch: corpus must be an es_stream.Corpus, got "
                             f"{type(corpus).__name__}")
@@ -147,6 +156,7 @@ class InfoBatch(Algorithm):
         self.loss_fn, self.id_key, self.strip_ids = loss_fn, id_key, strip_ids
         self.num_samples, self.corpus = num_samples, corpus
         self.manifests = None if manifests is None else os.fspath(manifests)
+        self.overwrite = overwrite
         self.store: ScoreStore | None = None
         self.pruner: Pruner | None = None
         self.last_ids: torch.Tensor | None = None      # the step's ids (CPU int64)
@@ -175,6 +185,7 @@ class InfoBatch(Algorithm):
             self._setup(state)
             refresh_dataloader_len(state)
         elif event == Event.EPOCH_START:
+            check_dataset_ranks(state)
             refresh_dataloader_len(state)
             self._load_weights(int(state.timestamp.epoch))
         elif event == Event.AFTER_DATALOADER:
@@ -214,7 +225,9 @@ class InfoBatch(Algorithm):
             raise ValueError(f"InfoBatch was set up for {self.store.num_samples} samples, this "
                              f"fit's corpus has {n}; use a new InfoBatch per corpus")
         self.manifests, self.corpus = manifests, corpus
-        self.pruner = Pruner(corpus, self.store, self.policy, manifests)
+        # agreed_manifests checked that max_duration is in epochs: the run's length is known
+        self.pruner = Pruner(corpus, self.store, self.policy, manifests,
+                             overwrite=self.overwrite, epochs=int(state.max_duration.value))
         if hasattr(dataset, "weights_delivered"):
             dataset.weights_delivered = True  # silences its "weights not delivered" warning
         if self._pending is not None:
