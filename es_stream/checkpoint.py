@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ._atomic import atomic_write, fsync_path
+from .atomic import atomic_write, fsync_path
 from ._check import int_at_least
 from .errors import ScoreError
 from .state import TrainingState

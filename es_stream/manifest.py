@@ -64,7 +64,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._atomic import atomic_write
+from .atomic import atomic_write
 from ._version import __version__
 from .errors import ManifestError, naming, with_path
 

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ._atomic import atomic_write
+from .atomic import atomic_write
 from .errors import MissingExtraError, naming
 
 
@@ -179,7 +179,7 @@ def figure_format(path: str | os.PathLike) -> str:
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
-    """``fig.savefig`` through :func:`es_stream._atomic.atomic_write`: a reader (an image
+    """``fig.savefig`` through :func:`es_stream.atomic.atomic_write`: a reader (an image
     viewer, a docs build) never sees half a PNG; the format follows the extension
     (:func:`figure_format`). The file carries :data:`FIGURE_MARKER` in its metadata."""
     fmt = figure_format(path)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._atomic import atomic_write
+from .atomic import atomic_write
 from .corpus import Corpus
 from .dataset import ESDataset, loader
 from .distributed import merge_rank_scores, rank_and_world_size

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import atomic_write
+from .atomic import atomic_write
 from ._version import __version__
 from .errors import ScoreError
 

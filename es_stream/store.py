@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from ._atomic import atomic_write
+from .atomic import atomic_write
 from ._check import int_at_least
 from .chunks import CHUNK, chunk_ranges
 from .distributed import UpdateLog

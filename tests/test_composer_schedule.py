@@ -23,7 +23,7 @@ from test_composer import write_mds  # noqa: E402
 
 import es_stream as es  # noqa: E402
 from es_stream.integrations.composer import EvolvedSampling  # noqa: E402
-from es_stream.integrations.composer_infobatch import InfoBatch  # noqa: E402
+from es_stream.integrations.composer import InfoBatch  # noqa: E402
 
 
 def test_a_two_epoch_infobatch_run_warns_that_nothing_is_pruned(tmp_path: Path, caplog):

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from es_stream._atomic import atomic_write
+from es_stream.atomic import atomic_write
 from pipelines import methods as registry
 from pipelines.report import plot_curves
 from pipelines.report import stats as _stats
