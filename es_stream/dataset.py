@@ -318,12 +318,7 @@ class ESDataset(IterableDataset):
         return self.plan().dropped
 
     def __iter__(self) -> Iterator[MetaBatch]:
-        epoch = self.epoch
-        worker, num_workers = worker_and_count()
-        plan = self.plan(epoch)
-        run, skip = self._worker_run(epoch, plan.num_batches, worker, num_workers)
-        self._loader_workers.fill_(num_workers)
-        self._started_epoch.fill_(epoch)
+        epoch, plan, num_workers, run, skip = begin_iteration(self)
         batches = plan.worker_batches(num_workers, run, skip)
         keep = self.epoch_keep(epoch)
         reader = open_reader(self.corpus, allow_unsafe_types=self.allow_unsafe_types)
@@ -470,6 +465,19 @@ class BatchCount:
 
     def __repr__(self) -> str:
         return f"BatchCount(epoch={self.epoch}, batches={self.batches})"
+
+
+def begin_iteration(dataset: Any) -> tuple[int, EpochPlan, int, int, int]:
+    """Start iterating ``dataset``'s current epoch in this process (a DataLoader worker or the
+    main one): ``(epoch, plan, num_workers, run, skip)``, the run of meta-batches this worker
+    reads and how many of them a resume skips; records the worker count and the started epoch."""
+    epoch = dataset.epoch
+    worker, num_workers = worker_and_count()
+    plan = dataset.plan(epoch)
+    run, skip = dataset._worker_run(epoch, plan.num_batches, worker, num_workers)
+    dataset._loader_workers.fill_(num_workers)
+    dataset._started_epoch.fill_(epoch)
+    return epoch, plan, num_workers, run, skip
 
 def restore_position(dataset: Any, state: dict[str, Any]) -> None:
     """Put ``dataset`` (an :class:`ESDataset` or a dataset of the same progress protocol, as

@@ -43,8 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .dataset import BatchCount, ESDataset, restore_position, worker_run
-from .distributed import worker_and_count
+from .dataset import BatchCount, ESDataset, begin_iteration, restore_position, worker_run
 from .metabatch import MetaBatch
 from .plan import EpochPlan, worker_batch_range
 from .sources import open_reader
@@ -323,12 +322,7 @@ class MixedDataset(IterableDataset):
 
     # ---------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[MetaBatch]:
-        epoch = self.epoch
-        worker, num_workers = worker_and_count()
-        plan = self.plan(epoch)
-        run, skip = self._worker_run(epoch, plan.num_batches, worker, num_workers)
-        self._loader_workers.fill_(num_workers)
-        self._started_epoch.fill_(epoch)
+        epoch, plan, num_workers, run, skip = begin_iteration(self)
         first, stop = worker_batch_range(plan.num_batches, num_workers, run)
         batches = plan.batches(first + skip, stop)
         keeps = [d.epoch_keep(epoch) for d in self.datasets]

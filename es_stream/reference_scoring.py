@@ -31,6 +31,7 @@ from .dataset import ESDataset, loader
 from .distributed import merge_rank_scores, rank_and_world_size
 from .errors import ScoreError
 from .plan import worker_batch_range, worker_skips
+from .reference_policy import refuse_never_scored
 from .store import CHUNK, ScoreStore, metadata_path, positive_int
 
 __all__ = ["Scorer", "ScoreResult", "load_scorer", "progress_path", "require_complete",
@@ -433,15 +434,8 @@ def _finish(corpus: Corpus, store: ScoreStore, scorer: str, rank: int, world: in
         store.load_update_log_state(torch.from_numpy(ids.astype(np.int64)))
         merge_rank_scores(store)
         store.flush()
-    missing, first = 0, None
-    for a in range(0, store.num_samples, CHUNK):
-        never = np.flatnonzero(~store.scored_range(a, min(a + CHUNK, store.num_samples)))
-        if len(never) and first is None:
-            first = a + int(never[0])
-        missing += len(never)
-    if missing:
-        raise ScoreError(f"{store.describe()}: {missing} samples were not scored (the first: sample "
-                         f"id {first}); run the same command again")
+    refuse_never_scored(store.scored_range, store.num_samples, store.describe(),
+                        advice="run the same command again")
     # every rank holds every score now; rank 0's file is the store the run leaves behind
     store.set_reference({"scorer": scorer, "complete": True})
     if world > 1:
