@@ -8,6 +8,8 @@ import os
 import tempfile
 from typing import Iterator
 
+from .errors import naming
+
 
 def _process_umask() -> int:
     mask = os.umask(0o022)   # reading the umask means setting it; put it straight back
@@ -29,23 +31,27 @@ def public_mode(path: str | os.PathLike, directory: bool = False) -> None:
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path in the target's directory; on success fsync it and rename it over
-    ``path``. On failure the temporary file is removed and ``path`` is untouched."""
+    ``path``. On failure the temporary file is removed and ``path`` is untouched. An OS error
+    that names no file (a full disk, a read-only mount, from a writer such as pyarrow) is raised
+    naming ``path``."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    public_mode(tmp)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_path(directory)
+    with naming(path):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=directory)
+        os.close(fd)
+        public_mode(tmp)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_path(directory)
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -270,3 +270,18 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without it raises
     with pytest.raises(MissingExtraError, match=r"matplotlib.*pip install 'es-stream\[plot\]'"):
         pyplot()
+
+
+def test_every_atomic_write_on_a_full_disk_names_its_file(wds_dir, tmp_path):
+    """The index, a score store's metadata, a checkpoint: each file es-stream writes for other
+    runs goes through one atomic writer, and a full disk there names the file."""
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    with tmpfs(tmp_path / "disk") as disk:
+        fill(disk)
+        for target, write in [(disk / "corpus.parquet", lambda p: corpus.save(p)),
+                              (disk / "scores.npy", lambda p: scored_store(corpus).save(p))]:
+            with pytest.raises(OSError) as err:
+                write(target)
+            assert err.value.errno == 28, err.value
+            assert target.name in str(err.value), err.value
+            assert not target.exists()
