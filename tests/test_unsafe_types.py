@@ -10,6 +10,7 @@ import io
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -118,3 +119,27 @@ def read_idx(directory: Path) -> list[int]:
     corpus = Corpus.from_mds(directory)
     return [s["idx"] for mb in ESDataset(corpus, 2, collate=list, shuffle=False,
                                          allow_unsafe_types=True) for s in mb.data]
+
+
+class _Marker:
+    """Unpickling this writes a file: the proof that loading ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_score_store_holding_a_pickle_is_refused_without_running_it(tmp_path):
+    from es_stream import ScoreStore
+    from es_stream.errors import ScoreError
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "scores.npy"
+    np.save(path, np.array([_Marker(marker), 1.0], dtype=object), allow_pickle=True)
+    with pytest.raises((ScoreError, ValueError), match=str(path.name)):
+        ScoreStore.load(path)
+    with pytest.raises((ScoreError, ValueError), match=str(path.name)):
+        ScoreStore.open(path, 2)
+    assert not marker.exists()
