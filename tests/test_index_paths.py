@@ -161,3 +161,40 @@ def test_cli_scores_an_index_given_by_absolute_path_from_another_directory(tmp_p
                             text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(np.load(out), np.arange(sum(SHARD_SIZES)) % 10 + 1)
+
+
+def test_index_store_and_manifests_moved_together_still_train(tmp_path, monkeypatch):
+    """The whole tree a run leaves (index, score store, manifests), moved and used from another
+    working directory: the store opens for the same corpus and the pruned epoch reads exactly
+    what its manifest keeps."""
+    import torch
+
+    from es_stream import ESWPPolicy, Pruner, ScoreStore
+
+    index = build_tar_tree(tmp_path / "a", monkeypatch)
+    corpus = Corpus.load(index)
+    store = ScoreStore.open("scores.npy", corpus.num_samples, fingerprint=corpus.fingerprint)
+    store.scatter(torch.arange(corpus.num_samples),
+                  torch.rand(corpus.num_samples, generator=torch.Generator().manual_seed(0)))
+    store.flush()
+    Pruner(corpus, store, ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
+           "manifests").on_epoch_end(0, 3)
+    del store
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    moved = Corpus.load(tmp_path / "b" / "corpus.parquet")
+    reopened = ScoreStore.open(tmp_path / "b" / "scores.npy", moved.num_samples,
+                               fingerprint=moved.fingerprint)
+    assert reopened.scored_range(0, moved.num_samples).all()
+    ds = ESDataset(moved, 8, manifests=tmp_path / "b" / "manifests", decode=lambda s: s,
+                   collate=list)
+    ds.set_epoch(1)
+    got = sorted(i for mb in ds for i in mb.ids.tolist())
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(str(tmp_path / "b" / "manifests" / "epoch=00001")).to_table()
+    kept = np.asarray(table.column("id"))[np.asarray(table.column("keep"))]
+    assert 0 < len(got) < moved.num_samples
+    assert got == sorted(kept.tolist())
