@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from .atomic import fsync_path, public_mode
 from ._version import __version__
 from .corpus import Corpus
+from .errors import naming
 from .mds_columns import column_encoding, column_value
 from .mds_index import check_safe_columns
 from .shard_paths import is_local_url, local_path
@@ -101,8 +102,9 @@ def compact(corpus: Corpus, kept_ids: np.ndarray, out_dir: str | os.PathLike, fm
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     public_mode(tmp, directory=True)  # it becomes --out: readable as a mkdir'd directory is
     try:
-        _write_all(corpus, kept_ids, tmp, fmt, max_count, progress, allow_unsafe_types, typed)
-        _move_into_place(tmp, target, replaces)
+        with naming(target):  # a full disk names the output, not only its errno
+            _write_all(corpus, kept_ids, tmp, fmt, max_count, progress, allow_unsafe_types, typed)
+            _move_into_place(tmp, target, replaces)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # ours alone: mkdtemp made it, hidden, this run
         raise

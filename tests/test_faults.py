@@ -285,3 +285,17 @@ def test_every_atomic_write_on_a_full_disk_names_its_file(wds_dir, tmp_path):
             assert err.value.errno == 28, err.value
             assert target.name in str(err.value), err.value
             assert not target.exists()
+
+
+def test_compact_on_a_full_disk_names_its_output_and_leaves_nothing(wds_dir, tmp_path):
+    import numpy as np
+
+    from es_stream.compact import compact
+
+    corpus = Corpus.from_webdataset(str(wds_dir))
+    with tmpfs(tmp_path / "disk", size="16k") as disk:
+        with pytest.raises(OSError) as err:
+            compact(corpus, np.arange(corpus.num_samples), disk / "out", "wds")
+        assert err.value.errno == 28, err.value
+        assert "out" in str(err.value), err.value
+        assert sorted(p.name for p in disk.iterdir()) == []  # its temporary directory removed
