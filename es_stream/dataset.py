@@ -479,6 +479,12 @@ def begin_iteration(dataset: Any) -> tuple[int, EpochPlan, int, int, int]:
     dataset._started_epoch.fill_(epoch)
     return epoch, plan, num_workers, run, skip
 
+def _reads_remote(dataset: Any) -> bool:
+    """Whether ``dataset`` (or any corpus of a mix) has shards read by byte range."""
+    parts = getattr(dataset, "datasets", None) or [dataset]
+    return any(reads_by_range(s.name) for d in parts for s in getattr(d, "corpus").shards)
+
+
 def restore_position(dataset: Any, state: dict[str, Any]) -> None:
     """Put ``dataset`` (an :class:`ESDataset` or a dataset of the same progress protocol, as
     :class:`es_stream.mixing.MixedDataset`) at the place ``state`` records: its epoch, the
@@ -566,8 +572,10 @@ def loader(dataset: ESDataset, num_workers: int = 2, **kwargs: Any) -> DataLoade
         seed = np.random.SeedSequence([dataset.seed, dataset.rank, dataset.epoch]).generate_state(
             1, np.uint64)[0]
         options["generator"] = torch.Generator().manual_seed(int(seed))
-    if num_workers > 0 and obstore_used_here():
-        # obstore's runtime (object-store shards) hangs in a forked child once started here
+    if num_workers > 0 and obstore_used_here() and _reads_remote(dataset):
+        # obstore's runtime hangs in a forked child that uses it once it started here; a
+        # dataset of local shards never uses it in its workers, so it keeps fork (and its
+        # unpicklable decode functions)
         options["multiprocessing_context"] = "forkserver"
     options.update(kwargs)
     return _CountingLoader(dataset, **options)

@@ -113,6 +113,18 @@ def test_forked_worker_after_parent_used_obstore_fails_fast(s3_corpora):
     assert time.monotonic() - t < 30
 
 
+def test_local_datasets_keep_fork_after_obstore_was_used(s3_corpora):
+    """Only a dataset that reads object-store shards needs forkserver workers: a local one, with
+    a decode function that cannot be pickled, still runs in forked workers in this process."""
+    local, remote = s3_corpora
+    _epoch(remote, 0)  # obstore's runtime now lives in this process
+    ds = ESDataset(local, 4, decode=lambda s: s, collate=list)
+    dl = loader(ds, num_workers=2)
+    assert dl.multiprocessing_context is None
+    assert sorted(i for mb in dl for i in mb.ids.tolist()) == list(range(local.num_samples))
+    assert loader(ESDataset(remote, 4), num_workers=2).multiprocessing_context is not None
+
+
 def test_reader_counts_network_bytes(wds_dir):
     local = Corpus.from_webdataset(str(wds_dir))
     with RangeHTTPServer(wds_dir) as server:
