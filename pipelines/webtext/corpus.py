@@ -64,10 +64,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from es_stream import Corpus
 from es_stream.dedup import content_digests, exact_groups
 
-from ..textlm.data import _index, _shards, collect, split_files, stdlib_dir
+from ..textlm.data import TextLM, _index, _shards, collect, split_files, stdlib_dir
 
 KINDS = ("clean", "html", "binary", "base64", "exact_dup", "near_dup", "template", "random")
 MB = 1 << 20
@@ -122,7 +121,7 @@ class Mixture:
 
 
 @dataclass
-class WebText:
+class WebText(TextLM):
     """A built web-like corpus.
 
     Attributes:
@@ -132,18 +131,7 @@ class WebText:
         seq_len, train_shards, total_train_shards, meta, directory: as in ``textlm``.
     """
 
-    corpus: Corpus
-    heldout: torch.Tensor
     heldout_kinds: dict[str, torch.Tensor]
-    seq_len: int
-    train_shards: int
-    total_train_shards: int
-    meta: dict[str, Any]
-    directory: Path
-
-    @property
-    def train_bytes(self) -> int:
-        return self.corpus.num_samples * self.seq_len
 
     def labels(self) -> dict[str, np.ndarray]:
         """The side table of the training corpus: ``id``, ``kind`` (str) and ``group``."""
