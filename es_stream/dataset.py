@@ -18,13 +18,13 @@ from ._check import int_at_least
 from .corpus import Corpus
 from .shard_paths import is_local_url
 from .agreement import check_ranks_agree, dataset_fields, in_multi_rank_run
-from .distributed import rank_and_world_size, worker_and_count
+from .distributed import rank_and_world_size, ranks_per_node, worker_and_count
 from .errors import SampleError, ShardError
 from .manifest import SUCCESS, EpochKeep, epoch_dir, read_epoch
 from .mds_index import check_safe_columns
 from .metabatch import MetaBatch
 from .plan import EpochPlan, worker_resume
-from .remote.store import obstore_used_here, reads_by_range
+from .remote.store import StoreEnvironment, obstore_used_here, reads_by_range
 from .sources import ShardReader, open_reader
 # the decoding helpers lived here; kept importable from here
 from .decode import collate_samples, resolve_decode, webdataset_decode  # noqa: F401
@@ -322,6 +322,7 @@ class ESDataset(IterableDataset):
         batches = plan.worker_batches(num_workers, run, skip)
         keep = self.epoch_keep(epoch)
         reader = open_reader(self.corpus, allow_unsafe_types=self.allow_unsafe_types)
+        reader.will_read(batches, lambda: plan.node_ids(ranks_per_node(self.world_size)))
         failed_shards: set[int] = set()  # shards this worker can no longer read, this epoch
         # iterated in this process: it hands the meta-batches out, so it counts them
         count = BatchCount(epoch, self.resume_batches(epoch))
@@ -577,5 +578,6 @@ def loader(dataset: ESDataset, num_workers: int = 2, **kwargs: Any) -> DataLoade
         # dataset of local shards never uses it in its workers, so it keeps fork (and its
         # unpicklable decode functions)
         options["multiprocessing_context"] = "forkserver"
+        options["worker_init_fn"] = StoreEnvironment(kwargs.pop("worker_init_fn", None))
     options.update(kwargs)
     return _CountingLoader(dataset, **options)

@@ -29,6 +29,12 @@ def rank_and_world_size() -> tuple[int, int]:
     return rank, world
 
 
+def ranks_per_node(world_size: int) -> int:
+    """Ranks sharing this machine: ``LOCAL_WORLD_SIZE`` (torchrun sets it), else 1, at most
+    ``world_size``. What a machine-wide cache (staged remote shards) decides from."""
+    return min(_env_int("LOCAL_WORLD_SIZE", 1, 1), max(world_size, 1))
+
+
 def _env_int(name: str, default: int, minimum: int) -> int:
     raw = os.environ.get(name)
     if raw is None:

@@ -199,7 +199,9 @@ class EpochPlan:
         all_sizes, self.dropped = rank_batch_sizes(self.num_samples, world_size, meta_batch_size,
                                                    drop_last)
         self.batch_sizes = all_sizes[rank]
-        self.rank_start = int(sum(int(s.sum()) for s in all_sizes[:rank]))
+        self.rank, self.world_size = rank, world_size
+        self.rank_totals = np.array([int(s.sum()) for s in all_sizes], dtype=np.int64)
+        self.rank_start = int(self.rank_totals[:rank].sum())
         self.bounds = np.concatenate([[0], np.cumsum(self.batch_sizes)]).astype(np.int64)
 
     @property
@@ -210,6 +212,21 @@ class EpochPlan:
         """Sample ids of meta-batches ``[first_batch, stop_batch)`` of this rank, concatenated."""
         start = self.rank_start + int(self.bounds[first_batch])
         stop = self.rank_start + int(self.bounds[stop_batch])
+        return self._ids_at(start, stop)
+
+    def node_ids(self, ranks_per_node: int) -> np.ndarray:
+        """Sample ids read this epoch by the ranks of this rank's machine, when ranks fill
+        machines in order, ``ranks_per_node`` each (as ``torchrun`` numbers them): what a
+        machine-wide cache decides from."""
+        if ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node must be >= 1, got {ranks_per_node}")
+        first = self.rank - self.rank % ranks_per_node
+        stop = min(first + ranks_per_node, self.world_size)
+        start = int(self.rank_totals[:first].sum())
+        return self._ids_at(start, start + int(self.rank_totals[first:stop].sum()))
+
+    def _ids_at(self, start: int, stop: int) -> np.ndarray:
+        """Sample ids at positions ``[start, stop)`` of the epoch's shuffled sequence."""
         if self.block_size:
             positions = block_shuffled_positions(start, stop, self.num_samples, self.block_size,
                                                  self.seed, self.epoch)

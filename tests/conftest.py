@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
+
+# Remote shards staged whole during the tests go to a directory of this session, removed at its
+# end; set before any DataLoader worker server starts, so every worker inherits it.
+if "ES_STREAM_CACHE" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="es-stream-test-cache-")
+    os.environ["ES_STREAM_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 # Uneven shard sizes on purpose: ids must not assume equal shards.
 SHARD_SIZES = (7, 13, 1, 20, 9)

@@ -240,13 +240,20 @@ class _ProxyHandler(_Handler):
     def _throttled_write(self, owner: "FaultProxy", data: bytes) -> None:
         with owner.lock:  # counted before it is sent, as the Range server does
             owner.bytes_sent += len(data)
-        if not owner.bandwidth:
+        if not owner.bandwidth and not owner.link_bandwidth:
             self.wfile.write(data)
-        else:
-            chunk = 1 << 16
-            for i in range(0, len(data), chunk):
-                piece = data[i:i + chunk]
-                self.wfile.write(piece)
+            return
+        chunk = 1 << 16
+        for i in range(0, len(data), chunk):
+            piece = data[i:i + chunk]
+            if owner.link_bandwidth:  # one link for every response: take the next free slot
+                with owner.lock:
+                    start = max(time.monotonic(), owner.link_free)
+                    owner.link_free = start + len(piece) / owner.link_bandwidth
+                    done = owner.link_free
+                time.sleep(max(done - time.monotonic(), 0))
+            self.wfile.write(piece)
+            if owner.bandwidth:
                 time.sleep(len(piece) / owner.bandwidth)
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _proxy
@@ -258,6 +265,8 @@ class FaultProxy(_Served):
     Args:
         latency_s: added before each response (per request, as a distant store adds it).
         bandwidth: bytes per second cap of each response body (0: none).
+        link_bandwidth: bytes per second cap of all response bodies together, as one network
+            link shares its capacity (0: none).
         fail_rate: chance that a request is answered by a fault instead of the upstream, drawn
             from ``random.Random(seed)`` in arrival order.
         fail_first: the first N requests fail regardless of ``fail_rate``.
@@ -271,7 +280,7 @@ class FaultProxy(_Served):
     """
 
     def __init__(self, upstream_port: int, *, latency_s: float = 0.0, bandwidth: float = 0,
-                 fail_rate: float = 0.0, fail_first: int = 0, max_faults: int = 1000,
+                 link_bandwidth: float = 0, fail_rate: float = 0.0, fail_first: int = 0, max_faults: int = 1000,
                  kinds: Sequence[str] = ("503", "reset"), seed: int = 0, hang: bool = False,
                  hang_limit_s: float = 60.0) -> None:
         bad = set(kinds) - set(FAULT_KINDS)
@@ -279,6 +288,7 @@ class FaultProxy(_Served):
             raise ValueError(f"unknown fault kinds {sorted(bad)}; use some of {FAULT_KINDS}")
         self.upstream_port = upstream_port
         self.latency_s, self.bandwidth = latency_s, bandwidth
+        self.link_bandwidth, self.link_free = link_bandwidth, 0.0
         self.fail_rate, self.fail_first, self.max_faults = fail_rate, fail_first, max_faults
         self.kinds = tuple(kinds)
         self.rng = random.Random(seed)

@@ -109,3 +109,23 @@ def test_rank_sizes_halving_case_is_equal():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EpochPlan((5, 6), seed=0, epoch=0, **kwargs)
+
+
+@pytest.mark.parametrize("world,per_node", [(4, 2), (3, 2), (4, 1), (2, 4)])
+def test_node_ids_are_the_ranks_of_the_machine(world, per_node):
+    """What a machine reads is exactly what its ranks read (torchrun numbers ranks machine by
+    machine), and machines together read the epoch once."""
+    counts = np.array([37, 5, 60, 18])
+    plans = [EpochPlan(counts, meta_batch_size=8, seed=2, epoch=1, world_size=world, rank=r,
+                       block_size=16) for r in range(world)]
+    rank_ids = [np.concatenate(p.worker_batches()) for p in plans]
+    machines = {}
+    for r, p in enumerate(plans):
+        node = p.node_ids(per_node)
+        first = r - r % per_node
+        want = np.concatenate(rank_ids[first:min(first + per_node, world)])
+        assert sorted(node.tolist()) == sorted(want.tolist())
+        machines[first] = node
+    assert sorted(np.concatenate(list(machines.values())).tolist()) == list(range(counts.sum()))
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        plans[0].node_ids(0)

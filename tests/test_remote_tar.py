@@ -61,8 +61,12 @@ def test_s3_faults_every_sample_exactly_once(s3_server, s3_corpora):
     assert all(not lost for *_, lost in got)
 
 
-def test_pruned_samples_never_cross_the_network(wds_dir, tmp_path):
+def test_pruned_samples_never_cross_the_network(wds_dir, tmp_path, monkeypatch):
     import torch
+
+    # range reads only, so the bytes are exactly the samples' spans (staging whole shards of
+    # the unpruned epoch is tested in test_remote_cache.py)
+    monkeypatch.setenv("ES_STREAM_STAGE_ABOVE", "2")
 
     from es_stream import ESWPPolicy, Pruner, ScoreStore
 
@@ -100,9 +104,11 @@ def test_server_gone_shard_error_in_time(wds_dir, workers):
     assert time.monotonic() - t < 2 + 1 + 15  # the deadline, plus starting the workers
 
 
-def test_forked_worker_after_parent_used_obstore_fails_fast(s3_corpora):
+def test_forked_worker_after_parent_used_obstore_fails_fast(s3_corpora, monkeypatch):
     """A plain DataLoader forking after this process used obstore: a clear error, no hang."""
     from torch.utils.data import DataLoader
+
+    monkeypatch.setenv("ES_STREAM_STAGE_ABOVE", "2")  # no staged copy to read instead
 
     _, remote = s3_corpora
     _epoch(remote, 0)  # obstore's runtime now lives in this process
@@ -140,3 +146,15 @@ def test_reader_counts_network_bytes(wds_dir):
             assert [s["__key__"] for s in samples] == [f"sample{i:06d}" for i in ids.tolist()]
         finally:
             reader.close()
+
+
+def test_workers_see_the_environment_of_now(s3_server, s3_corpora, monkeypatch):
+    """forkserver workers fork from a server started with the environment of its first
+    DataLoader: an endpoint set afterwards must still reach the workers of a later loader."""
+    local, remote = s3_corpora
+    _epoch(remote, 0)  # obstore used here: loaders now start workers by forkserver
+    assert _epoch(remote, 2) == _epoch(local, 2)  # starts the worker server, if not yet
+    with FaultProxy(s3_server.port) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        assert _epoch(remote, 2) == _epoch(local, 2)
+    assert proxy.requests > 0  # the workers went through the endpoint set after they started

@@ -4,6 +4,7 @@
     python tools/bench_remote.py gap       # seconds/requests/bytes per coalescing gap, 20 ms RTT
     python tools/bench_remote.py pruned    # bytes fetched by a pruned vs an unpruned epoch
     python tools/bench_remote.py epoch     # ESDataset epochs over https:// tar shards, 20 ms
+    python tools/bench_remote.py compare   # es-stream vs webdataset by URL vs StreamingDataset
 
 Every server is real and local (tests/servers.py: moto's S3 API, a Range HTTP server, the
 fault proxy adding latency and a bandwidth cap); each section prints its figures side by side
@@ -13,6 +14,7 @@ from one run. Needs ``pip install 'es-stream[dev]'`` (obstore, moto, boto3).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -183,9 +185,138 @@ def epoch(args: argparse.Namespace) -> None:
                       f"{fetched / base:11.2f} {count / took:10.0f} {first:8.2f}")
 
 
+def _write_both(root: str, n: int, sample: int, shards: int) -> tuple[str, str]:
+    """The same ``n`` samples as WebDataset tar shards and as MDS shards under ``root``."""
+    import webdataset as wds
+    from streaming import MDSWriter
+
+    tar_dir, mds_dir = os.path.join(root, "tar"), os.path.join(root, "mds")
+    os.makedirs(tar_dir)
+    rng = np.random.default_rng(0)
+    per = -(-n // shards)
+    with wds.ShardWriter(os.path.join(tar_dir, "s-%04d.tar"), maxcount=per, verbose=0) as tw, \
+            MDSWriter(out=mds_dir, columns={"key": "str", "bin": "bytes"},
+                      size_limit=per * (sample + 64)) as mw:
+        for i in range(n):
+            payload = rng.bytes(sample)
+            tw.write({"__key__": f"{i:08d}", "bin": payload})
+            mw.write({"key": f"{i:08d}", "bin": payload})
+    return tar_dir, mds_dir
+
+
+def _epoch_figures(proxy, batches) -> tuple[int, int, int, float, float]:
+    """(samples, requests, bytes, seconds, seconds to the first batch) of one pass over the
+    iterable ``batches`` (each item: how many samples it holds)."""
+    r0, b0 = proxy.requests, proxy.bytes_sent
+    t = time.perf_counter()
+    first, count = None, 0
+    for size in batches:
+        first = first or time.perf_counter() - t
+        count += size
+    return count, proxy.requests - r0, proxy.bytes_sent - b0, time.perf_counter() - t, first
+
+
+def compare(args: argparse.Namespace) -> None:
+    """One epoch over the same samples in moto's S3 API behind the fault proxy (``--latency``
+    per request, ``--link`` bytes/s shared by every response, as one network link), cold cache
+    each, 2 DataLoader workers, batches of 256: es-stream unpruned and 50%-pruned (tar shards
+    by ``s3://``), webdataset reading the tar shards by URL (``pipe:curl`` of presigned URLs),
+    and StreamingDataset with ``remote=s3://`` over an MDS copy of the same samples."""
+    import shutil
+
+    import torch
+    from streaming import StreamingDataset
+    from torch.utils.data import DataLoader
+    import webdataset as wds
+
+    from es_stream import Corpus, ESDataset, ESWPPolicy, Pruner, ScoreStore, loader
+    from es_stream.remote.tar import remote_corpus
+
+    n, sample, shards = args.samples, args.sample_bytes, args.shards
+    with tempfile.TemporaryDirectory() as tmp:
+        tar_dir, mds_dir = _write_both(tmp, n, sample, shards)
+        cache = os.path.join(tmp, "cache")
+        os.environ["ES_STREAM_CACHE"] = cache  # before any worker server starts
+        local = Corpus.from_webdataset(tar_dir)
+        store = ScoreStore(local.num_samples)
+        store.scatter(torch.arange(n), torch.rand(n, generator=torch.Generator().manual_seed(0)))
+        Pruner(local, store, ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
+               os.path.join(tmp, "m")).on_epoch_end(0, 4)
+
+        def fresh() -> None:
+            for d in (cache, os.path.join(tmp, "smds")):
+                shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(cache)
+
+        rows = []
+        with contextlib.ExitStack() as stack:
+            if args.server == "s3":
+                s3 = stack.enter_context(S3Server())
+                tar_urls = s3.upload_dir("bench", tar_dir, prefix="tar")
+                s3.upload_dir("bench", mds_dir, prefix="mds")
+                upstream = s3.port
+            else:  # StreamingDataset has no http(s) remote: it is left out
+                upstream = stack.enter_context(RangeHTTPServer(tmp)).port
+            proxy = stack.enter_context(FaultProxy(upstream, latency_s=args.latency,
+                                                   link_bandwidth=args.link))
+            if args.server == "s3":
+                import boto3
+
+                os.environ.update(s3.env(proxy.url))
+                os.environ["S3_ENDPOINT_URL"] = proxy.url  # what streaming reads
+                remote = remote_corpus(local, tar_urls, storage_options={"endpoint": proxy.url})
+                client = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1",
+                                      aws_access_key_id="testing", aws_secret_access_key="testing")
+                wds_urls = [client.generate_presigned_url(
+                    "get_object", Params={"Bucket": "bench", "Key": u.split("/", 3)[3]})
+                    for u in tar_urls]
+            else:
+                wds_urls = [f"{proxy.url}/tar/{os.path.basename(s.name)}" for s in local.shards]
+                remote = remote_corpus(local, wds_urls)
+
+            def es(manifests):
+                ds = ESDataset(remote, 256, seed=0, manifests=manifests)
+                ds.set_epoch(1)
+                return (len(mb) for mb in loader(ds, num_workers=2))
+
+            def webdataset():
+                ds = wds.WebDataset([f"pipe:curl -s -f '{u}'" for u in wds_urls],
+                                    shardshuffle=False, empty_check=False).shuffle(1000)
+                dl = DataLoader(ds.batched(256, partial=True), batch_size=None, num_workers=2)
+                return (len(b[0]) if isinstance(b, (list, tuple)) else len(b["__key__"])
+                        for b in dl)
+
+            def streaming():
+                ds = StreamingDataset(remote="s3://bench/mds", local=os.path.join(tmp, "smds"),
+                                      batch_size=256, shuffle=True, shuffle_seed=0)
+                dl = DataLoader(ds, batch_size=256, num_workers=2)
+                return (len(b["key"]) for b in dl)
+
+            cases = [("es-stream unpruned", lambda: es(None)),
+                     ("es-stream 50% pruned", lambda: es(os.path.join(tmp, "m"))),
+                     ("webdataset by URL", webdataset)]
+            if args.server == "s3":
+                cases.append(("StreamingDataset remote=", streaming))
+            for name, make in cases:
+                runs = []
+                for _ in range(args.repeat):
+                    fresh()
+                    runs.append(_epoch_figures(proxy, make()))
+                rows.append((name, *min(runs, key=lambda r: r[3])))
+        where = "moto's S3 API" if args.server == "s3" else "the Range HTTP server"
+        print(f"{n} samples of {sample} B in {shards} shards in {where}; proxy "
+              f"{args.latency * 1e3:.0f} ms per request, link {args.link / 1e6:.0f} MB/s; "
+              f"batches of 256, 2 workers, cold cache, best of {args.repeat}")
+        print(f"{'reader':26} {'samples':>8} {'requests':>9} {'MB':>7} {'seconds':>8} "
+              f"{'samples/s':>10} {'first s':>8}")
+        for name, count, requests, fetched, took, first in rows:
+            print(f"{name:26} {count:8d} {requests:9d} {fetched / 1e6:7.1f} {took:8.2f} "
+                  f"{count / took:10.0f} {first:8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=["clients", "gap", "pruned", "epoch"])
+    parser.add_argument("section", choices=["clients", "gap", "pruned", "epoch", "compare"])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--size", type=int, default=4 << 20, help="object bytes (clients)")
     parser.add_argument("--length", type=int, default=256 << 10)
@@ -196,8 +327,15 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--bandwidth", type=float, default=50e6)
+    parser.add_argument("--link", type=float, default=100e6,
+                        help="bytes/s shared by all responses (compare)")
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--server", choices=["s3", "http"], default="s3",
+                        help="compare: moto's S3 API (all four readers) or the Range HTTP "
+                             "server (no StreamingDataset: it has no http remote)")
     args = parser.parse_args()
-    {"clients": clients, "gap": gap, "pruned": pruned, "epoch": epoch}[args.section](args)
+    {"clients": clients, "gap": gap, "pruned": pruned, "epoch": epoch,
+     "compare": compare}[args.section](args)
 
 
 if __name__ == "__main__":

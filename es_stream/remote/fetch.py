@@ -228,6 +228,18 @@ class RangeFetcher:
                              "(total_timeout + request_timeout): the server hangs; check it, or "
                              "lower RetryPolicy.request_timeout") from None
 
+    def submit(self, url: str, start: int, end: int) -> Future:
+        """Start reading bytes ``[start, end)`` of ``url`` now (retried like every request) and
+        return its future, for :meth:`result`: how a reader fetches the next meta-batch's
+        ranges while the current one is used. Unlike :meth:`iter_requests` nothing bounds
+        how many are outstanding: the caller keeps it to a meta-batch or two."""
+        return self._executor().submit(self._get, url, start, end)
+
+    def result(self, future: Future, url: str, start: int, end: int) -> bytes | ShardError:
+        """The bytes of a :meth:`submit` future, or the :class:`ShardError` that ended it (a
+        request that does not finish within the retry deadline is one too)."""
+        return self._wait_or_error(future, url, start, end)
+
     def iter_requests(self, requests: Iterable[tuple[str, int, int]], *,
                       return_errors: bool = False) -> Iterator[bytes | ShardError]:
         """The bytes of each ``(url, start, end)`` request, in order, with at most
@@ -282,6 +294,18 @@ class RangeFetcher:
                                                 plan.ends.tolist())))
         return [bufs[r][w:w + n] for r, w, n in zip(plan.request.tolist(), plan.within.tolist(),
                                                      sizes.tolist())]
+
+    def where(self, url: str) -> str:
+        """``url`` with the endpoint it is read from: the same ``s3://`` key on two endpoints
+        (two S3-compatible stores) is two objects."""
+        from .store import _endpoint
+
+        scheme = url.split("://", 1)[0].lower()
+        endpoint = _endpoint("s3" if scheme == "s3a" else scheme,
+                             {("endpoint" if k in ("endpoint_url", "aws_endpoint_url",
+                                               "aws_endpoint") else k): v
+                              for k, v in self.storage_options.items()})
+        return f"{url} via {endpoint}" if endpoint else url
 
     def read(self, url: str, offset: int, size: int) -> bytes:
         """Exactly bytes ``[offset, offset + size)`` of ``url`` (one request, retried)."""

@@ -58,6 +58,32 @@ def obstore_used_here() -> bool:
     return _used_in == os.getpid()
 
 
+#: prefixes of the environment variables that configure object stores and es-stream's reads
+STORE_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "S3_", "ES_STREAM_")
+
+
+class StoreEnvironment:
+    """The store-related environment variables of the process that made a DataLoader, applied
+    in each of its workers (their ``worker_init_fn``).
+
+    A ``forkserver`` worker is forked from a server started at the first such DataLoader, so it
+    sees the environment of *then*: an endpoint or credentials set afterwards (a second job step,
+    a test fixture) would silently be ignored. This carries the values of now, removes those
+    since unset, and then calls ``then`` (a user's ``worker_init_fn``)."""
+
+    def __init__(self, then: Any = None) -> None:
+        self.values = {k: v for k, v in os.environ.items() if k.startswith(STORE_ENV_PREFIXES)}
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        for key in [k for k in os.environ if k.startswith(STORE_ENV_PREFIXES)]:
+            if key not in self.values:
+                del os.environ[key]
+        os.environ.update(self.values)
+        if self.then is not None:
+            self.then(worker_id)
+
+
 def reads_by_range(url: str) -> bool:
     """True for an object-store URL when obstore is installed: es-stream then reads it by
     byte range. Without obstore such a URL is streamed through webdataset's ``gopen``, as

@@ -7,18 +7,33 @@ samples that touch; a pruned sample is never part of a run), and all of the meta
 are fetched at once, several requests in flight, before the local path slices and checks them.
 Header checks, errors and ``on_error`` are those of the local reader: a request that fails
 after its retries is the :class:`ShardError` the local ``pread`` would raise for that run.
+
+**Ahead of the loop.** The dataset tells the reader its worker's meta-batches in advance
+(:meth:`RemoteTarReader.will_read`). The next meta-batch's requests are sent while the current
+one is used (one meta-batch ahead: its bytes are the memory this costs), so the network waits
+overlap training instead of adding to it. A shard this node reads nearly whole this epoch is
+staged on local disk (:mod:`es_stream.remote.cache`): its download starts
+:data:`STAGE_LOOKAHEAD` meta-batches before its first use, and reads of it wait for the
+download, so an unpruned epoch costs one download per shard, like webdataset and
+mosaicml-streaming (and, like theirs, the first meta-batch waits for the shards it draws from:
+lower ``block_size`` to draw from fewer). A pruned shard is still read sample by sample. If a
+download fails, the shard falls back to range reads, which report the error as usual.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..corpus import Corpus
 from ..errors import ShardError
+from ..sources.handles import OpenShards
 from ..sources.wds import WDSShardReader, _coalesce
+from .cache import CachePolicy, ShardCache
 from .fetch import RangeFetcher, RetryPolicy
 from .store import is_remote_url
 
@@ -61,16 +76,22 @@ def check_remote_sizes(corpus: Corpus, fetcher: RangeFetcher | None = None) -> N
                                       "the shard changed since it was indexed; re-index it")
 
 
+# meta-batches ahead of the current one whose dense shards are asked to be staged
+STAGE_LOOKAHEAD = 8
+
+
 class RemoteTarReader(WDSShardReader):
     """A tar reader that reads object-store shards by byte range (see the module doc).
 
     ``fetcher``: the :class:`RangeFetcher` to use (default: one with ``storage_options`` and
     the environment's retry settings); its ``requests`` and ``bytes_fetched`` count the network
-    side, ``bytes_read`` what the reader used.
+    side, ``bytes_read`` what the reader used. ``cache``: when and where whole shards are staged
+    (:class:`~es_stream.remote.cache.CachePolicy`, default from the environment).
     """
 
     def __init__(self, corpus: Corpus, fetcher: RangeFetcher | None = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None,
+                 cache: CachePolicy | None = None) -> None:
         super().__init__(corpus)
         self.remote = np.array([is_remote_url(s.name) for s in corpus.shards], dtype=bool)
         self.local = self.local | self.remote  # read by offset, in batches, like local shards
@@ -78,8 +99,77 @@ class RemoteTarReader(WDSShardReader):
             options = storage_options or getattr(corpus, "storage_options", None)
             fetcher = RangeFetcher(options, retry=getattr(corpus, "retry", None))
         self.fetcher = fetcher
+        self.cache = ShardCache(fetcher, cache)
+        self.staged_files: OpenShards[int] = OpenShards(self._open_staged, os.close)
+        self._staged: dict[int, str] = {}  # shard -> its complete staged file
+        self._dense = np.zeros(len(corpus.shards), dtype=bool)
+        self._first_use = np.empty(0, dtype=np.int64)  # dense shards, by first meta-batch
+        self._first_use_shard = np.empty(0, dtype=np.int64)
+        self._requested = 0
+        self._upcoming: list[np.ndarray] = []
+        self._cursor = 0
+        self._ahead: dict[tuple[int, int, int], Future] = {}
         self._prefetched: dict[tuple[int, int, int], bytes | ShardError] = {}
 
+    # ------------------------------------------------------------------ the plan, in advance
+    def will_read(self, batches: Sequence[np.ndarray], node_ids: Callable[[], np.ndarray]) -> None:
+        """The meta-batches this reader will be asked for, in order, and a function giving the
+        ids this node (the ranks of this machine) reads this epoch: shards of which this node
+        reads at least ``cache.stage_above`` are staged whole as they come up."""
+        self._upcoming, self._cursor = list(batches), 0
+        self._dense[:] = False
+        self._first_use = self._first_use_shard = np.empty(0, dtype=np.int64)
+        self._requested = 0
+        if self.cache.policy.stage_above > 1 or not self._upcoming or not self.remote.any():
+            return
+        counts = np.asarray(self.corpus.shard_counts, dtype=np.float64)
+        node = np.bincount(self.corpus.locate(node_ids())[0], minlength=len(counts))
+        self._dense = self.remote & (node >= self.cache.policy.stage_above * np.maximum(counts, 1))
+        if not self._dense.any():
+            return
+        sizes = np.array([len(b) for b in self._upcoming], dtype=np.int64)
+        shards = self.corpus.locate(np.concatenate(self._upcoming))[0]
+        seen, first = np.unique(shards, return_index=True)
+        dense = self._dense[seen]
+        batch_of = np.searchsorted(np.cumsum(sizes), first[dense], side="right")
+        order = np.argsort(batch_of, kind="stable")
+        self._first_use, self._first_use_shard = batch_of[order], seen[dense][order]
+        self._stage_upto(0)
+
+    def _stage_upto(self, batch: int) -> None:
+        """Ask the cache for the dense shards first used by meta-batch ``batch`` + lookahead."""
+        stop = int(np.searchsorted(self._first_use, batch + STAGE_LOOKAHEAD, side="right"))
+        for shard in self._first_use_shard[self._requested:stop].tolist():
+            info = self.corpus.shards[shard]
+            self.cache.request(info.name, info.size)
+        self._requested = max(self._requested, stop)
+
+    def _staged_path(self, shard: int, wait: bool = True) -> str | None:
+        """The staged copy of a dense shard, waiting for its download (``wait``); None for a
+        shard read by range, or one whose download failed (range reads then report why)."""
+        path = self._staged.get(shard)
+        if path is None and self._dense[shard]:
+            info = self.corpus.shards[shard]
+            path = self.cache.ready(info.name, info.size)
+            if path is None and wait:
+                self.cache.request(info.name, info.size)
+                if not self.cache.started(info.name):
+                    return None  # queued behind other downloads: read by range meanwhile
+                try:
+                    self.cache.wait(info.name)
+                except Exception:  # noqa: BLE001 - kept by the cache; range reads report it
+                    self._dense[shard] = False
+                    return None
+                path = self.cache.ready(info.name, info.size)
+            if path is not None:
+                self._staged[shard] = path
+                self.cache.touch(path)
+        return path
+
+    def _open_staged(self, shard: int) -> int:
+        return os.open(self._staged[shard], os.O_RDONLY)
+
+    # ------------------------------------------------------------------ reads
     def _pread(self, shard: int, length: int, offset: int, sample_id: int) -> bytes:
         if self.remote[shard]:
             return self._pread_local(shard, length, offset)
@@ -90,27 +180,67 @@ class RemoteTarReader(WDSShardReader):
             return super()._pread_local(shard, length, offset)
         got = self._prefetched.pop((shard, offset, length), None)
         if got is None:
+            if self._staged_path(shard) is not None:
+                return os.pread(self.staged_files.get(shard), length, offset)
             got = self.fetcher.read(self.corpus.shards[shard].name, offset, length)
         if isinstance(got, ShardError):
             raise got
         return got
 
-    def _read_runs(self, ids: np.ndarray, shards: np.ndarray, order: np.ndarray,
-                   o_shards: np.ndarray, offs: np.ndarray, lens: np.ndarray, out: list
-                   ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-        # the runs the local path is about to read one by one: fetch the remote ones together
+    def _remote_runs(self, ids: np.ndarray, skip_shards: set[int] = frozenset(),
+                     ahead: bool = False) -> list[tuple[int, int, int]]:
+        """``(shard, start, end)`` of the coalesced runs of ``ids`` that go over the network
+        (remote, not staged, not in ``skip_shards``), as :meth:`read_batch` cuts them; ``ahead``
+        (the next meta-batch): without waiting for downloads, leaving their shards out."""
+        shards = self.corpus.locate(ids)[0]
+        wanted = self.remote[shards].copy()
+        for shard in np.unique(shards[wanted]).tolist():
+            staged = (self._dense[shard] if ahead
+                      else self._staged_path(shard) is not None)
+            if shard in skip_shards or staged:
+                wanted &= shards != shard
+        if not wanted.any():
+            return []
+        t = self.table
+        sel = np.flatnonzero(wanted)
+        order = sel[np.lexsort((t.offsets[ids[sel]], shards[sel]))]
+        o_shards, offs, lens = shards[order], t.offsets[ids[order]], t.lengths[ids[order]]
         firsts, run_ends = _coalesce(o_shards, offs, lens)
-        runs = [(s, o, e) for s, o, e in zip(o_shards[firsts].tolist(), offs[firsts].tolist(),
-                                             run_ends.tolist()) if self.remote[s]]
+        return list(zip(o_shards[firsts].tolist(), offs[firsts].tolist(), run_ends.tolist()))
+
+    def read_batch(self, ids: np.ndarray, shards: np.ndarray,
+                   skip_shards: set[int] = frozenset()) -> list[Any]:
+        planned = (self._cursor < len(self._upcoming)
+                   and np.array_equal(self._upcoming[self._cursor], ids))
+        if planned:
+            self._stage_upto(self._cursor)
         names = self.corpus.shards
-        got = self.fetcher.iter_requests([(names[s].name, o, e) for s, o, e in runs],
-                                         return_errors=True)
-        self._prefetched = {(s, o, e - o): data for (s, o, e), data in zip(runs, got)}
+        runs = self._remote_runs(ids, skip_shards)
+        futures = [(run, self._ahead.pop(run, None)) for run in runs]
+        futures = [(run, f if f is not None else
+                    self.fetcher.submit(names[run[0]].name, run[1], run[2])) for run, f in futures]
+        stale, self._ahead = self._ahead, {}
+        for future in stale.values():
+            future.cancel()
+        if planned:
+            self._cursor += 1
+            if self._cursor < len(self._upcoming):  # the next meta-batch, sent now
+                self._ahead = {run: self.fetcher.submit(names[run[0]].name, run[1], run[2])
+                               for run in self._remote_runs(self._upcoming[self._cursor],
+                                                            skip_shards, ahead=True)}
+        self._prefetched = {(s, o, e - o): self.fetcher.result(f, names[s].name, o, e)
+                            for (s, o, e), f in futures}
         try:
-            return super()._read_runs(ids, shards, order, o_shards, offs, lens, out)
+            return super().read_batch(ids, shards, skip_shards)
         finally:
             self._prefetched = {}
 
     def close(self) -> None:
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead = {}
         super().close()
+        self.staged_files.close()
+        self._staged.clear()
+        self.cache.close()
         self.fetcher.close()

@@ -5,7 +5,7 @@ in :data:`READERS`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -39,6 +39,11 @@ class ShardReader(Protocol):
         ``ShardError`` it would raise (returned, not raised: the caller applies its error policy
         in the meta-batch's order), or None for a sample left to :meth:`read` (any sample of
         ``skip_shards`` among them)."""
+
+    def will_read(self, batches: Sequence[np.ndarray], node_ids: Callable[[], np.ndarray]) -> None:
+        """Told before an iteration: the meta-batches (id arrays) it will ask for, in order, and
+        a function giving the ids this machine's ranks read this epoch. A reader that fetches
+        over a network reads ahead from it; local readers ignore it."""
 
     def close(self) -> None:
         """Release what the reader holds; it may be used again afterwards (reopening)."""

@@ -193,6 +193,9 @@ class MDSShardReader:
         memory map, so reading a meta-batch at once would save nothing."""
         return [None] * len(ids)
 
+    def will_read(self, batches: Any, node_ids: Any) -> None:
+        """Nothing to do ahead: local reads are cheap (see :class:`ShardReader`)."""
+
     def close(self) -> None:
         self.open_shards.close()
         self.verifier.reset()

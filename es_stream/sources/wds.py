@@ -291,6 +291,9 @@ class WDSShardReader:
         suffixes = [t.suffixes[c] for c in t.member_suffix[idx].tolist()]
         return suffixes, t.member_offset[idx].tolist(), t.member_size[idx].tolist(), ptr.tolist()
 
+    def will_read(self, batches: Any, node_ids: Any) -> None:
+        """Nothing to do ahead: local reads are cheap (see :class:`ShardReader`)."""
+
     def close(self) -> None:
         self.files.close()
         self.verifier.reset()

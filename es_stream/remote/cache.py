@@ -1,0 +1,218 @@
+"""`ShardCache`: whole object-store shards staged on local disk, for the shards an epoch reads
+nearly whole.
+
+Reading by byte range pays when an epoch reads part of a shard (pruned samples never cross the
+network). When it reads nearly all of it, one request per sample wastes round trips that a
+whole-object download does not: that is what mosaicml-streaming and webdataset do every time.
+So a reader stages a shard when the share of its samples that this node reads this epoch is at
+least :attr:`CachePolicy.stage_above` (0.8 by default), and reads the others by range.
+
+**Layout and sharing.** Staged files live in ``directory`` (default ``$ES_STREAM_CACHE``, else
+``<tmp>/es-stream-cache-<uid>``), named by a hash of the URL and the size the index records, so
+a rewritten object of another size is never served from a stale copy. DataLoader workers, and
+ranks on one machine, share the directory: each download holds the file's lock
+(:func:`~es_stream.sources.mds.shard_lock`), so a shard is fetched once per machine; whoever
+waited finds the file. A download is written to a temporary name and renamed: a staged file is
+whole or absent.
+
+**In the background.** :meth:`ShardCache.request` starts a download in a background thread
+(``downloads`` at a time) and returns at once, so a reader asks for the shards of the coming
+meta-batches ahead of their use; :meth:`ShardCache.ready` gives the staged path only once it is
+complete, :meth:`ShardCache.wait` waits for it.
+
+**Bounded.** After each download the least recently used files beyond ``limit_bytes`` (default
+4 GiB, ``$ES_STREAM_CACHE_LIMIT``) are removed, never the one just staged; a reader that has a
+removed file open keeps reading it (POSIX unlink semantics), and a later reader stages it again.
+Files other than staged shards (names ``es-shard-*``) are never touched. Across epochs a staged
+shard is reused while it stays in the cache: the cache for reading the same data many epochs.
+A download that fails leaves nothing behind; its shard stays on range reads and the error is
+kept for :meth:`ShardCache.error`, so range reads report it as usual if the store is down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..sources.mds import shard_lock
+from .fetch import RangeFetcher
+
+#: prefix of every staged file: eviction only ever considers these
+STAGED_PREFIX = "es-shard-"
+
+
+def _env_number(name: str, default: float, kind: type) -> Any:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} must be a {kind.__name__}; fix "
+                         "or unset it") from None
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """When and where whole shards are staged (see the module doc).
+
+    ``stage_above``: the share of a shard's samples this node reads this epoch from which the
+    shard is staged whole (``> 1`` never stages: range reads only). ``directory`` and
+    ``limit_bytes``: where, and how much disk at most. :meth:`from_env` reads
+    ``ES_STREAM_STAGE_ABOVE``, ``ES_STREAM_CACHE`` and ``ES_STREAM_CACHE_LIMIT``.
+    """
+
+    stage_above: float = 0.8
+    directory: str | None = None
+    limit_bytes: int = 4 << 30
+    downloads: int = 4
+
+    @classmethod
+    def from_env(cls) -> "CachePolicy":
+        """The defaults, with the ``ES_STREAM_*`` variables that are set."""
+        return cls(stage_above=_env_number("ES_STREAM_STAGE_ABOVE", cls.stage_above, float),
+                   directory=os.environ.get("ES_STREAM_CACHE") or None,
+                   limit_bytes=_env_number("ES_STREAM_CACHE_LIMIT", cls.limit_bytes, int))
+
+    def __post_init__(self) -> None:
+        if not self.stage_above > 0:
+            raise ValueError(f"stage_above must be > 0 (above 1 turns staging off), got "
+                             f"{self.stage_above}")
+        if self.limit_bytes < 0 or self.downloads < 1:
+            raise ValueError(f"limit_bytes must be >= 0 and downloads >= 1, got "
+                             f"{self.limit_bytes} and {self.downloads}")
+
+    def where(self) -> str:
+        """The cache directory (created if missing)."""
+        path = self.directory or os.path.join(tempfile.gettempdir(),
+                                              f"es-stream-cache-{os.getuid()}")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+
+class ShardCache:
+    """Stages whole object-store shards in a local directory (see the module doc).
+
+    Made in the process that reads (it owns threads); ``fetcher`` downloads (its retries and
+    counters apply). ``staged`` counts the downloads this cache made.
+    """
+
+    def __init__(self, fetcher: RangeFetcher, policy: CachePolicy | None = None) -> None:
+        self.fetcher = fetcher
+        self.policy = policy or CachePolicy.from_env()
+        self.directory = self.policy.where()
+        self.staged = 0
+        self._jobs: dict[str, Future] = {}
+        self._started: set[str] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def path(self, url: str, size: int) -> str:
+        """Where ``url`` (of ``size`` bytes) is staged, whether or not it is there yet."""
+        digest = hashlib.blake2b(self.fetcher.where(url).encode(), digest_size=12).hexdigest()
+        return os.path.join(self.directory, f"{STAGED_PREFIX}{digest}-{size}")
+
+    def ready(self, url: str, size: int) -> str | None:
+        """The staged file of ``url`` if it is complete, else None."""
+        path = self.path(url, size)
+        try:
+            if os.stat(path).st_size == size:
+                return path
+        except FileNotFoundError:
+            pass
+        return None
+
+    def request(self, url: str, size: int) -> None:
+        """Start staging ``url`` in the background unless it is staged or on its way."""
+        with self._lock:
+            if url in self._jobs or self.ready(url, size):
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.policy.downloads,
+                                                thread_name_prefix="es-stream-stage")
+            self._jobs[url] = self._pool.submit(self._stage, url, size)
+
+    def started(self, url: str) -> bool:
+        """Whether the download of ``url`` has begun (or ended): no longer queued behind
+        others."""
+        return url in self._started
+
+    def error(self, url: str) -> BaseException | None:
+        """The error that ended staging ``url``, if it failed."""
+        job = self._jobs.get(url)
+        if job is None or not job.done() or job.cancelled():
+            return None
+        return job.exception()
+
+    def wait(self, url: str) -> None:
+        """Block until staging ``url`` ends (tests and benchmarks); re-raises its error."""
+        job = self._jobs.get(url)
+        if job is not None:
+            job.result()
+
+    def _stage(self, url: str, size: int) -> str:
+        self._started.add(url)
+        path = self.path(url, size)
+        with shard_lock(path):
+            if self.ready(url, size):  # another worker or rank staged it while we waited
+                os.utime(path)
+                return path
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".staging-")
+            try:
+                chunk = self.fetcher.max_request
+                requests = [(url, s, min(s + chunk, size)) for s in range(0, size, chunk)]
+                for (_, start, _), data in zip(requests, self.fetcher.iter_requests(requests)):
+                    os.pwrite(fd, data, start)
+                os.close(fd)
+                fd = -1
+                os.replace(tmp, path)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                os.unlink(tmp)
+                raise
+        self.staged += 1
+        self._evict(keep=path)
+        return path
+
+    def _evict(self, keep: str) -> None:
+        """Remove the least recently used staged files beyond the limit, except ``keep``."""
+        files = []
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(STAGED_PREFIX) and entry.path != keep:
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue  # another process removed it
+                    files.append((st.st_mtime, st.st_size, entry.path))
+        total = sum(f[1] for f in files) + os.stat(keep).st_size
+        for _, size, path in sorted(files):
+            if total <= self.policy.limit_bytes:
+                break
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            total -= size
+
+    def touch(self, path: str) -> None:
+        """Mark a staged file used now (eviction removes the least recently used first)."""
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        """Cancel downloads not started; those running end with their fetcher."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        self._jobs.clear()
+        self._started.clear()
+
