@@ -185,8 +185,9 @@ class ESDataset(IterableDataset):
             # ranks that disagree would duplicate or drop samples, or hang at a collective
             check_ranks_agree(dataset_fields(self, epoch), where=f"at the start of epoch {epoch}")
 
-    def _resume_fields(self) -> dict[str, tuple[Any, str]]:
-        """State fields an exact resume needs unchanged, with what to do when one differs."""
+    def resume_fields(self) -> dict[str, tuple[Any, str]]:
+        """State fields an exact resume needs unchanged (name -> (value, what to do when it
+        differs)); a mix of datasets compares each of theirs."""
         rebuild = "build the ESDataset with {}={!r}, as when the state was taken"
         return {
             "corpus_fingerprint": (self.corpus.fingerprint, "the shards changed; resume only over "
@@ -261,7 +262,7 @@ class ESDataset(IterableDataset):
             raise ValueError(f"state_dict(num_batches={num_batches}): this dataset was never iterated "
                              "nor loaded from a state, so which DataLoader workers yielded those "
                              "meta-batches is unknown; take the state from the dataset you iterate")
-        state = {name: mine for name, (mine, _) in self._resume_fields().items()}
+        state = {name: mine for name, (mine, _) in self.resume_fields().items()}
         return {"epoch": self.epoch, "batches": num_batches, "epoch_batches": total,
                 "num_workers": workers, **state}
 
@@ -270,7 +271,7 @@ class ESDataset(IterableDataset):
         workers already started see it too. The next iteration of that epoch (each one, until
         :meth:`set_epoch` selects another epoch) skips the consumed meta-batches in each worker.
         Raises ``ValueError`` naming the field when the state does not fit this dataset."""
-        fields = self._resume_fields()
+        fields = self.resume_fields()
         missing = sorted({"epoch", "batches", "epoch_batches", "num_workers", *fields} - set(state))
         if missing:
             raise ValueError(f"not an ESDataset state: missing {missing}; pass what "
@@ -330,17 +331,21 @@ class ESDataset(IterableDataset):
             self.track(count)
         try:
             for ids in batches:
-                mb = self._meta_batch(reader, ids, epoch, keep, failed_shards)
+                mb = self.read_meta_batch(reader, ids, epoch, keep, failed_shards)
                 count.batches += 1
                 yield mb
         finally:
             reader.close()
 
-    def _meta_batch(self, reader: ShardReader, ids: np.ndarray, epoch: int, keep: EpochKeep | None,
-                    failed_shards: set[int]) -> MetaBatch:
-        """Read, decode and collate the samples ``ids``. Every id ends up either in ``ids`` or,
-        under ``on_error="skip"``, in ``lost_ids`` of this very meta-batch — which is yielded
-        even when all of its samples were lost, so every rank keeps the same count."""
+    def read_meta_batch(self, reader: ShardReader, ids: np.ndarray, epoch: int,
+                        keep: EpochKeep | None, failed_shards: set[int]) -> MetaBatch:
+        """Read (with ``reader``, from :func:`~es_stream.sources.open_reader`), decode and collate
+        the samples ``ids`` of ``epoch`` with this dataset's settings; ``keep`` is
+        :meth:`epoch_keep`, ``failed_shards`` the shards this worker stopped reading this epoch
+        (updated). Every id ends up either in ``ids`` or, under ``on_error="skip"``, in
+        ``lost_ids`` of this very meta-batch — which is yielded even when all of its samples
+        were lost, so every rank keeps the same count. What :class:`~es_stream.MixedDataset`
+        reads each corpus's meta-batches with."""
         samples, kept, kept_shards, lost = self._read_samples(reader, ids, epoch, failed_shards)
         if self.collate is collate_samples or self.collate is default_collate:
             for i in reversed(self._mismatched_fields(samples, kept, kept_shards, epoch)):

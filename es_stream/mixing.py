@@ -287,7 +287,7 @@ class MixedDataset(IterableDataset):
     def _fields(self) -> dict[str, Any]:
         """What an exact resume needs unchanged: every corpus and its dataset settings."""
         return {"seed": self.seed, "epoch_size": int(self._epoch_size),
-                "datasets": [{k: v for k, (v, _) in d._resume_fields().items()}
+                "datasets": [{k: v for k, (v, _) in d.resume_fields().items()}
                              for d in self.datasets]}
 
     def state_dict(self) -> dict[str, Any]:
@@ -336,7 +336,9 @@ class MixedDataset(IterableDataset):
             for c, ids in batches:
                 if c not in readers:
                     readers[c] = open_reader(self.datasets[c].corpus)
-                mb = self.datasets[c]._meta_batch(readers[c], ids, epoch, keeps[c],
+                    mine = [i for cc, i in batches if cc == c]
+                    readers[c].will_read(mine, lambda c=c: _rank_ids(plan, c))
+                mb = self.datasets[c].read_meta_batch(readers[c], ids, epoch, keeps[c],
                                                   failed.setdefault(c, set()))
                 offset = int(self.offsets[c])
                 mb = replace(mb, ids=mb.ids + offset, lost_ids=mb.lost_ids + offset)
@@ -346,3 +348,10 @@ class MixedDataset(IterableDataset):
         finally:
             for reader in readers.values():
                 reader.close()
+
+
+def _rank_ids(plan: Any, corpus: int) -> np.ndarray:
+    """The ids of ``corpus`` this rank reads this epoch (all its workers): what a remote reader
+    in a mix decides staging from (its own rank's share, not the whole machine's)."""
+    parts = [ids for c, ids in plan.batches(0, plan.num_batches) if c == corpus]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)

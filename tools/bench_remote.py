@@ -243,10 +243,18 @@ def compare(args: argparse.Namespace) -> None:
         Pruner(local, store, ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
                os.path.join(tmp, "m")).on_epoch_end(0, 4)
 
+        runs = iter(range(1 << 30))
+        smds = [os.path.join(tmp, "smds")]
+
         def fresh() -> None:
-            for d in (cache, os.path.join(tmp, "smds")):
-                shutil.rmtree(d, ignore_errors=True)
+            # a new local directory per run: streaming keeps what it downloaded in shared
+            # memory keyed by it, which a removed directory would contradict
+            from streaming.base.util import clean_stale_shared_memory
+
+            clean_stale_shared_memory()
+            shutil.rmtree(cache, ignore_errors=True)
             os.makedirs(cache)
+            smds[0] = os.path.join(tmp, f"smds-{next(runs)}")
 
         rows = []
         with contextlib.ExitStack() as stack:
@@ -287,7 +295,7 @@ def compare(args: argparse.Namespace) -> None:
                         for b in dl)
 
             def streaming():
-                ds = StreamingDataset(remote="s3://bench/mds", local=os.path.join(tmp, "smds"),
+                ds = StreamingDataset(remote="s3://bench/mds", local=smds[0],
                                       batch_size=256, shuffle=True, shuffle_seed=0)
                 dl = DataLoader(ds, batch_size=256, num_workers=2)
                 return (len(b["key"]) for b in dl)
