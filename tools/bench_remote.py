@@ -243,7 +243,7 @@ def compare(args: argparse.Namespace) -> None:
         Pruner(local, store, ESWPPolicy(ratio=0.5, burn_in_epochs=0, anneal=0.0),
                os.path.join(tmp, "m")).on_epoch_end(0, 4)
 
-        runs = iter(range(1 << 30))
+        run_ids = iter(range(1 << 30))
         smds = [os.path.join(tmp, "smds")]
 
         def fresh() -> None:
@@ -254,7 +254,7 @@ def compare(args: argparse.Namespace) -> None:
             clean_stale_shared_memory()
             shutil.rmtree(cache, ignore_errors=True)
             os.makedirs(cache)
-            smds[0] = os.path.join(tmp, f"smds-{next(runs)}")
+            smds[0] = os.path.join(tmp, f"smds-{next(run_ids)}")
 
         rows = []
         with contextlib.ExitStack() as stack:
@@ -282,8 +282,8 @@ def compare(args: argparse.Namespace) -> None:
                 wds_urls = [f"{proxy.url}/tar/{os.path.basename(s.name)}" for s in local.shards]
                 remote = remote_corpus(local, wds_urls)
 
-            def es(manifests):
-                ds = ESDataset(remote, 256, seed=0, manifests=manifests)
+            def es(manifests, block_size=1 << 18):
+                ds = ESDataset(remote, 256, seed=0, manifests=manifests, block_size=block_size)
                 ds.set_epoch(1)
                 return (len(mb) for mb in loader(ds, num_workers=2))
 
@@ -302,6 +302,9 @@ def compare(args: argparse.Namespace) -> None:
 
             cases = [("es-stream unpruned", lambda: es(None)),
                      ("es-stream 50% pruned", lambda: es(os.path.join(tmp, "m"))),
+                     # shuffle blocks of 2 shards: a meta-batch draws from 2 or 3 shards, so
+                     # downloads overlap reading instead of all coming first
+                     ("es-stream unpruned, blocks", lambda: es(None, 2 * n // shards)),
                      ("webdataset by URL", webdataset)]
             if args.server == "s3":
                 cases.append(("StreamingDataset remote=", streaming))

@@ -37,13 +37,17 @@ import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from ..sources.mds import shard_lock
 from .fetch import RangeFetcher
 
 #: prefix of every staged file: eviction only ever considers these
 STAGED_PREFIX = "es-shard-"
+#: meta-batches ahead of the current one whose dense shards are asked to be staged
+STAGE_LOOKAHEAD = 8
 
 
 def _env_number(name: str, default: float, kind: type) -> Any:
@@ -216,3 +220,81 @@ class ShardCache:
         self._jobs.clear()
         self._started.clear()
 
+
+class StagingPlan:
+    """Which object-store shards of a corpus one reader stages whole this epoch, and when.
+
+    ``urls`` and ``sizes``: each shard's URL (None for a local shard) and size in bytes;
+    ``shard_of``: ids -> shard indices; ``shard_counts``: samples per shard. After
+    :meth:`plan`, a shard is *dense* when this machine reads at least
+    ``cache.policy.stage_above`` of its samples; dense shards are asked of the cache
+    :data:`STAGE_LOOKAHEAD` meta-batches before their first use (:meth:`advance`), and
+    :meth:`path` gives a dense shard's staged file, waiting for a download that has begun.
+    """
+
+    def __init__(self, cache: ShardCache, urls: Sequence[str | None], sizes: Sequence[int],
+                 shard_of: Callable[[np.ndarray], np.ndarray], shard_counts: Any) -> None:
+        self.cache, self.urls, self.sizes = cache, list(urls), list(sizes)
+        self.shard_of = shard_of
+        self.counts = np.asarray(shard_counts, dtype=np.float64)
+        self.remote = np.array([u is not None for u in self.urls], dtype=bool)
+        self.dense = np.zeros(len(self.urls), dtype=bool)
+        self._first_use = self._first_shard = np.empty(0, dtype=np.int64)
+        self._requested = 0
+        self._staged: dict[int, str] = {}
+
+    def plan(self, batches: Sequence[np.ndarray], node_ids: Callable[[], np.ndarray]) -> None:
+        """Decide the dense shards from ``node_ids()`` (what this machine reads this epoch) and
+        ask for those the first meta-batches of ``batches`` (this reader's, in order) need."""
+        self.dense[:] = False
+        self._first_use = self._first_shard = np.empty(0, dtype=np.int64)
+        self._requested = 0
+        if self.cache.policy.stage_above > 1 or not len(batches) or not self.remote.any():
+            return
+        node = np.bincount(self.shard_of(node_ids()), minlength=len(self.counts))
+        self.dense = self.remote & (node >= self.cache.policy.stage_above
+                                    * np.maximum(self.counts, 1))
+        if not self.dense.any():
+            return
+        ends = np.cumsum([len(b) for b in batches])
+        seen, first = np.unique(self.shard_of(np.concatenate(batches)), return_index=True)
+        keep = self.dense[seen]
+        batch_of = np.searchsorted(ends, first[keep], side="right")
+        order = np.argsort(batch_of, kind="stable")
+        self._first_use, self._first_shard = batch_of[order], seen[keep][order]
+        self.advance(0)
+
+    def advance(self, batch: int) -> None:
+        """Meta-batch ``batch`` is next: ask for the dense shards needed up to lookahead."""
+        stop = int(np.searchsorted(self._first_use, batch + STAGE_LOOKAHEAD, side="right"))
+        for shard in self._first_shard[self._requested:stop].tolist():
+            self.cache.request(self.urls[shard], self.sizes[shard])
+        self._requested = max(self._requested, stop)
+
+    def path(self, shard: int, wait: bool = True) -> str | None:
+        """The staged file of a dense shard, waiting (``wait``) for its download once it has
+        begun; None for a shard read by range: not dense, still queued behind other downloads
+        (read by range meanwhile, so the first meta-batch does not wait for every shard), or
+        whose download failed (range reads then report the error as usual)."""
+        path = self._staged.get(shard)
+        if path is None and self.dense[shard]:
+            url, size = self.urls[shard], self.sizes[shard]
+            path = self.cache.ready(url, size)
+            if path is None and wait:
+                self.cache.request(url, size)
+                if not self.cache.started(url):
+                    return None
+                try:
+                    self.cache.wait(url)
+                except Exception:  # noqa: BLE001 - kept by the cache; range reads report it
+                    self.dense[shard] = False
+                    return None
+                path = self.cache.ready(url, size)
+            if path is not None:
+                self._staged[shard] = path
+                self.cache.touch(path)
+        return path
+
+    def close(self) -> None:
+        self._staged.clear()
+        self.cache.close()

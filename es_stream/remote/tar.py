@@ -13,7 +13,7 @@ after its retries is the :class:`ShardError` the local ``pread`` would raise for
 one is used (one meta-batch ahead: its bytes are the memory this costs), so the network waits
 overlap training instead of adding to it. A shard this node reads nearly whole this epoch is
 staged on local disk (:mod:`es_stream.remote.cache`): its download starts
-:data:`STAGE_LOOKAHEAD` meta-batches before its first use, and reads of it wait for the
+:data:`~es_stream.remote.cache.STAGE_LOOKAHEAD` meta-batches before its first use, and reads of it wait for the
 download, so an unpruned epoch costs one download per shard, like webdataset and
 mosaicml-streaming (and, like theirs, the first meta-batch waits for the shards it draws from:
 lower ``block_size`` to draw from fewer). A pruned shard is still read sample by sample. If a
@@ -33,7 +33,7 @@ from ..corpus import Corpus
 from ..errors import ShardError
 from ..sources.handles import OpenShards
 from ..sources.wds import WDSShardReader, _coalesce
-from .cache import CachePolicy, ShardCache
+from .cache import CachePolicy, ShardCache, StagingPlan
 from .fetch import RangeFetcher, RetryPolicy
 from .store import is_remote_url
 
@@ -76,10 +76,6 @@ def check_remote_sizes(corpus: Corpus, fetcher: RangeFetcher | None = None) -> N
                                       "the shard changed since it was indexed; re-index it")
 
 
-# meta-batches ahead of the current one whose dense shards are asked to be staged
-STAGE_LOOKAHEAD = 8
-
-
 class RemoteTarReader(WDSShardReader):
     """A tar reader that reads object-store shards by byte range (see the module doc).
 
@@ -99,13 +95,12 @@ class RemoteTarReader(WDSShardReader):
             options = storage_options or getattr(corpus, "storage_options", None)
             fetcher = RangeFetcher(options, retry=getattr(corpus, "retry", None))
         self.fetcher = fetcher
-        self.cache = ShardCache(fetcher, cache)
+        self.staging = StagingPlan(
+            ShardCache(fetcher, cache), [s.name if r else None for s, r in
+                                         zip(corpus.shards, self.remote.tolist())],
+            [s.size for s in corpus.shards], lambda ids: corpus.locate(ids)[0],
+            corpus.shard_counts)
         self.staged_files: OpenShards[int] = OpenShards(self._open_staged, os.close)
-        self._staged: dict[int, str] = {}  # shard -> its complete staged file
-        self._dense = np.zeros(len(corpus.shards), dtype=bool)
-        self._first_use = np.empty(0, dtype=np.int64)  # dense shards, by first meta-batch
-        self._first_use_shard = np.empty(0, dtype=np.int64)
-        self._requested = 0
         self._upcoming: list[np.ndarray] = []
         self._cursor = 0
         self._ahead: dict[tuple[int, int, int], Future] = {}
@@ -117,57 +112,15 @@ class RemoteTarReader(WDSShardReader):
         ids this node (the ranks of this machine) reads this epoch: shards of which this node
         reads at least ``cache.stage_above`` are staged whole as they come up."""
         self._upcoming, self._cursor = list(batches), 0
-        self._dense[:] = False
-        self._first_use = self._first_use_shard = np.empty(0, dtype=np.int64)
-        self._requested = 0
-        if self.cache.policy.stage_above > 1 or not self._upcoming or not self.remote.any():
-            return
-        counts = np.asarray(self.corpus.shard_counts, dtype=np.float64)
-        node = np.bincount(self.corpus.locate(node_ids())[0], minlength=len(counts))
-        self._dense = self.remote & (node >= self.cache.policy.stage_above * np.maximum(counts, 1))
-        if not self._dense.any():
-            return
-        sizes = np.array([len(b) for b in self._upcoming], dtype=np.int64)
-        shards = self.corpus.locate(np.concatenate(self._upcoming))[0]
-        seen, first = np.unique(shards, return_index=True)
-        dense = self._dense[seen]
-        batch_of = np.searchsorted(np.cumsum(sizes), first[dense], side="right")
-        order = np.argsort(batch_of, kind="stable")
-        self._first_use, self._first_use_shard = batch_of[order], seen[dense][order]
-        self._stage_upto(0)
+        self.staging.plan(self._upcoming, node_ids)
 
-    def _stage_upto(self, batch: int) -> None:
-        """Ask the cache for the dense shards first used by meta-batch ``batch`` + lookahead."""
-        stop = int(np.searchsorted(self._first_use, batch + STAGE_LOOKAHEAD, side="right"))
-        for shard in self._first_use_shard[self._requested:stop].tolist():
-            info = self.corpus.shards[shard]
-            self.cache.request(info.name, info.size)
-        self._requested = max(self._requested, stop)
-
-    def _staged_path(self, shard: int, wait: bool = True) -> str | None:
-        """The staged copy of a dense shard, waiting for its download (``wait``); None for a
-        shard read by range, or one whose download failed (range reads then report why)."""
-        path = self._staged.get(shard)
-        if path is None and self._dense[shard]:
-            info = self.corpus.shards[shard]
-            path = self.cache.ready(info.name, info.size)
-            if path is None and wait:
-                self.cache.request(info.name, info.size)
-                if not self.cache.started(info.name):
-                    return None  # queued behind other downloads: read by range meanwhile
-                try:
-                    self.cache.wait(info.name)
-                except Exception:  # noqa: BLE001 - kept by the cache; range reads report it
-                    self._dense[shard] = False
-                    return None
-                path = self.cache.ready(info.name, info.size)
-            if path is not None:
-                self._staged[shard] = path
-                self.cache.touch(path)
-        return path
+    @property
+    def cache(self) -> ShardCache:
+        """The local cache dense shards are staged in."""
+        return self.staging.cache
 
     def _open_staged(self, shard: int) -> int:
-        return os.open(self._staged[shard], os.O_RDONLY)
+        return os.open(self.staging.path(shard), os.O_RDONLY)
 
     # ------------------------------------------------------------------ reads
     def _pread(self, shard: int, length: int, offset: int, sample_id: int) -> bytes:
@@ -180,7 +133,7 @@ class RemoteTarReader(WDSShardReader):
             return super()._pread_local(shard, length, offset)
         got = self._prefetched.pop((shard, offset, length), None)
         if got is None:
-            if self._staged_path(shard) is not None:
+            if self.staging.path(shard) is not None:
                 return os.pread(self.staged_files.get(shard), length, offset)
             got = self.fetcher.read(self.corpus.shards[shard].name, offset, length)
         if isinstance(got, ShardError):
@@ -195,8 +148,8 @@ class RemoteTarReader(WDSShardReader):
         shards = self.corpus.locate(ids)[0]
         wanted = self.remote[shards].copy()
         for shard in np.unique(shards[wanted]).tolist():
-            staged = (self._dense[shard] if ahead
-                      else self._staged_path(shard) is not None)
+            staged = (self.staging.dense[shard] if ahead
+                      else self.staging.path(shard) is not None)
             if shard in skip_shards or staged:
                 wanted &= shards != shard
         if not wanted.any():
@@ -213,7 +166,7 @@ class RemoteTarReader(WDSShardReader):
         planned = (self._cursor < len(self._upcoming)
                    and np.array_equal(self._upcoming[self._cursor], ids))
         if planned:
-            self._stage_upto(self._cursor)
+            self.staging.advance(self._cursor)
         names = self.corpus.shards
         runs = self._remote_runs(ids, skip_shards)
         futures = [(run, self._ahead.pop(run, None)) for run in runs]
@@ -241,6 +194,5 @@ class RemoteTarReader(WDSShardReader):
         self._ahead = {}
         super().close()
         self.staged_files.close()
-        self._staged.clear()
-        self.cache.close()
+        self.staging.close()
         self.fetcher.close()
