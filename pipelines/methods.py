@@ -460,7 +460,8 @@ register(Method("rs2", pruner=rs2_pruner, prune="epoch", batch_of_b=True, prune_
 register(Method("rho", reducible_selector("topk"), reference=True, group="reference",
                 control="RHO-LOSS", label="RHO-LOSS (top b of B)", cost=0.9))
 register(Method("rho_es", reducible_selector("es"), reference=True, es_options=True,
-                group="reference", label="ES rule on reducible loss", cost=0.9))
+                group="reference", control="ES-on-reducible-loss",
+                label="ES rule on reducible loss", cost=0.9))
 for _band in ("low", "middle", "high"):
     register(Method(f"band_{_band}", pruner=band_pruner(_band), prune="once", batch_of_b=True,
                     reference=True, options=("prune_keep",), group="reference",
