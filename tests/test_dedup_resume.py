@@ -91,6 +91,48 @@ def test_a_run_that_crashed_midway_resumes_and_writes_the_same_manifests(web, tm
     assert not (tmp_path / "two" / "_dedup_parts").exists()
 
 
+def test_a_run_killed_midway_resumes_from_what_it_saved(web, tmp_path):
+    """A real SIGKILL, at a point chosen by the samples read (no race): the process kills itself
+    from dedup's progress callback once half of the corpus is read, so some shards are saved
+    and the rest are not; `es-stream dedup` then resumes into the same manifests."""
+    import signal
+
+    data = web
+    corpus = data.corpus
+    index = str(data.directory / f"train-k{data.train_shards}.parquet")
+    parts = tmp_path / "two" / "_dedup_parts"
+    code = (
+        "import os, signal\n"
+        "from es_stream import Corpus\n"
+        "from es_stream.dedup import DedupConfig, corpus_dedup\n"
+        f"corpus = Corpus.load({index!r})\n"
+        "read = [0]\n"
+        "def progress(n):\n"
+        "    read[0] += n\n"
+        "    if read[0] >= corpus.num_samples // 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "corpus_dedup(corpus, DedupConfig(near=True), num_workers=0, meta_batch_size=64,\n"
+        f"             progress=progress, parts_dir={str(parts)!r})\n")
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (key,) = parts.iterdir()
+    done = {int(p.name.split("-")[1]) for p in key.glob("*.digests.npy")}
+    assert 0 < len(done) < corpus.num_shards
+    assert not list(key.glob(".*"))  # no temporary file survives the kill
+    first = corpus.local_path(min(done))
+    before = garble(first)  # a saved shard: the rerun must not read it
+    try:
+        resumed = dedup(index, tmp_path / "two")
+    finally:
+        garble(first, before)
+    assert resumed.returncode == 0, resumed.stderr
+    one = dedup(index, tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    assert epoch_files(tmp_path / "two") == epoch_files(tmp_path / "one")
+    assert not parts.exists()
+
+
 def test_parts_are_keyed_by_corpus_and_settings_and_a_foreign_file_is_read_again(web, tmp_path):
     corpus = web.corpus
     near = DedupConfig(near=True)
