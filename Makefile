@@ -90,9 +90,10 @@ bench-training: $(STAMP)
 	$(TRAIN) --workload mnist1d --noise 0.2,0.4 --out $(EVIDENCE)/noise-infobatch --methods uniform,infobatch,budget_infobatch
 	$(TRAIN) --workload textlm --out $(EVIDENCE)/textlm-reference --methods uniform,rho,band_low,band_middle,band_high,prune_chance,prune_random,budget_rho,infobatch,budget_infobatch
 	$(TRAIN) --workload textlm-long --out $(EVIDENCE)/textlm-long --methods uniform,es,budget_es,infobatch,budget_infobatch
-	$(TRAIN) --workload webtext --web-passes 0.25 --out $(EVIDENCE)/webtext --methods uniform,oracle,dedup_near,dedup_filter,es,rho,budget_dedup_filter,budget_es,budget_rho
+	$(TRAIN) --workload webtext --web-passes 0.25 --out $(EVIDENCE)/webtext --methods uniform,oracle,dedup_near,dedup_filter,es,rho,budget_dedup_filter,budget_es,budget_rho,ref_filter,prune_random,rho_es,budget_ref_filter,budget_rho_es
 	$(TRAIN) --workload webtext --web-passes 0.5 --out $(EVIDENCE)/webtext --methods uniform,oracle,dedup_near,dedup_filter,es,budget_dedup_filter,budget_es
-	$(TRAIN) --workload webtext --web-samples 4096 --web-passes 2 --out $(EVIDENCE)/webtext/multipass --methods uniform,oracle,dedup_near,dedup_filter,budget_dedup_filter
+	$(TRAIN) --workload webtext --web-samples 4096 --web-passes 2 --out $(EVIDENCE)/webtext/multipass --methods uniform,oracle,dedup_near,dedup_filter,budget_dedup_filter,rs2,prune_random,es,infobatch,eswp,budget_es,budget_infobatch,budget_eswp,budget_rs2
+	$(TRAIN) --workload webtext --web-samples 4096 --web-passes 1 --out $(EVIDENCE)/webtext/multipass --methods uniform
 	$(TRAIN) --workload webtext --web-mixture dupes --web-passes 0.25 --out $(EVIDENCE)/webtext/dupes --methods uniform,oracle,dedup_near,dedup_filter,budget_dedup_filter
 	$(TRAIN) --workload webtext --web-seed-set spread --seeds 0 --out $(EVIDENCE)/webtext/spread-seed --methods uniform,ref_filter,dedup_filter
 

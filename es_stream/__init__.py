@@ -17,6 +17,7 @@ from .plan import EpochPlan
 from .policy import ESWPPolicy, InfoBatchPolicy
 from .reference_policy import BandPolicy, ThresholdPolicy
 from .pruner import Pruner
+from .random_subsets import RS2Policy
 from .reducible import ReducibleLossSelector
 from .reference_scoring import Scorer, ScoreResult, score_corpus
 from .batch_schedule import BatchSchedule
@@ -30,7 +31,7 @@ __all__ = ["MappedScoreStore", "MemoryScoreStore",
     "BandPolicy", "BatchSchedule", "Checkpointer", "Corpus", "ESDataset", "ESSelector",
     "ESWPPolicy", "EpochPlan", "ESStreamError",
     "FeedbackChannel", "IndexFileError", "InfoBatchPolicy", "LossSelector", "ManifestError",
-    "MetaBatch", "MissingExtraError", "Pruner", "RankMismatchError", "ReducibleLossSelector",
+    "MetaBatch", "MissingExtraError", "Pruner", "RS2Policy", "RankMismatchError", "ReducibleLossSelector",
     "SampleError",
     "ScoreError", "ScoreResult", "ScoreStore", "Scorer", "SelectiveBackpropSelector", "Selector",
     "ShardError", "ShardInfo", "StaleIndexError", "ThresholdPolicy", "TopKSelector",

@@ -358,7 +358,7 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .corpus import Corpus
-    from .dedup import REASONS, DedupConfig, corpus_dedup, write_manifests
+    from .dedup import REASONS, DedupConfig, corpus_dedup, remove_parts, write_manifests
 
     config = DedupConfig(near=args.near, threshold=args.threshold, num_perm=args.num_perm,
                          bands=args.bands, shingle=args.shingle, seed=args.seed)
@@ -368,12 +368,14 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     corpus = Corpus.load(args.corpus)
     start = time.perf_counter()
     with _torchrun_group():
+        parts = os.path.join(args.manifests, "_dedup_parts")  # what a rerun after a kill reuses
         result = corpus_dedup(corpus, config, filter_dir=args.filter, field=args.field,
-                              num_workers=args.workers)
+                              num_workers=args.workers, parts_dir=parts)
         seconds = time.perf_counter() - start
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         if rank0:  # every rank holds the same decision: one writes it
             out = write_manifests(corpus, result, args.manifests, config, filter_dir=args.filter)
+            remove_parts(corpus, parts, args.field, config)
         if dist.is_initialized():
             dist.barrier()  # the manifests are complete when any rank returns
     if not rank0:
@@ -508,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(MinHash + LSH over byte shingles, estimated Jaccard >= --threshold), and write the "
         "decision as epoch 0 for every epoch (applies_to=all) with a reason column per sample. "
         "With --filter, combined with a `prune --policy band|threshold` decision: only samples "
-        "it keeps are kept. Under torchrun each rank reads and hashes its part and rank 0 writes; "
-        "a rerun rewrites the same files.")
+        "it keeps are kept. Under torchrun each rank reads and hashes its part and rank 0 writes. "
+        "Resumable: a rerun after a kill reads only the shards not saved in "
+        "MANIFESTS/_dedup_parts and writes the same files.")
     dd.add_argument("--corpus", required=True, help="corpus index (Parquet)")
     dd.add_argument("--manifests", required=True, help="manifest directory to write")
     dd.add_argument("--near", action="store_true", help="also drop near duplicates")

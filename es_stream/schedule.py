@@ -21,8 +21,12 @@ __all__ = ["first_decided_epoch", "pruned_epochs", "schedule_warning", "why_kept
 
 def first_decided_epoch(policy: Policy) -> int:
     """The first epoch a decision can be written for: 0 for a decision made once before
-    training (``applies_to: all``), else 1 (made at the end of epoch 0)."""
-    return 0 if policy.describe().get("applies_to") == "all" else 1
+    training (``applies_to: all``) or by a policy that reads no score (``reads_scores =
+    False``: RS2), else 1 (made at the end of epoch 0)."""
+    if (policy.describe().get("applies_to") == "all"
+            or getattr(policy, "reads_scores", True) is False):
+        return 0  # decided once; or a policy that reads no score (RS2) can decide epoch 0
+    return 1
 
 
 def pruned_epochs(policy: Policy, total_epochs: int, first_epoch: int | None = None) -> list[int]:

@@ -573,7 +573,13 @@ class _Run:
     def prune_once(self) -> None:
         """The prune-once methods' one decision, before the first epoch: written to
         ``epoch=00000`` and marked ``applies_to: all``, so ESDataset reads only the kept samples
-        in every epoch. Timed: it is part of the method's cost."""
+        in every epoch; and the first decision of an epoch pruner with ``prune_first`` (its
+        epoch 0 is pruned too, the later ones at epoch ends). Timed: it is part of the method's
+        cost."""
+        if self.spec.prune == "epoch" and self.spec.prune_first:  # RS2: epoch 0 is a subset too
+            self.clock.start()
+            self.pruner.write(0, self.config.epochs)
+            self.clock.stop()
         if self.spec.prune == "once":
             self.clock.start()
             self.pruner.policy.check(self.pruner.store)  # refused before anything is written

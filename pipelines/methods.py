@@ -37,6 +37,9 @@ published); ``rho_es`` the ES rule on the reducible loss. ``band_low`` / ``band_
 ``band_high`` train uniform batches of b on the corpus pruned once by
 ``BandPolicy(keep=prune_keep)`` on the reference scores; ``prune_random`` is their control (the
 same path over random scores: exactly as many samples kept at random, no reference paid);
+``rs2`` (RS2, Okanovic et al. 2024) keeps a fresh random ``prune_keep`` share each epoch, the
+first included, without replacement across epochs until the corpus is exhausted
+(:class:`~es_stream.random_subsets.RS2Policy`; the per-epoch counterpart of ``prune_random``);
 ``prune_chance`` prunes once with ``ThresholdPolicy(high=workload.chance_loss)``, dropping the
 samples the reference model predicts worse than a uniform guess.
 
@@ -120,6 +123,8 @@ class Method:
     ``cost``: its run's cost relative to uniform's, for the benchmark's estimate only.
     ``oracle``: it reads the workload's side table of kinds (``Workload.sample_kinds``), which
     only a workload that labels its samples has: an upper bound, not a method to ship.
+    ``prune_first``: a ``prune="epoch"`` pruner that also decides epoch 0, before the first step
+    (a policy that reads no score, such as RS2's).
     """
 
     name: str
@@ -138,8 +143,12 @@ class Method:
     label: str | None = None
     cost: float = 1.0
     oracle: bool = False
+    prune_first: bool = False
 
     def __post_init__(self) -> None:
+        if self.prune_first and self.prune != "epoch":
+            raise ValueError(f"method {self.name!r}: prune_first is for prune='epoch' methods "
+                             "(a prune-once decision is already made before the first step)")
         if self.prune not in (None, "epoch", "once"):
             raise ValueError(f"method {self.name!r}: prune must be None, 'epoch' or 'once', "
                              f"got {self.prune!r}")
@@ -324,6 +333,18 @@ def random_pruner(ctx: Context, selector: Any) -> Any:
                   BandPolicy(ctx.config.prune_keep, "low"), ctx.manifests)
 
 
+def rs2_pruner(ctx: Context, selector: Any) -> Any:
+    """RS2 (Okanovic et al. 2024): a fresh random ``prune_keep`` share of the corpus per epoch,
+    without replacement across epochs (:class:`~es_stream.random_subsets.RS2Policy`); it reads
+    no score, so its store stays empty."""
+    from es_stream import Pruner, ScoreStore
+    from es_stream.random_subsets import RS2Policy
+
+    store = ScoreStore(ctx.corpus.num_samples, fingerprint=ctx.corpus.fingerprint)
+    return Pruner(ctx.corpus, store, RS2Policy(ctx.config.prune_keep, seed=ctx.seed),
+                  ctx.manifests)
+
+
 def chance_pruner(ctx: Context, selector: Any) -> Any:
     """Drop the samples whose reference loss is above the workload's chance level."""
     from es_stream import Pruner, ThresholdPolicy
@@ -433,10 +454,14 @@ register(Method("es_fresh", fresh_es_selector, es_options=True, train_loss_score
 register(Method("prune_random", pruner=random_pruner, prune="once", batch_of_b=True,
                 options=("prune_keep",), group="reference", label="random pruning (once)",
                 cost=0.5))
+register(Method("rs2", pruner=rs2_pruner, prune="epoch", batch_of_b=True, prune_first=True,
+                options=("prune_keep",), group="reference", control="RS2",
+                label="RS2 (fresh random subset per epoch)", cost=0.5))
 register(Method("rho", reducible_selector("topk"), reference=True, group="reference",
                 control="RHO-LOSS", label="RHO-LOSS (top b of B)", cost=0.9))
 register(Method("rho_es", reducible_selector("es"), reference=True, es_options=True,
-                group="reference", label="ES rule on reducible loss", cost=0.9))
+                group="reference", control="ES-on-reducible-loss",
+                label="ES rule on reducible loss", cost=0.9))
 for _band in ("low", "middle", "high"):
     register(Method(f"band_{_band}", pruner=band_pruner(_band), prune="once", batch_of_b=True,
                     reference=True, options=("prune_keep",), group="reference",

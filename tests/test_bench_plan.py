@@ -63,7 +63,8 @@ def test_a_run_is_keyed_by_the_fields_its_method_uses(tmp_path: Path) -> None:
         "band_middle": data | {"ref_model", "prune_keep"},
         "prune_chance": data | {"ref_model"}, "budget_prune_chance": data | {"budget_epochs"},
         "band_high": data | {"ref_model", "prune_keep"}, "prune_random": data | {"prune_keep"},
-        "budget_rho": data | {"budget_epochs"},
+        "budget_rho": data | {"budget_epochs"}, "budget_rho_es": data | {"budget_epochs"},
+        "rs2": data | {"prune_keep"}, "budget_rs2": data | {"budget_epochs"},
         # the web stream's curation methods (prune-once; the oracle reads the side table)
         "oracle": data, "dedup_exact": data, "dedup_near": data,
         "ref_filter": data | {"ref_model"}, "dedup_filter": data | {"ref_model"},

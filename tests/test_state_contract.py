@@ -28,6 +28,7 @@ import es_stream
 from es_stream import (Checkpointer, Corpus, ESDataset, ESSelector, ESWPPolicy, LossSelector,
                        Pruner, ReducibleLossSelector, ScoreStore, SelectiveBackpropSelector,
                        Selector, TopKSelector, TrainingState, UniformSelector)
+from es_stream.dedup_parts import PendingDataset
 from es_stream.distributed import UpdateLog
 from es_stream.metrics import SelectionStats, _Reservoir
 from es_stream.mixing import MixedDataset
@@ -152,6 +153,7 @@ def builders(corpus, reference, tmp_path):
 
     return {
         "ESDataset": (dataset, drive_dataset),
+        "PendingDataset": (lambda: PendingDataset(corpus, 8, seed=3), drive_dataset),
         "MixedDataset": (mixed, drive_dataset),
         "UpdateLog": (UpdateLog, drive_log),
         "_Reservoir": (lambda: _Reservoir(8, seed=1), lambda r: r.add(torch.rand(20))),

@@ -144,6 +144,29 @@ def test_the_reference_filter_keeps_what_its_bound_says(web: dict, tmp_path: Pat
     assert len({bytes(web["samples"][i]) for i in both}) == len(both)
 
 
+def test_rs2_reads_a_fresh_half_each_epoch_and_every_sample_once_over_two(
+        web: dict, tmp_path: Path) -> None:
+    """RS2 at keep 0.5 over a budget of two passes: two epochs of half the corpus each, the
+    first included (drawn before the first step), disjoint, so every sample is trained on once;
+    each epoch's manifest is exactly the policy's draw; half of uniform's steps."""
+    from es_stream.random_subsets import RS2Policy
+
+    config = loop.RunConfig(1, b=b, B=B, seed=1, progress=False, budget_passes=2.0,
+                            evals_per_run=2, run_dir=str(tmp_path / "rs2"), prune_keep=0.5)
+    r = loop.train(web["workload"], "rs2", config)
+    corpus = web["data"].corpus
+    policy = RS2Policy(0.5, seed=1)
+    epochs = [read_epoch(tmp_path / "rs2" / "manifests", e, corpus.fingerprint,
+                         corpus.shard_counts) for e in range(2)]
+    for e, keep in enumerate(epochs):
+        assert np.sort(keep.kept_ids).tolist() == policy.kept_ids(N, e).tolist()
+    both = np.concatenate([k.kept_ids for k in epochs])
+    assert np.sort(both).tolist() == list(range(N))  # without replacement: each sample once
+    assert r["samples_backpropagated"] == N and r["epochs_done"] == 2
+    assert r["backpropagated_by_kind"] == web["data"].meta["counts"]
+    assert r["steps"] == 2 * math.ceil(N / 2 / b)  # half of uniform's 2 * N / b
+
+
 def test_bench_train_runs_the_web_stream_with_a_budget_in_passes(tmp_path: Path) -> None:
     import bench_train
 

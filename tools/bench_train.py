@@ -129,6 +129,10 @@ evidence's run keys stay as committed):
 ``band_high``       (prune-once manifests), ``epochs`` epochs over the kept part
 ``prune_random``    the control: as many samples kept at random, the same path and epochs (the
                     same training compute as each band by construction)
+``rs2``             RS2 (Okanovic et al. 2024): a fresh random ``--prune-keep`` share of the
+                    corpus each epoch, the first included, without replacement across epochs
+                    (``es_stream.RS2Policy``; no reference: ``prune_keep`` of the time per
+                    epoch, its control ``budget_rs2``)
 ``budget_rho``      uniform cut to RHO-LOSS's wall-clock, reference included
 =================== ===========================================================================
 
