@@ -226,7 +226,9 @@ class _ProxyHandler(_Handler):
             for k, v in resp.getheaders():
                 if k.lower() not in _HOP and k.lower() != "content-length":
                     self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            # a HEAD has no body: its Content-Length is the object's size, as upstream says
+            length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(data)))
             self.end_headers()
         finally:
             up.close()
