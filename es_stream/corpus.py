@@ -476,6 +476,8 @@ class Corpus:
         corpus.retry = remote_index.retry_from_numbers(saved.get("retry"))
         if check:
             corpus.check_fresh(path, content=check == "content")
+            # once at load, not at each check_fresh (every ESDataset): HEADs cost round trips
+            corpus.check_remote(f"re-index the corpus (and Corpus.save({path!r}))")
         return corpus
 
     def check_fresh(self, index_path: str | None = None, content: bool = False) -> None:
@@ -507,7 +509,6 @@ class Corpus:
             self.file_ids[i] = (st.st_dev, st.st_ino)
         if self.mds is not None:
             self._check_mds_index_fresh(advice)
-        self.check_remote(advice)
 
     def where_looked(self, path: str) -> str:
         """Where a missing local shard was looked for and by which rule, for error messages."""
