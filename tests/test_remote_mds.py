@@ -56,7 +56,10 @@ def s3_mds(s3_server, mds_dir, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     s3_server.upload_dir("mdsdata", mds_dir, prefix="ds")
-    return Corpus.from_mds(str(mds_dir)), Corpus.from_mds("s3://mdsdata/ds")
+    # the endpoint by storage_options too: forkserver workers take the environment from when
+    # their server started (maybe in an earlier test), the corpus's options from the corpus
+    return Corpus.from_mds(str(mds_dir)), Corpus.from_mds(
+        "s3://mdsdata/ds", storage_options={"endpoint": s3_server.url})
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -76,7 +79,8 @@ def test_local_cache_and_remote_keywords_like_streaming(s3_mds, tmp_path):
     """from_mds(local, remote=...) as StreamingDataset(remote=, local=) takes them: raw shards
     are still read by range (nothing written to local), the corpus is the same."""
     local, remote = s3_mds
-    cached = Corpus.from_mds(str(tmp_path / "cache"), remote="s3://mdsdata/ds")
+    cached = Corpus.from_mds(str(tmp_path / "cache"), remote="s3://mdsdata/ds",
+                             storage_options=remote.storage_options)
     assert cached.fingerprint == local.fingerprint
     assert _epoch(cached, 0) == _epoch(local, 0)
     assert not (tmp_path / "cache").exists() or not any(
@@ -189,7 +193,8 @@ def test_compressed_mds_fetched_whole_into_a_bounded_cache(s3_server, tmp_path, 
         reader.close()
     # ...and the cache never held a file it did not make: only decompressed shards and locks
     assert all(n.endswith(".mds") or n.endswith(".es-stream-lock") for n in os.listdir(cache))
-    unbounded = Corpus.from_mds(str(tmp_path / "cache2"), remote="s3://zdata/z")
+    unbounded = Corpus.from_mds(str(tmp_path / "cache2"), remote="s3://zdata/z",
+                                storage_options={"endpoint": s3_server.url})
     got = _epoch(unbounded, 2)
     assert sorted(i for ids, *_ in got for i in ids) == list(range(60))
     assert all(b == payload(i) for ids, bins, *_ in got for i, b in zip(ids, bins))
