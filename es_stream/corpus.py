@@ -266,7 +266,8 @@ class Corpus:
         compressed ones fetched whole and decompressed into ``local`` — by default a cache
         directory of this machine (:func:`es_stream.remote.index.default_cache_dir`).
         ``storage_options`` and ``retry`` are as for :attr:`storage_options` and
-        :attr:`retry`. Other remotes go through mosaicml-streaming's own ``Stream``, as a
+        :attr:`retry`; an S3 endpoint from the environment (``AWS_ENDPOINT_URL``) is recorded in
+        :attr:`storage_options`, so workers and a saved index use the store indexed. Other remotes go through mosaicml-streaming's own ``Stream``, as a
         ``StreamingDataset`` would, and need ``local``.
         """
         if local_dir is not None and local is not None:
@@ -287,6 +288,9 @@ class Corpus:
         local = os.fspath(local)
         options = dict(storage_options or {})
         if by_range:
+            # the endpoint indexed against travels with the corpus: a forkserver worker sees
+            # the environment of when its server started, not this one
+            options = remote_index.with_env_endpoint(remote, options)
             index = remote_index.fetch_mds_index(remote, split, local, options, retry)
         else:
             index = load_mds_index(local, remote, split)

@@ -50,6 +50,19 @@ def storable_options(options: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def with_env_endpoint(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the S3 endpoint the environment names for ``url`` (``AWS_ENDPOINT_URL_S3``
+    or ``AWS_ENDPOINT_URL``) when they name none: what the corpus was indexed against."""
+    from .store import _endpoint, split_url
+
+    scheme = split_url(url)[0].split("://", 1)[0]
+    if scheme != "s3" or any(k in options for k in ("endpoint", "endpoint_url",
+                                                      "aws_endpoint_url", "aws_endpoint")):
+        return options
+    endpoint = _endpoint(scheme, options)
+    return {**options, "endpoint": endpoint} if endpoint else options
+
+
 def retry_numbers(retry: RetryPolicy | None) -> dict[str, float] | None:
     """A retry policy as the plain numbers an index records (None: the environment's)."""
     return None if retry is None else asdict(retry)
