@@ -133,3 +133,29 @@ def test_mds_index_in_the_bucket(s3_server, mds_dir, monkeypatch):
     client.put_object(Bucket="mdsidx", Key=f"ds/{name}", Body=(mds_dir / name).read_bytes()[::-1])
     with pytest.raises(StaleIndexError, match=f"s3://mdsidx/ds/{name}"):
         Corpus.load("s3://mdsidx/ds/es-stream-index.parquet")
+
+
+def test_storable_options_never_keep_credentials():
+    from es_stream.remote.index import storable_options
+
+    given = {"endpoint": "http://127.0.0.1:9000", "region": "eu-west-1", "allow_http": True,
+             "access_key_id": "AKIA", "secret_access_key": SECRET, "session_token": SECRET,
+             "token": SECRET, "default_headers": {"Authorization": SECRET},
+             "proxy_url": "http://u:p@proxy:3128", "service_account_key": SECRET}
+    assert storable_options(given) == {"endpoint": "http://127.0.0.1:9000",
+                                       "region": "eu-west-1", "allow_http": True}
+    assert storable_options({"endpoint": "https://user:pw@host"}) == {}  # a password in it
+
+
+def test_local_index_keeps_retry_and_options(tmp_path, wds_dir):
+    local = Corpus.from_webdataset(str(wds_dir))
+    local.storage_options = {"region": "eu-west-1", "secret_access_key": SECRET}
+    local.retry = RetryPolicy(attempts=2, total_timeout=4.0)
+    local.save(tmp_path / "i.parquet")
+    assert SECRET.encode() not in (tmp_path / "i.parquet").read_bytes()
+    loaded = Corpus.load(tmp_path / "i.parquet")
+    assert loaded.storage_options == {"region": "eu-west-1"} and loaded.retry == local.retry
+    plain = Corpus.from_webdataset(str(wds_dir))
+    plain.save(tmp_path / "p.parquet")  # nothing remote: no entry, the defaults come back
+    again = Corpus.load(tmp_path / "p.parquet")
+    assert again.storage_options == {} and again.retry is None

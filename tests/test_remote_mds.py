@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("obstore")
 pytest.importorskip("streaming")
 
-from conftest import payload, write_mds  # noqa: E402
+from conftest import payload  # noqa: E402
 from es_stream import Corpus, ESDataset, loader  # noqa: E402
 from es_stream.errors import ShardError  # noqa: E402
 from es_stream.remote import RetryPolicy  # noqa: E402
