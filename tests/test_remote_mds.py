@@ -252,3 +252,26 @@ def test_server_gone_mds_samples_lost_or_named(mds_dir, workers):
 
 def test_local_reader_unchanged_for_local_mds(mds_dir):
     assert type(open_reader(Corpus.from_mds(str(mds_dir)))) is MDSShardReader
+
+
+def test_raw_shard_already_in_local_cache_is_not_fetched(mds_dir, tmp_path):
+    """streaming's local= is a cache: a shard already there is mapped, the others fetched."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with RangeHTTPServer(mds_dir.parent) as server:
+        remote = Corpus.from_mds(str(cache), remote=f"{server.url}/{mds_dir.name}")
+        shutil.copy(mds_dir / remote.shards[0].name, cache / remote.shards[0].name)
+        reader = open_reader(remote)
+        try:
+            ids = np.arange(int(remote.shard_starts[2]))  # shards 0 (cached) and 1
+            shards, _ = remote.locate(ids)
+            got = reader.read_batch(ids, shards)
+            first = int(remote.shard_starts[1])
+            assert got[:first] == [None] * first and all(g is not None for g in got[first:])
+            assert [reader.read(0, i, i)["idx"] for i in range(first)] == list(range(first))
+            assert [g["idx"] for g in got[first:]] == ids[first:].tolist()
+            spans = _spans(mds_dir, remote)
+            assert reader.fetcher.bytes_fetched == header_size(remote.shards[1].num_samples) + \
+                int(spans[first:len(ids)].sum())  # nothing of shard 0 crossed the network
+        finally:
+            reader.close()

@@ -13,6 +13,9 @@ does. A request that fails after its retries is the :class:`~es_stream.errors.Sh
 (naming the URL) of each sample it held, returned from :meth:`RemoteMDSReader.read_batch`, so
 ``on_error`` treats it as a local shard that cannot be read.
 
+A raw shard already in the corpus's local directory (streaming's ``local=`` cache, filled by a
+``StreamingDataset`` or a copy) is memory-mapped from there instead, as the local reader does.
+
 **Compressed shards** cannot be read by range: as streaming does, the compressed object is
 fetched whole once (through the same fetcher: retries, deadline) and decompressed, bounded by
 its declared raw size, into the corpus's local directory under the per-shard lock of
@@ -86,6 +89,16 @@ class RemoteMDSReader(MDSShardReader):
         if self.cache_limit is not None and self.cache_limit < 1:
             raise ValueError(f"cache_limit must be >= 1 byte or None, got {self.cache_limit}")
         self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._in_local: dict[int, bool] = {}
+
+    def in_local(self, shard: int) -> bool:
+        """Whether raw shard ``shard`` is already in the local directory (as streaming's
+        ``local=`` cache holds it, fetched by a StreamingDataset or copied there): it is then
+        memory-mapped like a local shard, not fetched. Looked up once per shard and reader."""
+        got = self._in_local.get(shard)
+        if got is None:
+            got = self._in_local[shard] = os.path.isfile(self.corpus.local_path(shard))
+        return got
 
     # ------------------------------------------------------------------ headers
     def _remember(self, shard: int, offsets: np.ndarray) -> np.ndarray:
@@ -129,7 +142,7 @@ class RemoteMDSReader(MDSShardReader):
     def read(self, shard: int, position: int, sample_id: int) -> dict[str, Any]:
         """One sample: by range for a raw shard in the store, from the local cache for a
         compressed one (fetched and decompressed on first use)."""
-        if not self.by_range[shard]:
+        if not self.by_range[shard] or self.in_local(shard):
             return super().read(shard, position, sample_id)
         off = self.offsets(shard)
         start, end = int(off[position]), int(off[position + 1])
@@ -139,13 +152,16 @@ class RemoteMDSReader(MDSShardReader):
     def read_batch(self, ids: np.ndarray, shards: np.ndarray,
                    skip_shards: set[int] = frozenset()) -> list[dict[str, Any] | ShardError | None]:
         """The samples of a meta-batch in raw shards of the store, fetched together (see the
-        module doc); None for samples of compressed shards (left to :meth:`read`, a memory map)
-        and of ``skip_shards``. A failed request's ShardError, or a sample's SampleError, in
-        place of each sample it concerns."""
+        module doc); None for samples of compressed shards and of raw shards already in the
+        local directory (left to :meth:`read`, a memory map), and of ``skip_shards``. A failed
+        request's ShardError, or a sample's SampleError, in place of each sample it concerns."""
         ids = np.asarray(ids, dtype=np.int64)
         shards = np.asarray(shards, dtype=np.int64)
         out: list[Any] = [None] * len(ids)
         wanted = self.by_range[shards]
+        for shard in set(shards[wanted].tolist()):
+            if self.in_local(shard):
+                wanted &= shards != shard
         if skip_shards:
             wanted &= ~np.isin(shards, list(skip_shards))
         rows = np.flatnonzero(wanted)
@@ -279,4 +295,5 @@ class RemoteMDSReader(MDSShardReader):
     def close(self) -> None:
         super().close()
         self._offsets.clear()
+        self._in_local.clear()
         self.fetcher.close()
