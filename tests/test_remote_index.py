@@ -23,7 +23,10 @@ SECRET = "do-not-write-me-0123456789"
 
 def _ids(corpus, workers=0):
     ds = ESDataset(corpus, 4, seed=3)
-    extra = {"multiprocessing_context": "forkserver"} if workers else {}
+    # obstore ran in this process (from_mds read index.json through it), so not fork; spawn,
+    # not forkserver: a forkserver started here would keep this test's environment (its moto
+    # endpoint) for the workers of every later test in the session
+    extra = {"multiprocessing_context": "spawn"} if workers else {}
     return [(mb.ids.tolist(), list(mb.data["bin"]))
             for mb in loader(ds, num_workers=workers, **extra)]
 
@@ -119,8 +122,6 @@ def test_mds_index_in_the_bucket(s3_server, mds_dir, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     s3_server.upload_dir("mdsidx", mds_dir, prefix="ds")
-    # the endpoint by storage_options too: forkserver workers take the environment from when
-    # their server started (maybe in an earlier test), the corpus's options from the corpus
     corpus = Corpus.from_mds("s3://mdsidx/ds", storage_options={"endpoint": s3_server.url})
     corpus.save("s3://mdsidx/ds/es-stream-index.parquet")
     loaded = Corpus.load("s3://mdsidx/ds/es-stream-index.parquet")

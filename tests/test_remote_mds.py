@@ -32,8 +32,10 @@ FAST = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.05, total_timeout=3,
 def _epoch(corpus, workers, epoch=0, **kw):
     ds = ESDataset(corpus, 4, seed=1, **kw)
     ds.set_epoch(epoch)
-    # obstore ran in this process (from_mds read index.json through it): workers by forkserver
-    extra = {"multiprocessing_context": "forkserver"} if workers else {}
+    # obstore ran in this process (from_mds read index.json through it), so not fork; spawn,
+    # not forkserver: a forkserver started here would keep this test's environment (its moto
+    # endpoint) for the workers of every later test in the session
+    extra = {"multiprocessing_context": "spawn"} if workers else {}
     return [(mb.ids.tolist(), list(mb.data["bin"]) if mb.data else [],
              mb.data["cls"].tolist() if mb.data else [], mb.lost_ids.tolist())
             for mb in loader(ds, num_workers=workers, **extra)]
@@ -56,10 +58,10 @@ def s3_mds(s3_server, mds_dir, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     s3_server.upload_dir("mdsdata", mds_dir, prefix="ds")
-    # the endpoint by storage_options too: forkserver workers take the environment from when
-    # their server started (maybe in an earlier test), the corpus's options from the corpus
-    return Corpus.from_mds(str(mds_dir)), Corpus.from_mds(
-        "s3://mdsdata/ds", storage_options={"endpoint": s3_server.url})
+    remote = Corpus.from_mds("s3://mdsdata/ds")
+    # the endpoint indexed against (AWS_ENDPOINT_URL) travels with the corpus into workers
+    assert remote.storage_options == {"endpoint": s3_server.url}
+    return Corpus.from_mds(str(mds_dir)), remote
 
 
 @pytest.mark.parametrize("workers", [0, 2])
