@@ -23,6 +23,9 @@ from ._version import __version__
 from .errors import ShardError, StaleIndexError
 from .index_file import META_KEY, index_error, index_meta, is_index_file, read_index_table
 from .mds_index import load_mds_index, mds_identity, read_mds_index_file
+from .remote import index as remote_index
+from .remote.fetch import RetryPolicy
+from .remote.store import is_remote_url, reads_by_range
 from .shard_identity import content_check
 from .shard_paths import (RELATIVE_TO_INDEX, expand_urls, is_local_url, local_path, resolve_path,
                           stored_path)
@@ -44,6 +47,10 @@ class ShardInfo:
     with size and mtime when a reader opens the shard; None for streamed URLs, MDS shards not
     fetched when indexed, and indexes written before it was recorded.
 
+    ``etag`` is the object's ETag when indexed, for a shard in an object store (read by byte
+    range, where there is no mtime): compared with its size at :meth:`Corpus.load`. None when
+    the store sends none, and for local shards.
+
     ``dropped`` is None for a complete shard. For a truncated tar shard indexed with
     ``allow_truncated=True`` it is the number of samples left out (0 or 1: its last sample,
     which may be incomplete; what the cut removed entirely cannot be counted).
@@ -55,6 +62,7 @@ class ShardInfo:
     mtime_ns: int
     dropped: int | None = None
     check: str | None = None
+    etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,14 @@ class Corpus:
         #: it: readers compare them at each open, so a shard replaced later is caught without
         #: reading a byte of it (nothing of a pruned sample is read)
         self.file_ids: dict[int, tuple[int, int]] = {}
+        #: settings of the object store the shards are in (obstore's names: ``endpoint``,
+        #: ``region``, ...; see :func:`es_stream.remote.store.open_store`), and how hard a
+        #: request is retried (None: :meth:`RetryPolicy.from_env`). They travel with the
+        #: corpus into DataLoader workers (pickled) and are saved with the index — the retry
+        #: policy as numbers, the options without credentials (never written into an index:
+        #: give those by the environment, or again to :meth:`load`).
+        self.storage_options: dict[str, Any] = {}
+        self.retry: RetryPolicy | None = None
         if self.num_samples == 0:
             names = ", ".join(s.name for s in self.shards[:3]) or "no shards"
             raise ShardError(names, "the corpus has no samples; check the paths or pattern")
@@ -234,38 +250,98 @@ class Corpus:
 
     @classmethod
     def from_mds(cls, local_dir: str | os.PathLike | None = None, remote: str | None = None,
-                 split: str | None = None, *, local: str | os.PathLike | None = None) -> "Corpus":
+                 split: str | None = None, *, local: str | os.PathLike | None = None,
+                 storage_options: dict[str, Any] | None = None,
+                 retry: RetryPolicy | None = None) -> "Corpus":
         """Index an MDS dataset written by ``streaming.MDSWriter`` from its ``index.json``.
 
-        With ``remote``, ``index.json`` (and later each shard, when first read) is fetched into
-        the local directory by mosaicml-streaming's own ``Stream``, as a ``StreamingDataset``
-        would. The keywords are streaming's: ``Corpus.from_mds(remote="s3://b/ds",
-        local="/cache/ds")``; positionally, ``from_mds(local, remote, split)``.
+        The keywords are streaming's: ``Corpus.from_mds(remote="s3://b/ds", local="/cache/ds")``;
+        positionally, ``from_mds(local, remote, split)``; an object-store URL alone,
+        ``from_mds("s3://b/ds")``, is the remote.
 
-        Unlike ``StreamingDataset``, the local directory is required (``TypeError`` without
-        it): the index records it, and every reader of the corpus (workers, ranks, a resumed
-        run) must find the shards in the same place, not a temporary directory.
+        An ``s3://``, ``gs://`` or ``http(s)://`` remote (with the ``remote`` extra) is read
+        through obstore: ``index.json`` from the store, each shard's size and ETag by one HEAD
+        (recorded, so :meth:`load` finds an object rewritten since); uncompressed shards are
+        then read by byte range, only the samples wanted (:mod:`es_stream.remote.mds`), and
+        compressed ones fetched whole and decompressed into ``local`` — by default a cache
+        directory of this machine (:func:`es_stream.remote.index.default_cache_dir`).
+        ``storage_options`` and ``retry`` are as for :attr:`storage_options` and
+        :attr:`retry`; an S3 endpoint from the environment (``AWS_ENDPOINT_URL``) is recorded in
+        :attr:`storage_options`, so workers and a saved index use the store indexed. Other remotes go through mosaicml-streaming's own ``Stream``, as a
+        ``StreamingDataset`` would, and need ``local``.
         """
         if local_dir is not None and local is not None:
             raise TypeError("Corpus.from_mds: pass the local directory once, as local= or as "
                             f"the first argument (got local_dir={local_dir!r}, local={local!r})")
         if local is None:
             local = local_dir
+        if remote is None and local is not None and is_remote_url(os.fspath(local)):
+            remote, local = os.fspath(local), None  # from_mds("s3://bucket/ds")
+        if remote is not None:
+            remote = os.fspath(remote)
+        by_range = remote is not None and reads_by_range(remote)
+        if local is None and by_range:
+            local = remote_index.default_cache_dir(remote, split)
         if local is None:
             raise TypeError("Corpus.from_mds needs local= (the directory holding index.json "
                             "and the shards, or the cache they are fetched into from remote=)")
-        if remote is not None:
-            remote = os.fspath(remote)
         local = os.fspath(local)
-        index = load_mds_index(local, remote, split)
+        options = dict(storage_options or {})
+        if by_range:
+            # the endpoint indexed against travels with the corpus: a forkserver worker sees
+            # the environment of when its server started, not this one
+            options = remote_index.with_env_endpoint(remote, options)
+            index = remote_index.fetch_mds_index(remote, split, local, options, retry)
+        else:
+            index = load_mds_index(local, remote, split)
         shards = []
         for info in index["shards"]:
             raw = info["raw_data"]
             path = os.path.join(local, split or "", raw["basename"])
-            mtime, check = _mds_identity_now(path)
+            mtime, check = (-1, None) if by_range else _mds_identity_now(path)
             shards.append(ShardInfo(raw["basename"], int(info["samples"]), int(raw["bytes"]), mtime,
                                     check=check))
-        return cls("mds", shards, mds=MDSInfo(local, remote, split, index))
+        corpus = cls("mds", shards, mds=MDSInfo(local, remote, split, index))
+        corpus.storage_options, corpus.retry = options, retry
+        if by_range:
+            corpus.record_remote_identities()
+        return corpus
+
+    # ------------------------------------------------------------- object stores
+    def remote_objects(self) -> list[tuple[int, str, int]]:
+        """``(shard, URL, object size)`` of each shard read from an object store by byte range
+        (for a compressed MDS shard, its compressed object)."""
+        if self.mds is None:
+            return [(i, s.name, s.size) for i, s in enumerate(self.shards)
+                    if reads_by_range(s.name)]
+        if self.mds.remote is None or not reads_by_range(self.mds.remote):
+            return []
+        return [(i, *remote_index.mds_object(self.mds.remote, self.mds.split, entry))
+                for i, entry in enumerate(self.mds.index["shards"])]
+
+    def record_remote_identities(self) -> None:
+        """Record the ETag of each object-store shard that has none yet (one HEAD each, several
+        in flight), after checking its size is the indexed one: what :meth:`load` compares
+        where there is no mtime. :class:`StaleIndexError` naming the first object that is not
+        the one indexed."""
+        todo = [(i, url, size) for i, url, size in self.remote_objects()
+                if self.shards[i].etag is None]
+        if not todo:
+            return
+        etags = remote_index.shard_identities([u for _, u, _ in todo], [n for *_, n in todo],
+                                              self.storage_options, self.retry)
+        for (i, _, _), etag in zip(todo, etags):
+            self.shards[i] = ShardInfo(**{**asdict(self.shards[i]), "etag": etag})
+
+    def check_remote(self, advice: str = "re-index the corpus") -> None:
+        """Raise :class:`StaleIndexError` naming the first object-store shard whose size or
+        ETag differs from the index's (one HEAD each, several in flight)."""
+        objects = self.remote_objects()
+        if objects:
+            remote_index.check_identities(
+                [u for _, u, _ in objects], [n for *_, n in objects],
+                [self.shards[i].etag for i, _, _ in objects], self.storage_options, self.retry,
+                advice)
 
     # ---------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -275,9 +351,20 @@ class Corpus:
         directory ``path`` is in when they lie under it, absolute otherwise, so the file keeps
         working when the tree holding it and its shards moves, or is read from another working
         directory (see :meth:`load`). ``pipe:`` commands and remote URLs are stored as given.
+
+        ``path`` may be an ``s3://`` or ``gs://`` URL (written by one PUT, atomic, with
+        :attr:`storage_options` and :attr:`retry`): the index beside the data, which ranks,
+        workers and later jobs load instead of re-scanning. Local paths are then stored
+        absolute. Object-store shards whose ETag is not recorded yet are looked up first
+        (:meth:`record_remote_identities`). The index records :attr:`storage_options` without
+        credentials (:func:`es_stream.remote.index.storable_options`) and :attr:`retry` as
+        numbers.
         """
         path = os.fspath(path)
-        index_dir = os.path.dirname(os.path.abspath(path))
+        remote = is_remote_url(path)
+        # a remote index has no directory on this machine: local paths go in absolute
+        index_dir = "\0" if remote else os.path.dirname(os.path.abspath(path))
+        self.record_remote_identities()
         n = self.num_samples
         shard, position = self.locate(np.arange(n, dtype=np.int64))
         columns: dict[str, pa.Array] = {
@@ -294,14 +381,25 @@ class Corpus:
         meta = {"es_stream_version": __version__, "format": self.format,
                 "fingerprint": self.fingerprint, "paths": RELATIVE_TO_INDEX, "shards": shards}
         if self.mds is not None:
-            meta["mds"] = {**asdict(self.mds), "local": stored_path(self.mds.local, index_dir)}
+            local = stored_path(self.mds.local, index_dir)
+            if self.mds.remote is not None and self.mds.local == remote_index.default_cache_dir(
+                    self.mds.remote, self.mds.split):
+                local = None  # the default cache: that of the machine that loads the index
+            meta["mds"] = {**asdict(self.mds), "local": local}
+        if self.storage_options or self.retry is not None:
+            meta["remote"] = {"storage_options": remote_index.storable_options(
+                self.storage_options), "retry": remote_index.retry_numbers(self.retry)}
         table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta)})
+        if remote:
+            remote_index.write_index_table(path, table, self.storage_options, self.retry)
+            return
         with atomic_write(path) as tmp:
             pq.write_table(table, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, check: bool | str = True,
-             root: str | os.PathLike | None = None) -> "Corpus":
+             root: str | os.PathLike | None = None,
+             storage_options: dict[str, Any] | None = None) -> "Corpus":
         """Read an index written by :meth:`save` (or ``es-stream index``).
 
         Relative shard paths in the file (and an MDS corpus's local directory) are resolved
@@ -332,9 +430,19 @@ class Corpus:
         The tar layout columns are validated (offsets and sizes inside their shard, samples in
         order without overlap): an edited value raises :class:`~es_stream.errors.IndexFileError`
         naming the column, row and file.
+
+        ``path`` may be an ``s3://``, ``gs://`` or ``https://`` URL (an index saved beside the
+        data, read with ``storage_options``). The corpus's :attr:`storage_options` are those
+        the index recorded, updated by ``storage_options`` (credentials are never in the
+        index); its :attr:`retry` is the recorded one. With ``check``, each object-store shard
+        is compared by size and recorded ETag (one HEAD each, several in flight): an object
+        rewritten since indexing raises :class:`StaleIndexError` naming its URL.
         """
         path = os.fspath(path)
-        table = read_index_table(path)
+        if is_remote_url(path):
+            table = _read_remote_index(path, storage_options)
+        else:
+            table = read_index_table(path)
         meta = index_meta(table, path)
         base, rule = _path_base(path, meta, root)
         shards = [ShardInfo(**s) for s in meta["shards"]]
@@ -348,7 +456,9 @@ class Corpus:
                 raise index_error(path, str(exc)) from exc
         else:
             m = meta["mds"]
-            mds = MDSInfo(resolve_path(m["local"], base), m["remote"], m["split"], m["index"])
+            local = (remote_index.default_cache_dir(m["remote"], m["split"])
+                     if m["local"] is None else resolve_path(m["local"], base))
+            mds = MDSInfo(local, m["remote"], m["split"], m["index"])
         try:
             corpus = cls(meta["format"], shards, tar=tar, mds=mds)
         except ShardError as exc:  # no samples at all: not what `es-stream index` writes
@@ -365,8 +475,13 @@ class Corpus:
                 raise index_error(path, str(exc)) from exc
         corpus.index_path, corpus.path_rule = path, rule
         corpus.verify_shards = bool(check)
+        saved = meta.get("remote") or {}
+        corpus.storage_options = {**saved.get("storage_options", {}), **(storage_options or {})}
+        corpus.retry = remote_index.retry_from_numbers(saved.get("retry"))
         if check:
             corpus.check_fresh(path, content=check == "content")
+            # once at load, not at each check_fresh (every ESDataset): HEADs cost round trips
+            corpus.check_remote(f"re-index the corpus (and Corpus.save({path!r}))")
         return corpus
 
     def check_fresh(self, index_path: str | None = None, content: bool = False) -> None:
@@ -430,6 +545,19 @@ class Corpus:
         return local_path(info.name)
 
 
+def _read_remote_index(url: str, storage_options: dict[str, Any] | None) -> pa.Table:
+    """The Parquet table of the index object ``url``; the errors :meth:`Corpus.load` names."""
+    try:
+        return remote_index.read_index_table_at(url, storage_options)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{url}: no corpus index here; save one with "
+                                f"Corpus.save({url!r})") from exc
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, ShardError):
+            raise
+        raise index_error(url, f"cannot be read as Parquet ({exc})") from exc
+
+
 def _path_base(path: str, meta: dict[str, Any], root: str | os.PathLike | None
                ) -> tuple[str, str]:
     """The directory the relative paths of index ``path`` are resolved against, and the rule
@@ -440,6 +568,9 @@ def _path_base(path: str, meta: dict[str, Any], root: str | os.PathLike | None
             raise NotADirectoryError(f"Corpus.load({path!r}, root={root!r}): root must be the "
                                      "directory the index's relative shard paths start from")
         return root, f"relative paths resolved against root={root!r}"
+    if is_remote_url(path):
+        return "", ("an index in an object store stores local paths absolute; relative ones "
+                    f"are resolved against the working directory, here {os.getcwd()}")
     if meta.get("paths") == RELATIVE_TO_INDEX:
         index_dir = os.path.dirname(path)
         return index_dir, (f"relative paths resolved against the index file's directory "

@@ -47,7 +47,8 @@ _SHARD_FIELDS = {"name": lambda v: isinstance(v, str) and v != "",
                  "size": _is_int, "mtime_ns": _is_int}
 # written by later versions only; an index without them loads with the ShardInfo default
 _OPTIONAL_SHARD_FIELDS = {"dropped": lambda v: v is None or (_is_int(v) and v >= 0),
-                          "check": is_check}
+                          "check": is_check,
+                          "etag": lambda v: v is None or isinstance(v, str)}
 
 
 def is_index_file(path: str | os.PathLike) -> bool:
@@ -92,12 +93,35 @@ def index_meta(table: pa.Table, path: str) -> dict[str, Any]:
                           f"{meta['paths']!r:.80}")
     if meta["format"] == "mds":
         _check_mds_meta(meta, path)
+    _check_remote_meta(meta, path)
     return meta
+
+
+def _check_remote_meta(meta: dict[str, Any], path: str) -> None:
+    """The optional ``remote`` entry: ``storage_options`` (plain values) and ``retry`` (the
+    numbers of a RetryPolicy, or null)."""
+    remote = meta.get("remote")
+    if remote is None:
+        return
+    from .remote.index import retry_from_numbers
+
+    options = remote.get("storage_options", {}) if isinstance(remote, dict) else None
+    if not isinstance(options, dict) or not all(
+            isinstance(v, (str, int, float, bool)) for v in options.values()):
+        raise index_error(path, "its metadata's 'remote' must hold 'storage_options', an object "
+                          f"of plain values, got {remote!r:.120}")
+    try:
+        retry_from_numbers(remote.get("retry"))
+    except (ValueError, TypeError) as exc:
+        raise index_error(path, f"its metadata's remote retry policy is invalid: {exc}") from exc
 
 
 def _check_mds_meta(meta: dict[str, Any], path: str) -> None:
     m = meta.get("mds")
-    if not isinstance(m, dict) or not isinstance(m.get("local"), str) or \
+    # local is null for a remote corpus cached where the loading machine's default cache is
+    local_ok = isinstance(m, dict) and (isinstance(m.get("local"), str) or (
+        m.get("local") is None and isinstance(m.get("remote"), str)))
+    if not local_ok or \
             any(not (m.get(k) is None or isinstance(m.get(k), str)) for k in ("remote", "split")):
         raise index_error(path, "its metadata has no 'mds' object with 'local', 'remote', "
                            "'split' and 'index'")

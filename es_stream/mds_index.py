@@ -174,16 +174,36 @@ def read_mds_index_file(filename: str) -> dict[str, Any]:
     """Parse and check one local ``index.json``; a :class:`ShardError` naming it otherwise."""
     try:
         with open(filename, "rb") as f:
-            index = json.loads(f.read())
+            raw = f.read()
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:  # a directory, unreadable, not UTF-8, not JSON
+    except OSError as exc:  # a directory, unreadable
         raise ShardError(filename, f"cannot read index.json ({exc}); {_REWRITE}") from exc
+    return parse_mds_index(raw, filename)
+
+
+def parse_mds_index(raw: bytes, where: str) -> dict[str, Any]:
+    """Parse and check the bytes of an ``index.json`` (a local file, or an object fetched from
+    a remote); a :class:`ShardError` naming ``where`` otherwise."""
+    try:
+        index = json.loads(raw)
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise ShardError(where, f"cannot read index.json ({exc}); {_REWRITE}") from exc
     try:
         check_mds_index(index)
     except MDSIndexProblem as exc:
-        raise ShardError(filename, f"invalid index.json: {exc}; {_REWRITE}") from exc
+        raise ShardError(where, f"invalid index.json: {exc}; {_REWRITE}") from exc
     return index
+
+
+def check_streaming_reads(index: dict[str, Any], local: str, split: str | None,
+                          where: str) -> None:
+    """What only streaming knows about ``index`` (see ``_check_streaming_reads``); a
+    :class:`ShardError` naming ``where`` when streaming would refuse it."""
+    try:
+        _check_streaming_reads(index, local, split)
+    except MDSIndexProblem as exc:
+        raise ShardError(where, f"invalid index.json: {exc}; {_REWRITE}") from exc
 
 
 def load_mds_index(local: str, remote: str | None, split: str | None) -> dict[str, Any]:
@@ -206,10 +226,7 @@ def load_mds_index(local: str, remote: str | None, split: str | None) -> dict[st
         raise ShardError(filename, f"no index.json{where}: not an MDS dataset written by "
                          "streaming.MDSWriter — check local_dir/remote")
     index = read_mds_index_file(filename)
-    try:
-        _check_streaming_reads(index, local, split)
-    except MDSIndexProblem as exc:
-        raise ShardError(filename, f"invalid index.json: {exc}; {_REWRITE}") from exc
+    check_streaming_reads(index, local, split, filename)
     return index
 
 

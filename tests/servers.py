@@ -204,7 +204,7 @@ class _ProxyHandler(_Handler):
         owner: FaultProxy = self.server.owner  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        fault = owner._next_fault()
+        fault = owner._next_fault(self.path)
         if owner.hang:  # a server that accepts and never answers, until the proxy stops
             owner._stopping.wait(owner.hang_limit_s)
             return self._reset()
@@ -277,6 +277,8 @@ class FaultProxy(_Served):
             ``"reset"`` (TCP RST before answering), ``"truncate"`` (half the body, then RST).
         hang: accept requests and never answer (a dead server that keeps the socket), until
             :meth:`stop` or ``hang_limit_s``.
+        only_paths: when given, faults are injected only into requests whose path contains
+            one of these strings (one shard's object failing while the others are served).
 
     Counts ``requests``, ``faults`` (per kind in ``fault_counts``) and body ``bytes_sent``.
     """
@@ -284,7 +286,7 @@ class FaultProxy(_Served):
     def __init__(self, upstream_port: int, *, latency_s: float = 0.0, bandwidth: float = 0,
                  link_bandwidth: float = 0, fail_rate: float = 0.0, fail_first: int = 0, max_faults: int = 1000,
                  kinds: Sequence[str] = ("503", "reset"), seed: int = 0, hang: bool = False,
-                 hang_limit_s: float = 60.0) -> None:
+                 hang_limit_s: float = 60.0, only_paths: Sequence[str] = ()) -> None:
         bad = set(kinds) - set(FAULT_KINDS)
         if bad:
             raise ValueError(f"unknown fault kinds {sorted(bad)}; use some of {FAULT_KINDS}")
@@ -295,6 +297,7 @@ class FaultProxy(_Served):
         self.kinds = tuple(kinds)
         self.rng = random.Random(seed)
         self.hang, self.hang_limit_s = hang, hang_limit_s
+        self.only_paths = tuple(only_paths)
         self.lock = threading.Lock()
         self._stopping = threading.Event()
         self.requests = 0
@@ -302,11 +305,13 @@ class FaultProxy(_Served):
         self.fault_counts: dict[str, int] = {}
         self.bytes_sent = 0
 
-    def _next_fault(self) -> str | None:
+    def _next_fault(self, path: str = "") -> str | None:
         with self.lock:
             self.requests += 1
             draw = self.rng.random()
             if self.faults >= self.max_faults:
+                return None
+            if self.only_paths and not any(p in path for p in self.only_paths):
                 return None
             if self.requests <= self.fail_first or draw < self.fail_rate:
                 kind = self.kinds[self.faults % len(self.kinds)]

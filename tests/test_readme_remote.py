@@ -42,6 +42,28 @@ def test_object_store_block_reads_every_sample_from_s3(tmp_path, monkeypatch):
     assert scope["seen"] == 500
 
 
+def test_object_store_mds_block_reads_every_sample_by_range(tmp_path, monkeypatch):
+    pytest.importorskip("obstore")
+    pytest.importorskip("moto.server")
+    pytest.importorskip("streaming")
+    from conftest import write_mds
+    from servers import S3Server
+
+    write_mds(tmp_path / "mds", n=300)
+    monkeypatch.chdir(tmp_path)
+    with S3Server() as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        server.upload_dir("my-bucket", tmp_path / "mds", prefix="mds")
+        scope: dict = {}
+        exec(compile(readme_block("object-store-mds"), "README.md", "exec"), scope)
+        listed = server.client().list_objects_v2(Bucket="my-bucket", Prefix="mds/")["Contents"]
+    assert "mds/es-stream-index.parquet" in {o["Key"] for o in listed}
+    assert scope["corpus"].index_path == "s3://my-bucket/mds/es-stream-index.parquet"
+    assert scope["corpus"].mds.remote == "s3://my-bucket/mds"
+    assert scope["seen"] == 300
+
+
 def test_mixing_block_gives_each_corpus_its_share(tmp_path, monkeypatch):
     write_corpus(tmp_path / "web", 1200, seed=1)
     write_corpus(tmp_path / "code", 800, seed=2)

@@ -35,6 +35,7 @@ from ..sources.handles import OpenShards
 from ..sources.wds import WDSShardReader, _coalesce
 from .cache import CachePolicy, ShardCache, StagingPlan
 from .fetch import RangeFetcher, RetryPolicy
+from .index import with_env_endpoint
 from .store import is_remote_url
 
 
@@ -57,8 +58,11 @@ def remote_corpus(corpus: Corpus, urls: Sequence[str], *,
         raise ValueError(f"remote_corpus: {len(urls)} URLs for {corpus.num_shards} shards")
     shards = [replace(s, name=u, mtime_ns=-1) for s, u in zip(corpus.shards, urls)]
     out = Corpus("wds", shards, tar=corpus.tar)
-    out.storage_options = dict(storage_options or {})  # type: ignore[attr-defined]
-    out.retry = retry  # type: ignore[attr-defined]
+    # the endpoint of the environment travels too: a forkserver worker sees the environment
+    # of when its server started, not this one
+    out.storage_options = with_env_endpoint(urls[0], dict(storage_options or {})) if urls and \
+        is_remote_url(urls[0]) else dict(storage_options or {})
+    out.retry = retry
     return out
 
 

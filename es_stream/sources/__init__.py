@@ -64,6 +64,11 @@ def open_reader(corpus: "Corpus", *, allow_unsafe_types: bool = False) -> ShardR
     if corpus.mds is not None:
         check_safe_columns(corpus.mds.index, corpus.mds.local, allow_unsafe_types,
                            "allow_unsafe_types=True")
+    if corpus.mds is not None and corpus.mds.remote is not None and \
+            reads_by_range(corpus.mds.remote):
+        from ..remote.mds import RemoteMDSReader  # raw shards by byte range, compressed cached
+
+        return RemoteMDSReader(corpus)
     if corpus.format == "wds" and any(reads_by_range(s.name) for s in corpus.shards):
         from ..remote.tar import RemoteTarReader  # object-store shards, read by byte range
 

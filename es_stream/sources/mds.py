@@ -57,6 +57,34 @@ def writable_arrays(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
+def header_size(count: int) -> int:
+    """Bytes of a raw MDS shard's header for ``count`` samples: the uint32 count, then
+    ``count + 1`` uint32 sample offsets (the last is the end of the last sample)."""
+    return 4 * (count + 2)
+
+
+def sample_offsets(header: Any, expected: int, size: int, where: str) -> np.ndarray:
+    """The ``expected + 1`` sample offsets (int64) in a raw MDS shard's ``header`` (a buffer
+    holding at least :func:`header_size` bytes: the shard's memory map, or its first bytes
+    fetched by range), checked against ``index.json``: the count it declares, offsets that
+    start after the header, never decrease and end within the shard's ``size``. A
+    :class:`ShardError` naming ``where`` otherwise."""
+    if len(header) < 4:
+        raise ShardError(where, f"shard has {len(header)} bytes, too few for an MDS header; "
+                         "re-create or re-fetch it")
+    count = int(np.frombuffer(header, np.uint32, 1, 0)[0])
+    if count != expected:
+        raise ShardError(where, f"shard header says {count} samples, index.json says "
+                         f"{expected}: the shard is corrupt or from another dataset")
+    if len(header) < header_size(count):
+        raise ShardError(where, f"shard header is cut short ({len(header)} of "
+                         f"{header_size(count)} bytes); re-create or re-fetch it")
+    offsets = np.frombuffer(header, np.uint32, count + 1, 4).astype(np.int64)
+    if offsets[0] < header_size(count) or offsets[-1] > size or np.any(np.diff(offsets) < 0):
+        raise ShardError(where, "sample offset table is corrupt; re-create the shard")
+    return offsets
+
+
 # ------------------------------------------------------------------------------ shard fetch
 @contextlib.contextmanager
 def shard_lock(path: str) -> Iterator[None]:
@@ -95,11 +123,19 @@ class MDSShardReader:
         _, _, reader_from_json = import_streaming()
         info = corpus.mds
         self.corpus = corpus
-        self.stream = make_stream(info.local, info.remote, info.split)
+        self._stream: Any = None
         self.readers = [reader_from_json(info.local, info.split, s) for s in info.index["shards"]]
         self.verifier = ShardVerifier(corpus)
         self.open_shards: OpenShards[tuple[mmap.mmap, np.ndarray]] = OpenShards(
             self._map, lambda opened: opened[0].close(), max_open)
+
+    @property
+    def stream(self) -> Any:
+        """streaming's ``Stream`` that fetches shards from ``remote`` (made on first use)."""
+        if self._stream is None:
+            info = self.corpus.mds
+            self._stream = make_stream(info.local, info.remote, info.split)
+        return self._stream
 
     def _open(self, shard: int) -> tuple[mmap.mmap, np.ndarray]:
         return self.open_shards.get(shard)
@@ -126,13 +162,7 @@ class MDSShardReader:
             raise ShardError(path, f"cannot read the shard ({exc}); an MDS shard file is "
                              "expected here — re-create or re-fetch it") from exc
         try:
-            count = int(np.frombuffer(mm, np.uint32, 1, 0)[0])
-            if count != reader.samples:
-                raise ShardError(path, f"shard header says {count} samples, index.json says "
-                                 f"{reader.samples}: the shard is corrupt or from another dataset")
-            offsets = np.frombuffer(mm, np.uint32, count + 1, 4).astype(np.int64)
-            if offsets[0] < 4 * (count + 2) or offsets[-1] > size or np.any(np.diff(offsets) < 0):
-                raise ShardError(path, "sample offset table is corrupt; re-create the shard")
+            offsets = sample_offsets(mm, reader.samples, size, path)
         except BaseException:
             mm.close()
             raise
@@ -179,12 +209,16 @@ class MDSShardReader:
         over the sample's immutable bytes, and torch warns ("The given NumPy array is not
         writable") when such an array is collated; the copy costs one memcpy of the array."""
         mm, offsets = self._open(shard)
-        data = mm[offsets[position]:offsets[position + 1]]
+        return self.decode(shard, mm[offsets[position]:offsets[position + 1]], sample_id,
+                           self.corpus.local_path(shard))
+
+    def decode(self, shard: int, data: bytes, sample_id: int, where: str) -> dict[str, Any]:
+        """Sample ``data`` of ``shard`` decoded by streaming's reader, its arrays writable (see
+        :meth:`read`); a :class:`SampleError` naming ``where`` when it cannot be decoded."""
         try:
             sample = self.readers[shard].decode_sample(data)
         except Exception as exc:
-            raise SampleError(self.corpus.local_path(shard), f"cannot decode sample ({exc})",
-                              sample=sample_id) from exc
+            raise SampleError(where, f"cannot decode sample ({exc})", sample=sample_id) from exc
         return writable_arrays(sample)
 
     def read_batch(self, ids: np.ndarray, shards: np.ndarray,
