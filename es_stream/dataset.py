@@ -488,7 +488,7 @@ def begin_iteration(dataset: Any) -> tuple[int, EpochPlan, int, int, int]:
 def _reads_remote(dataset: Any) -> bool:
     """Whether ``dataset`` (or any corpus of a mix) has shards read by byte range."""
     parts = getattr(dataset, "datasets", None) or [dataset]
-    return any(reads_by_range(s.name) for d in parts for s in getattr(d, "corpus").shards)
+    return any(d.corpus.remote_objects() for d in parts)
 
 
 def restore_position(dataset: Any, state: dict[str, Any]) -> None:

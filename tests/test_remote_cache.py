@@ -178,3 +178,35 @@ def test_cache_policy_from_env(monkeypatch, tmp_path):
         CachePolicy.from_env()
     with pytest.raises(ValueError, match="stage_above"):
         CachePolicy(stage_above=0)
+
+
+def test_unpruned_mds_epoch_stages_raw_shards(mds_dir, tmp_path):
+    """Raw MDS shards a reader reads whole are staged and memory-mapped: the epoch's samples
+    equal the local ones, and once staged nothing more is requested."""
+    pytest.importorskip("streaming")
+    from es_stream.remote.mds import RemoteMDSReader
+
+    local = Corpus.from_mds(str(mds_dir))
+    with RangeHTTPServer(mds_dir) as server:
+        remote = Corpus.from_mds(remote=server.url, local=str(tmp_path / "local"))
+        batches = _plan(remote)
+        reader = RemoteMDSReader(remote, cache=CachePolicy(directory=str(tmp_path / "c")))
+        want = open_reader(local)
+        try:
+            reader.will_read(batches, lambda: np.concatenate(batches))
+            for url in reader.urls:
+                reader.cache.wait(url)
+            before = server.requests
+            for ids in batches:
+                shards, positions = remote.locate(ids)
+                early = reader.read_batch(ids, shards)
+                got = [e if e is not None else reader.read(s, p, i) for e, s, p, i in
+                       zip(early, shards.tolist(), positions.tolist(), ids.tolist())]
+                expected = [want.read(s, p, i) for s, p, i in
+                            zip(shards.tolist(), positions.tolist(), ids.tolist())]
+                assert [g["bin"] for g in got] == [e["bin"] for e in expected]
+            assert server.requests == before  # every sample from the staged shards
+            assert reader.cache.staged == remote.num_shards
+        finally:
+            reader.close()
+            want.close()

@@ -89,10 +89,14 @@ def test_local_cache_and_remote_keywords_like_streaming(s3_mds, tmp_path):
         n.endswith(".mds") for n in os.listdir(tmp_path / "cache"))
 
 
-def test_pruned_mds_samples_never_cross_the_network(mds_dir, tmp_path):
+def test_pruned_mds_samples_never_cross_the_network(mds_dir, tmp_path, monkeypatch):
     import torch
 
     from es_stream import ESWPPolicy, Pruner, ScoreStore
+
+    # range reads only, so the bytes are exactly the samples' spans (staging the shards an
+    # unpruned epoch reads whole is tested by test_unpruned_mds_epoch_stages_raw_shards)
+    monkeypatch.setenv("ES_STREAM_STAGE_ABOVE", "2")
 
     local = Corpus.from_mds(str(mds_dir))
     store = ScoreStore(local.num_samples)

@@ -15,6 +15,9 @@ does. A request that fails after its retries is the :class:`~es_stream.errors.Sh
 
 A raw shard already in the corpus's local directory (streaming's ``local=`` cache, filled by a
 ``StreamingDataset`` or a copy) is memory-mapped from there instead, as the local reader does.
+A raw shard this machine reads nearly whole this epoch (an unpruned epoch) is staged whole on
+local disk ahead of its use and memory-mapped from there (:mod:`es_stream.remote.cache`), so it
+costs one download instead of a request per sample.
 
 **Compressed shards** cannot be read by range: as streaming does, the compressed object is
 fetched whole once (through the same fetcher: retries, deadline) and decompressed, bounded by
@@ -33,7 +36,7 @@ import fcntl
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -41,6 +44,7 @@ from ..errors import SampleError, ShardError
 from ..sources.decompress import decompress_bounded
 from ..sources.handles import MAX_OPEN_SHARDS
 from ..sources.mds import MDSShardReader, header_size, sample_offsets, shard_lock
+from .cache import CachePolicy, ShardCache, StagingPlan
 from .fetch import RangeFetcher
 from .index import remote_join
 from .ranges import coalesce_ranges
@@ -69,11 +73,14 @@ class RemoteMDSReader(MDSShardReader):
     ``fetcher``: the :class:`RangeFetcher` to use (default: one with the corpus's
     ``storage_options`` and ``retry``); its ``requests`` and ``bytes_fetched`` count the network
     side. ``cache_limit``: bytes of decompressed shards kept in the local directory (see the
-    module doc). Create it in the process that reads, as any reader.
+    module doc). ``cache``: when and where raw shards read nearly whole are staged
+    (:class:`~es_stream.remote.cache.CachePolicy`, default from the environment). Create it in
+    the process that reads, as any reader.
     """
 
     def __init__(self, corpus: Any, fetcher: RangeFetcher | None = None,
-                 max_open: int = MAX_OPEN_SHARDS, cache_limit: int | None = None) -> None:
+                 max_open: int = MAX_OPEN_SHARDS, cache_limit: int | None = None,
+                 cache: CachePolicy | None = None) -> None:
         super().__init__(corpus, max_open)
         info = corpus.mds
         if info.remote is None:
@@ -90,6 +97,29 @@ class RemoteMDSReader(MDSShardReader):
             raise ValueError(f"cache_limit must be >= 1 byte or None, got {self.cache_limit}")
         self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
         self._in_local: dict[int, bool] = {}
+        self.staging = StagingPlan(
+            ShardCache(self.fetcher, cache), [u if r else None for u, r in
+                                              zip(self.urls, self.by_range.tolist())],
+            [r.raw_data.bytes for r in self.readers], lambda ids: corpus.locate(ids)[0],
+            corpus.shard_counts)
+        self._upcoming: list[np.ndarray] = []
+        self._cursor = 0
+
+    def will_read(self, batches: Sequence[np.ndarray], node_ids: Callable[[], np.ndarray]) -> None:
+        """The meta-batches this reader will be asked for: raw shards this machine reads nearly
+        whole this epoch are staged whole on local disk as they come up and memory-mapped from
+        there (:class:`~es_stream.remote.cache.StagingPlan`), the others read by range."""
+        self._upcoming, self._cursor = list(batches), 0
+        self.staging.plan(self._upcoming, node_ids)
+
+    @property
+    def cache(self) -> ShardCache:
+        """The local cache raw shards read whole are staged in."""
+        return self.staging.cache
+
+    def shard_path(self, shard: int) -> str:
+        staged = self.staging.path(shard) if self.by_range[shard] else None
+        return staged or super().shard_path(shard)
 
     def in_local(self, shard: int) -> bool:
         """Whether raw shard ``shard`` is already in the local directory (as streaming's
@@ -98,7 +128,7 @@ class RemoteMDSReader(MDSShardReader):
         got = self._in_local.get(shard)
         if got is None:
             got = self._in_local[shard] = os.path.isfile(self.corpus.local_path(shard))
-        return got
+        return got or self.staging.path(shard) is not None
 
     # ------------------------------------------------------------------ headers
     def _remember(self, shard: int, offsets: np.ndarray) -> np.ndarray:
@@ -157,6 +187,9 @@ class RemoteMDSReader(MDSShardReader):
         request's ShardError, or a sample's SampleError, in place of each sample it concerns."""
         ids = np.asarray(ids, dtype=np.int64)
         shards = np.asarray(shards, dtype=np.int64)
+        if self._cursor < len(self._upcoming) and np.array_equal(self._upcoming[self._cursor], ids):
+            self.staging.advance(self._cursor)
+            self._cursor += 1
         out: list[Any] = [None] * len(ids)
         wanted = self.by_range[shards]
         for shard in set(shards[wanted].tolist()):
@@ -296,4 +329,5 @@ class RemoteMDSReader(MDSShardReader):
         super().close()
         self._offsets.clear()
         self._in_local.clear()
+        self.staging.close()
         self.fetcher.close()

@@ -140,9 +140,14 @@ class MDSShardReader:
     def _open(self, shard: int) -> tuple[mmap.mmap, np.ndarray]:
         return self.open_shards.get(shard)
 
+    def shard_path(self, shard: int) -> str:
+        """The local file shard ``shard`` is memory-mapped from (a remote reader's staged copy
+        may stand in for the corpus's local path)."""
+        return self.corpus.local_path(shard)
+
     def _map(self, shard: int) -> tuple[mmap.mmap, np.ndarray]:
         reader = self.readers[shard]
-        path = self.corpus.local_path(shard)
+        path = self.shard_path(shard)
         if not os.path.exists(path):
             self._fetch(shard, path)
         try:
