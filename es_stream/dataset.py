@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import operator
 import os
 import warnings
@@ -584,5 +585,8 @@ def loader(dataset: ESDataset, num_workers: int = 2, **kwargs: Any) -> DataLoade
         # unpicklable decode functions)
         options["multiprocessing_context"] = "forkserver"
         options["worker_init_fn"] = StoreEnvironment(kwargs.pop("worker_init_fn", None))
+        # the server imports es_stream (and torch) once; without it each worker imports them
+        # anew, seconds per worker on a busy machine (no effect once the server runs)
+        multiprocessing.set_forkserver_preload(["es_stream"])
     options.update(kwargs)
     return _CountingLoader(dataset, **options)
