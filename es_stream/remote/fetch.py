@@ -33,7 +33,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -126,6 +126,47 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:240]}"
 
 
+T = TypeVar("T")
+_RNG = random.Random(int.from_bytes(os.urandom(8), "little"))
+
+
+def retried(url: str, what: str, call: Callable[[], T], retry: RetryPolicy, *,
+            stop: threading.Event | None = None, rng: random.Random | None = None) -> T:
+    """``call()`` (one request about ``url``), tried again per ``retry`` after a transient
+    error (see the module doc); after the last try, or at once for a permanent error, a
+    :class:`ShardError` naming ``url``, ``what`` could not be done, the attempts, what stopped
+    them and the last error. ``stop`` set (the reader is closing) ends the retries. The one
+    retry loop of every request es-stream sends to an object store."""
+    rng = rng or _RNG
+    deadline = time.monotonic() + retry.total_timeout
+    errors: list[str] = []
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except Exception as exc:
+            errors.append(_brief(exc))
+            permanent = (isinstance(exc, (_Permanent, ValueError, ForkedClientError))
+                         or _permanent(exc))
+            pause = rng.uniform(0, min(retry.max_backoff, retry.backoff * 2 ** (attempt - 1)))
+            out_of_time = time.monotonic() + pause >= deadline
+            if permanent or attempt >= retry.attempts or out_of_time or (stop and stop.is_set()):
+                why = ("a permanent error" if permanent else "the retry deadline "
+                       f"({retry.total_timeout:g} s)" if out_of_time else f"{attempt} attempts")
+                earlier = (f" (and {len(errors) - 1} earlier: "
+                           f"{'; '.join(sorted(set(e.split(':')[0] for e in errors[:-1])))})"
+                           if len(errors) > 1 else "")
+                raise ShardError(url, f"cannot {what} after {attempt} attempt(s), stopped by "
+                                 f"{why}; last error: {errors[-1]}{earlier}; check the URL, the "
+                                 "endpoint and credentials, or raise RetryPolicy limits for a "
+                                 "flaky store") from exc
+            if stop is not None:
+                stop.wait(pause)
+            else:
+                time.sleep(pause)
+
+
 class RangeFetcher:
     """Reads byte ranges of object-store URLs (``s3://``, ``gs://``, ``http(s)://``).
 
@@ -174,42 +215,23 @@ class RangeFetcher:
 
         if end <= start:
             return b""
-        r = self.retry
-        deadline = time.monotonic() + r.total_timeout
-        errors: list[str] = []
-        attempt = 0
-        while True:
-            attempt += 1
+
+        def once() -> bytes:
             with self._lock:
                 self.attempts += 1
-            try:
-                store, path = self._store(url)
-                data = obstore.get_range(store, path, start=start, end=end)
-                if len(data) != end - start:
-                    raise _Permanent(f"the server returned {len(data)} of the {end - start} bytes "
-                                     "asked for: the object is shorter than the index says "
-                                     "(rewritten since indexing?) — re-index it")
-                with self._lock:
-                    self.requests += 1
-                    self.bytes_fetched += len(data)
-                return bytes(data)
-            except Exception as exc:
-                errors.append(_brief(exc))
-                permanent = (isinstance(exc, (_Permanent, ValueError, ForkedClientError))
-                             or _permanent(exc))
-                pause = self._rng.uniform(0, min(r.max_backoff, r.backoff * 2 ** (attempt - 1)))
-                out_of_time = time.monotonic() + pause >= deadline
-                if permanent or attempt >= r.attempts or out_of_time or self._closed.is_set():
-                    why = ("a permanent error" if permanent else "the retry deadline "
-                           f"({r.total_timeout:g} s)" if out_of_time else f"{attempt} attempts")
-                    raise ShardError(url, f"cannot read bytes [{start}, {end}) after {attempt} "
-                                     f"attempt(s), stopped by {why}; last error: {errors[-1]}"
-                                     + (f" (and {len(errors) - 1} earlier: "
-                                        f"{'; '.join(sorted(set(e.split(':')[0] for e in errors[:-1])))})"
-                                        if len(errors) > 1 else "")
-                                     + "; check the URL, the endpoint and credentials, or raise "
-                                     "RetryPolicy limits for a flaky store") from exc
-                self._closed.wait(pause)
+            store, path = self._store(url)
+            data = obstore.get_range(store, path, start=start, end=end)
+            if len(data) != end - start:
+                raise _Permanent(f"the server returned {len(data)} of the {end - start} bytes "
+                                 "asked for: the object is shorter than the index says "
+                                 "(rewritten since indexing?) — re-index it")
+            with self._lock:
+                self.requests += 1
+                self.bytes_fetched += len(data)
+            return bytes(data)
+
+        return retried(url, f"read bytes [{start}, {end})", once, self.retry, stop=self._closed,
+                       rng=self._rng)
 
     # ---------------------------------------------------------------- many requests
     def _executor(self) -> ThreadPoolExecutor:
@@ -319,17 +341,8 @@ class RangeFetcher:
         return self._wait(future, url, 0, 0)["size"]
 
     def _head(self, url: str, obstore: Any) -> dict[str, Any]:
-        r = self.retry
-        for attempt in range(1, r.attempts + 1):
-            try:
-                store, path = self._store(url)
-                return dict(obstore.head(store, path))
-            except Exception as exc:
-                if _permanent(exc) or attempt == r.attempts:
-                    raise ShardError(url, f"cannot read its size after {attempt} attempt(s): "
-                                     f"{_brief(exc)}") from exc
-                self._closed.wait(self._rng.uniform(0, min(r.max_backoff, r.backoff * 2 ** attempt)))
-        raise AssertionError("unreachable")
+        return retried(url, "read its size", lambda: dict(obstore.head(*self._store(url))),
+                       self.retry, stop=self._closed, rng=self._rng)
 
     def close(self) -> None:
         """Stop retries in progress and shut the thread pool (requests in flight end by their

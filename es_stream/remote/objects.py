@@ -12,42 +12,34 @@ at once); the error after them is a :class:`~es_stream.errors.ShardError` naming
 
 from __future__ import annotations
 
-import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
 from ..errors import ShardError
-from .fetch import RetryPolicy, _brief, _permanent
-from .store import ForkedClientError, open_store
+from .fetch import RetryPolicy, retried
+from .store import open_store
 
 T = TypeVar("T")
-_rng = random.Random()
 
 
 def _retried(url: str, what: str, call: Callable[[Any, str], T], storage_options: dict | None,
              retry: RetryPolicy | None) -> T:
-    """``call(store, path)`` for ``url``, retried per ``retry``; a ShardError saying ``what``
-    could not be done otherwise."""
+    """``call(store, path)`` for ``url``, retried by :func:`~es_stream.remote.fetch.retried`;
+    a missing object is a ``FileNotFoundError`` naming it."""
     r = retry or RetryPolicy.from_env()
-    deadline = time.monotonic() + r.total_timeout
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            store, path = open_store(url, storage_options, request_timeout=r.request_timeout,
-                                     connect_timeout=r.connect_timeout)
-            return call(store, path)
-        except Exception as exc:
-            permanent = isinstance(exc, (ValueError, ForkedClientError)) or _permanent(exc)
-            pause = _rng.uniform(0, min(r.max_backoff, r.backoff * 2 ** (attempt - 1)))
-            if permanent or attempt >= r.attempts or time.monotonic() + pause >= deadline:
-                if isinstance(exc, FileNotFoundError) or "NotFound" in type(exc).__name__:
-                    raise FileNotFoundError(f"{url}: no such object ({what}); check the URL"
-                                            ) from exc
-                raise ShardError(url, f"cannot {what} after {attempt} attempt(s): {_brief(exc)}; "
-                                 "check the URL, the endpoint and credentials") from exc
-            time.sleep(pause)
+
+    def once() -> T:
+        store, path = open_store(url, storage_options, request_timeout=r.request_timeout,
+                                 connect_timeout=r.connect_timeout)
+        return call(store, path)
+
+    try:
+        return retried(url, what, once, r)
+    except ShardError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, FileNotFoundError) or "NotFound" in type(cause).__name__:
+            raise FileNotFoundError(f"{url}: no such object ({what}); check the URL") from cause
+        raise
 
 
 def get_object(url: str, storage_options: dict | None = None,
