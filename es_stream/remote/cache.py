@@ -66,7 +66,11 @@ class CachePolicy:
     """When and where whole shards are staged (see the module doc).
 
     ``stage_above``: the share of a shard's samples this node reads this epoch from which the
-    shard is staged whole (``> 1`` never stages: range reads only). ``directory`` and
+    shard is staged whole (``> 1`` never stages: range reads only). Staging a shard of which a
+    share f is read fetches 1/f of the bytes used: the default 0.8 bounds that at 1.25x, and
+    below it range reads keep the unread (pruned) samples off the network, at a request per run
+    of read samples (on a store that answers few requests at once, a lower value trades bytes
+    for time: ``tools/bench_remote.py compare``). ``directory`` and
     ``limit_bytes``: where, and how much disk at most. :meth:`from_env` reads
     ``ES_STREAM_STAGE_ABOVE``, ``ES_STREAM_CACHE`` and ``ES_STREAM_CACHE_LIMIT``.
     """
