@@ -57,12 +57,13 @@ def _check_output(flag: str, path: str, example: str,
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from .corpus import Corpus, expand_urls, is_index_file
+    from .remote.index import holds_mds
 
     # an index is derived data: one es-stream wrote is replaced (atomically), nothing else
     _check_output("--output", args.output, "corpus.parquet", ours=("an index", is_index_file))
     start = time.perf_counter()
     if args.format == "mds" or (args.format == "auto" and len(args.shards) == 1
-                                and os.path.exists(os.path.join(args.shards[0], "index.json"))):
+                                and holds_mds(args.shards[0])):
         corpus = Corpus.from_mds(args.shards[0], remote=args.remote)
     else:
         urls = expand_urls(args.shards[0] if len(args.shards) == 1 else args.shards)

@@ -210,3 +210,15 @@ def test_unpruned_mds_epoch_stages_raw_shards(mds_dir, tmp_path):
         finally:
             reader.close()
             want.close()
+
+
+def test_unwritable_cache_directory_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory would go")
+    with pytest.raises(OSError, match=r"file/cache.*ES_STREAM_CACHE"):
+        CachePolicy(directory=str(blocker / "cache")).where()
+    if os.getuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(PermissionError, match="ES_STREAM_CACHE"):
+            CachePolicy(directory=str(locked)).where()

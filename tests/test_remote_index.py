@@ -160,3 +160,23 @@ def test_local_index_keeps_retry_and_options(tmp_path, wds_dir):
     plain.save(tmp_path / "p.parquet")  # nothing remote: no entry, the defaults come back
     again = Corpus.load(tmp_path / "p.parquet")
     assert again.storage_options == {} and again.retry is None
+
+
+def test_cli_index_tells_a_remote_mds_prefix_from_tar_shards(s3_server, mds_dir, wds_dir,
+                                                           monkeypatch, tmp_path, capsys):
+    """`es-stream index s3://bucket/prefix` indexes an MDS dataset there without --format,
+    and a tar shard URL stays a tar shard."""
+    from es_stream.cli import main
+    from es_stream.remote.index import holds_mds
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    s3_server.upload_dir("climds", mds_dir, prefix="ds")
+    tars = s3_server.upload_dir("clitar", wds_dir)
+    assert holds_mds("s3://climds/ds") and not holds_mds("s3://climds/nothing")
+    assert not holds_mds(tars[0]) and holds_mds(str(mds_dir)) and not holds_mds(str(wds_dir))
+    out = tmp_path / "corpus.parquet"
+    assert main(["index", "s3://climds/ds", "-o", str(out)]) == 0
+    corpus = Corpus.load(str(out))
+    assert corpus.format == "mds" and corpus.mds.remote == "s3://climds/ds"
+    assert corpus.num_samples == Corpus.from_mds(str(mds_dir)).num_samples

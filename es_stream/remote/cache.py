@@ -99,7 +99,16 @@ class CachePolicy:
         """The cache directory (created if missing)."""
         path = self.directory or os.path.join(tempfile.gettempdir(),
                                               f"es-stream-cache-{os.getuid()}")
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create the cache of staged shards {path} "
+                          f"({exc.strerror}); set ES_STREAM_CACHE to a writable local "
+                          "directory, or ES_STREAM_STAGE_ABOVE=2 to read by range only") from exc
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"the cache of staged shards {path} is not writable; set "
+                                  "ES_STREAM_CACHE to a writable local directory, or "
+                                  "ES_STREAM_STAGE_ABOVE=2 to read by range only")
         return path
 
 

@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import StaleIndexError
+from ..errors import ShardError, StaleIndexError
 from .fetch import RetryPolicy
-from .objects import get_object, head_objects, put_object
+from .objects import get_object, head_object, head_objects, put_object
 
 # storage_options an index may record: where the store is and how to talk to it, never who is
 # asking. Anything else (keys, secrets, tokens, session tokens, service-account files, headers
@@ -148,6 +148,23 @@ def mds_object(remote: str, split: str | None, entry: dict[str, Any]) -> tuple[s
     only that)."""
     info = entry["zip_data"] or entry["raw_data"]
     return remote_join(remote, split, info["basename"]), int(info["bytes"])
+
+
+def holds_mds(location: str, storage_options: dict | None = None) -> bool:
+    """Whether ``location`` holds an MDS dataset (an ``index.json``): a local directory, or an
+    object-store prefix read by range (one HEAD); what ``es-stream index`` tells MDS from tar
+    shards by."""
+    from .store import reads_by_range
+
+    if not reads_by_range(location):
+        return os.path.exists(os.path.join(location, "index.json"))
+    if location.endswith(".tar") or "{" in location:
+        return False
+    try:
+        head_object(remote_join(location, None, "index.json"), storage_options)
+    except (FileNotFoundError, ShardError):
+        return False
+    return True
 
 
 def fetch_mds_index(remote: str, split: str | None, local: str,
