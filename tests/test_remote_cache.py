@@ -222,3 +222,38 @@ def test_unwritable_cache_directory_named(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(PermissionError, match="ES_STREAM_CACHE"):
             CachePolicy(directory=str(locked)).where()
+
+
+def test_rewritten_object_of_the_same_size_is_staged_again(tmp_path):
+    """A staged copy is keyed by the ETag the index records: an object rewritten with the same
+    size (a new ETag in a new index) is never served from the old copy."""
+    import dataclasses
+
+    import webdataset as wds
+
+    root = tmp_path / "www"
+    root.mkdir()
+
+    def write(tag: bytes) -> None:
+        with wds.TarWriter(str(root / "s.tar")) as w:
+            for i in range(4):
+                w.write({"__key__": f"k{i}", "bin": tag * 100})
+
+    write(b"A")
+    local = Corpus.from_webdataset(str(root / "s.tar"))
+    with RangeHTTPServer(root) as server:
+        def staged_bytes(etag: str) -> list[bytes]:
+            remote = _remote(local, server)
+            remote.shards[:] = [dataclasses.replace(s, etag=etag) for s in remote.shards]
+            ids = [np.arange(4)]
+            reader = RemoteTarReader(remote, cache=CachePolicy(directory=str(tmp_path / "c")))
+            try:
+                reader.will_read(ids, lambda: ids[0])
+                return [b for _, b in _read_all(reader, remote, ids)]
+            finally:
+                reader.close()
+
+        assert staged_bytes('"v1"') == [b"A" * 100] * 4
+        write(b"B")  # same size, new content: a store gives it a new ETag
+        assert staged_bytes('"v2"') == [b"B" * 100] * 4
+        assert staged_bytes('"v1"') == [b"A" * 100] * 4  # the old copy, still keyed by v1

@@ -8,8 +8,9 @@ So a reader stages a shard when the share of its samples that this node reads th
 least :attr:`CachePolicy.stage_above` (0.8 by default), and reads the others by range.
 
 **Layout and sharing.** Staged files live in ``directory`` (default ``$ES_STREAM_CACHE``, else
-``<tmp>/es-stream-cache-<uid>``), named by a hash of the URL and the size the index records, so
-a rewritten object of another size is never served from a stale copy. DataLoader workers, and
+``<tmp>/es-stream-cache-<uid>``), named by a hash of the URL, the endpoint it is read from, the
+ETag the index records (when it has one) and the size, so a rewritten object, or the same key
+on another store, is never served from a stale copy. DataLoader workers, and
 ranks on one machine, share the directory: each download holds the file's lock
 (:func:`~es_stream.sources.mds.shard_lock`), so a shard is fetched once per machine; whoever
 waited finds the file. A download is written to a temporary name and renamed: a staged file is
@@ -129,14 +130,16 @@ class ShardCache:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def path(self, url: str, size: int) -> str:
-        """Where ``url`` (of ``size`` bytes) is staged, whether or not it is there yet."""
-        digest = hashlib.blake2b(self.fetcher.where(url).encode(), digest_size=12).hexdigest()
+    def path(self, url: str, size: int, version: str | None = None) -> str:
+        """Where ``url`` (of ``size`` bytes, ETag ``version`` if known) is staged, whether or
+        not it is there yet."""
+        key = f"{self.fetcher.where(url)}\0{version or ''}"
+        digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
         return os.path.join(self.directory, f"{STAGED_PREFIX}{digest}-{size}")
 
-    def ready(self, url: str, size: int) -> str | None:
+    def ready(self, url: str, size: int, version: str | None = None) -> str | None:
         """The staged file of ``url`` if it is complete, else None."""
-        path = self.path(url, size)
+        path = self.path(url, size, version)
         try:
             if os.stat(path).st_size == size:
                 return path
@@ -144,15 +147,15 @@ class ShardCache:
             pass
         return None
 
-    def request(self, url: str, size: int) -> None:
+    def request(self, url: str, size: int, version: str | None = None) -> None:
         """Start staging ``url`` in the background unless it is staged or on its way."""
         with self._lock:
-            if url in self._jobs or self.ready(url, size):
+            if url in self._jobs or self.ready(url, size, version):
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.policy.downloads,
                                                 thread_name_prefix="es-stream-stage")
-            self._jobs[url] = self._pool.submit(self._stage, url, size)
+            self._jobs[url] = self._pool.submit(self._stage, url, size, version)
 
     def started(self, url: str) -> bool:
         """Whether the download of ``url`` has begun (or ended): no longer queued behind
@@ -172,11 +175,11 @@ class ShardCache:
         if job is not None:
             job.result()
 
-    def _stage(self, url: str, size: int) -> str:
+    def _stage(self, url: str, size: int, version: str | None) -> str:
         self._started.add(url)
-        path = self.path(url, size)
+        path = self.path(url, size, version)
         with shard_lock(path):
-            if self.ready(url, size):  # another worker or rank staged it while we waited
+            if self.ready(url, size, version):  # another worker or rank staged it while we waited
                 os.utime(path)
                 return path
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".staging-")
@@ -237,7 +240,8 @@ class ShardCache:
 class StagingPlan:
     """Which object-store shards of a corpus one reader stages whole this epoch, and when.
 
-    ``urls`` and ``sizes``: each shard's URL (None for a local shard) and size in bytes;
+    ``urls``, ``sizes`` and ``versions``: each shard's URL (None for a local shard), size in
+    bytes and ETag as indexed (None where unknown);
     ``shard_of``: ids -> shard indices; ``shard_counts``: samples per shard. After
     :meth:`plan`, a shard is *dense* when this machine reads at least
     ``cache.policy.stage_above`` of its samples; dense shards are asked of the cache
@@ -246,8 +250,10 @@ class StagingPlan:
     """
 
     def __init__(self, cache: ShardCache, urls: Sequence[str | None], sizes: Sequence[int],
-                 shard_of: Callable[[np.ndarray], np.ndarray], shard_counts: Any) -> None:
+                 versions: Sequence[str | None], shard_of: Callable[[np.ndarray], np.ndarray],
+                 shard_counts: Any) -> None:
         self.cache, self.urls, self.sizes = cache, list(urls), list(sizes)
+        self.versions = list(versions)
         self.shard_of = shard_of
         self.counts = np.asarray(shard_counts, dtype=np.float64)
         self.remote = np.array([u is not None for u in self.urls], dtype=bool)
@@ -281,7 +287,7 @@ class StagingPlan:
         """Meta-batch ``batch`` is next: ask for the dense shards needed up to lookahead."""
         stop = int(np.searchsorted(self._first_use, batch + STAGE_LOOKAHEAD, side="right"))
         for shard in self._first_shard[self._requested:stop].tolist():
-            self.cache.request(self.urls[shard], self.sizes[shard])
+            self.cache.request(self.urls[shard], self.sizes[shard], self.versions[shard])
         self._requested = max(self._requested, stop)
 
     def path(self, shard: int, wait: bool = True) -> str | None:
@@ -291,10 +297,10 @@ class StagingPlan:
         whose download failed (range reads then report the error as usual)."""
         path = self._staged.get(shard)
         if path is None and self.dense[shard]:
-            url, size = self.urls[shard], self.sizes[shard]
-            path = self.cache.ready(url, size)
+            url, size, version = self.urls[shard], self.sizes[shard], self.versions[shard]
+            path = self.cache.ready(url, size, version)
             if path is None and wait:
-                self.cache.request(url, size)
+                self.cache.request(url, size, version)
                 if not self.cache.started(url):
                     return None
                 try:
@@ -302,7 +308,7 @@ class StagingPlan:
                 except Exception:  # noqa: BLE001 - kept by the cache; range reads report it
                     self.dense[shard] = False
                     return None
-                path = self.cache.ready(url, size)
+                path = self.cache.ready(url, size, version)
             if path is not None:
                 self._staged[shard] = path
                 self.cache.touch(path)

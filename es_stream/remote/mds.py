@@ -100,7 +100,8 @@ class RemoteMDSReader(MDSShardReader):
         self.staging = StagingPlan(
             ShardCache(self.fetcher, cache), [u if r else None for u, r in
                                               zip(self.urls, self.by_range.tolist())],
-            [r.raw_data.bytes for r in self.readers], lambda ids: corpus.locate(ids)[0],
+            [r.raw_data.bytes for r in self.readers], [s.etag for s in corpus.shards],
+            lambda ids: corpus.locate(ids)[0],
             corpus.shard_counts)
         self._upcoming: list[np.ndarray] = []
         self._cursor = 0

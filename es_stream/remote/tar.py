@@ -102,7 +102,8 @@ class RemoteTarReader(WDSShardReader):
         self.staging = StagingPlan(
             ShardCache(fetcher, cache), [s.name if r else None for s, r in
                                          zip(corpus.shards, self.remote.tolist())],
-            [s.size for s in corpus.shards], lambda ids: corpus.locate(ids)[0],
+            [s.size for s in corpus.shards], [s.etag for s in corpus.shards],
+            lambda ids: corpus.locate(ids)[0],
             corpus.shard_counts)
         self.staged_files: OpenShards[int] = OpenShards(self._open_staged, os.close)
         self._upcoming: list[np.ndarray] = []
