@@ -31,7 +31,7 @@ from .shard_paths import (RELATIVE_TO_INDEX, expand_urls, is_local_url, local_pa
                           stored_path)
 from .tar_table import (TarColumnsProblem, TarTable, build_tar_table, check_tar_values,
                         tar_columns, tar_table_from_arrow)
-from .tarscan import ShardLayout, scan_tar
+from .tarscan import ShardLayout, scan_local_shard, scan_streamed_shard
 
 # defined with the index file, shard paths and tar table; importable from here as before
 __all__ = ["Corpus", "MDSInfo", "ShardInfo", "TarTable", "expand_urls", "is_index_file",
@@ -74,42 +74,6 @@ class MDSInfo:
     remote: str | None
     split: str | None
     index: dict[str, Any]
-
-
-def _scan_local(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int, str | None]:
-    """Scan a local shard by seeking: (layout, size, mtime_ns, content check)."""
-    path = local_path(url)
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            check = content_check(f.fileno(), st.st_size)
-            layout = scan_tar(f, url, seekable=True, allow_truncated=allow_truncated)
-    except FileNotFoundError as exc:
-        raise ShardError(url, "no such shard file; check the path or pattern") from exc
-    except ShardError:
-        raise
-    except OSError as exc:  # a directory, no permission, an I/O error: name the shard
-        raise ShardError(url, f"cannot read the shard ({exc.strerror or exc}); a tar file is "
-                         "expected here") from exc
-    return layout, st.st_size, st.st_mtime_ns, check
-
-
-def _scan_stream(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int, None]:
-    """Scan a ``pipe:`` or remote shard in one forward pass: (layout, bytes read, -1, None)."""
-    from webdataset import gopen
-
-    try:
-        stream = gopen(url, "rb")
-    except Exception as exc:  # gopen raises many kinds; name the URL whatever it was
-        raise ShardError(url, f"cannot open ({exc})") from exc
-    try:
-        layout = scan_tar(stream, url, seekable=False, allow_truncated=allow_truncated)
-    finally:
-        try:
-            stream.close()
-        except Exception as exc:  # a pipe: command that failed reports it on close
-            raise ShardError(url, f"stream failed: {exc}") from exc
-    return layout, layout.size, -1, None
 
 
 def _mds_identity_now(path: str) -> tuple[int, str | None]:
@@ -215,7 +179,8 @@ class Corpus:
     @classmethod
     def from_webdataset(cls, urls: str | os.PathLike | Sequence[str], *,
                         allow_truncated: bool = False,
-                        progress: Callable[[list[str]], Iterable[str]] | None = None) -> "Corpus":
+                        progress: Callable[[list[str]], Iterable[str]] | None = None,
+                        storage_options: dict[str, Any] | None = None) -> "Corpus":
         """Index WebDataset tar shards: a brace pattern, a list of paths/URLs, or a directory.
 
         Local shards are scanned header by header, seeking past payloads; ``pipe:`` commands and
@@ -230,17 +195,29 @@ class Corpus:
         in :attr:`truncated` (saved with the index).
 
         ``progress``: wraps the list of shard URLs, e.g. ``tqdm.tqdm`` for a progress bar.
+        Shards in an object store (``s3://``, ``gs://``, ``https://``) are streamed once each
+        to be indexed, then read by byte range; ``storage_options`` (and an S3 endpoint from the
+        environment) travel with the corpus, as for :meth:`from_mds`.
         """
         layouts: list[ShardLayout] = []
         shards: list[ShardInfo] = []
         expanded = expand_urls(urls)
+        remote = [u for u in expanded if reads_by_range(u)]
+        options = dict(storage_options or {})
+        if remote:
+            options = remote_index.with_env_endpoint(remote[0], options)
         for url in (expanded if progress is None else progress(expanded)):
-            scan = _scan_local if is_local_url(url) else _scan_stream
-            layout, size, mtime_ns, check = scan(url, allow_truncated)
+            if is_local_url(url):
+                layout, size, mtime_ns, check = scan_local_shard(url, allow_truncated)
+            else:
+                layout, size, mtime_ns, check = scan_streamed_shard(url, allow_truncated, options)
             dropped = len(layout.dropped) if layout.truncated else None
             shards.append(ShardInfo(url, len(layout), size, mtime_ns, dropped, check))
             layouts.append(layout)
-        return cls("wds", shards, tar=build_tar_table(layouts))
+        corpus = cls("wds", shards, tar=build_tar_table(layouts))
+        if remote:
+            corpus.storage_options = options
+        return corpus
 
     @property
     def truncated(self) -> dict[str, int]:

@@ -11,15 +11,19 @@ with ``surrogateescape``), so a name that is not UTF-8 gives the same key as in 
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 import warnings
 from dataclasses import dataclass, field
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
 from .errors import ShardError
+from .remote.store import reads_by_range
+from .shard_identity import content_check
+from .shard_paths import local_path
 
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset.tar_file_iterator's default skip_meta
 BLOCK = tarfile.BLOCKSIZE
@@ -261,3 +265,49 @@ def _truncated(layout: ShardLayout, name: str, scanned: int, available: int,
         else "no sample began before the cut"
     warnings.warn(f"{name}: truncated: {where}; {dropped}, kept {len(layout)} samples "
                   "(allow_truncated)", stacklevel=3)
+
+
+def scan_local_shard(url: str, allow_truncated: bool) -> tuple[ShardLayout, int, int, str | None]:
+    """Scan a local tar shard by seeking: (layout, size, mtime_ns, content check)."""
+    path = local_path(url)
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            check = content_check(f.fileno(), st.st_size)
+            layout = scan_tar(f, url, seekable=True, allow_truncated=allow_truncated)
+    except FileNotFoundError as exc:
+        raise ShardError(url, "no such shard file; check the path or pattern") from exc
+    except ShardError:
+        raise
+    except OSError as exc:  # a directory, no permission, an I/O error: name the shard
+        raise ShardError(url, f"cannot read the shard ({exc.strerror or exc}); a tar file is "
+                         "expected here") from exc
+    return layout, st.st_size, st.st_mtime_ns, check
+
+
+def scan_streamed_shard(url: str, allow_truncated: bool, storage_options: dict[str, Any] | None = None
+                 ) -> tuple[ShardLayout, int, int, None]:
+    """Scan a ``pipe:`` or remote shard in one forward pass: (layout, bytes read, -1, None).
+    An object-store URL read by range is streamed through obstore (one GET); other URLs through
+    webdataset's ``gopen``."""
+    from webdataset import gopen
+
+    try:
+        if reads_by_range(url):
+            from .remote.objects import ObjectStream
+
+            stream: Any = ObjectStream(url, storage_options)
+        else:
+            stream = gopen(url, "rb")
+    except ShardError:
+        raise
+    except Exception as exc:  # gopen raises many kinds; name the URL whatever it was
+        raise ShardError(url, f"cannot open ({exc})") from exc
+    try:
+        layout = scan_tar(stream, url, seekable=False, allow_truncated=allow_truncated)
+    finally:
+        try:
+            stream.close()
+        except Exception as exc:  # a pipe: command that failed reports it on close
+            raise ShardError(url, f"stream failed: {exc}") from exc
+    return layout, layout.size, -1, None

@@ -180,3 +180,8 @@ def test_cli_index_tells_a_remote_mds_prefix_from_tar_shards(s3_server, mds_dir,
     corpus = Corpus.load(str(out))
     assert corpus.format == "mds" and corpus.mds.remote == "s3://climds/ds"
     assert corpus.num_samples == Corpus.from_mds(str(mds_dir)).num_samples
+    pattern = f"s3://clitar/train-{{000000..{len(tars) - 1:06d}}}.tar"
+    assert main(["index", pattern, "-o", str(tmp_path / "tar.parquet"), "--no-progress"]) == 0
+    tar = Corpus.load(str(tmp_path / "tar.parquet"))
+    assert [s.name for s in tar.shards] == tars
+    assert tar.fingerprint == Corpus.from_webdataset(str(wds_dir)).fingerprint

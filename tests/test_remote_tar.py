@@ -4,6 +4,7 @@ through ESDataset: the same epoch as from local disk, faults retried, a dead ser
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
@@ -162,3 +163,30 @@ def test_workers_see_the_environment_of_now(s3_corpora, monkeypatch, tmp_path):
     assert _epoch(remote, 2) == _epoch(local, 2)
     # the workers staged the shards they read whole in the directory set after they started
     assert [f for f in os.listdir(tmp_path) if f.startswith(STAGED_PREFIX)]
+
+
+def test_tar_shards_indexed_straight_from_the_bucket(s3_server, wds_dir, monkeypatch):
+    """No local copy: the shards are streamed once from S3 to be indexed (one GET each, the
+    same index as a local scan), then read by byte range."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    urls = s3_server.upload_dir("direct", wds_dir)
+    local = Corpus.from_webdataset(str(wds_dir))
+    with FaultProxy(s3_server.port) as proxy:
+        remote = Corpus.from_webdataset(urls, storage_options={"endpoint": proxy.url})
+        assert proxy.requests == len(urls)  # one streamed GET per shard, nothing else
+    assert remote.fingerprint == local.fingerprint
+    assert remote.tar.offsets.tolist() == local.tar.offsets.tolist()
+    assert [s.name for s in remote.shards] == urls
+    assert remote.storage_options == {"endpoint": proxy.url}
+    remote.storage_options = {"endpoint": s3_server.url}  # the proxy is gone
+    assert _epoch(remote, 0) == _epoch(local, 0)
+
+
+def test_a_download_cut_while_indexing_names_the_shard(s3_server, wds_dir, monkeypatch):
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    urls = s3_server.upload_dir("cut", wds_dir)
+    with FaultProxy(s3_server.port, fail_first=1, kinds=("truncate",)) as proxy:
+        with pytest.raises(ShardError, match=re.escape(urls[0])):
+            Corpus.from_webdataset(urls, storage_options={"endpoint": proxy.url})

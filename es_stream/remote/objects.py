@@ -12,6 +12,7 @@ at once); the error after them is a :class:`~es_stream.errors.ShardError` naming
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -81,3 +82,50 @@ def head_objects(urls: Sequence[str], storage_options: dict | None = None,
         return []
     with ThreadPoolExecutor(min(threads, len(urls)), thread_name_prefix="es-stream-head") as pool:
         return list(pool.map(lambda u: head_object(u, storage_options, retry), urls))
+
+
+class ObjectStream(io.RawIOBase):
+    """The bytes of the object at ``url``, read forward once in chunks, never all held: how a
+    tar shard in a bucket is scanned to index it (one GET, streamed). Opening is retried like
+    every request; a stream that breaks midway is a :class:`ShardError` naming the URL (scan
+    again: the index is written only once every shard was scanned)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None,
+                 retry: RetryPolicy | None = None, chunk: int = 8 << 20) -> None:
+        import obstore
+
+        super().__init__()
+        self.url = url
+        result = _retried(url, "read it", lambda store, path: obstore.get(store, path),
+                          storage_options, retry)
+        self._chunks = iter(result.stream(min_chunk_size=chunk))
+        self._chunk = memoryview(b"")
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _next_chunk(self) -> bool:
+        if self._done:
+            return False
+        try:
+            self._chunk = memoryview(bytes(next(self._chunks)))
+        except StopIteration:
+            self._done = True
+            return False
+        except Exception as exc:  # the body broke off: obstore raises its own kinds
+            raise ShardError(self.url, f"the download broke off ({exc}); index it again") from exc
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        parts = []
+        want = size if size is not None and size >= 0 else None
+        while want is None or want > 0:
+            if not len(self._chunk) and not self._next_chunk():
+                break
+            take = len(self._chunk) if want is None else min(want, len(self._chunk))
+            parts.append(bytes(self._chunk[:take]))
+            self._chunk = self._chunk[take:]
+            if want is not None:
+                want -= take
+        return b"".join(parts)
