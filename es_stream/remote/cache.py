@@ -261,10 +261,14 @@ class StagingPlan:
         self._first_use = self._first_shard = np.empty(0, dtype=np.int64)
         self._requested = 0
         self._staged: dict[int, str] = {}
+        self._batches: list[np.ndarray] = []  # this reader's meta-batches, in order
+        self._next = 0  # the one it reads next
 
     def plan(self, batches: Sequence[np.ndarray], node_ids: Callable[[], np.ndarray]) -> None:
         """Decide the dense shards from ``node_ids()`` (what this machine reads this epoch) and
         ask for those the first meta-batches of ``batches`` (this reader's, in order) need."""
+        self._batches, self._next = list(batches), 0
+        batches = self._batches
         self.dense[:] = False
         self._first_use = self._first_shard = np.empty(0, dtype=np.int64)
         self._requested = 0
@@ -282,6 +286,16 @@ class StagingPlan:
         order = np.argsort(batch_of, kind="stable")
         self._first_use, self._first_shard = batch_of[order], seen[keep][order]
         self.advance(0)
+
+    def reached(self, ids: np.ndarray) -> np.ndarray | None:
+        """The reader is reading meta-batch ``ids``: if it is the planned next one, ask for the
+        dense shards needed up to lookahead and return the meta-batch after it (for the reader
+        to fetch ahead); None after the last, or for a meta-batch outside the plan."""
+        if self._next >= len(self._batches) or not np.array_equal(self._batches[self._next], ids):
+            return None
+        self.advance(self._next)
+        self._next += 1
+        return self._batches[self._next] if self._next < len(self._batches) else None
 
     def advance(self, batch: int) -> None:
         """Meta-batch ``batch`` is next: ask for the dense shards needed up to lookahead."""
@@ -316,4 +330,24 @@ class StagingPlan:
 
     def close(self) -> None:
         self._staged.clear()
+        self._batches, self._next = [], 0
         self.cache.close()
+
+
+class StagedReads:
+    """What a remote reader with a :class:`StagingPlan` (its ``staging``) offers the dataset:
+    the :meth:`will_read` hook of :class:`~es_stream.sources.ShardReader`, and its cache."""
+
+    staging: StagingPlan
+
+    def will_read(self, batches: Sequence[np.ndarray], node_ids: Callable[[], np.ndarray]) -> None:
+        """The meta-batches this reader will be asked for, in order, and a function giving the
+        ids this machine (the ranks of this node) reads this epoch: shards of which it reads at
+        least ``cache.policy.stage_above`` are staged whole as they come up, the others read by
+        range."""
+        self.staging.plan(batches, node_ids)
+
+    @property
+    def cache(self) -> ShardCache:
+        """The local cache shards read whole are staged in."""
+        return self.staging.cache

@@ -36,7 +36,7 @@ import fcntl
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from ..errors import SampleError, ShardError
 from ..sources.decompress import decompress_bounded
 from ..sources.handles import MAX_OPEN_SHARDS
 from ..sources.mds import MDSShardReader, header_size, sample_offsets, shard_lock
-from .cache import CachePolicy, ShardCache, StagingPlan
+from .cache import CachePolicy, ShardCache, StagedReads, StagingPlan
 from .fetch import RangeFetcher
 from .index import remote_join
 from .ranges import coalesce_ranges
@@ -67,7 +67,7 @@ def _cache_limit_from_env() -> int | None:
     return value
 
 
-class RemoteMDSReader(MDSShardReader):
+class RemoteMDSReader(StagedReads, MDSShardReader):
     """Reads the MDS corpus of ``corpus.mds.remote`` (an object store) by byte range.
 
     ``fetcher``: the :class:`RangeFetcher` to use (default: one with the corpus's
@@ -103,20 +103,6 @@ class RemoteMDSReader(MDSShardReader):
             [r.raw_data.bytes for r in self.readers], [s.etag for s in corpus.shards],
             lambda ids: corpus.locate(ids)[0],
             corpus.shard_counts)
-        self._upcoming: list[np.ndarray] = []
-        self._cursor = 0
-
-    def will_read(self, batches: Sequence[np.ndarray], node_ids: Callable[[], np.ndarray]) -> None:
-        """The meta-batches this reader will be asked for: raw shards this machine reads nearly
-        whole this epoch are staged whole on local disk as they come up and memory-mapped from
-        there (:class:`~es_stream.remote.cache.StagingPlan`), the others read by range."""
-        self._upcoming, self._cursor = list(batches), 0
-        self.staging.plan(self._upcoming, node_ids)
-
-    @property
-    def cache(self) -> ShardCache:
-        """The local cache raw shards read whole are staged in."""
-        return self.staging.cache
 
     def shard_path(self, shard: int) -> str:
         staged = self.staging.path(shard) if self.by_range[shard] else None
@@ -188,9 +174,7 @@ class RemoteMDSReader(MDSShardReader):
         request's ShardError, or a sample's SampleError, in place of each sample it concerns."""
         ids = np.asarray(ids, dtype=np.int64)
         shards = np.asarray(shards, dtype=np.int64)
-        if self._cursor < len(self._upcoming) and np.array_equal(self._upcoming[self._cursor], ids):
-            self.staging.advance(self._cursor)
-            self._cursor += 1
+        self.staging.reached(ids)
         out: list[Any] = [None] * len(ids)
         wanted = self.by_range[shards]
         for shard in set(shards[wanted].tolist()):

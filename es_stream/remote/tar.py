@@ -9,7 +9,7 @@ Header checks, errors and ``on_error`` are those of the local reader: a request 
 after its retries is the :class:`ShardError` the local ``pread`` would raise for that run.
 
 **Ahead of the loop.** The dataset tells the reader its worker's meta-batches in advance
-(:meth:`RemoteTarReader.will_read`). The next meta-batch's requests are sent while the current
+(:meth:`~es_stream.remote.cache.StagedReads.will_read`). The next meta-batch's requests are sent while the current
 one is used (one meta-batch ahead: its bytes are the memory this costs), so the network waits
 overlap training instead of adding to it. A shard this node reads nearly whole this epoch is
 staged on local disk (:mod:`es_stream.remote.cache`): its download starts
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from ..corpus import Corpus
 from ..errors import ShardError
 from ..sources.handles import OpenShards
 from ..sources.wds import WDSShardReader, _coalesce
-from .cache import CachePolicy, ShardCache, StagingPlan
+from .cache import CachePolicy, ShardCache, StagedReads, StagingPlan
 from .fetch import RangeFetcher, RetryPolicy
 from .index import with_env_endpoint
 from .store import is_remote_url
@@ -80,7 +80,7 @@ def check_remote_sizes(corpus: Corpus, fetcher: RangeFetcher | None = None) -> N
                                       "the shard changed since it was indexed; re-index it")
 
 
-class RemoteTarReader(WDSShardReader):
+class RemoteTarReader(StagedReads, WDSShardReader):
     """A tar reader that reads object-store shards by byte range (see the module doc).
 
     ``fetcher``: the :class:`RangeFetcher` to use (default: one with ``storage_options`` and
@@ -106,23 +106,8 @@ class RemoteTarReader(WDSShardReader):
             lambda ids: corpus.locate(ids)[0],
             corpus.shard_counts)
         self.staged_files: OpenShards[int] = OpenShards(self._open_staged, os.close)
-        self._upcoming: list[np.ndarray] = []
-        self._cursor = 0
         self._ahead: dict[tuple[int, int, int], Future] = {}
         self._prefetched: dict[tuple[int, int, int], bytes | ShardError] = {}
-
-    # ------------------------------------------------------------------ the plan, in advance
-    def will_read(self, batches: Sequence[np.ndarray], node_ids: Callable[[], np.ndarray]) -> None:
-        """The meta-batches this reader will be asked for, in order, and a function giving the
-        ids this node (the ranks of this machine) reads this epoch: shards of which this node
-        reads at least ``cache.stage_above`` are staged whole as they come up."""
-        self._upcoming, self._cursor = list(batches), 0
-        self.staging.plan(self._upcoming, node_ids)
-
-    @property
-    def cache(self) -> ShardCache:
-        """The local cache dense shards are staged in."""
-        return self.staging.cache
 
     def _open_staged(self, shard: int) -> int:
         return os.open(self.staging.path(shard), os.O_RDONLY)
@@ -145,18 +130,18 @@ class RemoteTarReader(WDSShardReader):
             raise got
         return got
 
-    def _remote_runs(self, ids: np.ndarray, skip_shards: set[int] = frozenset(),
-                     ahead: bool = False) -> list[tuple[int, int, int]]:
-        """``(shard, start, end)`` of the coalesced runs of ``ids`` that go over the network
-        (remote, not staged, not in ``skip_shards``), as :meth:`read_batch` cuts them; ``ahead``
-        (the next meta-batch): without waiting for downloads, leaving their shards out."""
-        shards = self.corpus.locate(ids)[0]
-        wanted = self.remote[shards].copy()
-        for shard in np.unique(shards[wanted]).tolist():
-            staged = (self.staging.dense[shard] if ahead
-                      else self.staging.path(shard) is not None)
-            if shard in skip_shards or staged:
-                wanted &= shards != shard
+    def _remote_runs(self, ids: np.ndarray, shards: np.ndarray,
+                     skip_shards: set[int] = frozenset(), ahead: bool = False
+                     ) -> list[tuple[int, int, int]]:
+        """``(shard, start, end)`` of the coalesced runs of ``ids`` (of ``shards``) that go over
+        the network (remote, not staged, not in ``skip_shards``), as :meth:`read_batch` cuts
+        them; ``ahead`` (the next meta-batch): without waiting for downloads, leaving their
+        shards out."""
+        wanted = self.remote[shards]
+        out = [s for s in np.unique(shards[wanted]).tolist() if s in skip_shards or (
+            self.staging.dense[s] if ahead else self.staging.path(s) is not None)]
+        if out:
+            wanted &= ~np.isin(shards, out)
         if not wanted.any():
             return []
         t = self.table
@@ -166,28 +151,24 @@ class RemoteTarReader(WDSShardReader):
         firsts, run_ends = _coalesce(o_shards, offs, lens)
         return list(zip(o_shards[firsts].tolist(), offs[firsts].tolist(), run_ends.tolist()))
 
+    def _submit(self, runs: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], Future]:
+        names = self.corpus.shards
+        return {run: self._ahead.pop(run, None) or self.fetcher.submit(names[run[0]].name, *run[1:])
+                for run in runs}
+
     def read_batch(self, ids: np.ndarray, shards: np.ndarray,
                    skip_shards: set[int] = frozenset()) -> list[Any]:
-        planned = (self._cursor < len(self._upcoming)
-                   and np.array_equal(self._upcoming[self._cursor], ids))
-        if planned:
-            self.staging.advance(self._cursor)
-        names = self.corpus.shards
-        runs = self._remote_runs(ids, skip_shards)
-        futures = [(run, self._ahead.pop(run, None)) for run in runs]
-        futures = [(run, f if f is not None else
-                    self.fetcher.submit(names[run[0]].name, run[1], run[2])) for run, f in futures]
-        stale, self._ahead = self._ahead, {}
-        for future in stale.values():
+        following = self.staging.reached(ids)
+        futures = self._submit(self._remote_runs(ids, shards, skip_shards))
+        for future in self._ahead.values():  # sent for a meta-batch that did not come
             future.cancel()
-        if planned:
-            self._cursor += 1
-            if self._cursor < len(self._upcoming):  # the next meta-batch, sent now
-                self._ahead = {run: self.fetcher.submit(names[run[0]].name, run[1], run[2])
-                               for run in self._remote_runs(self._upcoming[self._cursor],
-                                                            skip_shards, ahead=True)}
+        self._ahead = {}
+        if following is not None:  # the next meta-batch, sent now
+            self._ahead = self._submit(self._remote_runs(
+                following, self.corpus.locate(following)[0], skip_shards, ahead=True))
+        names = self.corpus.shards
         self._prefetched = {(s, o, e - o): self.fetcher.result(f, names[s].name, o, e)
-                            for (s, o, e), f in futures}
+                            for (s, o, e), f in futures.items()}
         try:
             return super().read_batch(ids, shards, skip_shards)
         finally:

@@ -561,28 +561,26 @@ def write_tables(out: Path, entries: dict[str, dict[str, Any]]) -> Path:
         lines += ["## Fixes tried", ""]
     for e in fixes:
         lines += section(e, "###")
-    regimes = [e for e in entries.values() if e["group"] == "regimes"]
-    if regimes:
-        lines += ["## Regimes", "",
-                  "Below each table: the final quality's distance to uniform's, the fraction of "
-                  "the samples read that were already learned (loss below ln 2: classified "
-                  "correctly / under 1 bit per byte) in the first, middle and last epoch, and "
-                  "the time to uniform's plateau where there is one.", ""]
-    for e in regimes:
-        sec = section(e, "###")
-        lines += sec[:6] + [diagnostics_table(e), ""] + sec[6:]
-    web = [e for e in entries.values() if e["group"] == "web"]
-    if web:
-        lines += ["## The web-like stream", "",
-                  "Below each table: per method, the share of each kind's samples it kept "
-                  "(prune-once methods), the share of each kind among the samples it trained "
-                  "on, the held-out bits/byte per kind, and the goals' figures: time to "
-                  "uniform's final bits/byte over uniform's time, lead over the budget-matched "
-                  "control (uniform where the method has none) against twice the seeds' "
-                  "spread, and the share of the control-to-oracle gap closed.", ""]
-    for e in web:
-        sec = section(e, "###")
-        lines += sec[:6] + [web_table(e), ""] + sec[6:]
+    # groups whose tables each get a second table below them: (group, title, intro, table)
+    for group, title, intro, extra in (
+            ("regimes", "## Regimes",
+             "Below each table: the final quality's distance to uniform's, the fraction of "
+             "the samples read that were already learned (loss below ln 2: classified "
+             "correctly / under 1 bit per byte) in the first, middle and last epoch, and "
+             "the time to uniform's plateau where there is one.", diagnostics_table),
+            ("web", "## The web-like stream",
+             "Below each table: per method, the share of each kind's samples it kept "
+             "(prune-once methods), the share of each kind among the samples it trained "
+             "on, the held-out bits/byte per kind, and the goals' figures: time to "
+             "uniform's final bits/byte over uniform's time, lead over the budget-matched "
+             "control (uniform where the method has none) against twice the seeds' "
+             "spread, and the share of the control-to-oracle gap closed.", web_table)):
+        chosen = [e for e in entries.values() if e["group"] == group]
+        if chosen:
+            lines += [title, "", intro, ""]
+        for e in chosen:
+            sec = section(e, "###")
+            lines += sec[:6] + [extra(e), ""] + sec[6:]
     for e in entries.values():
         if e["group"] == "variants":
             lines += section(e, "##")
